@@ -1,0 +1,223 @@
+"""The `robonas` command line (typer + rich).
+
+Every command imports its heavy machinery (torch, pybullet, SB3) inside its body, so that
+`robonas --help` starts in a fraction of a second. Errors raised on purpose (RobonasError,
+SimError, DeviceError) become one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    help="Search RL policy architectures in simulation, compile the winners for robots, "
+    "deploy them, and learn from what the robots report.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+bench_app = typer.Typer(help="Benchmarks: environments and TFLite models.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _check_env_ids(ids: list[str]) -> None:
+    import gymnasium
+
+    import sim
+    from robonas.errors import RobonasError
+
+    for env_id in ids:
+        if env_id not in sim.ENV_IDS and env_id not in gymnasium.registry:
+            raise RobonasError(
+                f"unknown env id {env_id!r}; valid sim envs: {', '.join(sim.ENV_IDS)} "
+                "(or any gymnasium id)"
+            )
+
+
+@bench_app.command("env")
+def bench_env(
+    env_ids: Optional[List[str]] = typer.Argument(
+        None, help="Env ids to measure (default: every registered sim/ env)."
+    ),
+    steps: int = typer.Option(5000, "--steps", min=1, help="Random-action steps per env."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Raw env steps/s with random actions, one process, beside gymnasium's CartPole-v1."""
+    import sim
+    from robonas.bench_env import REFERENCE_ENV, bench_envs
+
+    ids = list(env_ids) if env_ids else list(sim.ENV_IDS)
+    _check_env_ids(ids)
+    results = bench_envs(ids, steps)
+    if as_json:
+        print(json.dumps({"reference": REFERENCE_ENV, "results": [r.to_dict() for r in results]}, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"env steps/s, random actions, {steps} steps each")
+    for col in ("env", "steps/s", f"ratio to {REFERENCE_ENV}"):
+        table.add_column(col, justify="right" if col != "env" else "left")
+    for r in results:
+        table.add_row(r.env_id, f"{r.steps_per_s:,.0f}", f"{r.ratio_to_reference:.3f}")
+    _console().print(table)
+
+
+_STORE_HELP = "Store URL (default: $ROBONAS_STORE or sqlite:///runs/robonas.db)."
+
+
+def _open_store(url: Optional[str]):
+    from robonas.store import Store
+
+    return Store(url)
+
+
+@app.command()
+def search(
+    config: str = typer.Argument(..., help="Search config, e.g. launch/cartpole.toml."),
+    study: Optional[str] = typer.Option(None, "--study", help="Study name (default: [study].name or the file name)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Parallel trial processes (default: [executor].workers or the core count)."),
+    store: Optional[str] = typer.Option(None, "--store", help=_STORE_HELP),
+    trials: Optional[int] = typer.Option(None, "--trials", help="Override the number of trained trials."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Override env steps per trial."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Run (or resume) an architecture search. Ctrl-C stops cleanly; the same command resumes."""
+    from robonas.config import load_config
+    from robonas.search import Search, SearchPlan, _Progress, default_workers, study_name_for
+
+    cfg = load_config(config).with_overrides(trials=trials, steps=steps, workers=workers)
+    name = study_name_for(config, cfg, study)
+    plan = SearchPlan.build(cfg, name)  # every check runs before the store is touched
+    n_workers = cfg.executor.workers or default_workers()
+    db = _open_store(store)
+    progress, hooks = _search_progress(as_json)
+    with progress:
+        summary = Search(plan, db, n_workers, hooks).run()
+    if as_json:
+        print(json.dumps(summary.to_dict(), indent=2))
+    else:
+        best = "-" if summary.best_objective is None else f"{summary.best_objective:.3f} (trial {summary.best_trial})"
+        state = "interrupted; run the same command to resume" if summary.interrupted else "done"
+        _console().print(
+            f"study [bold]{summary.study}[/]: {state}. complete {summary.complete}, failed {summary.failed}, "
+            f"rejected {summary.rejected}; best objective {best}; {summary.wall_s:.1f} s, "
+            f"{summary.steps_per_s:,.0f} env steps/s"
+        )
+    if summary.interrupted:
+        raise typer.Exit(130)
+
+
+def _search_progress(quiet: bool):
+    """A rich progress bar: trials done/total, best objective, aggregate env steps/s, ETA."""
+    import contextlib
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from robonas.search import _Progress
+
+    if quiet:
+        return contextlib.nullcontext(), _Progress()
+    bar = Progress(
+        TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("best {task.fields[best]}"), TextColumn("{task.fields[sps]} steps/s"),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        console=_console(), transient=False,
+    )
+    state: dict = {}
+
+    def on_start(planned: int, done: int) -> None:
+        state["task"] = bar.add_task("search", total=planned, completed=done, best="-", sps="-")
+
+    def on_trial(summary) -> None:
+        best = "-" if summary.best_objective is None else f"{summary.best_objective:.3f}"
+        bar.update(state["task"], completed=summary.complete + summary.failed, best=best,
+                   sps=f"{summary.steps_per_s:,.0f}")
+
+    return bar, _Progress(on_start=on_start, on_trial=on_trial)
+
+
+@app.command()
+def status(
+    study: str = typer.Argument(..., help="Study name."),
+    store: Optional[str] = typer.Option(None, "--store", help=_STORE_HELP),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Counts of trials by status, best objective, env steps, last update."""
+    from robonas.study_views import study_status
+
+    info = study_status(_open_store(store), study)
+    if as_json:
+        print(json.dumps(info, indent=2, default=str))
+        return
+    c = _console()
+    c.print(f"study [bold]{info['study']}[/] ({info['status']}), env {info['env']}, device {info['device']}")
+    c.print("  " + ", ".join(f"{k} {v}" for k, v in info["counts"].items()))
+    c.print(f"  best objective {info['best_objective']}, env steps {info['env_steps']:,}, updated {info['updated_at']}")
+
+
+@app.command()
+def top(
+    study: str = typer.Argument(..., help="Study name."),
+    n: int = typer.Option(10, "--n", min=1, help="Rows to show."),
+    store: Optional[str] = typer.Option(None, "--store", help=_STORE_HELP),
+    as_json: bool = typer.Option(False, "--json"),
+    all_trials: bool = typer.Option(False, "--all", help="Also list failed and rejected trials."),
+) -> None:
+    """Ranked trials: arch, AUC, asymptotic and predicted real return, p99 latency, params."""
+    from robonas.study_views import ranked_trials
+
+    table = ranked_trials(_open_store(store), study, n=n, include_unfinished=all_trials)
+    if as_json:
+        print(json.dumps(table, indent=2, default=str))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"{study}: ranked by {table['ranked_by']} ({', '.join(f'{k} {v}' for k, v in table['models'].items())})")
+    cols = ("rank", "trial", "arch", "auc", "asym", "pred real", "p99 ms", "params", "pareto", "status")
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("arch", "status") else "right")
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    for row in table["rows"]:
+        t.add_row(
+            f(row["rank"], "d"), str(row["trial"]), row["arch"], f(row["auc"], ".3f"),
+            f(row["asymptotic_return"], ".1f"), f(row["predicted_real_return"], ".1f"),
+            f(row["p99_ms"], ".3f"), f(row["params"], ",d"), "*" if row["pareto"] else "",
+            row["status"],
+        )
+    _console().print(t)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `robonas` console script."""
+    from device_agents.errors import DeviceError
+    from robonas.errors import RobonasError
+
+    handled: tuple[type[BaseException], ...] = (RobonasError, DeviceError)
+    try:
+        from sim.errors import SimError
+
+        handled = handled + (SimError,)
+    except ImportError:  # sim is part of the host install; guard anyway for a trimmed install
+        pass
+    try:
+        app(args=argv, standalone_mode=True)
+    except handled as e:
+        print(f"robonas: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Search configuration: a TOML file in `launch/` -> a validated `SearchConfig`.
+
+Validation leans on pydantic (unknown keys are refused, types and ranges are checked); this
+module only turns pydantic's report into one line that names the field, the bad value and what
+would be valid. Checks that need other parts of robonas (env ids, device profiles, the search
+space, randomisation ranges) run in `SearchConfig.validate_references`, still before anything
+is written to the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from robonas.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StudySection(_Section):
+    name: Optional[str] = Field(None, min_length=1, description="default study name")
+
+
+class EnvSection(_Section):
+    id: str = Field(description="registered env id, e.g. sim/CartPole-v0")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to sim.make")
+    return_target: float = Field(description="return that counts as solved: top of the AUC range")
+    return_floor: Optional[float] = Field(
+        None, description="bottom of the AUC range; default: the random policy's measured return"
+    )
+
+
+class StrategySection(_Section):
+    name: Literal["random", "evolution", "reinforce", "tpe", "nsga2"] = "evolution"
+    seed: int = 0
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class BudgetSection(_Section):
+    trials: int = Field(gt=0, description="trained trials (rejected candidates do not count)")
+    steps_per_trial: int = Field(gt=0, description="env steps of training per trial")
+    checkpoints: int = Field(5, ge=2, description="evaluations along the learning curve")
+    eval_episodes: int = Field(5, gt=0)
+    eval_seed: int = 1000
+    trial_timeout_s: float = Field(1800.0, gt=0)
+    max_rejections: int = Field(200, gt=0, description="stop after this many over-budget candidates")
+
+
+class TrainingSection(_Section):
+    algo: Literal["ppo", "sac"] = "ppo"
+    n_envs: int = Field(4, gt=0)
+    hyperparams: dict[str, Any] = Field(default_factory=dict)
+
+
+class ObjectiveSection(_Section):
+    auc: float = Field(0.5, ge=0)
+    real_return: float = Field(0.5, ge=0)
+    ranking: Literal["mean", "lcb"] = "mean"
+    lcb_z: float = Field(1.0, ge=0)
+
+
+class DeviceSection(_Section):
+    profile: str = Field(description="a device profile name from launch/devices/")
+    latency_budget_ms: float = Field(gt=0, description="p99 inference latency budget")
+
+
+class ExecutorSection(_Section):
+    kind: Literal["local"] = "local"
+    workers: Optional[int] = Field(None, gt=0)
+
+
+class ExportSection(_Section):
+    max_return_drop: float = Field(
+        0.05, ge=0, le=1, description="largest int8 return drop, as a share of the return range"
+    )
+    calibration_episodes: int = Field(8, gt=0)
+    parity_episodes: int = Field(5, gt=0)
+
+
+class SearchConfig(_Section):
+    study: StudySection = Field(default_factory=StudySection)
+    env: EnvSection
+    space: dict[str, Any] = Field(default_factory=dict)
+    strategy: StrategySection = Field(default_factory=StrategySection)
+    budget: BudgetSection
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    robustness: dict[str, Any] = Field(default_factory=dict)
+    objective: ObjectiveSection = Field(default_factory=ObjectiveSection)
+    device: DeviceSection
+    gap: dict[str, float] = Field(default_factory=dict)
+    executor: ExecutorSection = Field(default_factory=ExecutorSection)
+    export: ExportSection = Field(default_factory=ExportSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def fingerprint(self) -> str:
+        """Hash of what defines a study's trials (env, space, strategy, training, budget per trial).
+
+        Changing these under an existing study would mix incomparable trials, so a resume with
+        a different fingerprint is refused. The trial count may grow between runs.
+        """
+        d = self.to_dict()
+        keep = {k: d[k] for k in ("env", "space", "strategy", "training", "robustness", "device")}
+        keep["budget"] = {k: v for k, v in d["budget"].items() if k not in ("trials", "max_rejections")}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+    def with_overrides(self, *, trials: int | None = None, steps: int | None = None,
+                       workers: int | None = None) -> SearchConfig:
+        budget = self.budget.model_copy(
+            update={k: v for k, v in (("trials", trials), ("steps_per_trial", steps)) if v is not None}
+        )
+        executor = self.executor.model_copy(update={"workers": workers} if workers else {})
+        for name, value in (("--trials", trials), ("--steps", steps), ("--workers", workers)):
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name}: {value} is not a positive integer")
+        return self.model_copy(update={"budget": budget, "executor": executor})
+
+    def validate_references(self) -> None:
+        """Check names that refer to other registries: env id, device, randomisation table."""
+        import sim
+        from robonas.devices import load_device
+
+        if self.env.id not in sim.ENV_IDS:
+            raise ConfigError(f"env.id: unknown env {self.env.id!r}; valid: {', '.join(sim.ENV_IDS)}")
+        load_device(self.device.profile)
+        if self.robustness:
+            from sim.randomization import RandomizationConfig
+
+            try:
+                RandomizationConfig.from_dict(self.robustness)
+            except ValueError as e:
+                raise ConfigError(f"robustness: {e}") from e
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        return f"{source}: unknown key {loc!r}"
+    if kind == "missing":
+        return f"{source}: missing required key {loc!r}"
+    return f"{source}: {loc}: {first['msg']} (got {first.get('input')!r})"
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> SearchConfig:
+    try:
+        return SearchConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(source, e)) from e
+
+
+def load_config(path: str | Path) -> SearchConfig:
+    """Read and validate a search config file; every problem is a ConfigError naming the field."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config: {e.strerror or e}") from e
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: malformed TOML: {e}") from e
+    return parse_config(data, str(p))

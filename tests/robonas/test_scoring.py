@@ -1,0 +1,118 @@
+"""Scoring: predicted real return, the normalised objective, the Pareto front and ranking."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from robonas.errors import ConfigError, RobonasError
+from robonas.gap_model import GapPrediction
+from robonas.scoring import (
+    ObjectiveWeights,
+    objective,
+    objective_std,
+    pareto_front,
+    predicted_real_return,
+    rank,
+)
+
+
+def test_predicted_real_return_subtracts_gap() -> None:
+    assert predicted_real_return(800.0, GapPrediction(mean_gap=120.0, std_gap=30.0)) == (680.0, 30.0)
+
+
+def test_weights_from_config() -> None:
+    assert ObjectiveWeights.from_config({}) == ObjectiveWeights(0.5, 0.5)
+    w = ObjectiveWeights.from_config({"auc": 2, "real_return": 0})
+    assert (w.auc, w.real_return) == (2, 0)
+    with pytest.raises(ConfigError) as e:
+        ObjectiveWeights.from_config({"auc": 0.5, "return": 0.5})
+    assert "'return'" in str(e.value) and "real_return" in str(e.value)
+    with pytest.raises(ConfigError, match="auc"):
+        ObjectiveWeights.from_config({"auc": -0.1})
+    with pytest.raises(ConfigError, match="both 0"):
+        ObjectiveWeights.from_config({"auc": 0, "real_return": 0})
+    with pytest.raises(ConfigError, match="real_return"):
+        ObjectiveWeights.from_config({"real_return": "high"})
+
+
+def test_objective_hand_values() -> None:
+    # auc is already normalised (curves.auc_normalised); real return 750 -> 0.75 on [0, 1000]
+    assert objective(0.25, 750.0, 0.0, 1000.0) == pytest.approx(0.5)
+    assert objective(0.25, 750.0, 0.0, 1000.0, ObjectiveWeights(1, 3)) == pytest.approx((0.25 + 2.25) / 4)
+    assert objective(0.25, 750.0, 0.0, 1000.0, ObjectiveWeights(0, 1)) == pytest.approx(0.75)
+    assert objective(0.25, 750.0, 0.0, 1000.0, ObjectiveWeights(1, 0)) == pytest.approx(0.25)
+    # negative return ranges work too
+    assert objective(0.5, -50.0, -100.0, 0.0) == pytest.approx(0.5)
+
+
+def test_objective_in_unit_interval_and_return_clipped() -> None:
+    aucs = [0.0, 0.1, 0.5, 0.99, 1.0]
+    returns = [-5000.0, -1.0, 0.0, 123.0, 500.0, 999.0, 1000.0, 1e6]
+    for auc, ret in itertools.product(aucs, returns):
+        v = objective(auc, ret, 0.0, 1000.0)
+        assert 0.0 <= v <= 1.0
+    assert objective(0.0, -5000.0, 0.0, 1000.0) == 0.0  # the gap pushed the return below lo
+    assert objective(1.0, 1e6, 0.0, 1000.0) == 1.0
+
+
+def test_objective_refuses_unnormalised_auc() -> None:
+    with pytest.raises(RobonasError, match="auc"):
+        objective(250.0, 500.0, 0.0, 1000.0)
+    assert objective(1.0 + 1e-12, 1000.0, 0.0, 1000.0) == 1.0  # round-off is tolerated
+
+
+def test_objective_monotone_in_both_inputs() -> None:
+    aucs = [0.0, 0.1, 0.4, 0.7, 1.0]
+    returns = [0.0, 100.0, 400.0, 700.0, 1000.0]
+    for a_fixed, r_fixed in zip(aucs, returns):
+        by_auc = [objective(a, r_fixed, 0.0, 1000.0) for a in aucs]
+        by_ret = [objective(a_fixed, r, 0.0, 1000.0) for r in returns]
+        assert all(b > a for a, b in zip(by_auc, by_auc[1:]))
+        assert all(b > a for a, b in zip(by_ret, by_ret[1:]))
+
+
+def test_objective_rejects_bad_range() -> None:
+    with pytest.raises(ConfigError, match="return_hi"):
+        objective(0.5, 1.0, 10.0, 10.0)
+
+
+def test_objective_std_scales_with_weight_and_range() -> None:
+    assert objective_std(100.0, 0.0, 1000.0) == pytest.approx(0.05)
+    assert objective_std(100.0, 0.0, 1000.0, ObjectiveWeights(1, 0)) == 0.0
+
+
+def test_pareto_front_known_set() -> None:
+    points = [
+        ("a", 100.0, 1.0),  # front: the fastest
+        ("b", 90.0, 2.0),  # dominated by a (lower return, slower)
+        ("c", 200.0, 3.0),  # front
+        ("d", 200.0, 4.0),  # dominated by c (same return, slower)
+        ("e", 300.0, 10.0),  # front: the best return
+        ("f", 150.0, 3.0),  # dominated by c (same latency, lower return)
+        ("g", 200.0, 3.0),  # duplicate of c: neither dominates the other
+    ]
+    assert pareto_front(points) == ["a", "c", "e", "g"]
+    assert pareto_front(reversed(points)) == ["g", "e", "c", "a"]  # stable: input order kept
+    assert pareto_front([]) == []
+    assert pareto_front([("only", 1.0, 1.0)]) == ["only"]
+
+
+def test_rank_by_key_stable_and_lcb() -> None:
+    rows = [
+        {"id": 1, "objective": 0.6, "objective_std": 0.30},
+        {"id": 2, "objective": 0.7, "objective_std": 0.01},
+        {"id": 3, "objective": 0.6, "objective_std": 0.00},
+        {"id": 4, "objective": 0.8, "objective_std": 0.60},
+    ]
+    assert [r["id"] for r in rank(rows)] == [4, 2, 1, 3]  # ties (1, 3) keep input order
+    # lower confidence bound with k=1: 0.3, 0.69, 0.6, 0.2 -> the certain candidates rise
+    assert [r["id"] for r in rank(rows, lcb=1.0)] == [2, 3, 1, 4]
+    assert [r["id"] for r in rank(rows, key="objective_std")] == [4, 1, 2, 3]
+    with pytest.raises(ConfigError, match="real_return"):
+        rank(rows, key="real_return")
+    with pytest.raises(ConfigError, match="objective_std"):
+        rank([{"objective": 1.0}], lcb=1.0)
+    with pytest.raises(ConfigError, match="lcb"):
+        rank(rows, lcb=-1.0)
