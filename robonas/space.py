@@ -1,19 +1,35 @@
 """The search space: `PolicyArch`, one policy network, and `SearchSpace`, the set searched.
 
 `PolicyArch` is frozen, hashable and JSON-serialisable. It builds itself as a torch module
-(torch imported lazily, so the CLI can print --help without it) and counts its own cost.
+(torch imported lazily, so the CLI can print --help without it) and counts its own cost layer
+by layer as `robonas.costs.LayerCost` rows. The counts are written by hand because they must be
+known before any module is built (latency is predicted before training); the tests check them
+against the built torch module (`sum(p.numel())`, `torch.utils.flop_counter.FlopCounterMode`).
+
+`SearchSpace` is the set of architectures one search explores, read from the `[space]` table of
+a launch TOML. It samples, mutates and encodes an architecture as a vector of integer choices
+(numpy's `Generator` supplies the randomness, so a seeded search is reproducible).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
-from typing import Any
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
 
+import numpy as np
+
+from robonas.costs import LayerCost, totals
 from robonas.errors import ConfigError
 
 ACTIVATIONS = ("relu", "tanh", "elu", "silu")
+
+
+def _is_pos_int(value: Any) -> bool:
+    # bool is an int subclass; True must not pass as a width of 1
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0
 
 
 @dataclass(frozen=True)
@@ -22,8 +38,9 @@ class Layer:
     activation: str
 
     def __post_init__(self) -> None:
-        if not isinstance(self.width, int) or isinstance(self.width, bool) or self.width <= 0:
+        if not _is_pos_int(self.width):
             raise ConfigError(f"layer width: {self.width!r} is not a positive integer")
+        object.__setattr__(self, "width", int(self.width))
         if self.activation not in ACTIVATIONS:
             raise ConfigError(
                 f"layer activation: {self.activation!r} is not one of {', '.join(ACTIVATIONS)}"
@@ -46,10 +63,19 @@ class PolicyArch:
         object.__setattr__(self, "layers", tuple(self.layers))
         for name in ("obs_dim", "act_dim", "history"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_pos_int(value):
                 raise ConfigError(f"arch.{name}: {value!r} is not a positive integer")
+            object.__setattr__(self, name, int(value))
         if not self.layers:
             raise ConfigError("arch.layers: at least one hidden layer is required")
+        for i, layer in enumerate(self.layers):
+            if not isinstance(layer, Layer):
+                raise ConfigError(f"arch.layers[{i}]: {layer!r} is not a Layer(width, activation)")
+        for name in ("layer_norm", "residual", "shared_trunk"):
+            value = getattr(self, name)
+            if not isinstance(value, (bool, np.bool_)):
+                raise ConfigError(f"arch.{name}: {value!r} is not true or false")
+            object.__setattr__(self, name, bool(value))
 
     # --- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -76,6 +102,8 @@ class PolicyArch:
                 history=int(d.get("history", 1)),
             )
         except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
             raise ConfigError(f"arch: cannot read {d!r}: {e}") from e
 
     def to_json(self) -> str:
@@ -83,7 +111,11 @@ class PolicyArch:
 
     @classmethod
     def from_json(cls, s: str) -> PolicyArch:
-        return cls.from_dict(json.loads(s))
+        try:
+            d = json.loads(s)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"arch: {s!r} is not JSON: {e}") from e
+        return cls.from_dict(d)
 
     @property
     def arch_id(self) -> str:
@@ -92,6 +124,59 @@ class PolicyArch:
     @property
     def input_dim(self) -> int:
         return self.obs_dim * self.history
+
+    def describe(self) -> str:
+        """Short label, e.g. "64relu-64relu ln res sep h2".
+
+        Tokens after the layers: "ln" (layer norm), "res" (residual), "shared" or "sep"
+        (actor/critic trunk), "h<n>" only when the observation history is longer than 1.
+        """
+        parts = ["-".join(f"{layer.width}{layer.activation}" for layer in self.layers)]
+        if self.layer_norm:
+            parts.append("ln")
+        if self.residual:
+            parts.append("res")
+        parts.append("shared" if self.shared_trunk else "sep")
+        if self.history > 1:
+            parts.append(f"h{self.history}")
+        return " ".join(parts)
+
+    # --- costs ----------------------------------------------------------------------------
+    def _skips(self) -> list[bool]:
+        """Which hidden layers add their input; mirrors `_torch_modules.Trunk`/`Block`."""
+        skips, in_dim = [], self.input_dim
+        for i, layer in enumerate(self.layers):
+            skips.append(self.residual and i > 0 and in_dim == layer.width)
+            in_dim = layer.width
+        return skips
+
+    def actor_layer_costs(self) -> list[LayerCost]:
+        """One `LayerCost` per op of a batch-1 actor forward pass, in execution order.
+
+        Conventions: a Linear(i, o) has i*o MACs and i*o + o params. LayerNorm, activation
+        and skip-add layers count 0 MACs: they are elementwise (O(width)), and MACs here mean
+        the multiply-accumulates of matrix products, which is what FlopCounterMode counts too.
+        LayerNorm has 2*width params (weight and bias). act_in/act_out are element counts; an
+        add reads both operands (2*width) and writes width.
+        """
+        costs: list[LayerCost] = []
+        in_dim = self.input_dim
+        for i, (layer, skip) in enumerate(zip(self.layers, self._skips(), strict=True)):
+            w = layer.width
+            costs.append(LayerCost(f"fc{i}", "linear", in_dim * w + w, in_dim * w, in_dim, w))
+            if self.layer_norm:
+                costs.append(LayerCost(f"ln{i}", "layernorm", 2 * w, 0, w, w))
+            costs.append(LayerCost(f"act{i}", "activation", 0, 0, w, w))
+            if skip:
+                costs.append(LayerCost(f"skip{i}", "add", 0, 0, 2 * w, w))
+            in_dim = w
+        a = self.act_dim
+        costs.append(LayerCost("head", "linear", in_dim * a + a, in_dim * a, in_dim, a))
+        return costs
+
+    def cost_summary(self) -> dict[str, int]:
+        """Totals of `actor_layer_costs()`: params, macs, bytes (float32), layers."""
+        return totals(self.actor_layer_costs())
 
     # --- torch ----------------------------------------------------------------------------
     def build_trunk(self):  # -> torch.nn.Module
@@ -105,3 +190,194 @@ class PolicyArch:
         from robonas._torch_modules import Actor
 
         return Actor(self)
+
+
+# --- the search space -------------------------------------------------------------------------
+_CHOICE_FIELDS = ("depths", "widths", "activations", "layer_norm", "residual", "shared_trunk",
+                  "history")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The architectures one search explores, as independent choices per decision.
+
+    Decision vector: [depth, width_1..width_D, act_1..act_D, layer_norm, residual,
+    shared_trunk, history] with D = max(depths); each entry is an index into its choices.
+    Slots of layers beyond an arch's depth are inactive and encode as 0, so
+    decode(encode(a)) == a and encode(decode(v)) is v with inactive slots zeroed.
+    """
+
+    obs_dim: int
+    act_dim: int
+    depths: tuple[int, ...] = (1, 2, 3)
+    widths: tuple[int, ...] = (16, 32, 64, 128)
+    activations: tuple[str, ...] = ("relu", "tanh")
+    layer_norm: tuple[bool, ...] = (False, True)
+    residual: tuple[bool, ...] = (False, True)
+    shared_trunk: tuple[bool, ...] = (False, True)
+    history: tuple[int, ...] = (1,)
+
+    def __post_init__(self) -> None:
+        for name in ("obs_dim", "act_dim"):
+            value = getattr(self, name)
+            if not _is_pos_int(value):
+                raise ConfigError(f"space.{name}: {value!r} is not a positive integer")
+        for name in _CHOICE_FIELDS:
+            raw = getattr(self, name)
+            if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
+                raise ConfigError(f"space.{name}: {raw!r} is not a list of choices")
+            values = tuple(raw)
+            if not values:
+                raise ConfigError(f"space.{name}: the list of choices is empty")
+            for v in values:
+                self._check_choice(name, v)
+            if len(set(values)) != len(values):
+                raise ConfigError(f"space.{name}: {list(values)!r} lists a choice twice")
+            if name in ("depths", "widths", "history"):
+                values = tuple(int(v) for v in values)
+            object.__setattr__(self, name, values)
+
+    @staticmethod
+    def _check_choice(name: str, v: Any) -> None:
+        if name in ("depths", "widths", "history"):
+            if not _is_pos_int(v):
+                raise ConfigError(f"space.{name}: {v!r} is not a positive integer")
+        elif name == "activations":
+            if v not in ACTIVATIONS:
+                raise ConfigError(
+                    f"space.activations: {v!r} is not one of {', '.join(ACTIVATIONS)}"
+                )
+        elif not isinstance(v, bool):
+            raise ConfigError(f"space.{name}: {v!r} is not true or false")
+
+    @classmethod
+    def from_config(cls, table: dict[str, Any], obs_dim: int, act_dim: int) -> SearchSpace:
+        """Build from a TOML `[space]` table; keys are the choice fields, all optional.
+
+        A scalar stands for a single choice (`history = 2` means `history = [2]`).
+        """
+        if not isinstance(table, dict):
+            raise ConfigError(f"space: {table!r} is not a table")
+        unknown = sorted(set(table) - set(_CHOICE_FIELDS))
+        if unknown:
+            raise ConfigError(
+                f"space.{unknown[0]}: unknown key; valid keys are {', '.join(_CHOICE_FIELDS)}"
+            )
+        kwargs = {
+            k: (tuple(v) if isinstance(v, (list, tuple)) else (v,)) for k, v in table.items()
+        }
+        return cls(obs_dim=obs_dim, act_dim=act_dim, **kwargs)
+
+    # --- decisions ------------------------------------------------------------------------
+    @property
+    def max_depth(self) -> int:
+        return max(self.depths)
+
+    def cardinalities(self) -> list[int]:
+        """Number of choices of each decision, in decision-vector order."""
+        d = self.max_depth
+        return (
+            [len(self.depths)]
+            + [len(self.widths)] * d
+            + [len(self.activations)] * d
+            + [len(self.layer_norm), len(self.residual), len(self.shared_trunk),
+               len(self.history)]
+        )
+
+    def active_decisions(self, depth: int) -> list[int]:
+        """Indices of the decisions that matter for an arch of this depth."""
+        d = self.max_depth
+        tail = [1 + 2 * d + k for k in range(4)]
+        return [0, *range(1, 1 + depth), *range(1 + d, 1 + d + depth), *tail]
+
+    def contains(self, arch: PolicyArch) -> bool:
+        return (
+            arch.obs_dim == self.obs_dim
+            and arch.act_dim == self.act_dim
+            and len(arch.layers) in self.depths
+            and all(l.width in self.widths and l.activation in self.activations
+                    for l in arch.layers)
+            and arch.layer_norm in self.layer_norm
+            and arch.residual in self.residual
+            and arch.shared_trunk in self.shared_trunk
+            and arch.history in self.history
+        )
+
+    def encode(self, arch: PolicyArch) -> list[int]:
+        if not self.contains(arch):
+            raise ConfigError(f"arch {arch.describe()!r} ({arch.arch_id}) is not in this space")
+        d = self.max_depth
+        vec = [0] * (1 + 2 * d + 4)
+        vec[0] = self.depths.index(len(arch.layers))
+        for i, layer in enumerate(arch.layers):
+            vec[1 + i] = self.widths.index(layer.width)
+            vec[1 + d + i] = self.activations.index(layer.activation)
+        vec[1 + 2 * d:] = [
+            self.layer_norm.index(arch.layer_norm),
+            self.residual.index(arch.residual),
+            self.shared_trunk.index(arch.shared_trunk),
+            self.history.index(arch.history),
+        ]
+        return vec
+
+    def decode(self, vec: Sequence[int]) -> PolicyArch:
+        """Arch of a decision vector; values in inactive slots are ignored."""
+        cards = self.cardinalities()
+        vec = list(vec)
+        if len(vec) != len(cards):
+            raise ConfigError(f"decision vector: length {len(vec)}, this space needs {len(cards)}")
+        for i, (v, n) in enumerate(zip(vec, cards, strict=True)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not 0 <= v < n:
+                raise ConfigError(f"decision vector[{i}]: {v!r} is not an index in 0..{n - 1}")
+        d = self.max_depth
+        depth = self.depths[vec[0]]
+        ln, res, shared, hist = vec[1 + 2 * d:]
+        return PolicyArch(
+            obs_dim=self.obs_dim,
+            act_dim=self.act_dim,
+            layers=tuple(
+                Layer(self.widths[vec[1 + i]], self.activations[vec[1 + d + i]])
+                for i in range(depth)
+            ),
+            layer_norm=self.layer_norm[ln],
+            residual=self.residual[res],
+            shared_trunk=self.shared_trunk[shared],
+            history=self.history[hist],
+        )
+
+    def size(self) -> int:
+        """Number of distinct architectures (distinct `PolicyArch` values).
+
+        Counted as distinct descriptions: residual=True on a 1-layer net builds the same
+        module as residual=False, yet they are different archs (and arch_ids).
+        """
+        per_layer = len(self.widths) * len(self.activations)
+        flags = math.prod(len(getattr(self, n)) for n in _CHOICE_FIELDS[3:])
+        return sum(per_layer**d for d in self.depths) * flags
+
+    # --- sampling -------------------------------------------------------------------------
+    def sample(self, rng: np.random.Generator) -> PolicyArch:
+        """Uniform over decisions (not over archs: each depth is equally likely)."""
+        return self.decode([int(rng.integers(n)) for n in self.cardinalities()])
+
+    def mutate(self, arch: PolicyArch, rng: np.random.Generator) -> PolicyArch:
+        """Change exactly one active decision to a different choice.
+
+        Picked uniformly among active decisions that have an alternative. A depth change keeps
+        the common layers; new layers copy the last existing one (a near-neutral deepening, as
+        in network-morphism mutations). A space with one arch returns the arch unchanged.
+        """
+        vec = self.encode(arch)
+        cards = self.cardinalities()
+        candidates = [i for i in self.active_decisions(len(arch.layers)) if cards[i] > 1]
+        if not candidates:
+            return arch
+        i = candidates[int(rng.integers(len(candidates)))]
+        new = int(rng.integers(cards[i] - 1))
+        vec[i] = new if new < vec[i] else new + 1  # uniform over the other choices
+        if i == 0:
+            d, old_depth = self.max_depth, len(arch.layers)
+            for j in range(old_depth, self.depths[vec[0]]):
+                vec[1 + j] = vec[old_depth]
+                vec[1 + d + j] = vec[d + old_depth]
+        return self.decode(vec)
