@@ -1,0 +1,762 @@
+"""The run store: every study, trial, curve point, artifact, device, deployment, device report and
+calibrated model version, as rows in a SQL database.
+
+Leans on SQLAlchemy 2.x (typed declarative ORM) so the same code runs on the default SQLite file
+and on a shared PostgreSQL URL. One `Store` per process; each public method is one short
+transaction and returns plain frozen dataclasses, never ORM objects that outlive their session.
+
+SQLite is made safe for several worker processes writing at once by hand, following the recipe in
+SQLAlchemy's SQLite dialect docs ("Enabling Non-Legacy SQLite Transactional Modes"): WAL journal
+(readers never block the writer), a 30 s busy_timeout (writers queue instead of failing), and
+write transactions opened with `BEGIN IMMEDIATE`, because a deferred transaction that reads and
+then writes can fail with "database is locked" without ever waiting on the busy handler.
+
+The schema carries a version in the `meta` table. Opening a store written by another schema
+version is refused with StoreError: there is no silent migration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    func,
+    inspect,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from robonas.errors import StoreError
+
+SCHEMA_VERSION = 1
+DEFAULT_URL = "sqlite:///runs/robonas.db"
+TRIAL_STATUSES = ("pending", "running", "complete", "failed", "rejected")
+STUDY_STATUSES = ("created", "running", "interrupted", "complete", "failed")
+REPORT_KINDS = ("run", "bench", "canary")
+MODEL_KINDS = ("latency", "gap")
+# Milliseconds a SQLite writer waits for the lock before giving up.
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def default_store_url() -> str:
+    """The store URL: env ROBONAS_STORE, else a SQLite file under ./runs/."""
+    return os.environ.get("ROBONAS_STORE") or DEFAULT_URL
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _utc(t: datetime | None) -> datetime | None:
+    # SQLite drops the zone on the way back; every time we write is UTC.
+    if t is None or t.tzinfo is not None:
+        return t
+    return t.replace(tzinfo=timezone.utc)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True)
+
+
+def _loads(s: str | None) -> Any:
+    return None if s is None else json.loads(s)
+
+
+def _check_choice(what: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise StoreError(f"{what}: {value!r} is not one of {', '.join(choices)}")
+
+
+# ----------------------------------------------------------------------------- ORM tables
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class _Meta(_Base):
+    __tablename__ = "meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class _Study(_Base):
+    __tablename__ = "studies"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    config_json: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    status: Mapped[str] = mapped_column(String(32))
+
+
+class _Trial(_Base):
+    __tablename__ = "trials"
+    __table_args__ = (
+        UniqueConstraint("study_id", "seq", name="uq_trial_seq"),
+        # NULLs never collide, so only told trials are held to a unique order.
+        UniqueConstraint("study_id", "tell_seq", name="uq_trial_tell_seq"),
+        Index("ix_trials_study_status", "study_id", "status"),
+        Index("ix_trials_arch", "study_id", "arch_id"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(Integer)
+    arch_id: Mapped[str] = mapped_column(String(128))
+    arch_json: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+    metrics_json: Mapped[str | None] = mapped_column(Text)
+    tell_seq: Mapped[int | None] = mapped_column(Integer)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    wall_s: Mapped[float | None] = mapped_column(Float)
+    env_steps: Mapped[int | None] = mapped_column(Integer)
+
+
+class _CurvePoint(_Base):
+    __tablename__ = "curve_points"
+    trial_id: Mapped[int] = mapped_column(
+        ForeignKey("trials.id", ondelete="CASCADE"), primary_key=True
+    )
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    mean_return: Mapped[float] = mapped_column(Float)
+    std_return: Mapped[float] = mapped_column(Float)
+
+
+class _Artifact(_Base):
+    __tablename__ = "artifacts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    trial_id: Mapped[int] = mapped_column(
+        ForeignKey("trials.id", ondelete="CASCADE"), index=True
+    )
+    kind: Mapped[str] = mapped_column(String(32))
+    path: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    meta_json: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class _Device(_Base):
+    __tablename__ = "devices"
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    profile: Mapped[str] = mapped_column(String(200))
+    last_seen: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class _Deployment(_Base):
+    __tablename__ = "deployments"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    artifact_id: Mapped[int] = mapped_column(ForeignKey("artifacts.id"), index=True)
+    # Device names are not foreign keys: a report may arrive from a robot not yet registered.
+    device: Mapped[str] = mapped_column(String(200), index=True)
+    status: Mapped[str] = mapped_column(String(32))
+    detail_json: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class _DeviceReport(_Base):
+    __tablename__ = "device_reports"
+    __table_args__ = (Index("ix_reports_device_kind", "device", "kind"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device: Mapped[str] = mapped_column(String(200))
+    artifact_id: Mapped[int | None] = mapped_column(ForeignKey("artifacts.id"), index=True)
+    trial_id: Mapped[int | None] = mapped_column(ForeignKey("trials.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    payload_json: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class _ModelVersion(_Base):
+    __tablename__ = "model_versions"
+    __table_args__ = (Index("ix_model_scope", "kind", "device", "study_id", "version"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    device: Mapped[str | None] = mapped_column(String(200))
+    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    params_json: Mapped[str] = mapped_column(Text)
+    metrics_json: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+# ----------------------------------------------------------------------------- plain rows
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    id: int
+    name: str
+    config: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    status: str
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    id: int
+    study_id: int
+    seq: int
+    arch_id: str
+    arch_json: str
+    status: str
+    error: str | None
+    metrics: dict[str, Any] | None
+    tell_seq: int | None
+    attempts: int
+    started_at: datetime | None
+    finished_at: datetime | None
+    wall_s: float | None
+    env_steps: int | None
+
+
+@dataclass(frozen=True)
+class ArtifactRow:
+    id: int
+    trial_id: int
+    kind: str
+    path: str
+    sha256: str
+    meta: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    name: str
+    profile: str
+    last_seen: datetime | None
+
+
+@dataclass(frozen=True)
+class DeploymentRow:
+    id: int
+    artifact_id: int
+    device: str
+    status: str
+    detail: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class DeviceReportRow:
+    id: int
+    device: str
+    artifact_id: int | None
+    trial_id: int | None
+    kind: str
+    payload: dict[str, Any]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class ModelVersionRow:
+    id: int
+    kind: str
+    device: str | None
+    study_id: int | None
+    version: int
+    params: dict[str, Any]
+    metrics: dict[str, Any]
+    created_at: datetime
+
+
+def _study_row(s: _Study) -> StudyRow:
+    return StudyRow(s.id, s.name, _loads(s.config_json), _utc(s.created_at), _utc(s.updated_at),
+                    s.status)
+
+
+def _trial_row(t: _Trial) -> TrialRow:
+    return TrialRow(
+        id=t.id, study_id=t.study_id, seq=t.seq, arch_id=t.arch_id, arch_json=t.arch_json,
+        status=t.status, error=t.error, metrics=_loads(t.metrics_json), tell_seq=t.tell_seq,
+        attempts=t.attempts, started_at=_utc(t.started_at), finished_at=_utc(t.finished_at),
+        wall_s=t.wall_s, env_steps=t.env_steps,
+    )
+
+
+def _artifact_row(a: _Artifact) -> ArtifactRow:
+    return ArtifactRow(a.id, a.trial_id, a.kind, a.path, a.sha256, _loads(a.meta_json),
+                       _utc(a.created_at))
+
+
+def _device_row(d: _Device) -> DeviceRow:
+    return DeviceRow(d.name, d.profile, _utc(d.last_seen))
+
+
+def _deployment_row(d: _Deployment) -> DeploymentRow:
+    return DeploymentRow(d.id, d.artifact_id, d.device, d.status, _loads(d.detail_json),
+                         _utc(d.created_at))
+
+
+def _report_row(r: _DeviceReport) -> DeviceReportRow:
+    return DeviceReportRow(r.id, r.device, r.artifact_id, r.trial_id, r.kind,
+                           _loads(r.payload_json), _utc(r.created_at))
+
+
+def _model_row(m: _ModelVersion) -> ModelVersionRow:
+    return ModelVersionRow(m.id, m.kind, m.device, m.study_id, m.version, _loads(m.params_json),
+                           _loads(m.metrics_json), _utc(m.created_at))
+
+
+# ----------------------------------------------------------------------------- engine
+
+
+def _make_engine(url: str) -> Engine:
+    try:
+        parsed = make_url(url)
+    except ArgumentError as e:
+        raise StoreError(f"store URL {url!r} is not a database URL "
+                         f"(e.g. {DEFAULT_URL} or postgresql+psycopg://host/db)") from e
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+
+    db = parsed.database
+    if db and db != ":memory:" and not db.startswith("file:"):
+        Path(db).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Take BEGIN away from the sqlite3 driver so `_on_begin` decides its kind.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        # busy_timeout first: switching to WAL itself needs the lock on a fresh file.
+        cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA journal_mode = WAL")
+        cur.execute("PRAGMA foreign_keys = ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        write = conn.get_execution_options().get("robonas_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine
+
+
+# ----------------------------------------------------------------------------- the store
+
+
+class Store:
+    """One handle on the run database; create one per process (it owns a connection pool)."""
+
+    def __init__(self, url: str | None = None) -> None:
+        self.url = url or default_store_url()
+        self._engine = _make_engine(self.url)
+        # Same pool; the option only tells `_on_begin` to take the write lock up front.
+        self._write_engine = self._engine.execution_options(robonas_write=True)
+        self._init_schema()
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --------------------------------------------------------------- sessions and schema
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        """One write transaction: committed on success, rolled back on any error."""
+        try:
+            with Session(self._write_engine, expire_on_commit=False) as s, s.begin():
+                yield s
+        except IntegrityError as e:
+            raise StoreError(f"store refused the write: {e.orig}") from e
+        except OperationalError as e:
+            raise StoreError(f"store {self.url} failed: {e.orig}") from e
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        try:
+            with Session(self._engine) as s, s.begin():
+                yield s
+        except OperationalError as e:
+            raise StoreError(f"store {self.url} failed: {e.orig}") from e
+
+    def _init_schema(self) -> None:
+        # One write transaction, so processes opening a new store together create it once.
+        # (SQLite DDL is transactional; on PostgreSQL create_all checks first.)
+        with self._write() as s:
+            conn = s.connection()
+            tables = set(inspect(conn).get_table_names())
+            if "meta" in tables:
+                found = s.get(_Meta, "schema_version")
+                if found is None or found.value != str(SCHEMA_VERSION):
+                    got = "none" if found is None else found.value
+                    raise StoreError(
+                        f"store {self.url} has schema version {got}, this robonas needs "
+                        f"{SCHEMA_VERSION}; use a new store URL (no automatic migration)"
+                    )
+                return
+            if tables & set(_Base.metadata.tables):
+                raise StoreError(
+                    f"store {self.url} has robonas tables but no schema version; "
+                    f"refusing to guess its layout, use a new store URL"
+                )
+            _Base.metadata.create_all(conn)
+            s.add(_Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+
+    def schema_version(self) -> int:
+        with self._read() as s:
+            row = s.get(_Meta, "schema_version")
+            return int(row.value) if row else 0
+
+    # --------------------------------------------------------------- studies
+
+    def create_study(self, name: str, config: dict[str, Any], status: str = "created") -> StudyRow:
+        _check_choice("study status", status, STUDY_STATUSES)
+        if not name:
+            raise StoreError("study name: empty; give a non-empty name")
+        now = _now()
+        with self._write() as s:
+            if s.scalar(select(_Study.id).where(_Study.name == name)) is not None:
+                raise StoreError(f"study {name!r} already exists; pick another name or resume it")
+            study = _Study(name=name, config_json=_dumps(config), created_at=now, updated_at=now,
+                           status=status)
+            s.add(study)
+            s.flush()
+            return _study_row(study)
+
+    def get_study(self, name: str) -> StudyRow:
+        with self._read() as s:
+            study = s.scalar(select(_Study).where(_Study.name == name))
+            if study is None:
+                known = s.scalars(select(_Study.name).order_by(_Study.name)).all()
+                raise StoreError(
+                    f"unknown study {name!r}; known studies: {', '.join(known) or '(none)'}"
+                )
+            return _study_row(study)
+
+    def get_study_by_id(self, study_id: int) -> StudyRow:
+        with self._read() as s:
+            study = s.get(_Study, study_id)
+            if study is None:
+                raise StoreError(f"unknown study id {study_id}")
+            return _study_row(study)
+
+    def list_studies(self) -> list[StudyRow]:
+        with self._read() as s:
+            return [_study_row(x) for x in s.scalars(select(_Study).order_by(_Study.id))]
+
+    def set_study_status(self, study_id: int, status: str) -> None:
+        _check_choice("study status", status, STUDY_STATUSES)
+        with self._write() as s:
+            n = s.execute(update(_Study).where(_Study.id == study_id)
+                          .values(status=status, updated_at=_now())).rowcount
+            if n == 0:
+                raise StoreError(f"unknown study id {study_id}")
+
+    def update_study_config(self, study_id: int, config: dict[str, Any]) -> None:
+        """Replace a study's config (e.g. to record values resolved on the first run)."""
+        with self._write() as s:
+            n = s.execute(update(_Study).where(_Study.id == study_id)
+                          .values(config_json=_dumps(config), updated_at=_now())).rowcount
+            if n == 0:
+                raise StoreError(f"unknown study id {study_id}")
+
+    # --------------------------------------------------------------- trials
+
+    @staticmethod
+    def _touch(s: Session, study_id: int) -> None:
+        s.execute(update(_Study).where(_Study.id == study_id).values(updated_at=_now()))
+
+    @staticmethod
+    def _trial(s: Session, trial_id: int) -> _Trial:
+        t = s.get(_Trial, trial_id)
+        if t is None:
+            raise StoreError(f"unknown trial id {trial_id}")
+        return t
+
+    def add_trial(self, study_id: int, seq: int, arch_id: str, arch_json: str | dict[str, Any],
+                  status: str = "pending") -> TrialRow:
+        _check_choice("trial status", status, TRIAL_STATUSES)
+        if not isinstance(arch_json, str):
+            arch_json = _dumps(arch_json)
+        with self._write() as s:
+            if s.get(_Study, study_id) is None:
+                raise StoreError(f"unknown study id {study_id}")
+            t = _Trial(study_id=study_id, seq=seq, arch_id=arch_id, arch_json=arch_json,
+                       status=status, attempts=0,
+                       started_at=_now() if status == "running" else None)
+            s.add(t)
+            self._touch(s, study_id)
+            s.flush()
+            return _trial_row(t)
+
+    def next_seq(self, study_id: int) -> int:
+        """The seq the next asked trial of this study should get (0 for an empty study)."""
+        with self._read() as s:
+            top = s.scalar(select(func.max(_Trial.seq)).where(_Trial.study_id == study_id))
+            return 0 if top is None else top + 1
+
+    def set_trial_status(self, trial_id: int, status: str, error: str | None = None) -> None:
+        _check_choice("trial status", status, TRIAL_STATUSES)
+        with self._write() as s:
+            t = self._trial(s, trial_id)
+            t.status = status
+            t.error = error
+            if status == "running":
+                t.started_at = _now()
+                t.finished_at = None
+            elif status in ("complete", "failed", "rejected"):
+                t.finished_at = _now()
+            self._touch(s, t.study_id)
+
+    def complete_trial(self, trial_id: int, metrics: dict[str, Any],
+                       curve: Sequence[tuple[int, float, float]], wall_s: float,
+                       env_steps: int) -> None:
+        """Mark a trial complete with its metrics and learning curve, in one transaction."""
+        points = []
+        for p in curve:
+            if len(p) != 3:
+                raise StoreError(f"curve point {p!r} is not (step, mean_return, std_return)")
+            points.append((int(p[0]), float(p[1]), float(p[2])))
+        with self._write() as s:
+            t = self._trial(s, trial_id)
+            # A re-run trial replaces whatever curve an interrupted attempt left behind.
+            s.execute(delete(_CurvePoint).where(_CurvePoint.trial_id == trial_id))
+            s.add_all(_CurvePoint(trial_id=trial_id, step=st, mean_return=m, std_return=sd)
+                      for st, m, sd in points)
+            t.status = "complete"
+            t.error = None
+            t.metrics_json = _dumps(metrics)
+            t.wall_s = float(wall_s)
+            t.env_steps = int(env_steps)
+            t.finished_at = _now()
+            self._touch(s, t.study_id)
+
+    def fail_trial(self, trial_id: int, error: str, wall_s: float | None = None) -> None:
+        with self._write() as s:
+            t = self._trial(s, trial_id)
+            t.status, t.error, t.finished_at = "failed", error, _now()
+            if wall_s is not None:
+                t.wall_s = float(wall_s)
+            self._touch(s, t.study_id)
+
+    def reject_trial(self, trial_id: int, reason: str,
+                     metrics: dict[str, Any] | None = None) -> None:
+        """A candidate refused before training (e.g. predicted latency over budget)."""
+        with self._write() as s:
+            t = self._trial(s, trial_id)
+            t.status, t.error, t.finished_at = "rejected", reason, _now()
+            if metrics is not None:
+                t.metrics_json = _dumps(metrics)
+            self._touch(s, t.study_id)
+
+    def record_tell(self, trial_id: int, tell_seq: int) -> None:
+        with self._write() as s:
+            t = self._trial(s, trial_id)
+            t.tell_seq = tell_seq
+
+    def trials(self, study_id: int, status: str | None = None) -> list[TrialRow]:
+        """Trials of a study in ask order, optionally only those with one status."""
+        q = select(_Trial).where(_Trial.study_id == study_id).order_by(_Trial.seq)
+        if status is not None:
+            _check_choice("trial status", status, TRIAL_STATUSES)
+            q = q.where(_Trial.status == status)
+        with self._read() as s:
+            return [_trial_row(t) for t in s.scalars(q)]
+
+    def get_trial(self, trial_id: int) -> TrialRow:
+        with self._read() as s:
+            return _trial_row(self._trial(s, trial_id))
+
+    def curve(self, trial_id: int) -> list[tuple[int, float, float]]:
+        q = (select(_CurvePoint.step, _CurvePoint.mean_return, _CurvePoint.std_return)
+             .where(_CurvePoint.trial_id == trial_id).order_by(_CurvePoint.step))
+        with self._read() as s:
+            return [(int(a), float(b), float(c)) for a, b, c in s.execute(q)]
+
+    def requeue_interrupted(self, study_id: int) -> int:
+        """Put trials left `running` by a killed search back to `pending`; returns how many."""
+        with self._write() as s:
+            n = s.execute(
+                update(_Trial)
+                .where(_Trial.study_id == study_id, _Trial.status == "running")
+                .values(status="pending", attempts=_Trial.attempts + 1, started_at=None)
+            ).rowcount
+            if n:
+                self._touch(s, study_id)
+            return n
+
+    # --------------------------------------------------------------- artifacts
+
+    def add_artifact(self, trial_id: int, kind: str, path: str | os.PathLike[str], sha256: str,
+                     meta: dict[str, Any] | None = None) -> ArtifactRow:
+        """Record a file made from a trial; kind e.g. `weights`, `tflite-int8`, `tflite-fp32`."""
+        if not kind:
+            raise StoreError("artifact kind: empty; e.g. weights, tflite-int8, tflite-fp32")
+        with self._write() as s:
+            self._trial(s, trial_id)
+            a = _Artifact(trial_id=trial_id, kind=kind, path=os.fspath(path), sha256=sha256,
+                          meta_json=_dumps(meta or {}), created_at=_now())
+            s.add(a)
+            s.flush()
+            return _artifact_row(a)
+
+    def artifacts(self, trial_id: int, kind: str | None = None) -> list[ArtifactRow]:
+        q = select(_Artifact).where(_Artifact.trial_id == trial_id).order_by(_Artifact.id)
+        if kind is not None:
+            q = q.where(_Artifact.kind == kind)
+        with self._read() as s:
+            return [_artifact_row(a) for a in s.scalars(q)]
+
+    def get_artifact(self, artifact_id: int) -> ArtifactRow:
+        with self._read() as s:
+            a = s.get(_Artifact, artifact_id)
+            if a is None:
+                raise StoreError(f"unknown artifact id {artifact_id}")
+            return _artifact_row(a)
+
+    # --------------------------------------------------------------- devices and deployments
+
+    def add_device(self, name: str, profile: str, last_seen: datetime | None = None) -> DeviceRow:
+        """Register a device, or update its profile and last_seen if already known."""
+        with self._write() as s:
+            d = s.get(_Device, name)
+            if d is None:
+                d = _Device(name=name, profile=profile, last_seen=last_seen)
+                s.add(d)
+            else:
+                d.profile = profile
+                if last_seen is not None:
+                    d.last_seen = last_seen
+            s.flush()
+            return _device_row(d)
+
+    def touch_device(self, name: str, when: datetime | None = None) -> None:
+        with self._write() as s:
+            n = s.execute(update(_Device).where(_Device.name == name)
+                          .values(last_seen=when or _now())).rowcount
+            if n == 0:
+                raise StoreError(f"unknown device {name!r}; register it with add_device first")
+
+    def devices(self) -> list[DeviceRow]:
+        with self._read() as s:
+            return [_device_row(d) for d in s.scalars(select(_Device).order_by(_Device.name))]
+
+    def add_deployment(self, artifact_id: int, device: str, status: str,
+                       detail: dict[str, Any] | None = None) -> DeploymentRow:
+        with self._write() as s:
+            d = _Deployment(artifact_id=artifact_id, device=device, status=status,
+                            detail_json=_dumps(detail or {}), created_at=_now())
+            s.add(d)
+            s.flush()
+            return _deployment_row(d)
+
+    def set_deployment_status(self, deployment_id: int, status: str,
+                              detail: dict[str, Any] | None = None) -> None:
+        values: dict[str, Any] = {"status": status}
+        if detail is not None:
+            values["detail_json"] = _dumps(detail)
+        with self._write() as s:
+            n = s.execute(update(_Deployment).where(_Deployment.id == deployment_id)
+                          .values(**values)).rowcount
+            if n == 0:
+                raise StoreError(f"unknown deployment id {deployment_id}")
+
+    def deployments(self, device: str | None = None,
+                    artifact_id: int | None = None) -> list[DeploymentRow]:
+        q = select(_Deployment).order_by(_Deployment.id)
+        if device is not None:
+            q = q.where(_Deployment.device == device)
+        if artifact_id is not None:
+            q = q.where(_Deployment.artifact_id == artifact_id)
+        with self._read() as s:
+            return [_deployment_row(d) for d in s.scalars(q)]
+
+    def add_device_report(self, device: str, kind: str, payload: dict[str, Any],
+                          artifact_id: int | None = None,
+                          trial_id: int | None = None) -> DeviceReportRow:
+        _check_choice("device report kind", kind, REPORT_KINDS)
+        with self._write() as s:
+            r = _DeviceReport(device=device, kind=kind, payload_json=_dumps(payload),
+                              artifact_id=artifact_id, trial_id=trial_id, created_at=_now())
+            s.add(r)
+            s.flush()
+            return _report_row(r)
+
+    def device_reports(self, device: str | None = None, kind: str | None = None,
+                       artifact_id: int | None = None) -> list[DeviceReportRow]:
+        q = select(_DeviceReport).order_by(_DeviceReport.id)
+        if device is not None:
+            q = q.where(_DeviceReport.device == device)
+        if kind is not None:
+            _check_choice("device report kind", kind, REPORT_KINDS)
+            q = q.where(_DeviceReport.kind == kind)
+        if artifact_id is not None:
+            q = q.where(_DeviceReport.artifact_id == artifact_id)
+        with self._read() as s:
+            return [_report_row(r) for r in s.scalars(q)]
+
+    # --------------------------------------------------------------- calibrated models
+
+    @staticmethod
+    def _scope(q: Any, device: str | None, study_id: int | None) -> Any:
+        # A model's scope is exact: device None means "the device-independent model".
+        q = q.where(_ModelVersion.device.is_(None) if device is None
+                    else _ModelVersion.device == device)
+        return q.where(_ModelVersion.study_id.is_(None) if study_id is None
+                       else _ModelVersion.study_id == study_id)
+
+    def add_model_version(self, kind: str, params: dict[str, Any], metrics: dict[str, Any],
+                          device: str | None = None,
+                          study_id: int | None = None) -> ModelVersionRow:
+        """Store a new fit; its version is one past the latest of the same (kind, device, study)."""
+        _check_choice("model kind", kind, MODEL_KINDS)
+        with self._write() as s:
+            q = self._scope(select(func.max(_ModelVersion.version))
+                            .where(_ModelVersion.kind == kind), device, study_id)
+            top = s.scalar(q)
+            m = _ModelVersion(kind=kind, device=device, study_id=study_id,
+                              version=1 if top is None else top + 1,
+                              params_json=_dumps(params), metrics_json=_dumps(metrics),
+                              created_at=_now())
+            s.add(m)
+            s.flush()
+            return _model_row(m)
+
+    def model_versions(self, kind: str | None = None) -> list[ModelVersionRow]:
+        q = select(_ModelVersion).order_by(_ModelVersion.id)
+        if kind is not None:
+            _check_choice("model kind", kind, MODEL_KINDS)
+            q = q.where(_ModelVersion.kind == kind)
+        with self._read() as s:
+            return [_model_row(m) for m in s.scalars(q)]
+
+    def latest_model_version(self, kind: str, device: str | None = None,
+                             study_id: int | None = None) -> ModelVersionRow | None:
+        _check_choice("model kind", kind, MODEL_KINDS)
+        q = self._scope(select(_ModelVersion).where(_ModelVersion.kind == kind), device, study_id)
+        q = q.order_by(_ModelVersion.version.desc()).limit(1)
+        with self._read() as s:
+            m = s.scalar(q)
+            return None if m is None else _model_row(m)
