@@ -1,0 +1,1 @@
+"""Gymnasium environments on pybullet. Imported only through gymnasium entry-point strings."""

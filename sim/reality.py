@@ -1,0 +1,102 @@
+"""Reality profiles: named, fixed parameter sets that play the physical robot in tests and demos.
+
+THESE ARE SIMULATED STAND-INS, NOT MEASUREMENTS OF REAL ROBOTS. Each profile is a sim env with
+dynamics the search never sees (masses, friction, damping, motor gain), sensor noise, whole-step
+action delay and sub-period actuation latency, so that a deployed policy meets a gap on a machine
+with no robot. The figures are data in `sim/reality_profiles.toml`, not code.
+
+Leans on the standard library's tomllib (Python 3.11+, like the rest of the host side) and on
+`sim.randomization` with degenerate (x, x) ranges: a profile is a randomisation that always
+draws the same values, so its noise comes from the env's seeded RNG and a profile is the same
+every time it is built and reset with the same seed.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+import gymnasium
+
+from sim.dynamics import Dynamics
+from sim.errors import SimError
+from sim.registry import check_env_id, make
+
+
+@dataclass(frozen=True)
+class RealityProfile:
+    name: str
+    description: str
+    env_id: str
+    mass_scale: float
+    friction_scale: float
+    damping: float
+    motor_gain: float
+    obs_noise_std: float
+    action_delay: int
+    actuation_latency_s: float
+
+    @property
+    def dynamics(self) -> Dynamics:
+        return Dynamics(self.mass_scale, self.friction_scale, self.damping, self.motor_gain)
+
+    def randomization(self) -> dict[str, Any]:
+        """The profile as a degenerate randomisation config (every range is a single value)."""
+        d = self.dynamics
+        return {
+            "mass_scale": (d.mass_scale, d.mass_scale),
+            "friction_scale": (d.friction_scale, d.friction_scale),
+            "damping": (d.damping, d.damping),
+            "motor_gain": (d.motor_gain, d.motor_gain),
+            "obs_noise_std": (self.obs_noise_std, self.obs_noise_std),
+            "action_delay": (self.action_delay, self.action_delay),
+        }
+
+
+@lru_cache(maxsize=1)
+def _load() -> dict[str, RealityProfile]:
+    text = resources.files("sim").joinpath("reality_profiles.toml").read_text(encoding="utf-8")
+    table = tomllib.loads(text)
+    expected = {f.name for f in fields(RealityProfile)} - {"name"}
+    profiles = {}
+    for name, entry in table.items():
+        missing, unknown = expected - set(entry), set(entry) - expected
+        if missing or unknown:
+            raise SimError(
+                f"reality profile {name!r} in reality_profiles.toml: missing {sorted(missing)}, "
+                f"unknown {sorted(unknown)}; expected keys {sorted(expected)}"
+            )
+        check_env_id(entry["env_id"])
+        profile = RealityProfile(name=name, **entry)
+        profile.dynamics  # noqa: B018  (validates the values)
+        profiles[name] = profile
+    return profiles
+
+
+def list_profiles() -> list[str]:
+    """Names of the reality profiles, sorted."""
+    return sorted(_load())
+
+
+def get_profile(name: str) -> RealityProfile:
+    profiles = _load()
+    if name not in profiles:
+        raise SimError(f"unknown reality profile {name!r}; valid profiles: {', '.join(sorted(profiles))}")
+    return profiles[name]
+
+
+def make_reality(name: str, **kwargs: Any) -> gymnasium.Env:
+    """Build the env of profile `name` with its hidden dynamics, noise, delay and latency.
+
+    kwargs go to `gymnasium.make` (render_mode, control_hz, ...); `randomization` is not allowed,
+    the profile is the randomisation.
+    """
+    profile = get_profile(name)
+    if "randomization" in kwargs:
+        raise SimError("make_reality does not take randomization=; a reality profile fixes every parameter")
+    env = make(profile.env_id, randomization=profile.randomization(), **kwargs)
+    env.unwrapped.actuation_latency_s = profile.actuation_latency_s
+    return env
