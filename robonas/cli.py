@@ -27,7 +27,8 @@ app.add_typer(bench_app, name="bench")
 def _console():
     from rich.console import Console
 
-    return Console()
+    # Tables are wide; when piped (no terminal to measure) do not squeeze them into 80 columns.
+    return Console() if sys.stdout.isatty() else Console(width=160)
 
 
 def _check_env_ids(ids: list[str]) -> None:

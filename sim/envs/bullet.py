@@ -29,7 +29,9 @@ from collections import defaultdict
 from typing import Any
 
 import numpy as np
-import pybullet
+
+# Before anything else loads pybullet, so that its banner is silenced.
+from sim.envs._quiet_bullet import direct_client, pybullet  # isort: skip
 from pybullet_envs_gymnasium.env_bases import MJCFBaseBulletEnv
 from pybullet_envs_gymnasium.gym_locomotion_envs import WalkerBaseBulletEnv
 from pybullet_envs_gymnasium.gym_manipulator_envs import ReacherBulletEnv
@@ -37,7 +39,6 @@ from pybullet_envs_gymnasium.robot_locomotors import HalfCheetah, Hopper
 from pybullet_envs_gymnasium.robot_manipulators import Reacher
 from pybullet_envs_gymnasium.scene_abstract import SingleRobotEmptyScene
 from pybullet_envs_gymnasium.scene_stadium import SinglePlayerStadiumScene
-from pybullet_utils import bullet_client
 
 from sim.envs.base import SubstepControl, bounded_box, check_render_mode
 
@@ -168,7 +169,7 @@ class _BulletTask(SubstepControl):
         if self.physicsClientId < 0:
             # Our own DIRECT client: upstream's default first tries shared memory, which would
             # attach to any GUI server running on the machine.
-            self._p = bullet_client.BulletClient(connection_mode=pybullet.DIRECT)
+            self._p = direct_client()
             self._p.resetSimulation()
             self._p.setPhysicsEngineParameter(deterministicOverlappingPairs=1)
             self.physicsClientId = self._p._client

@@ -24,9 +24,10 @@ from typing import Any
 
 import gymnasium
 import numpy as np
-import pybullet
+
+# Before anything else loads pybullet, so that its banner is silenced.
+from sim.envs._quiet_bullet import direct_client, pybullet  # isort: skip
 import pybullet_data
-from pybullet_utils import bullet_client
 
 from sim.envs.base import SubstepControl, bounded_box, check_render_mode
 
@@ -65,7 +66,7 @@ class CartPoleEnv(SubstepControl, gymnasium.Env):
         self.observation_space = bounded_box(self._obs_high)
 
         # One physics client per env instance, so many envs can live in one process.
-        self._p = bullet_client.BulletClient(connection_mode=pybullet.DIRECT)
+        self._p = direct_client()
         self._build_world()
         self._nominal = {link: self._p.getDynamicsInfo(self._body, link) for link in (CART_LINK, POLE_LINK)}
 
