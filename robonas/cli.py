@@ -73,6 +73,21 @@ def bench_env(
     _console().print(table)
 
 
+@bench_app.command("model")
+def bench_model(
+    file: str = typer.Argument(..., help="A .tflite policy."),
+    runs: int = typer.Option(1000, "--runs", help="Measured steps."),
+    warmup: int = typer.Option(50, "--warmup", help="Unmeasured first steps."),
+    threads: int = typer.Option(1, "--threads", help="Interpreter threads."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Time a TFLite policy on this machine: the same code as `robonas-agent bench`."""
+    from device_agents.cli import main as agent_main
+
+    argv = ["bench", file, "--runs", str(runs), "--warmup", str(warmup), "--threads", str(threads)]
+    raise typer.Exit(agent_main(argv + (["--json"] if as_json else [])))
+
+
 _STORE_HELP = "Store URL (default: $ROBONAS_STORE or sqlite:///runs/robonas.db)."
 
 

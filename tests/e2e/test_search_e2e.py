@@ -1,0 +1,179 @@
+"""A real search through the CLI, in real processes: store contents, ranking, resume, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from robonas.store import Store
+
+REPO = Path(__file__).resolve().parents[2]
+CARTPOLE = (REPO / "launch" / "cartpole.toml").read_text()
+
+pytestmark = pytest.mark.e2e
+
+
+def _config(tmp_path: Path, **replace: str) -> Path:
+    text = CARTPOLE
+    for old, new in replace.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    p = tmp_path / "cartpole.toml"
+    p.write_text(text)
+    return p
+
+
+def _robonas(tmp_path: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "robonas.cli", *args], cwd=tmp_path, capture_output=True,
+        text=True, timeout=timeout,
+    )
+
+
+def _store_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'runs' / 'robonas.db'}"
+
+
+def test_search_fills_store_and_top_ranks(tmp_path):
+    cfg = _config(tmp_path)
+    url = _store_url(tmp_path)
+    proc = _robonas(tmp_path, "search", str(cfg), "--trials", "3", "--steps", "3000",
+                    "--workers", "2", "--store", url, "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["complete"] == 3 and summary["failed"] == 0
+
+    top = _robonas(tmp_path, "top", "cartpole", "--json", "--store", url)
+    assert top.returncode == 0, top.stderr
+    table = json.loads(top.stdout)
+    rows = table["rows"]
+    assert [r["rank"] for r in rows] == [1, 2, 3]
+    objectives = [r["objective"] for r in rows]
+    assert objectives == sorted(objectives, reverse=True)
+    assert table["models"] == {"latency_model": "analytic-roofline@1", "gap_model": "heuristic-gap@1"}
+    assert any(r["pareto"] for r in rows)
+
+    store = Store(url)
+    study = store.get_study("cartpole")
+    for t in store.trials(study.id, status="complete"):
+        curve = store.curve(t.id)
+        assert len(curve) >= 2 and curve[-1][0] >= 3000
+        m = t.metrics
+        assert 0.0 <= m["auc"] <= 1.0
+        assert m["p99_ms"] <= 0.25  # the config's latency budget
+        assert m["predicted_real_return"] <= m["asymptotic_return"]
+        (weights,) = store.artifacts(t.id, kind="weights")
+        assert Path(weights.meta["actor"]).is_file() and Path(weights.meta["obs_norm"]).is_file()
+    # candidates over the budget were recorded as rejected, never trained
+    for t in store.trials(study.id, status="rejected"):
+        assert t.metrics["p99_ms"] > 0.25 and t.env_steps is None
+        assert not store.curve(t.id)
+
+    status = _robonas(tmp_path, "status", "cartpole", "--json", "--store", url)
+    assert json.loads(status.stdout)["counts"]["complete"] == 3
+
+
+def test_sigkill_midway_then_resume_runs_every_trial_once(tmp_path):
+    cfg = _config(tmp_path)
+    url = _store_url(tmp_path)
+    args = [sys.executable, "-m", "robonas.cli", "search", str(cfg), "--trials", "5",
+            "--steps", "3000", "--workers", "2", "--store", url, "--json"]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    db = tmp_path / "runs" / "robonas.db"
+    deadline = time.monotonic() + 300
+    killed_with_running = False
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            if not db.exists():
+                continue
+            store = Store(url)
+            try:
+                study = store.get_study("cartpole")
+            except Exception:
+                continue
+            trials = store.trials(study.id)
+            done = sum(t.status == "complete" for t in trials)
+            running = sum(t.status == "running" for t in trials)
+            if done >= 1 and running >= 1:
+                os.killpg(proc.pid, signal.SIGKILL)  # the search and its trial processes
+                killed_with_running = True
+                break
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert killed_with_running, "the search finished or stalled before it could be killed mid-way"
+
+    before = {t.seq: t for t in Store(url).trials(Store(url).get_study("cartpole").id)}
+    resumed = _robonas(tmp_path, "search", str(cfg), "--trials", "5", "--steps", "3000",
+                       "--workers", "2", "--store", url, "--json")
+    assert resumed.returncode == 0, resumed.stderr
+
+    store = Store(url)
+    trials = store.trials(store.get_study("cartpole").id)
+    trained = [t for t in trials if t.status != "rejected"]
+    assert len(trained) == 5 and all(t.status == "complete" for t in trained)
+    assert len({t.seq for t in trials}) == len(trials)  # no duplicates
+    # finished trials were kept as they were; interrupted ones reran under the same row
+    for seq, old in before.items():
+        new = next(t for t in trials if t.seq == seq)
+        assert new.id == old.id and new.arch_id == old.arch_id
+        if old.status == "complete":
+            assert new.finished_at == old.finished_at and new.attempts == old.attempts
+        if old.status == "running":
+            assert new.attempts == old.attempts + 1
+    # every trial was told to the strategy exactly once
+    tells = [t.tell_seq for t in trials]
+    assert None not in tells and len(set(tells)) == len(tells)
+
+
+def test_trials_that_raise_or_time_out_are_recorded_failed(tmp_path):
+    url = _store_url(tmp_path)
+    raising = _config(tmp_path, **{"hyperparams = {}": "hyperparams = { n_steps = 0 }"})
+    proc = _robonas(tmp_path, "search", str(raising), "--trials", "2", "--steps", "2000",
+                    "--store", url, "--study", "raises", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["failed"] == 2
+    store = Store(url)
+    failed = store.trials(store.get_study("raises").id, status="failed")
+    assert len(failed) == 2 and all("n_steps" in t.error for t in failed)
+
+    slow = _config(tmp_path, **{"trial_timeout_s = 600": "trial_timeout_s = 1.5"})
+    proc = _robonas(tmp_path, "search", str(slow), "--trials", "2", "--steps", "50000",
+                    "--store", url, "--study", "slow", "--json")
+    assert proc.returncode == 0, proc.stderr
+    failed = store.trials(store.get_study("slow").id, status="failed")
+    assert len(failed) == 2 and all("timed out" in t.error for t in failed)
+
+
+def test_resume_with_a_different_space_is_refused(tmp_path):
+    url = _store_url(tmp_path)
+    cfg = _config(tmp_path)
+    assert _robonas(tmp_path, "search", str(cfg), "--trials", "1", "--steps", "1000",
+                    "--store", url).returncode == 0
+    changed = _config(tmp_path, **{"widths = [16, 32, 64, 128]": "widths = [16, 32]"})
+    proc = _robonas(tmp_path, "search", str(changed), "--trials", "2", "--store", url)
+    assert proc.returncode == 2 and "different config" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bench_env_json_reports_ratio_to_cartpole_v1(tmp_path):
+    proc = _robonas(tmp_path, "bench", "env", "sim/CartPole-v0", "sim/Hopper-v0", "--steps", "300", "--json")
+    assert proc.returncode == 0, proc.stderr
+    results = {r["env_id"]: r for r in json.loads(proc.stdout)["results"]}
+    assert set(results) == {"CartPole-v1", "sim/CartPole-v0", "sim/Hopper-v0"}
+    ref = results["CartPole-v1"]["steps_per_s"]
+    for r in results.values():
+        assert r["steps_per_s"] > 0
+        assert r["ratio_to_reference"] == pytest.approx(r["steps_per_s"] / ref)
+    bad = _robonas(tmp_path, "bench", "env", "sim/Unicycle-v0")
+    assert bad.returncode == 2 and "sim/CartPole-v0" in bad.stderr
