@@ -99,7 +99,8 @@ class Link:
             if reply.seq == 0:
                 self._held.append(reply)
             else:
-                log.debug("dropping stale %s seq %d (waiting for %d)", reply.type.name, reply.seq, seq)
+                log.debug("dropping stale %s seq %d (waiting for %d)",
+                          reply.type.name, reply.seq, seq)
 
     def _read(self, timeout_s: float) -> Message:
         try:
@@ -156,7 +157,9 @@ def open_link(url: str, timeout_s: float = 5.0) -> Link:
     # A write must not block forever if the far end stops reading; allow a whole frame's time.
     write_timeout = timeout_s + 2.0 * wire_time_s(MAX_FRAME, baudrate)
     try:
-        stream = serial.serial_for_url(url, timeout=timeout_s, write_timeout=write_timeout, **kwargs)
+        stream = serial.serial_for_url(
+            url, timeout=timeout_s, write_timeout=write_timeout, **kwargs
+        )
     except (serial.SerialException, ValueError, OSError) as e:
         raise LinkError(f"cannot open link {url!r}: {e}") from e
     return Link(stream, timeout_s=timeout_s, baudrate=baudrate)

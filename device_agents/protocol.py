@@ -136,7 +136,9 @@ class Message:
             )
         return tuple(self.header[n] for n in names)
 
-    def reply(self, msg_type: MsgType, header: Optional[dict] = None, payload: bytes = b"") -> Message:
+    def reply(
+        self, msg_type: MsgType, header: Optional[dict] = None, payload: bytes = b""
+    ) -> Message:
         """A message answering this one (same seq)."""
         return Message(MsgType(msg_type), dict(header or {}), bytes(payload), seq=self.seq)
 

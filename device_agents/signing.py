@@ -45,15 +45,15 @@ class SigningError(DeviceError):
 class Verdict:
     """The outcome of `verify_artifact`.
 
-    `ok` only when the sha256 matches and a trusted key signed the manifest; `reason` is one of
-    ok / unsigned / bad signature / sha256 mismatch / no trusted keys / bad manifest. `sha256_ok`
-    is reported separately so an agent configured to accept unsigned models can still insist on
-    an intact one. `key_id` names the key that signed (see `key_id`).
+    `ok` only when the sha256 matches (when checked) and a trusted key signed the manifest;
+    `reason` is one of ok / unsigned / bad signature / sha256 mismatch / no trusted keys /
+    bad manifest. `sha256_ok` is reported separately (None: not checked) so an agent configured
+    to accept unsigned models can still insist on an intact one. `key_id` names the signing key.
     """
 
     ok: bool
     reason: str
-    sha256_ok: bool
+    sha256_ok: Optional[bool]
     key_id: Optional[str] = None
     detail: str = ""
 
@@ -184,6 +184,19 @@ def sign_manifest(manifest: dict, private_key: Union[Ed25519PrivateKey, PathLike
     return base64.b64encode(private_key.sign(_signed_bytes(manifest))).decode("ascii")
 
 
+def verify_manifest(
+    manifest: dict, signature: Optional[str], trusted_keys: Iterable[KeySource]
+) -> Verdict:
+    """Check only the signature over the manifest (what the agent can do at DEPLOY_BEGIN).
+
+    `sha256_ok` is None in the verdict: no model bytes were checked.
+    """
+    keys = [load_public_key(k) for k in trusted_keys]
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("sha256"), str):
+        return Verdict(False, BAD_MANIFEST, None, detail="manifest has no sha256 string")
+    return _check_signature(manifest, signature, keys, None)
+
+
 def verify_artifact(
     manifest: dict,
     signature: Optional[str],
@@ -192,34 +205,44 @@ def verify_artifact(
 ) -> Verdict:
     """Check the model against manifest["sha256"] and the signature against every trusted key.
 
-    The sha256 is checked first and reported in every verdict; the reason names the first
-    failure in the order: bad manifest, sha256 mismatch, unsigned, no trusted keys, bad signature.
-    Key-loading problems raise SigningError (a configuration fault, not a bad artifact).
+    The reason names the first failure in the order: bad manifest, sha256 mismatch, unsigned,
+    no trusted keys, bad signature. Key-loading problems raise SigningError (a configuration
+    fault, not a bad artifact).
     """
     keys = [load_public_key(k) for k in trusted_keys]
     if not isinstance(manifest, dict) or not isinstance(manifest.get("sha256"), str):
         return Verdict(False, BAD_MANIFEST, False, detail="manifest has no sha256 string")
     actual = hashlib.sha256(model_bytes).hexdigest()
     expected = manifest["sha256"].strip().lower()
-    sha256_ok = hmac.compare_digest(actual, expected)
-    if not sha256_ok:
+    if not hmac.compare_digest(actual, expected):
         return Verdict(
             False, SHA256_MISMATCH, False, detail=f"model sha256 {actual}, manifest says {expected}"
         )
+    return _check_signature(manifest, signature, keys, True)
+
+
+def _check_signature(
+    manifest: dict,
+    signature: Optional[str],
+    keys: List[Ed25519PublicKey],
+    sha256_ok: Optional[bool],
+) -> Verdict:
     if not signature:
-        return Verdict(False, UNSIGNED, True, detail="no signature was supplied")
+        return Verdict(False, UNSIGNED, sha256_ok, detail="no signature was supplied")
     if not keys:
-        return Verdict(False, NO_TRUSTED_KEYS, True, detail="the agent trusts no signing key")
+        return Verdict(False, NO_TRUSTED_KEYS, sha256_ok, detail="the agent trusts no signing key")
     try:
         raw_sig = base64.b64decode(signature, validate=True)
         signed = _signed_bytes(manifest)
     except (binascii.Error, ValueError, TypeError, SigningError) as e:
-        return Verdict(False, BAD_SIGNATURE, True, detail=f"signature unreadable: {e}")
+        return Verdict(False, BAD_SIGNATURE, sha256_ok, detail=f"signature unreadable: {e}")
     for key in keys:
         try:
             key.verify(raw_sig, signed)
         except InvalidSignature:
             continue
-        return Verdict(True, OK, True, key_id=key_id(key))
+        return Verdict(True, OK, sha256_ok, key_id=key_id(key))
     ids = ", ".join(key_id(k) for k in keys)
-    return Verdict(False, BAD_SIGNATURE, True, detail=f"no trusted key verifies it (tried {ids})")
+    return Verdict(
+        False, BAD_SIGNATURE, sha256_ok, detail=f"no trusted key verifies it (tried {ids})"
+    )

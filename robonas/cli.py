@@ -88,6 +88,40 @@ def bench_model(
     raise typer.Exit(agent_main(argv + (["--json"] if as_json else [])))
 
 
+@bench_app.command("search")
+def bench_search_cmd(
+    config: str = typer.Argument("launch/cartpole.toml", help="Search config."),
+    workers: str = typer.Option("1,2", "--workers", help="Comma-separated worker counts; the first is the baseline."),
+    trials: Optional[int] = typer.Option(None, "--trials", help="Override trained trials."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Override env steps per trial."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Wall time and aggregate env steps/s of a whole search at several worker counts."""
+    from robonas.bench_search import bench_search
+    from robonas.errors import ConfigError
+
+    try:
+        counts = [int(w) for w in workers.split(",") if w.strip()]
+    except ValueError as e:
+        raise ConfigError(f"--workers: {workers!r} is not a comma-separated list of integers") from e
+    if not counts or min(counts) < 1:
+        raise ConfigError(f"--workers: {workers!r} needs positive integers")
+    results = bench_search(config, counts, trials, steps)
+    if as_json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"search {config}")
+    for col in ("workers", "trials", "wall s", "env steps", "steps/s", "best objective", "speed-up"):
+        t.add_column(col, justify="right")
+    for r in results:
+        best = "-" if r.best_objective is None else f"{r.best_objective:.3f}"
+        t.add_row(str(r.workers), str(r.trials), f"{r.wall_s:.1f}", f"{r.env_steps:,}",
+                  f"{r.steps_per_s:,.0f}", best, f"{r.speedup:.2f}x")
+    _console().print(t)
+
+
 _STORE_HELP = "Store URL (default: $ROBONAS_STORE or sqlite:///runs/robonas.db)."
 
 

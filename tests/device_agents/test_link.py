@@ -18,6 +18,7 @@ from device_agents.protocol import (
     Message,
     MsgType,
     iter_chunks,
+    wire_time_s,
 )
 
 
@@ -82,7 +83,8 @@ def serve(link: Link, stop_after: int | None = None) -> dict:
 
 def deploy(link: Link, model: bytes, chunk_size: int = DEFAULT_CHUNK) -> None:
     digest = hashlib.sha256(model).hexdigest()
-    begin = {"manifest": {"sha256": digest}, "signature": None, "size": len(model), "sha256": digest}
+    begin = {"manifest": {"sha256": digest}, "signature": None, "size": len(model),
+             "sha256": digest}
     assert link.request(Message(MsgType.DEPLOY_BEGIN, begin)).type == MsgType.ACK
     for offset, chunk in iter_chunks(model, chunk_size):
         reply = link.request(Message(MsgType.DEPLOY_CHUNK, {"offset": offset}, chunk),
@@ -120,7 +122,9 @@ def test_request_skips_stale_replies_and_holds_unsolicited_ones():
         assert link.receive().type == MsgType.REPORT
 
 
-@pytest.mark.parametrize("url", ["ftp://x", "", "/dev/ttyUSB0?parity=Q", "/dev/ttyUSB0?baudrate=fast"])
+@pytest.mark.parametrize(
+    "url", ["ftp://x", "", "/dev/ttyUSB0?parity=Q", "/dev/ttyUSB0?baudrate=fast"]
+)
 def test_bad_urls_name_the_problem(url):
     with pytest.raises(LinkError):
         open_link(url)
@@ -184,5 +188,6 @@ def test_pty_pair_chunked_transfer_of_100_kB():
     agent_link.close()
     assert bytes(result["model"]) == model
     # a pty does not pace bytes at the baud rate, so this measures the stack, not the wire
-    print(f"pty: 100 kB in {elapsed * 1000:.0f} ms ({len(model) / elapsed / 1e3:.0f} kB/s)")
+    print(f"pty: 100 kB in {elapsed * 1000:.0f} ms ({len(model) / elapsed / 1e3:.0f} kB/s); "
+          f"a real 115200-baud line needs {wire_time_s(len(model), 115200):.1f} s")
     assert elapsed < 10.0

@@ -226,7 +226,9 @@ def test_fuzz_random_bytes_flipped_bits_truncations_only_protocol_errors():
             data = f[: rng.randrange(0, len(f))]
         else:  # random fields with a valid prefix CRC, including absurd lengths and types
             data = _raw_frame(
-                version=rng.randrange(256), mtype=rng.randrange(256), flags=rng.randrange(65536),
+                version=rng.choice([VERSION, rng.randrange(256)]),
+                mtype=rng.choice([rng.choice(list(MsgType)), rng.randrange(256)]),
+                flags=rng.randrange(65536),
                 head=rng.choice([b"{}", b"{", b'{"a":[1,2]}', rng.randbytes(8)]),
                 payload=rng.randbytes(rng.randrange(0, 50)),
                 hlen=rng.choice([None, rng.randrange(65536)]),
