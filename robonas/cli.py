@@ -124,6 +124,55 @@ def bench_search_cmd(
 
 _STORE_HELP = "Store URL (default: $ROBONAS_STORE or sqlite:///runs/robonas.db)."
 
+keys_app = typer.Typer(help="Ed25519 keys that sign artifacts (robots trust the public key).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("generate")
+def keys_generate(
+    out: str = typer.Option(..., "--out", help="Directory for the key pair."),
+    name: str = typer.Option("robonas", "--name", help="File name stem of the pair."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing pair."),
+) -> None:
+    """Make an Ed25519 key pair: NAME.key (private, mode 0600) and NAME.pub (give it to robots)."""
+    from device_agents.signing import generate_keypair, key_id, load_public_key
+
+    private, public = generate_keypair(out, name=name, overwrite=overwrite)
+    _console().print(f"private key {private}\npublic key  {public} (key id {key_id(load_public_key(public))})")
+
+
+@app.command()
+def export(
+    study: str = typer.Argument(..., help="Study name."),
+    best: bool = typer.Option(False, "--best", help="Export the best-ranked complete trial."),
+    trial: Optional[int] = typer.Option(None, "--trial", help="Export this trial id."),
+    fp32: bool = typer.Option(False, "--fp32", help="Float32 model instead of full int8."),
+    key: Optional[str] = typer.Option(None, "--key", help="Private key to sign with (default: $ROBONAS_SIGNING_KEY)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Artifact directory (default: under the run directory)."),
+    store: Optional[str] = typer.Option(None, "--store", help=_STORE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Compile a trained trial to a TFLite artifact (int8 by default) with a parity check.
+
+    The artifact is policy.tflite + manifest.json (+ manifest.sig when signed). The export is
+    refused, with the figures, when the TFLite model loses more return in simulation than the
+    config's [export].max_return_drop allows.
+    """
+    import os
+
+    from robonas.errors import ConfigError
+    from robonas.export import export_trial
+
+    if best == (trial is not None):
+        raise ConfigError("export: give exactly one of --best or --trial ID")
+    key = key or os.environ.get("ROBONAS_SIGNING_KEY")
+    result = export_trial(_open_store(store), study, trial, fp32=fp32, key_path=key, out_dir=out)
+    if as_json:
+        print(json.dumps(result.manifest, indent=2, sort_keys=True))
+    else:
+        print(result.path)
+
+
 
 def _open_store(url: Optional[str]):
     from robonas.store import Store
@@ -248,6 +297,19 @@ def top(
             row["status"],
         )
     _console().print(t)
+
+
+
+@app.command()
+def report(
+    study: str = typer.Argument(..., help="Study name."),
+    out: str = typer.Option(..., "--out", help="Output HTML file (self-contained, images inline)."),
+    store: Optional[str] = typer.Option(None, "--store", help=_STORE_HELP),
+) -> None:
+    """Write an HTML report: learning curves, Pareto front, latency and gap models, deployments."""
+    from robonas.report import write_report
+
+    print(write_report(_open_store(store), study, out))
 
 
 def main(argv: list[str] | None = None) -> None:

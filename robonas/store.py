@@ -571,6 +571,13 @@ class Store:
                 t.metrics_json = _dumps(metrics)
             self._touch(s, t.study_id)
 
+    def update_trial_metrics(self, trial_id: int, metrics: dict[str, Any]) -> None:
+        """Replace a finished trial's metrics (re-scoring after a model recalibration)."""
+        with self._write() as s:
+            t = self._trial(s, trial_id)
+            t.metrics_json = _dumps(metrics)
+            self._touch(s, t.study_id)
+
     def record_tell(self, trial_id: int, tell_seq: int) -> None:
         with self._write() as s:
             t = self._trial(s, trial_id)
