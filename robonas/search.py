@@ -222,6 +222,11 @@ class Search:
                 lo = float(random_returns(probe).mean())
             resolved["return_lo"] = lo
             resolved["return_hi"] = self.cfg.env.return_target
+            # what re-scoring needs later without building the env again
+            resolved["control_hz"] = self.plan.env.control_hz
+            resolved["obs_dim"] = self.plan.env.obs_dim
+            resolved["act_dim"] = self.plan.env.act_dim
+            resolved["discrete"] = self.plan.env.discrete
             if not resolved["return_hi"] > lo:
                 raise ConfigError(
                     f"env.return_target: {self.cfg.env.return_target} is not above the floor {lo:.3g} "

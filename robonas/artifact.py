@@ -1,0 +1,192 @@
+"""A deployable artifact on disk: `policy.tflite` + `manifest.json` + `manifest.sig` (optional).
+
+Leans on `device_agents.signing` for canonical JSON, Ed25519 signatures and the verdict (the
+robot runs the same code, so host and agent agree byte for byte) and on
+`device_agents.runtime` for the TFLite file check and the tensors' dtypes and quantisation.
+
+Layout, chosen to be the simplest thing to verify:
+- `manifest.json` is written as exactly the canonical JSON that gets signed, so its bytes are the
+  signed bytes; it carries the model's sha256, so one signature covers the model as well;
+- `manifest.sig` is the detached base64 signature; an unsigned artifact simply has none (and
+  `verify` reports it as unsigned, never as good).
+Every file is written atomically (temp file in the same directory, fsync, os.replace).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from robonas.errors import RobonasError
+
+FORMAT_VERSION = 1
+MODEL_FILE, MANIFEST_FILE, SIGNATURE_FILE = "policy.tflite", "manifest.json", "manifest.sig"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _tensor(spec) -> dict[str, Any]:
+    scale, zero_point = spec.scale, spec.zero_point
+    return {"dtype": spec.dtype.name, "shape": list(spec.shape),
+            "scale": float(scale), "zero_point": int(zero_point)}
+
+
+def build_manifest(*, model: bytes, study: str, trial: int, arch, spaces: dict[str, Any],
+                   frame_mean: np.ndarray, control_hz: float | None, parity: dict[str, Any],
+                   precision: str) -> dict[str, Any]:
+    """The manifest of `model`; tensor dtypes and quantisation are read from the model itself."""
+    import robonas
+    from device_agents.errors import DeviceError
+    from device_agents.runtime import TFLitePolicy, runtime_name
+
+    try:
+        policy = TFLitePolicy(model)  # also refuses bytes that are not a TFLite model
+    except DeviceError as e:
+        raise RobonasError(f"cannot describe the model: {e}") from e
+    obs = spaces["observation"]
+    action = dict(spaces["action"])
+    action["output"] = "index" if action.get("discrete") else "value"
+    return {
+        "format_version": FORMAT_VERSION,
+        "robonas_version": robonas.__version__,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "study": study,
+        "trial": int(trial),
+        "arch_id": arch.arch_id,
+        "arch": arch.to_dict(),
+        "env_id": spaces.get("env_id"),
+        "control_hz": control_hz,
+        "history": arch.history,
+        "observation": {
+            "frame_shape": list(obs["shape"]), "low": obs["low"], "high": obs["high"],
+            "input_shape": [1, arch.input_dim],
+            "history": arch.history, "history_order": "oldest_first",
+            # raw values to fill the history with after a reset (normalise to SB3's zeros)
+            "history_pad": [float(v) for v in np.asarray(frame_mean, np.float64).ravel()],
+            "normalisation": "folded into the model",
+        },
+        "action": action,
+        "precision": precision,
+        "input": _tensor(policy.input),
+        "output": _tensor(policy.output),
+        "checked_with": runtime_name(),
+        "parity": parity,
+        "sha256": hashlib.sha256(model).hexdigest(),
+        "model_size": len(model),
+        "model_file": MODEL_FILE,
+    }
+
+
+def write_artifact(directory: str | Path, model_bytes: bytes, manifest: dict[str, Any],
+                   private_key=None) -> Path:
+    """Write the model, the manifest and (with `private_key`, an Ed25519 key or a key path) the
+    detached signature. A stale `manifest.sig` from an earlier export is removed when unsigned."""
+    from device_agents.signing import SigningError, canonical_json, sign_manifest
+
+    if manifest.get("sha256") != hashlib.sha256(model_bytes).hexdigest():
+        raise RobonasError("manifest sha256 does not match the model bytes; rebuild the manifest")
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    try:
+        manifest_bytes = canonical_json(manifest)
+        signature = None if private_key is None else sign_manifest(manifest, private_key)
+    except SigningError as e:
+        raise RobonasError(f"cannot sign the manifest: {e}") from e
+    _atomic_write(d / MODEL_FILE, bytes(model_bytes))
+    _atomic_write(d / MANIFEST_FILE, manifest_bytes)
+    if signature is None:
+        (d / SIGNATURE_FILE).unlink(missing_ok=True)
+    else:
+        _atomic_write(d / SIGNATURE_FILE, signature.encode("ascii") + b"\n")
+    # the renames themselves must survive a crash: fsync the directory entry
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return d
+
+
+def _read_raw(directory: str | Path) -> tuple[Path, bytes, bytes, str | None]:
+    d = Path(directory)
+    if not d.is_dir():
+        raise RobonasError(f"artifact {d}: not a directory")
+    for name in (MODEL_FILE, MANIFEST_FILE):
+        if not (d / name).is_file():
+            raise RobonasError(f"artifact {d}: {name} is missing (expected {MODEL_FILE}, "
+                               f"{MANIFEST_FILE} and optionally {SIGNATURE_FILE})")
+    sig_path = d / SIGNATURE_FILE
+    signature = sig_path.read_text().strip() if sig_path.is_file() else None
+    return d, (d / MANIFEST_FILE).read_bytes(), (d / MODEL_FILE).read_bytes(), signature or None
+
+
+def _parse_manifest(d: Path, raw: bytes) -> dict[str, Any]:
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RobonasError(f"artifact {d}: {MANIFEST_FILE} is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("sha256"), str):
+        raise RobonasError(f"artifact {d}: {MANIFEST_FILE} has no sha256 string")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise RobonasError(f"artifact {d}: format_version {manifest.get('format_version')!r}, "
+                           f"this robonas reads {FORMAT_VERSION}")
+    return manifest
+
+
+def load_artifact(directory: str | Path) -> tuple[dict[str, Any], bytes, str | None]:
+    """(manifest, model bytes, signature or None), after checking the manifest, that the model is
+    a complete TFLite flatbuffer and that its sha256 is the manifest's. Does not check the
+    signature (see `verify`)."""
+    from device_agents.errors import DeviceError
+    from device_agents.runtime import check_tflite
+
+    d, raw_manifest, model, signature = _read_raw(directory)
+    manifest = _parse_manifest(d, raw_manifest)
+    try:
+        check_tflite(model, str(d / MODEL_FILE))
+    except DeviceError as e:
+        raise RobonasError(f"artifact {d}: {e}") from e
+    actual = hashlib.sha256(model).hexdigest()
+    if actual != manifest["sha256"]:
+        raise RobonasError(f"artifact {d}: {MODEL_FILE} has sha256 {actual}, the manifest says "
+                           f"{manifest['sha256']}")
+    return manifest, model, signature
+
+
+def verify(directory: str | Path, trusted_public_keys: Iterable[Any]):
+    """The agent's verdict on this artifact (`device_agents.signing.Verdict`): ok only when the
+    model matches the manifest's sha256 and a trusted key signed the manifest; an unsigned
+    artifact gets reason "unsigned". Missing files raise RobonasError (not an artifact at all)."""
+    from device_agents.signing import BAD_MANIFEST, SigningError, Verdict, verify_artifact
+
+    d, raw_manifest, model, signature = _read_raw(directory)
+    try:
+        manifest = _parse_manifest(d, raw_manifest)
+    except RobonasError as e:
+        return Verdict(False, BAD_MANIFEST, False, detail=str(e))
+    try:
+        return verify_artifact(manifest, signature, model, list(trusted_public_keys))
+    except SigningError as e:
+        raise RobonasError(f"trusted keys: {e}") from e
+
+
+__all__ = ["FORMAT_VERSION", "MANIFEST_FILE", "MODEL_FILE", "SIGNATURE_FILE", "build_manifest",
+           "load_artifact", "verify", "write_artifact"]

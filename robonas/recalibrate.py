@@ -1,0 +1,209 @@
+"""Closing the loop: turn robot reports into calibrated models and re-rank a study with them.
+
+- `gap_observations`: every (trial, robot) pair with real returns in the store becomes a
+  `GapObservation`: the trial's simulation features against the mean real return.
+- `calibrate_gap`: fits `BayesianGapModel` on them and stores a new version for the study.
+- `rescore_study`: recomputes every complete trial's score with the newest latency model of the
+  study's device and the newest gap model of the study (falling back to the analytic and
+  heuristic priors), stores the new metrics and returns how the ranking moved. Each trial's
+  metrics name the model versions that scored it, so `robonas top` can say what ranked it.
+
+The maths lives in `latency_calibration` and `gap_calibration`; this module only joins store
+rows to them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from robonas.errors import RobonasError
+from robonas.gap_calibration import (
+    FEATURES,
+    MIN_OBSERVATIONS,
+    BayesianGapModel,
+    GapObservation,
+    load_gap_model,
+    save_gap_model,
+)
+from robonas.gap_model import GapFeatures, HeuristicGapModel
+from robonas.latency_calibration import load_latency_model
+from robonas.latency_model import AnalyticLatencyModel
+from robonas.ranking import ScoringContext, score
+from robonas.scoring import ObjectiveWeights
+from robonas.space import PolicyArch
+from robonas.store import Store, StudyRow
+
+REAL_REPORT_KINDS = ("run", "canary")
+
+
+def _resolved(study: StudyRow) -> dict[str, Any]:
+    resolved = dict(study.config.get("resolved") or {})
+    if "control_hz" not in resolved:
+        from robonas.search import EnvInfo
+
+        env = (study.config.get("search") or {})["env"]
+        info = EnvInfo.probe(env["id"], env.get("kwargs") or {})
+        resolved["control_hz"] = info.control_hz
+    return resolved
+
+
+def scoring_context(store: Store, study: StudyRow, use_calibrated: bool = True) -> ScoringContext:
+    """The context a study is scored in now: its device, the newest models, its weights."""
+    from robonas.devices import load_device
+
+    search = study.config.get("search") or {}
+    resolved = _resolved(study)
+    device = load_device(search["device"]["profile"])
+    latency_model = load_latency_model(store, device.name) if use_calibrated else None
+    gap_model = load_gap_model(store, study.id) if use_calibrated else None
+    objective = search.get("objective") or {}
+    return ScoringContext(
+        device=device,
+        latency_model=latency_model or AnalyticLatencyModel(),
+        gap_model=gap_model or HeuristicGapModel(**(search.get("gap") or {})),
+        weights=ObjectiveWeights(auc=objective.get("auc", 0.5), real_return=objective.get("real_return", 0.5)),
+        control_hz=float(resolved["control_hz"]),
+        return_lo=float(resolved["return_lo"]),
+        return_hi=float(resolved["return_hi"]),
+        lcb_z=float(objective.get("lcb_z", 1.0)),
+    )
+
+
+def _features(arch: PolicyArch, metrics: dict[str, Any], ctx: ScoringContext) -> GapFeatures:
+    p99 = ctx.latency_model.predict(arch, ctx.device).p99_ms
+    asym = float(metrics["asymptotic_return"])
+    robust = metrics.get("robustness_return")
+    return GapFeatures(
+        asymptotic_return=asym,
+        robustness_return=asym if robust is None else float(robust),
+        p99_ms=p99,
+        control_period_ms=1000.0 / ctx.control_hz,
+        params=int(metrics["params"]),
+        return_lo=ctx.return_lo,
+        return_hi=ctx.return_hi,
+    )
+
+
+@dataclass(frozen=True)
+class RealResult:
+    trial_id: int
+    device: str
+    returns: list[float]
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.returns))
+
+
+def real_results(store: Store, study: StudyRow) -> list[RealResult]:
+    """Real returns per (trial, robot), pooled over that robot's run and canary reports."""
+    trial_ids = {t.id for t in store.trials(study.id, status="complete")}
+    pooled: dict[tuple[int, str], list[float]] = {}
+    for kind in REAL_REPORT_KINDS:
+        for r in store.device_reports(kind=kind):
+            returns = r.payload.get("returns") or []
+            if r.trial_id in trial_ids and returns:
+                pooled.setdefault((r.trial_id, r.device), []).extend(float(x) for x in returns)
+    return [RealResult(t, d, v) for (t, d), v in sorted(pooled.items())]
+
+
+def gap_observations(store: Store, study: StudyRow, ctx: ScoringContext) -> list[tuple[RealResult, GapObservation]]:
+    trials = {t.id: t for t in store.trials(study.id, status="complete")}
+    out = []
+    for rr in real_results(store, study):
+        t = trials[rr.trial_id]
+        features = _features(PolicyArch.from_json(t.arch_json), t.metrics, ctx)
+        out.append((rr, GapObservation(features, rr.mean)))
+    return out
+
+
+def calibrate_gap(store: Store, study_name: str) -> tuple[BayesianGapModel, int, dict[str, Any]]:
+    """Fit the gap model from every stored (trial, real report) pair; store a new version."""
+    study = store.get_study(study_name)
+    ctx = scoring_context(store, study)
+    pairs = gap_observations(store, study, ctx)
+    if len(pairs) < MIN_OBSERVATIONS:
+        raise RobonasError(
+            f"calibrate gap: study {study_name!r} has real reports for {len(pairs)} (trial, robot) "
+            f"pair(s); at least {MIN_OBSERVATIONS} are needed (deploy and run more candidates)"
+        )
+    prior = ctx.gap_model if isinstance(ctx.gap_model, HeuristicGapModel) else HeuristicGapModel(
+        **((study.config.get("search") or {}).get("gap") or {}))
+    model = BayesianGapModel.from_heuristic(prior).fit([obs for _, obs in pairs])
+    points, errors = [], []
+    for rr, obs in pairs:
+        pred = model.predict(obs.features)
+        mean = obs.features.asymptotic_return - pred.mean_gap
+        points.append({
+            "trial_id": rr.trial_id, "device": rr.device, "real": rr.mean, "predicted": mean,
+            "lo": mean - 2 * pred.std_gap, "hi": mean + 2 * pred.std_gap, "episodes": len(rr.returns),
+        })
+        errors.append(abs(mean - rr.mean))
+    metrics = {
+        "n": len(pairs),
+        "mae": float(np.mean(errors)),
+        "mae_share_of_range": float(np.mean(errors)) / (ctx.return_hi - ctx.return_lo),
+        "points": points,
+        "coefficients": {name: model.coefficient(name) for name in FEATURES},
+    }
+    version = save_gap_model(store, study.id, model, metrics)
+    return model, version, metrics
+
+
+@dataclass(frozen=True)
+class RankChange:
+    trial_id: int
+    arch: str
+    rank_before: int
+    rank_after: int
+    objective_before: float
+    objective_after: float
+    predicted_real_before: float
+    predicted_real_after: float
+    p99_before: float
+    p99_after: float
+    measured_real: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def rescore_study(store: Store, study_name: str) -> tuple[list[RankChange], dict[str, str]]:
+    """Re-score every complete trial with the newest models; returns rank changes, best first."""
+    study = store.get_study(study_name)
+    ctx = scoring_context(store, study)
+    key = "objective_lcb" if ((study.config.get("search") or {}).get("objective") or {}).get("ranking") == "lcb" else "objective"
+    trials = [t for t in store.trials(study.id, status="complete") if t.metrics and t.metrics.get(key) is not None]
+    before = sorted(trials, key=lambda t: (-t.metrics[key], t.seq))
+    rank_before = {t.id: i + 1 for i, t in enumerate(before)}
+    real = {}
+    for rr in real_results(store, study):
+        real.setdefault(rr.trial_id, []).extend(rr.returns)
+    new_metrics = {}
+    for t in trials:
+        arch = PolicyArch.from_json(t.arch_json)
+        sim_figures = {k: v for k, v in t.metrics.items()}
+        m = score(arch, sim_figures, ctx)
+        new_metrics[t.id] = m
+        store.update_trial_metrics(t.id, m)
+    after = sorted(trials, key=lambda t: (-new_metrics[t.id][key], t.seq))
+    changes = []
+    for i, t in enumerate(after):
+        m0, m1 = t.metrics, new_metrics[t.id]
+        changes.append(RankChange(
+            trial_id=t.id, arch=PolicyArch.from_json(t.arch_json).describe(),
+            rank_before=rank_before[t.id], rank_after=i + 1,
+            objective_before=m0[key], objective_after=m1[key],
+            predicted_real_before=m0["predicted_real_return"], predicted_real_after=m1["predicted_real_return"],
+            p99_before=m0["p99_ms"], p99_after=m1["p99_ms"],
+            measured_real=float(np.mean(real[t.id])) if t.id in real else None,
+        ))
+    return changes, ctx.model_versions()
+
+
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
