@@ -24,6 +24,17 @@ bench_app = typer.Typer(help="Benchmarks: environments and TFLite models.", no_a
 app.add_typer(bench_app, name="bench")
 
 
+def _mount_fleet() -> None:
+    # cli_fleet imports only typer at module level; the work happens inside its commands.
+    from robonas.cli_fleet import deploy_command, fleet_app
+
+    app.command("deploy")(deploy_command)
+    app.add_typer(fleet_app, name="fleet")
+
+
+_mount_fleet()
+
+
 def _console():
     from rich.console import Console
 

@@ -1,0 +1,337 @@
+"""One host-side session with one robot agent over one link: hello, status, ping, deploy, run,
+bench, rollback.
+
+Leans on `device_agents.link` (pyserial's `serial_for_url` for serial ports, TCP, rfc2217 and
+`loop://`) and `device_agents.protocol` (the frame codec the agent runs too), and on
+`robonas.artifact.load_artifact` for reading an artifact directory. Nothing about framing is
+done here; this module only sequences the messages of PROTOCOL.md and sizes timeouts.
+
+Timeouts: every request waits the link's base timeout plus twice the wire time of the frames on
+a serial line (`Link.frame_timeout_s`), so a 16 KiB chunk at 115200 baud gets ~2.8 s more than
+over TCP. Requests that make the agent run episodes (the canary at DEPLOY_END, RUN) also get
+`episode_timeout_s` per episode, and BENCH gets `bench_timeout_s` per thousand runs.
+
+Failures come in two kinds, because a rollout treats them differently:
+- `LinkFailure` (a `FleetError`): the link could not be opened, dropped, timed out or carried
+  garbage. Nothing is known about the far end's state; the operation may be retried.
+- a refusal: the agent answered NACK or ERROR. `deploy` returns it as a `DeployResult` with
+  `ok=False` and the agent's reason; the other calls raise `AgentRefused` (a `FleetError`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from device_agents.errors import DeviceError
+from device_agents.protocol import DEFAULT_CHUNK, MAX_PAYLOAD, PREFIX_SIZE, Message, MsgType
+from robonas.errors import ConfigError, RobonasError
+
+PROTOCOL_VERSION = 1
+DEFAULT_EPISODE_TIMEOUT_S = 60.0  # one canary/run episode; a 1000-step episode at 20 Hz is 50 s
+DEFAULT_BENCH_TIMEOUT_S = 10.0  # per thousand BENCH runs, beyond the base timeout
+_HEADER_ALLOWANCE = 512  # bytes of JSON header that travel with a chunk and its ACK
+_MAX_RESYNCS = 3  # NACK "offset" with next_offset: resume from there at most this often
+
+Progress = Callable[[int, int], None]
+
+
+class FleetError(RobonasError):
+    """A robot could not do what the host asked; the message names the agent and the step."""
+
+    def __init__(self, message: str, agent: str = "", operation: str = ""):
+        super().__init__(message)
+        self.agent = agent
+        self.operation = operation
+
+
+class LinkFailure(FleetError):
+    """The link to the agent failed (open, write, read, timeout, garbled frames): retryable."""
+
+
+class AgentRefused(FleetError):
+    """The agent answered NACK or ERROR; `reason` is its reason code, `header` the whole reply."""
+
+    def __init__(self, message: str, agent: str, operation: str, reason: str, header: dict):
+        super().__init__(message, agent, operation)
+        self.reason = reason
+        self.header = header
+
+
+@dataclass(frozen=True)
+class Canary:
+    """What the agent must see in its canary episodes before it switches to a new model."""
+
+    episodes: int = 3
+    seed: int = 0
+    min_return: Optional[float] = None
+    max_miss_rate: Optional[float] = None
+    max_steps: Optional[int] = None  # cap on each canary episode's length (None: until done)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.episodes, bool) or not isinstance(self.episodes, int) or self.episodes < 1:
+            raise ConfigError(f"canary episodes: {self.episodes!r} must be an integer >= 1")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"canary seed: {self.seed!r} must be an integer >= 0")
+        if self.max_miss_rate is not None and not 0.0 <= self.max_miss_rate <= 1.0:
+            raise ConfigError(f"canary max_miss_rate: {self.max_miss_rate!r} must lie in [0, 1]")
+        if self.max_steps is not None and (isinstance(self.max_steps, bool)
+                                           or not isinstance(self.max_steps, int)
+                                           or self.max_steps < 1):
+            raise ConfigError(f"canary max_steps: {self.max_steps!r} must be an integer >= 1")
+
+    def thresholds(self) -> dict[str, float]:
+        out = {}
+        if self.min_return is not None:
+            out["min_return"] = float(self.min_return)
+        if self.max_miss_rate is not None:
+            out["max_miss_rate"] = float(self.max_miss_rate)
+        return out
+
+    def to_header(self) -> dict[str, Any]:
+        # PROTOCOL.md: canary (episodes, seed, thresholds); the thresholds also go flat, for an
+        # agent that reads them at the top level (receivers ignore fields they do not know).
+        th = self.thresholds()
+        out = {"episodes": self.episodes, "seed": self.seed, "thresholds": th, **th}
+        if self.max_steps is not None:
+            out["max_steps"] = self.max_steps
+        return out
+
+
+@dataclass
+class DeployResult:
+    """The outcome of one deploy: ok, or refused with the agent's reason (never a link failure)."""
+
+    agent: str
+    ok: bool
+    sha256: str
+    size: int
+    reason: str = "ok"
+    detail: str = ""
+    step: str = "end"  # where it stopped: begin / chunk / end
+    slot: Optional[str] = None
+    active: Optional[str] = None
+    canary: Optional[dict[str, Any]] = None
+    bytes_sent: int = 0
+    transfer_s: float = 0.0
+    total_s: float = 0.0
+    reply: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_artifact(artifact_dir: str | Path) -> tuple[dict[str, Any], bytes, Optional[str]]:
+    """(manifest, model bytes, signature or None) of an artifact directory, checked."""
+    from robonas.artifact import load_artifact
+
+    return load_artifact(artifact_dir)
+
+
+class AgentClient:
+    """A session with one agent. Opens its link on first use; `close()` (or `with`) ends it.
+
+    `url` is any link URL `open_link` takes; `name` names the agent in every error message.
+    After a LinkFailure the link is closed, and the next call opens a fresh one.
+    """
+
+    def __init__(self, url: str, timeout_s: float = 5.0, name: str | None = None, *,
+                 episode_timeout_s: float = DEFAULT_EPISODE_TIMEOUT_S,
+                 bench_timeout_s: float = DEFAULT_BENCH_TIMEOUT_S):
+        if not timeout_s > 0:
+            raise ConfigError(f"timeout_s: {timeout_s!r} must be a positive number of seconds")
+        self.url = url
+        self.name = name or url
+        self.timeout_s = float(timeout_s)
+        self.episode_timeout_s = float(episode_timeout_s)
+        self.bench_timeout_s = float(bench_timeout_s)
+        self._link = None
+        self.agent_hello: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ link handling
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def baudrate(self) -> Optional[int]:
+        return None if self._link is None else self._link.baudrate
+
+    def connect(self):
+        """Open the link if it is not open (no HELLO is sent); returns the `Link`."""
+        if self._link is None:
+            from device_agents.link import open_link
+
+            try:
+                self._link = open_link(self.url, timeout_s=self.timeout_s)
+            except DeviceError as e:
+                raise LinkFailure(f"agent {self.name}: cannot open link {self.url}: {e}",
+                                  self.name, "connect") from e
+        return self._link
+
+    def close(self) -> None:
+        if self._link is not None:
+            self._link.close()
+            self._link = None
+
+    def _request(self, operation: str, msg_type: MsgType, header: dict | None = None,
+                 payload: bytes = b"", extra_s: float = 0.0, wire_bytes: int = 0) -> Message:
+        link = self.connect()
+        n = PREFIX_SIZE + _HEADER_ALLOWANCE + len(payload) + wire_bytes
+        timeout = link.frame_timeout_s(n) + extra_s
+        try:
+            return link.request(Message(msg_type, header or {}, payload), timeout_s=timeout)
+        except DeviceError as e:  # LinkError, LinkTimeout, LinkClosed, ProtocolError
+            self.close()
+            raise LinkFailure(f"agent {self.name}: {operation} over {self.url} failed: "
+                              f"{type(e).__name__}: {e}", self.name, operation) from e
+
+    def _expect(self, operation: str, reply: Message, *types: MsgType) -> dict:
+        if reply.type in types:
+            return dict(reply.header)
+        if reply.type in (MsgType.NACK, MsgType.ERROR):
+            reason = str(reply.header.get("reason", "?"))
+            detail = reply.header.get("detail")
+            raise AgentRefused(
+                f"agent {self.name}: {operation} refused ({reply.type.name}): {reason}"
+                + (f" - {detail}" if detail else ""), self.name, operation, reason,
+                dict(reply.header))
+        self.close()  # out of step with the agent: start the next call on a fresh link
+        raise LinkFailure(f"agent {self.name}: {operation} got an unexpected {reply.type.name} "
+                          f"reply (expected {'/'.join(t.name for t in types)})",
+                          self.name, operation)
+
+    # ------------------------------------------------------------------ simple requests
+    def hello(self) -> dict[str, Any]:
+        """HELLO: the agent's id, software version, slots and active slot."""
+        reply = self._request("hello", MsgType.HELLO, {"role": "host", "protocol": PROTOCOL_VERSION})
+        header = self._expect("hello", reply, MsgType.HELLO)
+        if header.get("protocol") not in (None, PROTOCOL_VERSION):
+            raise AgentRefused(f"agent {self.name}: speaks protocol {header.get('protocol')!r}, "
+                               f"this host speaks {PROTOCOL_VERSION}", self.name, "hello",
+                               "bad version", header)
+        self.agent_hello = header
+        return header
+
+    def status(self) -> dict[str, Any]:
+        """STATUS: active slot, {slot: manifest summary}, uptime."""
+        return self._expect("status", self._request("status", MsgType.STATUS), MsgType.STATUS)
+
+    def ping(self, **echo: Any) -> float:
+        """PING/PONG round trip in seconds (checks that the echo came back intact)."""
+        t0 = time.perf_counter()
+        header = self._expect("ping", self._request("ping", MsgType.PING, echo), MsgType.PONG)
+        rtt = time.perf_counter() - t0
+        for k, v in echo.items():
+            if header.get(k) != v:
+                raise LinkFailure(f"agent {self.name}: PONG echoed {k}={header.get(k)!r}, "
+                                  f"sent {v!r}", self.name, "ping")
+        return rtt
+
+    def rollback(self) -> dict[str, Any]:
+        """ROLLBACK to the other slot; the ACK header (with `active`)."""
+        return self._expect("rollback", self._request("rollback", MsgType.ROLLBACK), MsgType.ACK)
+
+    def run(self, episodes: int, seed: int = 0, thresholds: dict[str, float] | None = None,
+            slot: str | None = None, max_steps: int | None = None) -> dict[str, Any]:
+        """RUN episodes on the active (or named) slot; the REPORT header (timings, returns)."""
+        if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+            raise ConfigError(f"episodes: {episodes!r} must be an integer >= 1")
+        header: dict[str, Any] = {"episodes": episodes, "seed": int(seed)}
+        if thresholds:
+            header["thresholds"] = dict(thresholds)
+        if slot is not None:
+            header["slot"] = slot
+        if max_steps is not None:
+            header["max_steps"] = int(max_steps)
+        reply = self._request("run", MsgType.RUN, header,
+                              extra_s=episodes * self.episode_timeout_s)
+        return self._expect("run", reply, MsgType.REPORT, MsgType.ACK)
+
+    def bench(self, slot: str = "active", runs: int = 1000) -> dict[str, Any]:
+        """BENCH the model in a slot ("a", "b" or "active"); the REPORT header."""
+        if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+            raise ConfigError(f"bench runs: {runs!r} must be an integer >= 1")
+        reply = self._request("bench", MsgType.BENCH, {"runs": runs, "slot": slot},
+                              extra_s=self.bench_timeout_s * (1 + runs / 1000))
+        return self._expect("bench", reply, MsgType.REPORT, MsgType.ACK)
+
+    # ------------------------------------------------------------------ deploy
+    def deploy(self, artifact_dir: str | Path, canary: Canary | dict | None = None,
+               progress: Progress | None = None, *, signature: str | None = None,
+               chunk_size: int = DEFAULT_CHUNK) -> DeployResult:
+        """Push an artifact: DEPLOY_BEGIN, chunks, DEPLOY_END (the agent's canary runs there).
+
+        `signature` overrides the artifact's `manifest.sig` (e.g. signed at deploy time).
+        `progress(bytes_sent, total)` is called after every acknowledged chunk.
+        Returns a DeployResult (ok, or refused with the agent's reason); raises LinkFailure if
+        the link fails anywhere, leaving the agent on its previous model.
+        """
+        if isinstance(canary, dict):
+            canary = Canary(**canary)
+        canary = canary or Canary()
+        if not 0 < chunk_size <= MAX_PAYLOAD:
+            raise ConfigError(f"chunk_size: {chunk_size} must lie in 1..{MAX_PAYLOAD}")
+        manifest, model, file_sig = read_artifact(artifact_dir)
+        signature = signature if signature is not None else file_sig
+        size, sha = len(model), hashlib.sha256(model).hexdigest()
+        result = DeployResult(agent=self.name, ok=False, sha256=sha, size=size)
+        t0 = time.perf_counter()
+
+        def refused(step: str, header: dict, msg_type: MsgType) -> DeployResult:
+            result.step = step
+            result.reason = str(header.get("reason", "?"))
+            if msg_type == MsgType.ERROR:
+                result.reason = f"agent error: {result.reason}"
+            result.detail = str(header.get("detail", ""))
+            result.canary = header.get("canary")
+            result.reply = dict(header)
+            result.total_s = time.perf_counter() - t0
+            return result
+
+        begin = {"manifest": manifest, "signature": signature, "size": size, "sha256": sha,
+                 "chunk_size": chunk_size, "canary": canary.to_header()}
+        reply = self._request("deploy begin", MsgType.DEPLOY_BEGIN, begin,
+                              wire_bytes=len(str(manifest)))
+        if reply.type in (MsgType.NACK, MsgType.ERROR):
+            return refused("begin", reply.header, reply.type)
+        header = self._expect("deploy begin", reply, MsgType.ACK)
+        offset = int(header.get("next_offset", 0))
+        resyncs = 0
+        while offset < size:
+            chunk = model[offset: offset + chunk_size]
+            reply = self._request("deploy chunk", MsgType.DEPLOY_CHUNK, {"offset": offset}, chunk)
+            if reply.type == MsgType.NACK and reply.header.get("reason") == "offset" \
+                    and isinstance(reply.header.get("next_offset"), int) and resyncs < _MAX_RESYNCS:
+                resyncs += 1  # the agent holds a different count: carry on from its offset
+                offset = reply.header["next_offset"]
+                continue
+            if reply.type in (MsgType.NACK, MsgType.ERROR):
+                return refused("chunk", reply.header, reply.type)
+            header = self._expect("deploy chunk", reply, MsgType.ACK)
+            offset = int(header.get("next_offset", offset + len(chunk)))
+            result.bytes_sent = min(offset, size)
+            if progress is not None:
+                progress(result.bytes_sent, size)
+        result.transfer_s = time.perf_counter() - t0
+        reply = self._request("deploy end", MsgType.DEPLOY_END, {},
+                              extra_s=canary.episodes * self.episode_timeout_s)
+        if reply.type in (MsgType.NACK, MsgType.ERROR):
+            return refused("end", reply.header, reply.type)
+        header = self._expect("deploy end", reply, MsgType.ACK)
+        result.ok = True
+        result.slot = header.get("slot")
+        result.active = header.get("active")
+        result.canary = header.get("canary")
+        result.reply = header
+        result.total_s = time.perf_counter() - t0
+        return result
+
+
+__all__ = ["AgentClient", "AgentRefused", "Canary", "DeployResult", "FleetError", "LinkFailure",
+           "read_artifact"]

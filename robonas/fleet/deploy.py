@@ -1,0 +1,234 @@
+"""Roll an artifact out to a fleet: K canary robots first, the rest only if every canary passed.
+
+Leans on `robonas.fleet.client.AgentClient` for the conversation with each agent (which runs its
+own canary episodes at DEPLOY_END and rolls itself back if they fail) and on
+`robonas.fleet.reports` for the store rows. Robots are deployed one after another: a fleet is a
+handful of robots behind one laptop, serial links are slow and the agent is single-session, so
+sequential keeps the progress readable and the failure of one robot easy to attribute.
+
+Every robot ends in one of four states (`RobotResult.status`): `ok`; `refused` (the agent said
+NACK, e.g. a bad signature or a failed canary; `reason` is its code); `link-failure` (the link
+dropped or timed out on every attempt; the agent keeps its previous policy, because the active
+slot is only touched after DEPLOY_END passes); `skipped` (a canary failed, so it was not tried).
+Link failures are retried `retries` times on a fresh link; a new DEPLOY_BEGIN abandons the
+agent's half-received transfer, so a retry always starts from offset 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from robonas.errors import ConfigError
+from robonas.fleet.client import AgentClient, AgentRefused, Canary, DeployResult, LinkFailure
+from robonas.fleet.inventory import AgentEntry, Inventory
+from robonas.fleet.reports import (
+    ArtifactRef,
+    find_artifact,
+    record_deployment,
+    record_report,
+    register_device,
+)
+
+STATUSES = ("ok", "refused", "link-failure", "skipped")
+RETRY_BACKOFF_S = 0.5  # wait before retry n: n x this (an agent re-listens after a dropped link)
+
+
+@dataclass(frozen=True)
+class RolloutEvent:
+    """Progress of one robot: phase is connect / transfer / canary / retry / done / skipped."""
+
+    agent: str
+    phase: str
+    bytes_sent: int = 0
+    total: int = 0
+    attempt: int = 1
+    message: str = ""
+
+
+@dataclass
+class RobotResult:
+    name: str
+    role: str  # canary | fleet
+    status: str = "skipped"
+    reason: str = ""
+    detail: str = ""
+    attempts: int = 0
+    deploy: Optional[dict[str, Any]] = None
+    previous: Optional[dict[str, Any]] = None  # STATUS before the deploy (active slot, slots)
+    deployment_id: Optional[int] = None
+    report_id: Optional[int] = None
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass
+class RolloutResult:
+    artifact: str
+    sha256: str
+    size: int
+    artifact_id: Optional[int]
+    canary_names: list[str]
+    robots: list[RobotResult]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.robots) and all(r.ok for r in self.robots)
+
+    def get(self, name: str) -> RobotResult:
+        for r in self.robots:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return d
+
+
+ClientFactory = Callable[[AgentEntry], AgentClient]
+Listener = Callable[[RolloutEvent], None]
+
+
+def default_client(entry: AgentEntry) -> AgentClient:
+    return AgentClient(entry.link, entry.timeout_s, name=entry.name)
+
+
+def _sign(manifest: dict[str, Any], key: str | Path | None) -> Optional[str]:
+    if key is None:
+        return None
+    from device_agents.signing import SigningError, sign_manifest
+
+    try:
+        return sign_manifest(manifest, key)
+    except SigningError as e:
+        raise ConfigError(f"signing key {key}: {e}") from e
+
+
+def _deploy_one(entry: AgentEntry, role: str, artifact_dir: Path, canary: Canary,
+                signature: Optional[str], retries: int, store, ref: ArtifactRef,
+                make_client: ClientFactory, emit: Listener, sha: str) -> RobotResult:
+    res = RobotResult(entry.name, role)
+    outcome: Optional[DeployResult] = None
+    refusal: Optional[AgentRefused] = None
+    for attempt in range(1, retries + 2):
+        res.attempts = attempt
+        if attempt > 1:
+            emit(RolloutEvent(entry.name, "retry", attempt=attempt, message=res.errors[-1]))
+            time.sleep(RETRY_BACKOFF_S * (attempt - 1))
+        client = make_client(entry)
+        try:
+            emit(RolloutEvent(entry.name, "connect", attempt=attempt))
+            client.hello()
+            status = client.status()
+            if res.previous is None:
+                res.previous = status
+            if store is not None:
+                register_device(store, entry.name, entry.device)
+
+            def on_bytes(sent: int, total: int, _a: int = attempt) -> None:
+                emit(RolloutEvent(entry.name, "transfer", sent, total, _a))
+                if sent >= total:
+                    emit(RolloutEvent(entry.name, "canary", sent, total, _a,
+                                      f"{canary.episodes} canary episode(s)"))
+
+            outcome = client.deploy(artifact_dir, canary, on_bytes, signature=signature)
+            break
+        except LinkFailure as e:
+            res.errors.append(str(e))
+        except AgentRefused as e:  # e.g. HELLO from an agent speaking another protocol
+            refusal = e
+            break
+        finally:
+            client.close()
+    if refusal is not None:
+        res.status, res.reason, res.detail = "refused", refusal.reason, str(refusal)
+    elif outcome is None:
+        res.status, res.reason = "link-failure", "link"
+        res.detail = res.errors[-1] if res.errors else ""
+    else:
+        res.deploy = outcome.to_dict()
+        res.status = "ok" if outcome.ok else "refused"
+        res.reason, res.detail = outcome.reason, outcome.detail
+    emit(RolloutEvent(entry.name, "done", attempt=res.attempts,
+                      message=res.status if res.ok else f"{res.status}: {res.reason} {res.detail}"))
+    if store is not None:
+        _store(store, entry, res, outcome, ref, sha)
+    return res
+
+
+def _store(store, entry: AgentEntry, res: RobotResult, outcome: Optional[DeployResult],
+           ref: ArtifactRef, sha: str) -> None:
+    detail = {"sha256": sha, "role": res.role, "reason": res.reason, "detail": res.detail,
+              "attempts": res.attempts, "errors": res.errors, "link": entry.link,
+              "previous_active": (res.previous or {}).get("active")}
+    if outcome is not None:
+        detail.update(slot=outcome.slot, active=outcome.active, step=outcome.step,
+                      bytes=outcome.size, transfer_s=outcome.transfer_s, total_s=outcome.total_s)
+    res.deployment_id = record_deployment(store, ref, entry.name, res.status, detail)
+    if outcome is not None and outcome.canary:
+        report = dict(outcome.canary)
+        report.setdefault("sha256", sha)
+        report.setdefault("slot", outcome.slot)
+        res.report_id = record_report(
+            store, entry.name, "canary", report, ref, link=entry.link, passed=outcome.ok,
+            reason=outcome.reason, transfer_s=outcome.transfer_s, total_s=outcome.total_s,
+            deployment_id=res.deployment_id)
+
+
+def rollout(artifact_dir: str | Path, inventory: Inventory,
+            agents: Sequence[str] | str | None = None, canary_count: int = 1, episodes: int = 3,
+            *, seed: int = 0, min_return: float | None = None, max_miss_rate: float | None = None,
+            max_steps: int | None = None, store=None, retries: int = 1, key: str | Path | None = None,
+            progress: Listener | None = None,
+            client_factory: ClientFactory | None = None) -> RolloutResult:
+    """Deploy `artifact_dir` to the selected agents, canaries first; see the module docstring.
+
+    `agents` selects robots by name (default: all, in file order); the first `canary_count` of
+    them are the canaries. `key` signs the manifest now (else `manifest.sig` is sent). With a
+    `store`, every robot's device row, deployment row and canary report are written.
+    """
+    if isinstance(canary_count, bool) or not isinstance(canary_count, int) or canary_count < 0:
+        raise ConfigError(f"canary count: {canary_count!r} must be an integer >= 0")
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ConfigError(f"retries: {retries!r} must be an integer >= 0")
+    canary = Canary(episodes=episodes, seed=seed, min_return=min_return,
+                    max_miss_rate=max_miss_rate, max_steps=max_steps)
+    from robonas.fleet.client import read_artifact
+
+    manifest, model, _sig = read_artifact(artifact_dir)
+    signature = _sign(manifest, key)
+    sha = hashlib.sha256(model).hexdigest()
+    selected = inventory.select(agents)
+    ref = find_artifact(store, artifact_dir, manifest) if store is not None else ArtifactRef(None, None)
+    emit = progress or (lambda _e: None)
+    make_client = client_factory or default_client
+    k = min(canary_count, len(selected))
+    canaries, rest = selected[:k], selected[k:]
+
+    results: list[RobotResult] = []
+    for entry in canaries:
+        results.append(_deploy_one(entry, "canary", Path(artifact_dir), canary, signature, retries,
+                                   store, ref, make_client, emit, sha))
+    failed = [r.name for r in results if not r.ok]
+    for entry in rest:
+        if failed:
+            res = RobotResult(entry.name, "fleet", "skipped", "canary failed",
+                              f"canary robot(s) {', '.join(failed)} did not pass")
+            emit(RolloutEvent(entry.name, "skipped", message=res.detail))
+            results.append(res)
+            continue
+        results.append(_deploy_one(entry, "fleet", Path(artifact_dir), canary, signature, retries,
+                                   store, ref, make_client, emit, sha))
+    return RolloutResult(str(artifact_dir), sha, len(model), ref.artifact_id,
+                         [e.name for e in canaries], results)
+
+
+__all__ = ["RobotResult", "RolloutEvent", "RolloutResult", "STATUSES", "rollout"]
