@@ -59,8 +59,88 @@ def _bench_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- serve / run ---------------------------------------------------------------------------------
+def _agent_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state", required=True, help="state directory (A/B slots, state.json)")
+    p.add_argument("--trust", action="append", default=[], metavar="PUBKEY",
+                   help="trusted Ed25519 public key file or directory of *.pub (repeatable)")
+    p.add_argument("--robot", required=True, metavar="BACKEND",
+                   help="sim:PROFILE (e.g. sim:cartpole-lab-a) or serial:URL")
+    p.add_argument("--fast", action="store_true",
+                   help="do not sleep between control ticks (simulated robots only)")
+
+
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    _agent_arguments(p)
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--listen", metavar="URL", help="tcp://HOST:PORT (port 0: pick a free one)")
+    where.add_argument("--link", metavar="URL", help="serial device path or pyserial URL")
+    p.add_argument("--id", default=None, help="agent name reported to the host")
+    p.add_argument("--device", default=None, help="device profile name reported to the host")
+    p.add_argument("--max-model-bytes", type=int, default=None,
+                   help="refuse larger models at DEPLOY_BEGIN (default 8 MiB)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
+
+
+def _trusted(args: argparse.Namespace) -> list:
+    from device_agents.signing import load_public_keys
+
+    keys: list = []
+    for source in args.trust:
+        keys.extend(load_public_keys(source))
+    return keys
+
+
+def _serve_run(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+
+    from device_agents.agent import DEFAULT_MAX_MODEL_BYTES, Agent
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    agent = Agent(args.state, _trusted(args), args.robot, fast=args.fast, agent_id=args.id,
+                  device=args.device,
+                  max_model_bytes=args.max_model_bytes or DEFAULT_MAX_MODEL_BYTES)
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop_event.set())
+    try:
+        agent.serve(listen_url=args.listen, link_url=args.link,
+                    ready=lambda line: print(line, flush=True))
+    finally:
+        agent.close()
+    return 0
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    _agent_arguments(p)
+    p.add_argument("--episodes", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--slot", default="active", help="active, a or b")
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from device_agents.agent import Agent
+    from device_agents.protocol import Message, MsgType
+
+    agent = Agent(args.state, _trusted(args), args.robot, fast=args.fast)
+    try:
+        header = {"episodes": args.episodes, "seed": args.seed, "slot": args.slot}
+        if args.max_steps is not None:
+            header["max_steps"] = args.max_steps
+        reply = agent.handle(Message(MsgType.RUN, header))
+    finally:
+        agent.close()
+    print(json.dumps(reply.header, sort_keys=True))
+    return 0 if reply.type == MsgType.REPORT else 2
+
+
 COMMANDS: dict[str, Command] = {
     "bench": Command("time a .tflite policy on this machine", _bench_arguments, _bench_run),
+    "serve": Command("serve the robonas protocol: deploys, canaries, runs, reports",
+                     _serve_arguments, _serve_run),
+    "run": Command("run episodes of the active policy here and print the report",
+                   _run_arguments, _run_run),
 }
 
 

@@ -1,0 +1,163 @@
+"""The fixed-rate control loop: observation -> history stack -> policy -> action -> robot.
+
+Standard library clocks and numpy only. Ticks are scheduled on `time.monotonic()` and the loop
+sleeps until the next one (it never spins); inference is timed with `time.perf_counter_ns`.
+An action whose inference took longer than one period is a deadline miss. In `fast` mode the
+sleeps are skipped (a simulated robot then runs faster than real time) but the measured
+inference time is still handed to the robot as latency, so returns stay honest.
+
+History: frames are stacked oldest first; after a reset the stack is filled with the manifest's
+`observation.history_pad` (the raw value that normalises to SB3's zero padding; zeros if the
+manifest has none), then the first observation is pushed, exactly as `robonas.export.rollouts`.
+A non-finite action is counted and replaced by zeros before it reaches the robot.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from device_agents.errors import DeviceError
+from device_agents.robots.base import Robot
+
+PERCENTILES = (50, 90, 99)
+
+
+def policy_settings(manifest: Optional[dict]) -> Dict[str, Any]:
+    """The manifest fields the loop needs: control_hz, history, history_pad, action output."""
+    m = manifest or {}
+    obs = m.get("observation") if isinstance(m.get("observation"), dict) else {}
+    act = m.get("action") if isinstance(m.get("action"), dict) else {}
+    history = m.get("history", obs.get("history", 1))
+    hz = m.get("control_hz")
+    return {
+        "control_hz": float(hz) if isinstance(hz, (int, float)) and hz > 0 else None,
+        "history": int(history) if isinstance(history, int) and history >= 1 else 1,
+        "history_pad": obs.get("history_pad"),
+        "action_output": act.get("output", "value"),
+    }
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise DeviceError(f"{name}: {value!r} is not an integer >= {minimum}")
+    return value
+
+
+def _timings_ms(ns: Sequence[int]) -> Dict[str, float]:
+    if not ns:
+        return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0, "mean": 0.0}
+    ms = np.asarray(ns, np.float64) / 1e6
+    out = {f"p{p}": float(v) for p, v in zip(PERCENTILES, np.percentile(ms, PERCENTILES))}
+    out.update(max=float(ms.max()), mean=float(ms.mean()))
+    return out
+
+
+def _runtime(policy: Any) -> tuple:
+    name = getattr(policy, "runtime_name", None)
+    if isinstance(name, str):
+        return name, str(getattr(policy, "runtime_version", "unknown"))
+    from device_agents.runtime import runtime_name, runtime_version
+
+    try:
+        return runtime_name(), runtime_version()
+    except DeviceError:
+        return "none", "unknown"
+
+
+def run_episodes(policy: Any, robot: Robot, episodes: int, seed: int,
+                 max_steps: Optional[int] = None, history: int = 1, fast: bool = False, *,
+                 control_hz: Optional[float] = None, history_pad: Optional[Sequence[float]] = None,
+                 action_output: str = "value", slot: Optional[str] = None,
+                 sha256: Optional[str] = None) -> Dict[str, Any]:
+    """Run `episodes` episodes (seeds seed, seed+1, ...) and report returns and timings.
+
+    `policy.act(obs) -> action` (a TFLitePolicy or anything alike); `control_hz` defaults to the
+    robot's rate; `max_steps=None` runs until the robot reports done.
+    """
+    _positive_int("episodes", episodes, 0)
+    _positive_int("history", history)
+    if max_steps is not None:
+        _positive_int("max_steps", max_steps)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise DeviceError(f"seed: {seed!r} is not an integer")
+    if action_output not in ("value", "index"):
+        raise DeviceError(f"action_output {action_output!r} is not one of value, index")
+    hz = float(control_hz or robot.control_hz)
+    if not (math.isfinite(hz) and hz > 0):
+        raise DeviceError(f"control_hz {hz!r} is not a positive rate")
+    period = 1.0 / hz
+    period_ns = int(period * 1e9)
+    obs_dim = robot.observation_size
+    pad = np.zeros(obs_dim, np.float32) if history_pad is None else np.asarray(
+        history_pad, np.float32).ravel()
+    if pad.size != obs_dim:
+        raise DeviceError(f"history_pad has {pad.size} values, the robot observes {obs_dim}")
+
+    returns: List[float] = []
+    lengths: List[int] = []
+    step_ns: List[int] = []
+    misses = nonfinite = late_ticks = 0
+    clock = time.perf_counter_ns
+    frames = np.zeros(obs_dim * history, np.float32)
+    zero_action = np.zeros(robot.action_size, np.float32)
+    t_start = time.monotonic()
+    for ep in range(episodes):
+        obs = robot.reset(seed + ep)
+        frames[:] = np.tile(pad, history)
+        total, steps, done = 0.0, 0, False
+        next_tick = time.monotonic()
+        while not done and (max_steps is None or steps < max_steps):
+            frames[:-obs_dim] = frames[obs_dim:]
+            frames[-obs_dim:] = np.asarray(obs, np.float32).ravel()
+            t0 = clock()
+            action = policy.act(frames)
+            elapsed = clock() - t0
+            step_ns.append(elapsed)
+            if elapsed > period_ns:
+                misses += 1
+            action = np.asarray(action, np.float32).ravel()
+            if not np.all(np.isfinite(action)):
+                nonfinite += 1
+                action = zero_action
+            elif action_output == "index":
+                action = np.rint(action[:1])
+            obs, reward, done = robot.step(action, elapsed / 1e9)
+            total += float(reward)
+            steps += 1
+            if not fast:
+                next_tick += period
+                left = next_tick - time.monotonic()
+                if left > 0:
+                    time.sleep(left)
+                else:
+                    late_ticks += 1
+                    next_tick = time.monotonic()  # do not try to catch up with a burst
+        returns.append(total)
+        lengths.append(steps)
+    n = len(step_ns)
+    name, version = _runtime(policy)
+    return {
+        "episodes": episodes,
+        "seed": seed,
+        "returns": returns,
+        "lengths": lengths,
+        "mean_return": float(np.mean(returns)) if returns else None,
+        "steps": n,
+        "timings_ms": _timings_ms(step_ns),
+        "deadline_misses": misses,
+        "miss_rate": misses / n if n else 0.0,
+        "late_ticks": late_ticks,
+        "nonfinite_actions": nonfinite,
+        "control_hz": hz,
+        "fast": bool(fast),
+        "wall_s": time.monotonic() - t_start,
+        "runtime": name,
+        "runtime_version": version,
+        "slot": slot,
+        "sha256": sha256,
+        "robot": getattr(robot, "name", type(robot).__name__),
+    }

@@ -1,0 +1,56 @@
+"""The robot back-end contract: what the control loop drives, whatever sits behind it.
+
+A small ABC (standard library `abc` only), like optuna's samplers: a back end is one file plus a
+line in `make_robot` and in the parametrised contract test (`tests/device_agents/test_robots.py`).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Optional, Tuple
+
+import numpy as np
+
+
+class Robot(abc.ABC):
+    """One robot the agent controls at a fixed rate.
+
+    `step(action, latency_s)`: `latency_s` is how long the previous action stayed applied in
+    this control period before `action` took over (the measured inference time). A physical
+    robot pays it for real and may ignore the figure; a simulated one applies it.
+    """
+
+    name: str = "robot"
+
+    @property
+    @abc.abstractmethod
+    def observation_size(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def action_size(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def control_hz(self) -> float: ...
+
+    @abc.abstractmethod
+    def reset(self, seed: Optional[int] = None) -> np.ndarray:
+        """Start an episode; the first observation (float32, observation_size)."""
+
+    @abc.abstractmethod
+    def step(self, action: np.ndarray, latency_s: float = 0.0) -> Tuple[np.ndarray, float, bool]:
+        """Apply `action` for one control period; (observation, reward, done)."""
+
+    def close(self) -> None:
+        """Release the robot (port, simulator). Safe to call twice."""
+
+    def describe(self) -> dict:
+        return {"name": self.name, "observation_size": self.observation_size,
+                "action_size": self.action_size, "control_hz": self.control_hz}
+
+    def __enter__(self) -> "Robot":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

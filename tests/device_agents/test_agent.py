@@ -1,0 +1,365 @@
+"""The agent in its own process (`python -m device_agents serve`), driven over TCP on loopback.
+
+The helpers here (models, manifests, `AgentProcess`, `deploy`) are shared with tests/e2e.
+Models: an untrained `PolicyArch` for sim/CartPole-v0 (obs 5, act 1) converted once to int8 and
+fp32 and cached on disk (conversion costs ~10 s), plus a model whose output is NaN.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import pytest
+
+from device_agents.link import open_link
+from device_agents.protocol import Message, MsgType, iter_chunks
+from device_agents.signing import generate_keypair, load_private_key, sign_manifest
+
+REPO = Path(__file__).resolve().parents[2]
+CACHE = Path(os.environ.get("ROBONAS_AGENT_TEST_MODELS",
+                            Path.home() / ".cache" / "robonas" / "agent-test-models-v1"))
+PROFILE = "cartpole-lab-a"
+
+
+def test_models() -> Dict[str, bytes]:
+    """{"good": int8, "good2": fp32 of another net, "nan": fp32 NaN model}, cached on disk."""
+    names = ("good", "good2", "nan")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not all((CACHE / f"{n}.tflite").exists() for n in names):
+            torch = pytest.importorskip("torch")
+            from robonas.space import Layer, PolicyArch
+            from robonas.tflite_convert import to_tflite_fp32, to_tflite_int8
+
+            torch.manual_seed(0)
+            arch = PolicyArch(obs_dim=5, act_dim=1, layers=(Layer(16, "tanh"),))
+            calib = np.random.default_rng(0).standard_normal((128, 5)).astype(np.float32)
+            models = {"good": to_tflite_int8(arch.build_actor().eval(), calib)}
+            torch.manual_seed(1)
+            arch2 = PolicyArch(obs_dim=5, act_dim=1, layers=(Layer(8, "relu"),))
+            models["good2"] = to_tflite_fp32(arch2.build_actor().eval(), 5)
+
+            class NaNPolicy(torch.nn.Module):
+                def forward(self, x):
+                    return torch.sqrt(-(x * x).sum(-1, keepdim=True) - 1.0)  # sqrt(<0) = NaN
+
+            models["nan"] = to_tflite_fp32(NaNPolicy(), 5)
+            for n, data in models.items():
+                (CACHE / f"{n}.tflite").write_bytes(data)
+    # the test name prefix keeps pytest from collecting this helper as a test
+    return {n: (CACHE / f"{n}.tflite").read_bytes() for n in names}
+
+
+test_models.__test__ = False  # type: ignore[attr-defined]
+
+
+def manifest_for(model: bytes, **extra) -> dict:
+    m = {"format_version": 1, "env_id": "sim/CartPole-v0", "control_hz": 50.0, "history": 1,
+         "observation": {"frame_shape": [5], "history": 1, "history_order": "oldest_first",
+                         "history_pad": [0.0] * 5},
+         "action": {"discrete": False, "shape": [1], "output": "value"},
+         "sha256": hashlib.sha256(model).hexdigest(), "model_size": len(model)}
+    m.update(extra)
+    return m
+
+
+class AgentProcess:
+    """`python -m device_agents serve ...` with the given python; `url` once it is ready."""
+
+    def __init__(self, state: Path, pub: Path, robot: str = f"sim:{PROFILE}",
+                 python: str = sys.executable, extra=(), env: Optional[dict] = None):
+        cmd = [python, "-m", "device_agents", "serve", "--state", str(state), "--trust",
+               str(pub), "--robot", robot, "--listen", "tcp://127.0.0.1:0", "--fast",
+               "--id", "test-agent", *extra]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True,
+                                     env=dict(os.environ, **(env or {})))
+        line = self.proc.stdout.readline()
+        if not line.startswith("listening on "):
+            self.proc.kill()
+            raise RuntimeError(f"agent did not start: {line!r} {self.proc.stderr.read()[-2000:]}")
+        self.url = line.split()[-1]
+
+    def link(self, timeout_s: float = 60.0):
+        return open_link(self.url, timeout_s=timeout_s)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def deploy(link, model: bytes, manifest: dict, signature: Optional[str], canary: dict,
+           chunk_size: int = 1024, size: Optional[int] = None) -> Message:
+    begin = link.request(Message(MsgType.DEPLOY_BEGIN, {
+        "manifest": manifest, "signature": signature, "size": len(model) if size is None else size,
+        "sha256": manifest["sha256"], "canary": canary}))
+    if begin.type != MsgType.ACK:
+        return begin
+    for offset, chunk in iter_chunks(model, chunk_size):
+        r = link.request(Message(MsgType.DEPLOY_CHUNK, {"offset": offset}, chunk))
+        assert r.type == MsgType.ACK, r.header
+    return link.request(Message(MsgType.DEPLOY_END, {}), timeout_s=120)
+
+
+def status(link) -> dict:
+    r = link.request(Message(MsgType.STATUS, {}))
+    assert r.type == MsgType.STATUS, r.header
+    return r.header
+
+
+EASY = {"episodes": 2, "seed": 0, "min_return": -1e9, "max_miss_rate": 1.0, "max_steps": 100}
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    d = tmp_path_factory.mktemp("keys")
+    priv, pub = generate_keypair(d)
+    other_priv, _ = generate_keypair(d, name="stranger")
+    return load_private_key(priv), pub, load_private_key(other_priv)
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory, keys):
+    pytest.importorskip("sim")
+    state = tmp_path_factory.mktemp("agent-state")
+    a = AgentProcess(state, keys[1], extra=("--max-model-bytes", "100000"))
+    yield a, state
+    a.stop()
+
+
+def test_hello_ping_status_on_a_fresh_agent(agent):
+    a, _ = agent
+    with a.link() as link:
+        hello = link.request(Message(MsgType.HELLO, {"role": "host", "protocol": 1}))
+        assert hello.type == MsgType.HELLO
+        assert hello.header["role"] == "agent" and hello.header["agent"] == "test-agent"
+        assert hello.header["slots"] == ["a", "b"]
+        pong = link.request(Message(MsgType.PING, {"n": 42}))
+        assert pong.type == MsgType.PONG and pong.header == {"n": 42}
+        st = status(link)
+        assert st["active"] is None and st["uptime_s"] > 0
+        run = link.request(Message(MsgType.RUN, {"episodes": 1, "seed": 0}))
+        assert run.type == MsgType.NACK and run.header["reason"] == "no policy"
+        bad = link.request(Message(MsgType.RUN, {"seed": 0}))
+        assert bad.type == MsgType.NACK and bad.header["reason"] == "bad header"
+
+
+def test_deploy_canary_reject_rollback_and_refusals(agent, keys):
+    a, state = agent
+    key, _, stranger = keys
+    models = test_models()
+    good, good2, nan = models["good"], models["good2"], models["nan"]
+    mg, mg2, mn = manifest_for(good), manifest_for(good2), manifest_for(nan)
+    with a.link() as link:
+        t0 = time.monotonic()
+        r = deploy(link, good, mg, sign_manifest(mg, key), EASY)
+        print(f"deploy over TCP incl. canary: {time.monotonic() - t0:.2f} s")
+        assert r.type == MsgType.ACK, r.header
+        assert r.header["active"] == "a" and r.header["canary"]["nonfinite_actions"] == 0
+        assert len(r.header["canary"]["returns"]) == 2
+        st = status(link)
+        assert st["active"] == "a" and st["slots"]["a"]["verified"]
+        assert st["active_sha256"] == mg["sha256"]
+
+        # NaN model: NACKed by the canary, the old one stays
+        r = deploy(link, nan, mn, sign_manifest(mn, key), EASY)
+        assert r.type == MsgType.NACK and r.header["reason"] == "canary", r.header
+        assert "NaN" in r.header["detail"] and r.header["canary"]["nonfinite_actions"] > 0
+        assert status(link)["active_sha256"] == mg["sha256"]
+
+        # return below the threshold: NACKed
+        strict = dict(EASY, min_return=1e9)
+        r = deploy(link, good2, mg2, sign_manifest(mg2, key), strict)
+        assert r.type == MsgType.NACK and "mean return" in r.header["detail"]
+        assert status(link)["active_sha256"] == mg["sha256"]
+
+        # a second good model is promoted, then rolled back
+        r = deploy(link, good2, mg2, sign_manifest(mg2, key), EASY)
+        assert r.type == MsgType.ACK and r.header["active"] == "b"
+        r = link.request(Message(MsgType.ROLLBACK, {}))
+        assert r.type == MsgType.ACK and r.header["active"] == "a"
+        assert status(link)["active_sha256"] == mg["sha256"]
+
+        # refusals: each NACKed, nothing changes
+        before = status(link)
+        tampered = bytearray(good)
+        tampered[len(tampered) // 2] ^= 0x01
+        cases = {
+            "unsigned": deploy(link, good2, mg2, None, EASY),
+            "tampered": deploy(link, bytes(tampered), mg, sign_manifest(mg, key), EASY),
+            "stranger": deploy(link, good2, mg2, sign_manifest(mg2, stranger), EASY),
+            "oversize": deploy(link, good2, mg2, sign_manifest(mg2, key), EASY, size=200000),
+        }
+        reasons = {k: (v.type, v.header["reason"]) for k, v in cases.items()}
+        assert reasons == {"unsigned": (MsgType.NACK, "unsigned"),
+                           "tampered": (MsgType.NACK, "sha256 mismatch"),
+                           "stranger": (MsgType.NACK, "bad signature"),
+                           "oversize": (MsgType.NACK, "size")}
+        after = status(link)
+        assert after["slots"] == before["slots"] and after["active"] == before["active"]
+
+        # RUN and BENCH on the active slot
+        rep = link.request(Message(MsgType.RUN, {"episodes": 2, "seed": 5, "max_steps": 50,
+                                                 "thresholds": {"min_return": -1.0}}))
+        assert rep.type == MsgType.REPORT and rep.header["passed"]
+        assert rep.header["slot"] == "a" and rep.header["sha256"] == mg["sha256"]
+        assert rep.header["timings_ms"]["p99"] > 0 and len(rep.header["returns"]) == 2
+        bench = link.request(Message(MsgType.BENCH, {"runs": 200}))
+        assert bench.type == MsgType.REPORT and bench.header["bench"]["runs"] == 200
+        print(f"agent step p50/p99 {rep.header['timings_ms']['p50']*1000:.1f}/"
+              f"{rep.header['timings_ms']['p99']*1000:.1f} us; bench step p50/p99 "
+              f"{bench.header['bench']['step_us']['p50']:.1f}/"
+              f"{bench.header['bench']['step_us']['p99']:.1f} us")
+
+
+def test_protocol_misuse_is_nacked_and_a_cut_deploy_changes_nothing(agent, keys):
+    a, _ = agent
+    key = keys[0]
+    good2 = test_models()["good2"]
+    m = manifest_for(good2)
+    with a.link() as link:
+        before = status(link)
+        r = link.request(Message(MsgType.DEPLOY_CHUNK, {"offset": 0}, b"x"))
+        assert r.header["reason"] == "no transfer"
+        assert link.request(Message(MsgType.DEPLOY_BEGIN, {
+            "manifest": m, "signature": sign_manifest(m, key), "size": len(good2),
+            "sha256": m["sha256"]})).type == MsgType.ACK
+        r = link.request(Message(MsgType.DEPLOY_CHUNK, {"offset": 7}, b"abc"))
+        assert r.header["reason"] == "offset" and r.header["next_offset"] == 0
+        r = link.request(Message(MsgType.DEPLOY_END, {}))
+        assert r.header["reason"] == "size"
+        link.request(Message(MsgType.DEPLOY_CHUNK, {"offset": 0}, good2[:500]))
+        assert link.request(Message(MsgType.ACK, {})).header["reason"] == "unexpected"
+    # the link drops mid-deploy; a new connection finds the agent as it was
+    with a.link() as link:
+        after = status(link)
+        assert after["transfer"] is None
+        assert after["slots"] == before["slots"] and after["active"] == before["active"]
+    assert a.alive()
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "device_agents", "serve", "--state",
+                          str(tmp_path), "--robot", "bogus", "--listen", "tcp://127.0.0.1:0"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "sim:PROFILE" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+class FdStream:
+    """The master end of a pty with pyserial's read/write/timeout semantics (for the host)."""
+
+    def __init__(self, fd: int):
+        self.fd, self.timeout = fd, None
+
+    def read(self, size: int = 1) -> bytes:
+        import select
+
+        data = bytearray()
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while len(data) < size:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self.fd], [], [], left)[0]:
+                break
+            data += os.read(self.fd, size - len(data))
+        return bytes(data)
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+        return len(data)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@pytest.mark.slow
+def test_deploy_over_a_pty_link(tmp_path, keys):
+    """The agent serves `--link /dev/pts/N` (a serial line); the host holds the master end."""
+    import tty
+
+    from device_agents.link import Link
+
+    pytest.importorskip("sim")
+    key, pub, _ = keys
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    path = os.ttyname(slave)
+    cmd = [sys.executable, "-m", "device_agents", "serve", "--state", str(tmp_path / "s"),
+           "--trust", str(pub), "--robot", f"sim:{PROFILE}", "--link", path, "--fast"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().startswith("serving on ")
+        link = Link(FdStream(master), timeout_s=30.0, baudrate=115200)
+        good = test_models()["good"]
+        m = manifest_for(good)
+        t0 = time.monotonic()
+        r = deploy(link, good, m, sign_manifest(m, key), EASY, chunk_size=16 * 1024)
+        print(f"deploy over pty incl. canary: {time.monotonic() - t0:.2f} s")
+        assert r.type == MsgType.ACK and r.header["active"] == "a", r.header
+        assert status(link)["active_sha256"] == m["sha256"]
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        os.close(slave)
+        os.close(master)
+
+
+@pytest.mark.slow
+def test_agent_in_the_robot_venv_with_the_serial_robot(tmp_path, keys):
+    """numpy<2 + tflite_runtime, no torch/pybullet/gymnasium: deploy + RUN against the fake MCU."""
+    from tests.device_agents.robot_venv import RobotVenvError, robot_python
+
+    try:
+        python = str(robot_python())
+    except RobotVenvError as e:
+        pytest.skip(str(e))
+    key, pub, _ = keys
+    mcu = subprocess.Popen([sys.executable, "tests/e2e/fake_mcu.py", PROFILE], cwd=REPO,
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    agent = None
+    try:
+        port = mcu.stdout.readline().strip()
+        assert port.startswith("/dev/")
+        agent = AgentProcess(tmp_path / "s", pub, robot=f"serial:{port}?baudrate=115200",
+                             python=python, env={"ROBONAS_TFLITE_RUNTIME": "tflite_runtime"})
+        with agent.link() as link:
+            st = status(link)
+            assert st["runtime"]["name"] == "tflite_runtime"
+            good = test_models()["good"]
+            m = manifest_for(good)
+            r = deploy(link, good, m, sign_manifest(m, key), EASY)
+            assert r.type == MsgType.ACK, r.header
+            rep = link.request(Message(MsgType.RUN, {"episodes": 2, "seed": 1, "max_steps": 60}),
+                               timeout_s=120)
+            assert rep.type == MsgType.REPORT, rep.header
+            assert rep.header["runtime"] == "tflite_runtime"
+            assert rep.header["robot"].startswith("serial:") and rep.header["steps"] > 0
+            assert rep.header["nonfinite_actions"] == 0
+            print(f"robot venv: step p50/p99 {rep.header['timings_ms']['p50']*1000:.1f}/"
+                  f"{rep.header['timings_ms']['p99']*1000:.1f} us over {rep.header['steps']} steps")
+    finally:
+        if agent is not None:
+            agent.stop()
+        mcu.stdin.close()
+        mcu.wait(10)
