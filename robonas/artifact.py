@@ -2,7 +2,8 @@
 
 Leans on `device_agents.signing` for canonical JSON, Ed25519 signatures and the verdict (the
 robot runs the same code, so host and agent agree byte for byte) and on
-`device_agents.runtime` for the TFLite file check and the tensors' dtypes and quantisation.
+`device_agents.runtime` for the TFLite file check, the tensors' dtypes and quantisation and the
+check of `input_normalisation` (the robot reads the artifact with `TFLitePolicy.from_artifact`).
 
 Layout, chosen to be the simplest thing to verify:
 - `manifest.json` is written as exactly the canonical JSON that gets signed, so its bytes are the
@@ -24,10 +25,11 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from device_agents.runtime import MANIFEST_FILE, MODEL_FILE
 from robonas.errors import RobonasError
 
 FORMAT_VERSION = 1
-MODEL_FILE, MANIFEST_FILE, SIGNATURE_FILE = "policy.tflite", "manifest.json", "manifest.sig"
+SIGNATURE_FILE = "manifest.sig"  # model and manifest names are the runtime's (it reads them)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -51,20 +53,28 @@ def _tensor(spec) -> dict[str, Any]:
 
 def build_manifest(*, model: bytes, study: str, trial: int, arch, spaces: dict[str, Any],
                    frame_mean: np.ndarray, control_hz: float | None, parity: dict[str, Any],
-                   precision: str) -> dict[str, Any]:
-    """The manifest of `model`; tensor dtypes and quantisation are read from the model itself."""
+                   precision: str, input_normalisation: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
+    """The manifest of `model`; tensor dtypes and quantisation are read from the model itself.
+
+    `input_normalisation` ({mean, std, clip}, one mean/std per element of the stacked input) is
+    for a model that takes normalised observations: the robot's `TFLitePolicy` applies it (fused
+    into the int8 input quantisation). None means the model takes raw observations as they are.
+    `frame_mean` (raw units, one frame) is what the robot pads the history with after a reset.
+    """
     import robonas
     from device_agents.errors import DeviceError
     from device_agents.runtime import TFLitePolicy, runtime_name
 
     try:
-        policy = TFLitePolicy(model)  # also refuses bytes that are not a TFLite model
+        # also refuses bytes that are not a TFLite model, and a normalisation of the wrong size
+        policy = TFLitePolicy(model, input_normalisation=input_normalisation)
     except DeviceError as e:
         raise RobonasError(f"cannot describe the model: {e}") from e
     obs = spaces["observation"]
     action = dict(spaces["action"])
     action["output"] = "index" if action.get("discrete") else "value"
-    return {
+    manifest = {
         "format_version": FORMAT_VERSION,
         "robonas_version": robonas.__version__,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -81,7 +91,9 @@ def build_manifest(*, model: bytes, study: str, trial: int, arch, spaces: dict[s
             "history": arch.history, "history_order": "oldest_first",
             # raw values to fill the history with after a reset (normalise to SB3's zeros)
             "history_pad": [float(v) for v in np.asarray(frame_mean, np.float64).ravel()],
-            "normalisation": "folded into the model",
+            "normalisation": ("folded into the model" if input_normalisation is None else
+                              "by the runtime: input_normalisation, fused into the input "
+                              "quantisation"),
         },
         "action": action,
         "precision": precision,
@@ -93,6 +105,9 @@ def build_manifest(*, model: bytes, study: str, trial: int, arch, spaces: dict[s
         "model_size": len(model),
         "model_file": MODEL_FILE,
     }
+    if input_normalisation is not None:
+        manifest["input_normalisation"] = policy.input_normalisation  # checked, plain floats
+    return manifest
 
 
 def write_artifact(directory: str | Path, model_bytes: bytes, manifest: dict[str, Any],

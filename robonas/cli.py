@@ -31,6 +31,11 @@ def _mount_fleet() -> None:
     app.command("deploy")(deploy_command)
     app.add_typer(fleet_app, name="fleet")
 
+    from robonas.cli_calibrate import calibrate_app, rerank_command
+
+    app.add_typer(calibrate_app, name="calibrate")
+    app.command("rerank")(rerank_command)
+
 
 _mount_fleet()
 

@@ -98,13 +98,40 @@ def _deploy(artifact, fleet, agents, canary, episodes, seed, min_return, max_mis
                              min_return=min_return, max_miss_rate=max_miss_rate,
                              max_steps=max_steps, store=store, retries=retries, key=key)
             print(json.dumps(result.to_dict(), indent=2, default=str))
+            _recalibrate(store, [_study_of(artifact)], [e.device for e in inventory.select(agents)])
             return result
         result = _deploy_with_progress(artifact, inventory, agents, canary, episodes, seed,
                                        min_return, max_miss_rate, max_steps, retries, key, store)
+        _print_rollout(result)
+        _recalibrate(store, [_study_of(artifact)], [e.device for e in inventory.select(agents)])
     finally:
         store.close()
-    _print_rollout(result)
     return result
+
+
+def _study_of(artifact) -> Optional[str]:
+    from pathlib import Path
+
+    try:
+        return json.loads((Path(artifact) / "manifest.json").read_text()).get("study")
+    except (OSError, ValueError):
+        return None
+
+
+def _recalibrate(store, studies, profiles) -> None:
+    """New reports: refit the latency and gap models where they allow it and re-rank."""
+    from robonas.errors import StoreError
+    from robonas.recalibrate import after_reports
+
+    known = []
+    for name in filter(None, studies):
+        try:
+            store.get_study(name)
+            known.append(name)
+        except StoreError:
+            pass
+    for line in after_reports(store, known, profiles):
+        _console(stderr=True).print(f"recalibrate: {line}")
 
 
 def _deploy_with_progress(artifact, inventory, agents, canary, episodes, seed, min_return,
@@ -347,6 +374,15 @@ def _run(fleet, episodes, seed, agents, store_url) -> list[dict[str, Any]]:
             except FleetError as err:
                 row["error"] = str(err)
             rows.append(row)
+        studies = []
+        for r in rows:
+            if r.get("report_id") is not None:
+                trial_id = next((x.trial_id for x in store.device_reports(device=r["name"])
+                                 if x.id == r["report_id"]), None)
+                if trial_id is not None:
+                    studies.append(store.get_study_by_id(store.get_trial(trial_id).study_id).name)
+        if studies:
+            _recalibrate(store, studies, [e.device for e in entries])
     finally:
         store.close()
     return rows

@@ -4,13 +4,23 @@ Leans on `robonas.tflite_convert` (litert-torch for the float graph, ai-edge-qua
 `device_agents.runtime.TFLitePolicy` (the interpreter the robot runs, so the parity figures are
 those of the shipped bytes) and `robonas.artifact` (manifest, atomic files, Ed25519 signature).
 
-What is folded into the exported graph, so the robot feeds raw sensor values and gets a ready
-action (`DeployableActor`):
+`DeployableActor` is the torch reference of one control step, raw sensor values in, ready action
+out. It is two pieces:
 - observation normalisation exactly as SB3's `VecNormalize` applied it during training:
-  (obs - mean) / sqrt(var + epsilon), clipped to +-clip_obs, per frame of the history;
-- the action post-processing of SB3's deterministic `predict`: PPO on a Box clips the Gaussian
-  mean to the bounds; SAC squashes with tanh and rescales [-1, 1] to [low, high]; a Discrete
-  space takes the argmax of the logits.
+  (obs - mean) / sqrt(var + epsilon), clipped to +-clip_obs, per frame of the history. This is
+  NOT in the exported graph: the manifest carries it (`input_normalisation`, per element of the
+  stacked input) and the robot's `TFLitePolicy` applies it, fused into the int8 input
+  quantisation. Folded into the graph, the int8 input would hold raw observations under ONE
+  scale, and narrow features drown (cartpole: cart position spans +-2.4, cos(theta) moves by
+  0.003; the input rounding alone cost a mean action error of 0.09 in [-1, 1]). Normalised, every
+  feature gets ~255 steps over its own spread. fp32 artifacts use the same scheme, so there is
+  one graph, one manifest layout and one runtime path for both;
+- `PolicyHead`, the exported graph: the actor and the action post-processing of SB3's
+  deterministic `predict`: PPO on a Box clips the Gaussian mean to the bounds; SAC squashes with
+  tanh and rescales [-1, 1] to [low, high]; a Discrete space takes the argmax of the logits.
+The int8 quantiser is therefore calibrated on normalised observations, and the parity check runs
+the whole robot path (raw obs -> TFLitePolicy with normalisation -> action) against
+`DeployableActor` on raw obs.
 
 Discrete actions leave the model as ONE float: the action index. ARG_MAX followed by a cast to
 float converts cleanly through both tools (checked: one int8 output tensor, no bool tensors,
@@ -21,7 +31,7 @@ History: frames are stacked oldest first as in `VecFrameStack`; after a reset SB
 that vector (`observation.history_pad`) for the robot to pad with.
 
 The rollouts (calibration and parity) are written here rather than with SB3 because they drive
-the folded policy on raw observations, the same way the robot does, one env per seed.
+the policy on raw observations, the same way the robot does, one env per seed.
 """
 
 from __future__ import annotations
@@ -59,9 +69,31 @@ class ExportRefused(RobonasError):
         self.parity = parity
 
 
-# --- the folded policy --------------------------------------------------------------------------
+# --- the policy ---------------------------------------------------------------------------------
+class PolicyHead(nn.Module):
+    """The exported graph: normalised observation (1, input_dim) -> ready action (1, output_dim)."""
+
+    def __init__(self, actor: nn.Module, transform: str, low: torch.Tensor | None,
+                 high: torch.Tensor | None):
+        super().__init__()
+        self.actor = actor
+        self.transform = transform
+        if low is not None and high is not None:
+            self.register_buffer("low", low)
+            self.register_buffer("high", high)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        y = self.actor(z)
+        if self.transform == "argmax":
+            return torch.argmax(y, dim=-1, keepdim=True).to(torch.float32)
+        if self.transform == "tanh_rescale":
+            return self.low + 0.5 * (torch.tanh(y) + 1.0) * (self.high - self.low)
+        return torch.minimum(torch.maximum(y, self.low), self.high)
+
+
 class DeployableActor(nn.Module):
-    """Raw observation (1, obs_dim*history) float32 -> ready action (1, act_dim) or (1, 1) index."""
+    """Raw observation (1, obs_dim*history) float32 -> ready action (1, act_dim) or (1, 1) index:
+    normalisation (`normalise`), then `head`, the part that is exported."""
 
     def __init__(self, arch: PolicyArch, actor: nn.Module, obs_norm: dict[str, np.ndarray],
                  spaces: dict[str, Any]):
@@ -83,17 +115,34 @@ class DeployableActor(nn.Module):
         self.frame_mean = mean.astype(np.float32)
         self.clip_obs = float(obs_norm["clip_obs"])
         # per frame statistics, tiled over the history (VecNormalize runs before VecFrameStack)
-        inv_std = 1.0 / np.sqrt(var + float(obs_norm["epsilon"]))
-        self.register_buffer("mean", torch.tensor(np.tile(mean, arch.history), dtype=torch.float32))
-        self.register_buffer("inv_std", torch.tensor(np.tile(inv_std, arch.history),
-                                                     dtype=torch.float32))
+        self._std = np.tile(np.sqrt(var + float(obs_norm["epsilon"])), arch.history)
+        self._mean = np.tile(mean, arch.history)
+        self.register_buffer("mean", torch.tensor(self._mean, dtype=torch.float32))
+        self.register_buffer("inv_std", torch.tensor(1.0 / self._std, dtype=torch.float32))
+        low = high = None
         if self.discrete:
             self.output_dim = 1
         else:
-            low, high = _finite_bounds(action, arch.act_dim)
-            self.register_buffer("low", torch.tensor(low, dtype=torch.float32))
-            self.register_buffer("high", torch.tensor(high, dtype=torch.float32))
+            lo, hi = _finite_bounds(action, arch.act_dim)
+            low = torch.tensor(lo, dtype=torch.float32)
+            high = torch.tensor(hi, dtype=torch.float32)
             self.output_dim = arch.act_dim
+        self.head = PolicyHead(self.actor, self.transform, low, high)
+
+    def input_normalisation(self) -> dict[str, Any]:
+        """The manifest's `input_normalisation`: per element of the stacked input (history
+        expanded), what `TFLitePolicy(..., input_normalisation=...)` takes."""
+        return {"mean": [float(v) for v in self._mean], "std": [float(v) for v in self._std],
+                "clip": self.clip_obs}
+
+    def normalise_torch(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp((x - self.mean) * self.inv_std, -self.clip_obs, self.clip_obs)
+
+    def normalise(self, raw: np.ndarray) -> np.ndarray:
+        """Raw stacked observations (N, input_dim) -> what the exported head takes, float32."""
+        with torch.no_grad():
+            x = torch.as_tensor(np.asarray(raw, np.float32).reshape(-1, self.arch.input_dim))
+            return self.normalise_torch(x).numpy()
 
     @classmethod
     def from_trial_dir(cls, trial_dir: str | Path, arch: PolicyArch) -> DeployableActor:
@@ -124,13 +173,7 @@ class DeployableActor(nn.Module):
         return cls(arch, actor, obs_norm, spaces)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = torch.clamp((x - self.mean) * self.inv_std, -self.clip_obs, self.clip_obs)
-        y = self.actor(z)
-        if self.transform == "argmax":
-            return torch.argmax(y, dim=-1, keepdim=True).to(torch.float32)
-        if self.transform == "tanh_rescale":
-            return self.low + 0.5 * (torch.tanh(y) + 1.0) * (self.high - self.low)
-        return torch.minimum(torch.maximum(y, self.low), self.high)
+        return self.head(self.normalise_torch(x))
 
     def act(self, obs: np.ndarray) -> np.ndarray:
         """Torch reference of one control step: stacked raw observation -> action (output_dim,)."""
@@ -206,14 +249,15 @@ def calibration_inputs(actor: DeployableActor, env_id: str, env_kwargs: dict[str
 
 def parity(actor: DeployableActor, model: bytes, env_id: str, env_kwargs: dict[str, Any],
            episodes: int) -> dict[str, Any]:
-    """Action error on held-out observations and sim return of the TFLite model vs torch.
+    """Action error on held-out observations and sim return of the TFLite model (`head`
+    exported, run with the actor's input normalisation, as the robot runs it) vs torch on raw obs.
 
     The torch policy's own episodes (parity seeds, nominal dynamics) supply the held-out
     observations; the TFLite model then plays the same seeds through the interpreter.
     """
     from device_agents.runtime import TFLitePolicy
 
-    policy = TFLitePolicy(model)
+    policy = TFLitePolicy(model, input_normalisation=actor.input_normalisation())
     seeds = [PARITY_SEED + i for i in range(episodes)]
     torch_returns, held_out = rollouts(actor, actor.act, env_id, env_kwargs, seeds)
     ref = np.stack([actor.act(x) for x in held_out])
@@ -331,12 +375,13 @@ def export_trial(store, study_name: str, trial_id: int | None = None, *, fp32: b
     env_id = actor.spaces.get("env_id") or config.env.id
     env_kwargs = dict(config.env.kwargs)
     precision = "fp32" if fp32 else "int8"
+    # the graph takes normalised observations; the robot normalises (see the module docstring)
     if fp32:
-        model = to_tflite_fp32(actor, arch.input_dim)
+        model = to_tflite_fp32(actor.head, arch.input_dim)
     else:
         calib = calibration_inputs(actor, env_id, env_kwargs, config.export.calibration_episodes,
                                    dict(config.robustness))
-        model = to_tflite_int8(actor, calib)
+        model = to_tflite_int8(actor.head, actor.normalise(calib))
         if actor.discrete:
             _check_index_range(model, actor.spaces["action"]["n"])
 
@@ -357,7 +402,7 @@ def export_trial(store, study_name: str, trial_id: int | None = None, *, fp32: b
     manifest = build_manifest(
         model=model, study=study.name, trial=trial.id, arch=arch, spaces=actor.spaces,
         frame_mean=actor.frame_mean, control_hz=_control_hz(env_id, env_kwargs), parity=figures,
-        precision=precision,
+        precision=precision, input_normalisation=actor.input_normalisation(),
     )
     dest = Path(out_dir) if out_dir is not None else (
         run_dir_for(store.url) / "studies" / study.name / "artifacts" / f"trial-{trial.id}-{precision}")
@@ -375,5 +420,5 @@ def export_trial(store, study_name: str, trial_id: int | None = None, *, fp32: b
     return ExportResult(dest, manifest, row.id)
 
 
-__all__ = ["DeployableActor", "ExportRefused", "ExportResult", "calibration_inputs", "export_trial",
-           "parity", "rollouts"]
+__all__ = ["DeployableActor", "ExportRefused", "ExportResult", "PolicyHead", "calibration_inputs",
+           "export_trial", "parity", "rollouts"]

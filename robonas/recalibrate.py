@@ -207,3 +207,132 @@ def rescore_study(store: Store, study_name: str) -> tuple[list[RankChange], dict
 
 def _finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
+
+
+# --- latency ------------------------------------------------------------------------------
+MIN_LATENCY_SAMPLES = 6
+
+
+def robots_of(store: Store, profile: str) -> list[str]:
+    """Names of the robots registered with device profile `profile`."""
+    return [d.name for d in store.devices() if d.profile == profile]
+
+
+def latency_samples_from_reports(store: Store, profile: str) -> list:
+    """Measured step timings of known architectures on robots of one device profile:
+    calibration BENCH reports (which carry the probe's arch) and run/canary reports of
+    deployed trials."""
+    from robonas.latency_calibration import LatencySample
+
+    samples = []
+    reports = [r for robot in robots_of(store, profile) for r in store.device_reports(device=robot)]
+    for r in reports:
+        p = r.payload
+        arch = None
+        if r.kind == "bench" and p.get("arch"):
+            arch = PolicyArch.from_dict(p["arch"])
+            step = (p.get("bench") or {}).get("step_us") or {}
+            p50, p99 = step.get("p50"), step.get("p99")
+            p50, p99 = (None if p50 is None else p50 / 1000.0), (None if p99 is None else p99 / 1000.0)
+        elif r.kind in REAL_REPORT_KINDS and r.trial_id is not None:
+            arch = PolicyArch.from_json(store.get_trial(r.trial_id).arch_json)
+            timings = p.get("timings_ms") or {}
+            p50, p99 = timings.get("p50"), timings.get("p99")
+        if arch is not None and p50 and p99:
+            samples.append(LatencySample(arch, float(p50), max(float(p99), float(p50))))
+    return samples
+
+
+def fit_latency(store: Store, device_name: str, samples: list, holdout: float = 0.25,
+                seed: int = 0) -> tuple[Any, int, dict[str, Any]]:
+    """Fit on a split, report held-out accuracy (and the uncalibrated prior's), store it."""
+    from robonas.devices import load_device
+    from robonas.latency_calibration import (
+        fit_roofline,
+        holdout_accuracy,
+        save_latency_model,
+        split_holdout,
+    )
+
+    if len(samples) < MIN_LATENCY_SAMPLES:
+        raise RobonasError(
+            f"calibrate latency: {len(samples)} timing sample(s) for {device_name}; at least "
+            f"{MIN_LATENCY_SAMPLES} are needed (use --n-archs {MIN_LATENCY_SAMPLES} or more)"
+        )
+    device = load_device(device_name)
+    train, held = split_holdout(samples, holdout, seed)
+    model = fit_roofline(train, device)
+    acc = holdout_accuracy(model, held)
+    prior = holdout_accuracy(AnalyticLatencyModel(), held, device=device)
+    rows = [
+        {"arch_id": s.arch.arch_id, "arch": s.arch.describe(), "measured_ms": s.p50_ms,
+         "predicted_ms": model.predict(s.arch, device).p50_ms,
+         "prior_ms": AnalyticLatencyModel().predict(s.arch, device).p50_ms}
+        for s in held
+    ]
+    metrics = {"n_train": len(train), "n_holdout": len(held), "holdout_mape": acc["mape"],
+               "holdout_within_10pct": acc["within_10pct"], "prior_holdout_mape": prior["mape"],
+               "prior_within_10pct": prior["within_10pct"], "holdout": rows}
+    version = save_latency_model(store, device.name, model, metrics)
+    return model, version, metrics
+
+
+def calibrate_latency_on_agent(store: Store, client: Any, robot: str, device_name: str, space: Any,
+                               n_archs: int, runs: int, seed: int = 0,
+                               progress: Any = None) -> tuple[Any, int, dict[str, Any]]:
+    """Compile a space-covering probe set, BENCH it on the agent, fit, and only then store."""
+    from robonas.latency_calibration import select_calibration_archs
+    from robonas.latency_probe import compile_probe, measure
+
+    if n_archs < MIN_LATENCY_SAMPLES:
+        raise RobonasError(f"--n-archs {n_archs}: at least {MIN_LATENCY_SAMPLES} are needed "
+                           "(a quarter is held out to measure accuracy)")
+    client.hello()  # an unreachable agent fails here, before any work
+    archs = select_calibration_archs(space, n_archs, seed)
+    probes = [compile_probe(a, seed) for a in archs]
+    samples = measure(client, probes, runs, progress)  # raises before anything is stored
+    store.add_device(robot, device_name)
+    for s in samples:
+        store.add_device_report(robot, "bench", {
+            "arch": s.arch.to_dict(), "arch_id": s.arch.arch_id,
+            "bench": {"step_us": {"p50": s.p50_ms * 1000.0, "p99": s.p99_ms * 1000.0}},
+        })
+    return fit_latency(store, device_name, samples, seed=seed)
+
+
+# --- the loop -----------------------------------------------------------------------------
+def after_reports(store: Store, study_names: list[str], profiles: list[str]) -> list[str]:
+    """Refit what the new reports allow and re-rank the studies; returns one line per step."""
+    lines = []
+    for device in sorted(set(profiles)):
+        try:
+            samples = latency_samples_from_reports(store, device)
+        except RobonasError as e:
+            lines.append(f"latency model for {device}: not refitted: {e}")
+            continue
+        if len(samples) >= MIN_LATENCY_SAMPLES:
+            _, version, m = fit_latency(store, device, samples)
+            lines.append(f"latency model for {device}: version {version} from {len(samples)} timings, "
+                         f"held-out MAPE {m['holdout_mape']:.1%}")
+        else:
+            lines.append(f"latency model for {device}: {len(samples)} timing(s), "
+                         f"{MIN_LATENCY_SAMPLES} needed to refit")
+    for name in sorted(set(study_names)):
+        if "search" not in store.get_study(name).config:
+            lines.append(f"{name}: no search config stored; not re-ranked")
+            continue
+        try:
+            _, version, m = calibrate_gap(store, name)
+            lines.append(f"gap model for {name}: version {version} from {m['n']} (trial, robot) pairs, "
+                         f"MAE {m['mae']:.1f}")
+        except RobonasError as e:
+            lines.append(str(e))
+        try:
+            changes, models = rescore_study(store, name)
+        except (RobonasError, KeyError) as e:
+            lines.append(f"{name}: not re-ranked: {e!r}")
+            continue
+        moved = sum(c.rank_before != c.rank_after for c in changes)
+        lines.append(f"re-ranked {name} with {models['latency_model']}, {models['gap_model']}: "
+                     f"{moved} of {len(changes)} trials moved")
+    return lines

@@ -261,6 +261,16 @@ class AgentClient:
                               extra_s=self.bench_timeout_s * (1 + runs / 1000))
         return self._expect("bench", reply, MsgType.REPORT, MsgType.ACK)
 
+    def bench_model(self, model: bytes, runs: int = 1000) -> dict[str, Any]:
+        """BENCH a model sent inline (one frame, at most MAX_PAYLOAD bytes); slots untouched."""
+        if len(model) > MAX_PAYLOAD:
+            raise ConfigError(f"bench_model: {len(model)} bytes is over the inline limit of "
+                              f"{MAX_PAYLOAD}; deploy it and bench the slot instead")
+        header = {"runs": runs, "size": len(model), "sha256": hashlib.sha256(model).hexdigest()}
+        reply = self._request("bench", MsgType.BENCH, header, payload=model,
+                              extra_s=self.bench_timeout_s * (1 + runs / 1000))
+        return self._expect("bench", reply, MsgType.REPORT)
+
     # ------------------------------------------------------------------ deploy
     def deploy(self, artifact_dir: str | Path, canary: Canary | dict | None = None,
                progress: Progress | None = None, *, signature: str | None = None,
