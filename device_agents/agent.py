@@ -365,13 +365,21 @@ class Agent:
         from device_agents.bench import bench_model
 
         h = msg.header
-        if "size" in h:
-            raise Refused("unsupported", "this agent benchmarks slot models only; deploy the "
-                                         "model or name a slot")
         runs = _int(h, "runs", 1)
         warmup = _int(h, "warmup", 0, 50)
         if runs > 100_000 or warmup > 10_000:
             raise Refused("bad header", f"runs {runs} / warmup {warmup} over 100000 / 10000")
+        if "size" in h:
+            # An inline probe model (latency calibration): timed, never stored, slots untouched.
+            # It must fit one frame; bigger models are benchmarked after a deploy, by slot.
+            size, sha = _int(h, "size", 1), h.get("sha256")
+            if size != len(msg.payload):
+                raise Refused("mismatch", f"size {size} but {len(msg.payload)} payload bytes")
+            if sha != hashlib.sha256(msg.payload).hexdigest():
+                raise Refused("mismatch", "sha256 of the inline model does not match")
+            result = bench_model(bytes(msg.payload), runs=runs, warmup=warmup)
+            return msg.reply(MsgType.REPORT, {"bench": result, "slot": None, "sha256": sha,
+                                              "agent": self.agent_id, "device": self.device})
         slot = self._pick_slot(h)
         info = self.slots.inspect(slot)
         if not info.ok:
