@@ -117,12 +117,15 @@ class Agent:
             self._robot = make_robot(self.robot_spec, self.fast)
         return self._robot
 
-    def _policy(self, model: bytes, sha256: str) -> Any:
+    def _policy(self, model: bytes, sha256: str, manifest: dict) -> Any:
         if sha256 not in self._policies:
             from device_agents.runtime import TFLitePolicy
 
             self._policies.clear()  # at most the model in use is kept loaded
-            self._policies[sha256] = TFLitePolicy(bytes(model))
+            # the per-feature normalisation is part of the signed manifest, fused into the
+            # input quantisation by the runtime
+            self._policies[sha256] = TFLitePolicy(
+                bytes(model), input_normalisation=manifest.get("input_normalisation"))
         return self._policies[sha256]
 
     def _slot_policy(self, slot: str) -> tuple:
@@ -130,7 +133,8 @@ class Agent:
         if not info.ok or info.manifest is None:
             raise Refused("no policy", f"slot {slot} holds no verified policy "
                                        f"({info.verdict.reason})")
-        return self._policy(info.model_path.read_bytes(), info.sha256 or ""), info.manifest
+        return (self._policy(info.model_path.read_bytes(), info.sha256 or "", info.manifest),
+                info.manifest)
 
     def close(self) -> None:
         if self._robot is not None:
@@ -262,7 +266,7 @@ class Agent:
         if not verdict.ok:
             raise Refused(verdict.reason, verdict.detail)
         try:
-            policy = self._policy(model, t.sha256)
+            policy = self._policy(model, t.sha256, t.manifest)
         except ModelError as e:
             raise Refused("bad model", str(e)[:300]) from e
         self._check_fits(policy, t.manifest)

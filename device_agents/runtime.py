@@ -14,15 +14,30 @@ Two things are done by hand, on purpose:
 - Quantisation of the input and dequantisation of the output (int8 models have int8 input and
   output tensors), done with numpy ufuncs into buffers allocated once, so a control step
   allocates no arrays of its own.
+- Observation normalisation (`input_normalisation`: per input element mean, std and a clip, as
+  SB3's `VecNormalize` applied it in training). Exported models take the NORMALISED observation;
+  for an int8 input the affine map is fused into the quantisation, q = clip(round(obs * a + b),
+  lo, hi) with a = 1 / (std * scale), b = zero_point - mean / (std * scale) per element. That is
+  per-feature input quantisation, which TFLite does not offer for activations: folding the
+  normalisation into the graph instead leaves one int8 scale for raw features of very different
+  ranges (cart position +-2.4 next to a cos(theta) that moves by 0.003). The clip folds into the
+  integer bounds: rounding is monotone, so clipping z to +-clip before quantising equals clipping
+  q to [round(-clip / scale + zp), round(clip / scale + zp)] after.
+`TFLitePolicy.from_artifact(dir)` (or a directory given as the model) reads `manifest.json` and
+`policy.tflite` with the standard library, so agent, bench and host share one entry point,
+`act(raw_obs)`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
+import math
 import os
 import struct
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Dict, Optional, Union
 
 import numpy as np
 
@@ -35,6 +50,9 @@ RUNTIMES = {
     "ai_edge_litert": "ai_edge_litert.interpreter",
 }
 TFLITE_IDENTIFIER = b"TFL3"
+# An artifact directory as robonas.artifact writes it.
+MANIFEST_FILE, MODEL_FILE = "manifest.json", "policy.tflite"
+NORMALISATION_KEYS = ("mean", "std", "clip")
 
 ModelSource = Union[bytes, bytearray, memoryview, str, Path]
 
@@ -235,6 +253,66 @@ def read_model(model: ModelSource) -> tuple[bytes, str]:
     raise ModelError(f"model: expected bytes or a file path, got {type(model).__name__}")
 
 
+def read_artifact(directory: Union[str, Path]) -> tuple[bytes, str, Dict[str, Any]]:
+    """(model bytes, a name for messages, manifest) of an artifact directory.
+
+    Checks what the runtime relies on: the manifest is a JSON object and, when it names one, the
+    model's sha256 matches. (Signatures are the agent's business: `device_agents.signing`.)
+    """
+    d = Path(directory)
+    manifest_path = d / MANIFEST_FILE
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ModelError(f"artifact {str(d)!r}: cannot read {MANIFEST_FILE}: "
+                         f"{e.strerror or e}") from e
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ModelError(f"artifact {str(d)!r}: {MANIFEST_FILE} is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict):
+        raise ModelError(f"artifact {str(d)!r}: {MANIFEST_FILE} is not a JSON object")
+    name = manifest.get("model_file", MODEL_FILE)
+    if not isinstance(name, str) or not name or Path(name).name != name:
+        raise ModelError(f"artifact {str(d)!r}: model_file {name!r} is not a file name")
+    data, source = read_model(d / name)
+    sha = manifest.get("sha256")
+    if sha is not None and hashlib.sha256(data).hexdigest() != str(sha).lower():
+        raise ModelError(f"artifact {str(d)!r}: {name} does not match the manifest's sha256 {sha}")
+    return data, source, manifest
+
+
+def check_normalisation(norm: Any, size: int, source: str = "model") -> Dict[str, Any]:
+    """`input_normalisation` as float64 arrays {mean, std, clip}; ModelError names what is bad.
+
+    mean and std have one value per element of the (stacked) input; std > 0; clip > 0 or None
+    (no clip).
+    """
+    if not isinstance(norm, dict) or set(norm) != set(NORMALISATION_KEYS):
+        got = sorted(norm) if isinstance(norm, dict) else type(norm).__name__
+        raise ModelError(f"{source}: input_normalisation must be a dict with keys "
+                         f"{', '.join(NORMALISATION_KEYS)}; got {got}")
+    out: Dict[str, Any] = {}
+    for key in ("mean", "std"):
+        try:
+            v = np.asarray(norm[key], np.float64).ravel()
+        except (TypeError, ValueError) as e:
+            raise ModelError(f"{source}: input_normalisation.{key} is not a list of numbers: "
+                             f"{e}") from e
+        if v.size != size:
+            raise ModelError(f"{source}: input_normalisation.{key} has {v.size} values, the "
+                             f"model takes {size}")
+        if not np.all(np.isfinite(v)) or (key == "std" and not np.all(v > 0)):
+            raise ModelError(f"{source}: input_normalisation.{key} must be finite"
+                             + (" and > 0" if key == "std" else "") + f": {v.tolist()}")
+        out[key] = v
+    clip = norm["clip"]
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
+                             or not math.isfinite(clip) or clip <= 0):
+        raise ModelError(f"{source}: input_normalisation.clip {clip!r} is not a positive number "
+                         "or null")
+    out["clip"] = None if clip is None else float(clip)
+    return out
+
+
 # --- the policy --------------------------------------------------------------------------------
 _SUPPORTED_DTYPES = (np.float32, np.int8, np.uint8, np.int16)
 
@@ -264,14 +342,28 @@ class _TensorSpec:
 class TFLitePolicy:
     """One policy model with one input (the observation) and one output (the action).
 
-    `act(obs)` is the whole control step: quantise, invoke, dequantise. The pieces are public
-    too, so a benchmark can time the interpreter alone.
+    `act(raw_obs)` is the whole control step: normalise and quantise, invoke, dequantise. The
+    pieces are public too, so a benchmark can time the interpreter alone.
+
+    `model` is the model's bytes, a `.tflite` path, or an artifact directory (then its manifest's
+    `input_normalisation` applies, see `from_artifact`). `input_normalisation` is
+    {mean: [...], std: [...], clip: c or None}, one mean/std per input element; None feeds the
+    observation to the model as it is (a model that folds normalisation in, or a bare model).
     """
 
-    def __init__(self, model: ModelSource, threads: int = 1):
+    def __init__(self, model: ModelSource, threads: int = 1,
+                 input_normalisation: Optional[Dict[str, Any]] = None):
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise DeviceError(f"threads: {threads!r} is not a positive integer")
-        data, source = read_model(model)
+        self.manifest: Optional[Dict[str, Any]] = None
+        if isinstance(model, (str, Path)) and Path(model).is_dir():
+            data, source, self.manifest = read_artifact(model)
+            if input_normalisation is not None:
+                raise ModelError(f"{source}: input_normalisation comes from the artifact's "
+                                 "manifest; do not pass it as well")
+            input_normalisation = self.manifest.get("input_normalisation")
+        else:
+            data, source = read_model(model)
         check_tflite(data, source)
         interpreter_class = load_interpreter_class()
         self.source = source
@@ -302,6 +394,39 @@ class TFLitePolicy:
         if self.input.quantized:
             info = np.iinfo(self.input.dtype)
             self._in_min, self._in_max = float(info.min), float(info.max)
+        self.input_normalisation: Optional[Dict[str, Any]] = None
+        if input_normalisation is not None:
+            self._set_normalisation(check_normalisation(input_normalisation, self.input.size,
+                                                        source))
+
+    @classmethod
+    def from_artifact(cls, directory: Union[str, Path], threads: int = 1) -> "TFLitePolicy":
+        """The policy of an artifact directory (`manifest.json` + `policy.tflite`), normalising
+        as its manifest says (no `input_normalisation` there: the identity)."""
+        if not Path(directory).is_dir():
+            raise ModelError(f"artifact {str(directory)!r}: not a directory")
+        return cls(directory, threads=threads)
+
+    def _set_normalisation(self, norm: Dict[str, Any]) -> None:
+        """Precompute the per-element affine map (once: a step then costs what it did before)."""
+        self.input_normalisation = {"mean": norm["mean"].tolist(), "std": norm["std"].tolist(),
+                                    "clip": norm["clip"]}
+        mean, std, clip = norm["mean"], norm["std"], norm["clip"]
+        shape = self.input.shape
+        if self.input.quantized:
+            # computed in float64, applied in float32
+            k = 1.0 / (std * self.input.scale)
+            self._a = (k).reshape(shape).astype(np.float32)
+            self._b = (self.input.zero_point - mean * k).reshape(shape).astype(np.float32)
+            if clip is not None:
+                zp, s = self.input.zero_point, self.input.scale
+                self._in_min = max(self._in_min, float(np.rint(-clip / s + zp)))
+                self._in_max = min(self._in_max, float(np.rint(clip / s + zp)))
+        else:
+            # float model: exactly torch's (x - mean) * inv_std, then the clip
+            self._mean = mean.reshape(shape).astype(np.float32)
+            self._inv_std = (1.0 / std).reshape(shape).astype(np.float32)
+            self._clip = None if clip is None else np.float32(clip)
 
     # --- description ---------------------------------------------------------------------
     @property
@@ -331,7 +456,8 @@ class TFLitePolicy:
 
     # --- the step, in pieces -------------------------------------------------------------
     def quantize_input(self, obs: np.ndarray) -> np.ndarray:
-        """Write `obs` (float, input_size values) into the input buffer, in the tensor's dtype."""
+        """Write the raw observation `obs` (float, input_size values) into the input buffer,
+        normalised if the policy has an `input_normalisation`, in the tensor's dtype."""
         obs = np.asarray(obs)
         if obs.size != self.input.size:
             raise ModelError(
@@ -339,15 +465,30 @@ class TFLitePolicy:
                 f"{self.input.size} (shape {self.input.shape})"
             )
         obs = obs.reshape(self.input.shape)  # a view for any contiguous observation
-        if not self.input.quantized:
-            np.copyto(self._in, obs, casting="same_kind")
-            return self._in
         f = self._in_f
-        # q = round(x / scale) + zero_point, saturated: TFLite's own input quantisation (it
-        # rounds ties away from zero, numpy to even; they differ only on exact .5 ties).
-        np.divide(obs, self.input.scale, out=f, casting="same_kind")
-        np.rint(f, out=f)
-        np.add(f, self._in_zero, out=f)
+        if not self.input.quantized:
+            if self.input_normalisation is None:
+                np.copyto(self._in, obs, casting="same_kind")
+                return self._in
+            np.subtract(obs, self._mean, out=f, casting="same_kind")
+            np.multiply(f, self._inv_std, out=f)
+            if self._clip is not None:
+                np.maximum(f, -self._clip, out=f)
+                np.minimum(f, self._clip, out=f)
+            np.copyto(self._in, f, casting="same_kind")
+            return self._in
+        if self.input_normalisation is None:
+            # q = round(x / scale) + zero_point, saturated: TFLite's own input quantisation (it
+            # rounds ties away from zero, numpy to even; they differ only on exact .5 ties).
+            np.divide(obs, self.input.scale, out=f, casting="same_kind")
+            np.rint(f, out=f)
+            np.add(f, self._in_zero, out=f)
+        else:
+            # q = round(obs * a + b): normalisation and quantisation in one per-element map;
+            # the zero point is inside b, and the clip inside the saturation bounds
+            np.multiply(obs, self._a, out=f, casting="same_kind")
+            np.add(f, self._b, out=f)
+            np.rint(f, out=f)
         # maximum/minimum rather than np.clip: 4x faster on a few dozen values
         np.maximum(f, self._in_min, out=f)
         np.minimum(f, self._in_max, out=f)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -326,6 +327,48 @@ def report(
     from robonas.report import write_report
 
     print(write_report(_open_store(store), study, out))
+
+
+
+@app.command()
+def demo(
+    quick: bool = typer.Option(False, "--quick", help="A shorter run (what the tests use)."),
+    workdir: Optional[str] = typer.Option(None, "--workdir", help="Where the demo writes (default runs/demo; wiped first)."),
+    keep: bool = typer.Option(False, "--keep", help="Resume in an existing workdir instead of wiping it."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """The whole loop on this machine: search, export, local robot agents on reality profiles,
+    deploy with canary, reports, latency and gap calibration, re-ranking, HTML report."""
+    from robonas.demo import default_workdir, explain, run_demo
+
+    console = _console()
+    say = (lambda _m: None) if as_json else console.print
+    progress, hooks = _search_progress(as_json)
+    with progress:
+        result = run_demo(Path(workdir) if workdir else default_workdir(), quick=quick,
+                          fresh=not keep, say=say, progress_hooks=hooks)
+    if as_json:
+        print(json.dumps({**result.to_dict(), "explanation": explain(result)}, indent=2, default=str))
+        return
+    from robonas.cli_calibrate import print_rank_changes
+    from rich.table import Table
+
+    t = Table(title="how the ranking moved once the robots reported")
+    for col in ("trial", "arch", "rank before", "rank after", "pred real before", "pred real after", "measured real"):
+        t.add_column(col, justify="left" if col == "arch" else "right")
+    before = {r["trial"]: r for r in result.before}
+    for r in result.after:
+        b = before[r["trial"]]
+        real = result.measured.get(r["trial"])
+        t.add_row(str(r["trial"]), r["arch"], str(b["rank"]), str(r["rank"]),
+                  f"{b['predicted_real_return']:.1f}", f"{r['predicted_real_return']:.1f}",
+                  ", ".join(f"{k} {v:.0f}" for k, v in real.items()) if real else "-")
+    console.print(t)
+    for line in explain(result):
+        console.print(f"  {line}")
+    for note in result.notes:
+        console.print(f"  note: {note}")
+    console.print(f"demo finished in {result.wall_s:.0f} s; report: {result.report}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,6 @@
 """device_agents.runtime, .bench and .cli: on the host (ai_edge_litert) and in a robot-style venv
-(tflite_runtime, numpy<2, no torch)."""
+(tflite_runtime, numpy<2, no torch); input normalisation fused into the int8 quantisation, and
+artifact directories (`from_artifact`, bench on a directory)."""
 
 from __future__ import annotations
 
@@ -68,6 +69,125 @@ def test_act_reuses_out_and_returns_fresh_arrays_otherwise(policy_models) -> Non
     assert a is not b and not np.array_equal(a, b)
     assert policy.act(policy_models.holdout[0], out=out) is out
     np.testing.assert_array_equal(out, a)
+
+
+# --- input normalisation ---------------------------------------------------------------------
+def _norm(size: int, seed: int = 0, clip=2.5) -> dict:
+    """Per-element statistics of very different spreads (1e-3 .. 3), as a trained policy has."""
+    rng = np.random.default_rng(seed)
+    return {"mean": rng.normal(0, 2, size).tolist(),
+            "std": np.exp(rng.uniform(np.log(1e-3), np.log(3.0), size)).tolist(), "clip": clip}
+
+
+def _raw(norm: dict, z: np.ndarray) -> np.ndarray:
+    """Raw observations that normalise to `z`."""
+    return (np.asarray(norm["mean"]) + np.asarray(norm["std"]) * z).astype(np.float32)
+
+
+def test_int8_normalisation_is_fused_into_the_quantisation(policy_models) -> None:
+    size = policy_models.arch.input_dim
+    norm = _norm(size)
+    policy = TFLitePolicy(policy_models.int8, input_normalisation=norm)
+    scale, zero_point = policy.input_quantization
+    plain = TFLitePolicy(policy_models.int8)
+    # normalised values inside, at and beyond the clip and beyond the int8 range
+    for z in (policy_models.holdout[:20], np.linspace(-6, 6, 4 * size).reshape(4, size)):
+        for zi in z.astype(np.float32):
+            raw = _raw(norm, zi)
+            expected = np.clip(np.rint(np.clip(zi, -2.5, 2.5) / scale) + zero_point, -128, 127)
+            # one step apart at most where float32 rounding meets a .5 tie
+            q = policy.quantize_input(raw).astype(np.int64).ravel()
+            assert np.abs(q - expected).max() <= 1 and (q != expected).mean() < 0.05
+            # and the step equals the plain model fed the normalised, clipped observation
+            np.testing.assert_allclose(policy.act(raw), plain.act(np.clip(zi, -2.5, 2.5)),
+                                       atol=2 * plain.output.scale)
+    assert policy.input_normalisation == {**norm, "clip": 2.5}
+
+
+def test_int8_clip_wider_than_the_tensor_range_is_the_int8_saturation(policy_models) -> None:
+    norm = _norm(policy_models.arch.input_dim, clip=1e6)
+    policy = TFLitePolicy(policy_models.int8, input_normalisation=norm)
+    q = policy.quantize_input(_raw(norm, np.full(policy_models.arch.input_dim, 1e4)))
+    assert (q == 127).all()
+    q = policy.quantize_input(_raw(norm, np.full(policy_models.arch.input_dim, -1e4)))
+    assert (q == -128).all()
+
+
+def test_fp32_normalisation_matches_torch_on_normalised_input(policy_models) -> None:
+    import torch
+
+    norm = _norm(policy_models.arch.input_dim, seed=1)
+    policy = TFLitePolicy(policy_models.fp32, input_normalisation=norm)
+    z = policy_models.holdout[:20]
+    with torch.no_grad():
+        ref = policy_models.module(torch.from_numpy(np.clip(z, -2.5, 2.5))).numpy()
+    got = np.stack([policy.act(_raw(norm, zi)) for zi in z])
+    np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max())
+    # no clip: the normalised value passes as it is
+    unclipped = TFLitePolicy(policy_models.fp32, input_normalisation={**norm, "clip": None})
+    zi = np.full(policy_models.arch.input_dim, 4.0, np.float32)
+    np.testing.assert_allclose(unclipped.quantize_input(_raw(norm, zi)).ravel(), zi, rtol=1e-4)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"mean": [0.0] * 3}, "mean has 3 values, the model takes 17"),
+    ({"std": [0.0] * 17}, r"std must be finite and > 0"),
+    ({"std": [float("nan")] * 17}, r"std must be finite"),
+    ({"mean": ["a"] * 17}, "mean is not a list of numbers"),
+    ({"clip": -1.0}, "clip -1.0 is not a positive number or null"),
+    ({"clip": True}, "clip True"),
+    ({"scale": 1.0}, "keys mean, std, clip"),
+])
+def test_bad_normalisation(policy_models, change, match) -> None:
+    norm = {**_norm(policy_models.arch.input_dim), **change}
+    with pytest.raises(ModelError, match=match):
+        TFLitePolicy(policy_models.int8, input_normalisation=norm)
+
+
+def _artifact(directory: Path, model: bytes, norm: dict | None) -> Path:
+    import hashlib
+
+    directory.mkdir()
+    (directory / "policy.tflite").write_bytes(model)
+    manifest = {"sha256": hashlib.sha256(model).hexdigest(), "model_file": "policy.tflite"}
+    if norm is not None:
+        manifest["input_normalisation"] = norm
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    return directory
+
+
+def test_from_artifact_reads_the_manifest(policy_models, tmp_path: Path) -> None:
+    norm = _norm(policy_models.arch.input_dim)
+    d = _artifact(tmp_path / "a", policy_models.int8, norm)
+    policy = TFLitePolicy.from_artifact(d)
+    direct = TFLitePolicy(policy_models.int8, input_normalisation=norm)
+    assert policy.manifest["input_normalisation"] == norm and policy.source.endswith("policy.tflite")
+    raw = _raw(norm, policy_models.holdout[0])
+    np.testing.assert_array_equal(policy.act(raw), direct.act(raw))
+    # no input_normalisation in the manifest: the identity
+    bare = TFLitePolicy.from_artifact(_artifact(tmp_path / "b", policy_models.int8, None))
+    assert bare.input_normalisation is None
+    np.testing.assert_array_equal(bare.act(raw), TFLitePolicy(policy_models.int8).act(raw))
+    with pytest.raises(ModelError, match="comes from the artifact's manifest"):
+        TFLitePolicy(d, input_normalisation=norm)
+
+
+def test_from_artifact_bad_directories(policy_models, tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="not a directory"):
+        TFLitePolicy.from_artifact(tmp_path / "nowhere")
+    d = _artifact(tmp_path / "a", policy_models.int8, None)
+    (d / "policy.tflite").write_bytes(policy_models.fp32)
+    with pytest.raises(ModelError, match="does not match the manifest's sha256"):
+        TFLitePolicy.from_artifact(d)
+    (d / "manifest.json").write_text("[1, 2")
+    with pytest.raises(ModelError, match="manifest.json is not valid JSON"):
+        TFLitePolicy.from_artifact(d)
+    (d / "manifest.json").write_text(json.dumps({"model_file": "../policy.tflite"}))
+    with pytest.raises(ModelError, match="model_file '../policy.tflite' is not a file name"):
+        TFLitePolicy.from_artifact(d)
+    (d / "manifest.json").unlink()
+    with pytest.raises(ModelError, match="cannot read manifest.json"):
+        TFLitePolicy.from_artifact(d)
 
 
 def test_wrong_observation_size(policy_models) -> None:
@@ -169,6 +289,14 @@ def test_cli_bench_json(policy_models, capsys) -> None:
     assert result["runtime"] == "ai_edge_litert"
 
 
+def test_cli_bench_artifact_dir(policy_models, capsys, tmp_path: Path) -> None:
+    d = _artifact(tmp_path / "a", policy_models.int8, _norm(policy_models.arch.input_dim))
+    assert main(["bench", str(d), "--runs", "50", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    _check_bench(result, len(policy_models.int8))
+    assert result["model"] == str(d) and result["input_dtype"] == "int8"
+
+
 def test_cli_bench_table(policy_models, capsys) -> None:
     assert main(["bench", str(policy_models.fp32_path), "--runs", "50"]) == 0
     out = capsys.readouterr().out
@@ -224,11 +352,12 @@ _ROBOT_SCRIPT = """
 import importlib.util, json, sys
 import numpy as np
 from device_agents.runtime import TFLitePolicy, runtime_name
-obs = np.load(sys.argv[1])
 result = {"runtime": runtime_name(), "numpy": np.__version__,
           "host_only": [m for m in ("torch", "pybullet", "gymnasium")
                         if importlib.util.find_spec(m) is not None]}
-for name in sys.argv[2:]:
+for arg in sys.argv[1:]:
+    name, obs_file = arg.split("::")  # a model file or an artifact dir, its observations
+    obs = np.load(obs_file)
     policy = TFLitePolicy(name)
     raws, acts = [], []
     for o in obs:
@@ -240,17 +369,24 @@ print(json.dumps(result))
 
 
 def test_robot_venv_matches_host(policy_models, robot_python: Path, tmp_path: Path) -> None:
-    obs_file = tmp_path / "obs.npy"
-    obs = policy_models.holdout[:50]
-    np.save(obs_file, obs)
-    paths = [str(policy_models.fp32_path), str(policy_models.int8_path)]
-    proc = subprocess.run([str(robot_python), "-c", _ROBOT_SCRIPT, str(obs_file), *paths],
+    z = policy_models.holdout[:50]
+    norm = _norm(policy_models.arch.input_dim)
+    observations = {  # bare models get normalised observations, artifacts raw ones
+        str(policy_models.fp32_path): z, str(policy_models.int8_path): z,
+        str(_artifact(tmp_path / "fp32", policy_models.fp32, norm)): _raw(norm, z),
+        str(_artifact(tmp_path / "int8", policy_models.int8, norm)): _raw(norm, z),
+    }
+    args = []
+    for i, (path, obs) in enumerate(observations.items()):
+        np.save(tmp_path / f"obs{i}.npy", obs)
+        args.append(f"{path}::{tmp_path / f'obs{i}.npy'}")
+    proc = subprocess.run([str(robot_python), "-c", _ROBOT_SCRIPT, *args],
                           env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     robot = json.loads(proc.stdout)
     assert robot["runtime"] == "tflite_runtime" and robot["numpy"].startswith("1.")
     assert robot["host_only"] == []
-    for path in paths:
+    for path, obs in observations.items():
         host = TFLitePolicy(path)
         host_act, host_raw = [], []
         for o in obs:
@@ -266,9 +402,12 @@ def test_robot_venv_matches_host(policy_models, robot_python: Path, tmp_path: Pa
             np.testing.assert_allclose(robot_act, np.array(host_act), rtol=1e-5, atol=1e-6)
 
 
-def test_robot_venv_cli_bench(policy_models, robot_python: Path) -> None:
+@pytest.mark.parametrize("what", ["file", "artifact"])
+def test_robot_venv_cli_bench(policy_models, robot_python: Path, tmp_path: Path, what) -> None:
+    target = policy_models.int8_path if what == "file" else _artifact(
+        tmp_path / "a", policy_models.int8, _norm(policy_models.arch.input_dim))
     proc = subprocess.run(
-        [str(robot_python), "-m", "device_agents", "bench", str(policy_models.int8_path),
+        [str(robot_python), "-m", "device_agents", "bench", str(target),
          "--runs", "300", "--json"],
         env=_env(), capture_output=True, text=True, timeout=120,
     )

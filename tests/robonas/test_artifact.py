@@ -1,4 +1,5 @@
-"""robonas.artifact: files written, loaded and verified; tampering, wrong keys, bad files."""
+"""robonas.artifact: files written, loaded and verified; tampering, wrong keys, bad files; the
+input normalisation in the manifest, read back by the robot's `TFLitePolicy.from_artifact`."""
 
 from __future__ import annotations
 
@@ -37,10 +38,14 @@ def keys(tmp_path_factory):
     return generate_keypair(d, "host"), generate_keypair(d, "intruder")
 
 
-def _manifest(model: bytes) -> dict:
+NORM = {"mean": [0.5, -1.0, 2.0, 0.0, 0.25], "std": [2.4, 0.003, 1.0, 0.5, 4.0], "clip": 10.0}
+
+
+def _manifest(model: bytes, input_normalisation: dict | None = NORM) -> dict:
     return build_manifest(model=model, study="s", trial=3, arch=ARCH, spaces=SPACES,
-                          frame_mean=np.zeros(5), control_hz=50.0,
-                          parity={"return_drop": 0.5}, precision="fp32")
+                          frame_mean=np.array(NORM["mean"]), control_hz=50.0,
+                          parity={"return_drop": 0.5}, precision="fp32",
+                          input_normalisation=input_normalisation)
 
 
 @pytest.fixture
@@ -56,6 +61,32 @@ def test_manifest_fields(model) -> None:
     assert m["output"]["shape"] == [1, 1] and m["model_size"] == len(model)
     assert m["action"]["output"] == "value" and m["observation"]["input_shape"] == [1, 5]
     assert m["created_at"].endswith("+00:00")
+
+
+def test_manifest_input_normalisation(model) -> None:
+    m = _manifest(model)
+    assert m["input_normalisation"] == NORM
+    assert m["observation"]["history_pad"] == NORM["mean"]  # raw units
+    assert "by the runtime" in m["observation"]["normalisation"]
+    raw_input = _manifest(model, None)
+    assert "input_normalisation" not in raw_input
+    assert raw_input["observation"]["normalisation"] == "folded into the model"
+    with pytest.raises(RobonasError, match="input_normalisation.std has 4 values, the model "
+                                           "takes 5"):
+        _manifest(model, {**NORM, "std": [1.0] * 4})
+
+
+def test_robot_reads_the_written_artifact(signed, model) -> None:
+    """The robot's entry point on what write_artifact wrote: raw obs in, normalised inside."""
+    from device_agents.runtime import TFLitePolicy
+
+    policy = TFLitePolicy.from_artifact(signed)
+    assert policy.input_normalisation == NORM
+    raw = np.array([1.0, -0.99, 3.0, 100.0, 0.25], np.float32)  # feature 3 is clipped
+    z = np.clip((raw - np.array(NORM["mean"])) / np.array(NORM["std"]), -10, 10)
+    bare = TFLitePolicy(model)
+    np.testing.assert_allclose(policy.act(raw), bare.act(z.astype(np.float32)), rtol=1e-5)
+    assert not np.allclose(policy.act(raw), bare.act(raw))  # it did normalise
 
 
 def test_round_trip_and_signature(signed, model, keys) -> None:

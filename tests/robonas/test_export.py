@@ -1,5 +1,7 @@
-"""robonas.export: the folded DeployableActor, TFLite parity over architectures, SB3 agreement,
-export_trial from a store (best trial, refusal, bad input), and a trained cartpole's int8 drop."""
+"""robonas.export: DeployableActor (normalisation + exported head), TFLite parity over
+architectures with the runtime's per-feature input normalisation, its gain over folding the
+normalisation into the graph, SB3 agreement, export_trial from a store (best trial, refusal, bad
+input), and a trained cartpole's int8 return drop."""
 
 from __future__ import annotations
 
@@ -76,17 +78,18 @@ def _reference(actor: DeployableActor, x: np.ndarray) -> np.ndarray:
         return actor(torch.from_numpy(x)).numpy()
 
 
-def _tflite(model: bytes, x: np.ndarray) -> np.ndarray:
-    policy = TFLitePolicy(model)
+def _tflite(model: bytes, x: np.ndarray, norm: dict | None = None) -> np.ndarray:
+    policy = TFLitePolicy(model, input_normalisation=norm)
     return np.stack([policy.act(row) for row in x])
 
 
 # Bound for int8, in steps of the output tensor's quantisation (its scale, in action units; 255
 # steps span the calibrated output range, which the quantiser widens to include 0). Every layer
 # rounds its output to half a step and the next one sums tens of those; the tflite_convert tests
-# see ~15-20 steps worst case and a few on average for a plain MLP. Here the normalisation is
-# folded in, so the raw INPUT shares one per-tensor scale over features of different ranges,
-# which costs narrow features resolution. Measured on these cases: max 4-11 steps, mean 1.1-3.3.
+# see ~15-20 steps worst case and a few on average for a plain MLP. The input is the normalised
+# observation (the runtime fuses the normalisation into the int8 quantisation), so every feature
+# gets its own resolution (these cases' features have similar spreads, so it gains little over
+# folding here; see the mixed-ranges test). Measured: max 3.5-11.3 steps, mean 0.9-3.4.
 # 20 / 5 steps leave ~2x margin and still fail for a dropped normalisation, a wrong clip or
 # rescale, or a wrong scale (tens to hundreds of steps).
 INT8_MAX_STEPS, INT8_MEAN_STEPS = 20.0, 5.0
@@ -108,8 +111,8 @@ def case(request, tmp_path_factory):
 
 def test_fp32_matches_deployable_actor(case) -> None:
     name, actor, calib, holdout = case
-    model = to_tflite_fp32(actor, actor.arch.input_dim)
-    ref, got = _reference(actor, holdout), _tflite(model, holdout)
+    model = to_tflite_fp32(actor.head, actor.arch.input_dim)
+    ref, got = _reference(actor, holdout), _tflite(model, holdout, actor.input_normalisation())
     assert got.shape == ref.shape == (len(holdout), actor.output_dim)
     if actor.discrete:
         assert np.array_equal(got, ref)
@@ -119,10 +122,10 @@ def test_fp32_matches_deployable_actor(case) -> None:
 
 def test_int8_close_to_deployable_actor(case) -> None:
     name, actor, calib, holdout = case
-    model = to_tflite_int8(actor, calib)
+    model = to_tflite_int8(actor.head, actor.normalise(calib))
     policy = TFLitePolicy(model)
     assert policy.input_dtype == np.int8 and policy.output_dtype == np.int8
-    ref, got = _reference(actor, holdout), _tflite(model, holdout)
+    ref, got = _reference(actor, holdout), _tflite(model, holdout, actor.input_normalisation())
     if actor.discrete:
         assert set(np.unique(_reference(actor, calib))) == {0.0, 1.0}  # the case is meaningful
         assert set(np.unique(np.rint(got))) <= set(range(actor.arch.act_dim))
@@ -134,6 +137,36 @@ def test_int8_close_to_deployable_actor(case) -> None:
         name, steps.max(), steps.mean())
     # the folded clip holds in the int8 model too
     assert got.min() >= -1.0 - 0.02 and got.max() <= 1.0 + 0.02
+
+
+def test_per_feature_normalisation_beats_folded_on_mixed_ranges(tmp_path) -> None:
+    """Features whose spreads differ by 10^3 (cartpole-like: position +-2.4, cos(theta) moving
+    by 0.003): one int8 scale over raw inputs loses the narrow ones, the runtime's per-feature
+    affine quantisation does not. Same net, same observations, same int8 quantiser."""
+    arch = PolicyArch(4, 1, (Layer(32, "tanh"), Layer(32, "tanh")))
+    mean, std = np.array([0.5, 0.999, -3.0, 0.0]), np.array([1.2, 0.003, 0.4, 0.05])
+    torch.manual_seed(4)
+    # weights x3: an untrained net's actions barely move; a trained one's do
+    state = {k: 3.0 * v for k, v in arch.build_actor().state_dict().items()}
+    d = make_trial_dir(tmp_path, arch, CONTINUOUS_ENV, "clip", mean=mean, var=std ** 2,
+                       state=state)
+    actor = DeployableActor.from_trial_dir(d, arch)
+    rng = np.random.default_rng(7)
+    raw = (mean + std * rng.standard_normal((1200, 4))).astype(np.float32)
+    calib, holdout = raw[:800], raw[800:]
+    ref = _reference(actor, holdout)
+    assert ref.std() > 0.05  # the actions do depend on the observations
+
+    folded = to_tflite_int8(actor, calib)  # raw input, normalisation inside the graph
+    per_feature = to_tflite_int8(actor.head, actor.normalise(calib))
+    err_folded = np.abs(_tflite(folded, holdout) - ref)
+    err_per_feature = np.abs(_tflite(per_feature, holdout, actor.input_normalisation()) - ref)
+    # measured: per-feature max 0.126, mean 0.015; folded max 1.43, mean 0.33 (actions in
+    # [-1, 1], std 0.45): the narrow features are lost to a raw input scale of ~0.03
+    assert err_per_feature.mean() * 4 < err_folded.mean(), (err_per_feature.mean(),
+                                                             err_folded.mean())
+    assert err_per_feature.max() < err_folded.max()
+    assert err_per_feature.mean() < 0.03
 
 
 def test_deployable_actor_folds_normalisation_and_transforms(tmp_path) -> None:
@@ -148,6 +181,16 @@ def test_deployable_actor_folds_normalisation_and_transforms(tmp_path) -> None:
         head = actor.actor(torch.from_numpy(z)).numpy()
     expected = -2.0 + 0.5 * (np.tanh(head) + 1.0) * 8.0
     np.testing.assert_allclose(_reference(actor, raw), expected, rtol=1e-5, atol=1e-5)
+    # the exported head takes the normalised observation; the manifest's normalisation is per
+    # element of the stacked input
+    with torch.no_grad():
+        np.testing.assert_allclose(actor.head(torch.from_numpy(z)).numpy(), expected, rtol=1e-5,
+                                   atol=1e-5)
+    np.testing.assert_allclose(actor.normalise(raw), z, rtol=1e-6, atol=1e-6)
+    norm = actor.input_normalisation()
+    assert norm["clip"] == 10.0
+    np.testing.assert_allclose(norm["mean"], mean)
+    np.testing.assert_allclose(norm["std"], std)
 
 
 # --- SB3 agreement on really trained (tiny) models ----------------------------------------------
@@ -251,6 +294,8 @@ def test_export_best_trial_int8(study) -> None:
     assert m["input"]["dtype"] == "int8" and m["input"]["scale"] > 0
     assert m["action"]["discrete"] and m["action"]["n"] == 2 and m["action"]["output"] == "index"
     assert m["observation"]["history_pad"] == [0.0] * 4
+    assert m["input_normalisation"] == {"mean": [0.0] * 4, "std": [pytest.approx(1.0)] * 4,
+                                        "clip": 10.0}
     assert m["control_hz"] == 50.0
     p = m["parity"]
     assert p["torch_return"] == 500.0 and p["tflite_return"] >= 490.0, p
@@ -263,6 +308,11 @@ def test_export_best_trial_int8(study) -> None:
     (row,) = store.artifacts(ids["good"], "tflite-int8")
     assert row.id == result.artifact_id and row.meta == m and row.sha256 == m["sha256"]
     assert row.path == str(result.path)
+    # the robot's entry point reads the same directory and acts as the parity check did
+    policy = TFLitePolicy.from_artifact(result.path)
+    assert policy.input_normalisation == m["input_normalisation"]
+    obs = np.array([0.01, 0.1, 0.02, -0.3], np.float32)
+    assert np.rint(policy.act(obs))[0] == float(CONTROLLER @ obs > 0)
 
 
 def test_export_fp32_signed_into_out_dir(study) -> None:
@@ -328,15 +378,14 @@ def test_bad_trials(study) -> None:
 def test_trained_cartpole_int8_return_drop(tmp_path) -> None:
     from robonas.training import TrainSpec, train_trial
 
-    # Measured (24.6k steps, ~250-350 return): int8 action error mean ~0.09, max 0.3-0.55 in
-    # [-1, 1], almost all from quantising the RAW input with one per-tensor scale (cart position
-    # spans 0..2.4 while cos(theta), whose std is 0.003, needs finer steps). Return difference
-    # int8 vs torch over 5 episodes: seed 2 -> +23.8 (int8 better), seed 1 -> -25.0 (refused,
-    # limit 24.5). See the export report: normalising on the agent would remove this error.
+    # Measured (24.6k steps, default training seed 0, final eval 283): fp32 8592 bytes, action
+    # error 3e-7, return 268.4 = torch; int8 6816 bytes, action error max 0.10, mean 0.017 in
+    # [-1, 1], return 273.4 vs torch 268.4 (5 episodes). Before the runtime normalised per
+    # feature (normalisation folded into the graph, raw int8 input under one scale) the int8
+    # error was max 0.3-0.55, mean ~0.09, and seed 1 was refused (drop 25.0 > 24.5).
     arch = PolicyArch(5, 1, (Layer(32, "tanh"), Layer(32, "tanh")))
     spec = TrainSpec(env_id=CONTINUOUS_ENV, arch=arch, total_steps=24_576, checkpoints=2,
-                     eval_episodes=3, out_dir=tmp_path / "trial", return_lo=0.0, return_hi=500.0,
-                     seed=2)
+                     eval_episodes=3, out_dir=tmp_path / "trial", return_lo=0.0, return_hi=500.0)
     outcome = train_trial(spec)
     store = Store(f"sqlite:///{tmp_path / 'runs' / 'robonas.db'}")
     config = _study_config(CONTINUOUS_ENV, calibration_episodes=8, parity_episodes=5)
@@ -352,4 +401,6 @@ def test_trained_cartpole_int8_return_drop(tmp_path) -> None:
         assert p["return_drop"] <= p["allowed_drop"] == pytest.approx(0.05 * 490.0)
     assert fp32.manifest["parity"]["action_max_abs_error"] < 1e-4
     assert int8.manifest["parity"]["torch_return"] > 200  # the policy did learn something
+    # the per-feature input quantisation keeps the error well under the folded scheme's ~0.09
+    assert int8.manifest["parity"]["action_mean_abs_error"] < 0.04
     store.close()
