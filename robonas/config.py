@@ -35,6 +35,9 @@ class EnvSection(_Section):
     return_floor: Optional[float] = Field(
         None, description="bottom of the AUC range; default: the random policy's measured return"
     )
+    return_max: Optional[float] = Field(
+        None, description="the most an episode can pay; caps the asymptotic-return estimate"
+    )
 
 
 class StrategySection(_Section):

@@ -69,8 +69,20 @@ def _saturating(t: np.ndarray, a: float, b: float, tau: float) -> np.ndarray:
     return a - (a - b) * np.exp(-t / tau)
 
 
-def asymptote(steps: Sequence[float], returns: Sequence[float]) -> tuple[float, float]:
-    """(estimate, std) of the return the curve is heading to; see the module docstring."""
+def asymptote(steps: Sequence[float], returns: Sequence[float],
+              ceiling: float | None = None) -> tuple[float, float]:
+    """(estimate, std) of the return the curve is heading to; see the module docstring.
+
+    `ceiling` is the largest return the task allows (e.g. 500 for a 500-step balance task with
+    reward 1 per step): an extrapolation never promises more than the episode can pay.
+    """
+    a, a_std = _asymptote(steps, returns)
+    if ceiling is not None and a > ceiling:
+        return float(ceiling), a_std
+    return a, a_std
+
+
+def _asymptote(steps: Sequence[float], returns: Sequence[float]) -> tuple[float, float]:
     t, r = _as_curve(steps, returns)
     fallback = _tail(r)
     span = float(np.ptp(r))

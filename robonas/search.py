@@ -243,6 +243,7 @@ class Search:
         return TrainSpec(
             env_id=c.env.id, env_kwargs=dict(c.env.kwargs), arch=arch,
             total_steps=c.budget.steps_per_trial, out_dir=str(out_dir), return_lo=lo, return_hi=hi,
+            return_max=c.env.return_max,
             algo=c.training.algo, hyperparams=dict(c.training.hyperparams), n_envs=c.training.n_envs,
             checkpoints=c.budget.checkpoints, eval_episodes=c.budget.eval_episodes,
             eval_seed=c.budget.eval_seed, randomization=dict(c.robustness) or None, seed=seed,

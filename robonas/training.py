@@ -62,6 +62,7 @@ class TrainSpec:
     out_dir: str | Path
     return_lo: float  # return mapped to 0 by the AUC normalisation
     return_hi: float  # return mapped to 1
+    return_max: float | None = None  # the most an episode can pay; caps the asymptote
     env_kwargs: Mapping[str, Any] = field(default_factory=dict)
     algo: str = "ppo"
     hyperparams: Mapping[str, Any] = field(default_factory=dict)
@@ -440,7 +441,7 @@ def train_trial(spec: TrainSpec, progress: Callable[[int], None] | None = None) 
 
     steps = [point[0] for point in curve]
     means = [point[1] for point in curve]
-    asym, asym_std = asymptote(steps, means)
+    asym, asym_std = asymptote(steps, means, ceiling=spec.return_max)
     wall = time.perf_counter() - t_start
     return TrialOutcome(
         env_id=spec.env_id, algo=spec.algo, arch_id=spec.arch.arch_id, curve=curve,

@@ -71,3 +71,12 @@ def test_asymptote_falls_back_to_the_tail_when_the_fit_is_ill_posed():
 
 def test_asymptote_single_point():
     assert asymptote([5], [3.0]) == (3.0, 0.0)
+
+
+def test_asymptote_never_promises_more_than_an_episode_pays():
+    steps = np.array([1000, 2000, 3000, 4000, 5000, 6000], dtype=float)
+    rising = 600.0 - 500.0 * np.exp(-steps / 4000.0)  # heading to 600, still below 500 at the end
+    free, _ = asymptote(steps, rising)
+    capped, _ = asymptote(steps, rising, ceiling=500.0)
+    assert free > 500.0 and capped == 500.0
+    assert asymptote(steps, rising, ceiling=1e9)[0] == free
