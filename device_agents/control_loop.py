@@ -160,4 +160,6 @@ def run_episodes(policy: Any, robot: Robot, episodes: int, seed: int,
         "slot": slot,
         "sha256": sha256,
         "robot": getattr(robot, "name", type(robot).__name__),
+        # what a simulated robot adds about itself (e.g. the latency the twin applied)
+        "robot_extras": robot.report_extras() if hasattr(robot, "report_extras") else {},
     }

@@ -38,6 +38,10 @@ class RealityProfile:
     obs_noise_std: float
     action_delay: int
     actuation_latency_s: float
+    # How many times slower the stand-in robot's on-board computer is than the machine running
+    # the agent: the robot twin multiplies the measured inference time by it before the action
+    # takes effect (see device_agents/robots/sim_twin.py). 1.0: as fast as this machine.
+    compute_scale: float = 1.0
 
     @property
     def dynamics(self) -> Dynamics:
@@ -61,9 +65,10 @@ def _load() -> dict[str, RealityProfile]:
     text = resources.files("sim").joinpath("reality_profiles.toml").read_text(encoding="utf-8")
     table = tomllib.loads(text)
     expected = {f.name for f in fields(RealityProfile)} - {"name"}
+    optional = {"compute_scale"}
     profiles = {}
     for name, entry in table.items():
-        missing, unknown = expected - set(entry), set(entry) - expected
+        missing, unknown = expected - optional - set(entry), set(entry) - expected
         if missing or unknown:
             raise SimError(
                 f"reality profile {name!r} in reality_profiles.toml: missing {sorted(missing)}, "
@@ -72,6 +77,9 @@ def _load() -> dict[str, RealityProfile]:
         check_env_id(entry["env_id"])
         profile = RealityProfile(name=name, **entry)
         profile.dynamics  # noqa: B018  (validates the values)
+        if not (isinstance(profile.compute_scale, (int, float)) and profile.compute_scale >= 1.0):
+            raise SimError(f"reality profile {name!r}: compute_scale={profile.compute_scale!r} "
+                           "must be a number >= 1 (times slower than this machine)")
         profiles[name] = profile
     return profiles
 

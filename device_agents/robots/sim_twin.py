@@ -3,15 +3,19 @@
 The only device_agents module allowed to import `sim` (and through it gymnasium and pybullet),
 and only inside `SimTwin.__init__`, so choosing another back end never loads them.
 
-The measured inference time is applied as extra actuation latency on top of the profile's own:
-the previous action stays on the motors that long into the period. It is capped just below one
-period (the env refuses a latency of a whole period); an inference that overran the period is a
-deadline miss, which the control loop counts.
+Each action takes effect when the stand-in robot's computer would have finished computing it:
+at the start of its period plus the profile's own actuation latency plus the measured inference
+time times the profile's `compute_scale` (how many times slower the robot's computer is than this
+machine; 1 for most profiles). Until then the previous action stays on the motors. An action
+that is not ready by the end of its period takes effect in a later one (the motors keep the last
+ready action meanwhile), and an older action that is overtaken by a newer ready one is dropped,
+as on a real controller that always applies the newest result. The timings the agent reports
+stay the real measurements on this machine; `report_extras` adds the latency the twin applied.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -39,6 +43,11 @@ class SimTwin(Robot):
         self.fast = fast  # the twin never sleeps itself; the control loop keeps the time
         u = self._env.unwrapped
         self._base_latency = float(self._profile.actuation_latency_s)
+        self._compute_scale = float(getattr(self._profile, "compute_scale", 1.0))
+        self._pending: List[Tuple[float, int, np.ndarray]] = []  # (ready time, index, action)
+        self._t = 0  # control periods since reset
+        self._applied_ms: List[float] = []
+        self._stale = 0
         self._dt = float(u.dt)
         self._hz = float(u.control_hz)
         space = self._env.action_space
@@ -62,18 +71,44 @@ class SimTwin(Robot):
 
     def reset(self, seed: Optional[int] = None) -> np.ndarray:
         obs, _ = self._env.reset(seed=None if seed is None else int(seed))
+        self._pending.clear()
+        self._t = 0
+        self._current = np.zeros(self._act_size, np.float32)  # what the motors hold
         return np.asarray(obs, np.float32).ravel()
 
     def step(self, action: np.ndarray, latency_s: float = 0.0) -> Tuple[np.ndarray, float, bool]:
-        latency = self._base_latency + max(0.0, float(latency_s))
-        self._env.unwrapped.actuation_latency_s = min(latency, _CAP * self._dt)
-        a = np.asarray(action, np.float32).ravel()
-        if self._discrete:
-            env_action: Any = int(np.clip(np.rint(a[0]), 0, self._n - 1))
+        dt, start = self._dt, self._t * self._dt
+        delay = self._base_latency + max(0.0, float(latency_s)) * self._compute_scale
+        self._applied_ms.append(delay * 1000.0)
+        self._pending.append((start + delay, self._t, np.asarray(action, np.float32).ravel()))
+        # The newest action ready before this period ends takes effect, at its ready time.
+        ready = [p for p in self._pending if p[0] < start + dt]
+        if ready:
+            when, index, chosen = max(ready, key=lambda p: p[1])
+            self._pending = [p for p in self._pending if p[1] > index]
+            hold = min(max(0.0, when - start), _CAP * dt)
         else:
-            env_action = a.reshape(self._env.action_space.shape)
+            chosen, hold = self._current, 0.0  # nothing new: the motors keep the last action
+            self._stale += 1
+        self._env.unwrapped.actuation_latency_s = hold
+        self._current = chosen
+        self._t += 1
+        if self._discrete:
+            env_action: Any = int(np.clip(np.rint(chosen[0]), 0, self._n - 1))
+        else:
+            env_action = chosen.reshape(self._env.action_space.shape)
         obs, reward, terminated, truncated, _ = self._env.step(env_action)
         return np.asarray(obs, np.float32).ravel(), float(reward), bool(terminated or truncated)
+
+    def report_extras(self) -> Dict[str, Any]:
+        """The latency the twin applied (measured inference x compute_scale + the profile's own)."""
+        applied = np.asarray(self._applied_ms or [0.0])
+        out = {"compute_scale": self._compute_scale,
+               "applied_latency_ms": {"p50": float(np.percentile(applied, 50)),
+                                      "p99": float(np.percentile(applied, 99))},
+               "stale_periods": self._stale}
+        self._applied_ms, self._stale = [], 0
+        return out
 
     def close(self) -> None:
         if not self._closed:

@@ -46,22 +46,38 @@ def test_contract(robot):
     robot.close()  # twice is fine
 
 
-def test_sim_twin_latency_changes_the_trajectory_and_is_capped():
-    def run(latency):
-        r = make_robot("sim:cartpole-lab-a", fast=True)
-        try:
-            r.reset(1)
-            out = [r.step(np.array([1.0 if i % 2 else -1.0]), latency)[0] for i in range(20)]
-            cap = r._env.unwrapped.actuation_latency_s
-        finally:
-            r.close()
-        return np.array(out), cap
+def _twin_run(profile, actions, latency):
+    r = make_robot(f"sim:{profile}", fast=True)
+    try:
+        r.reset(1)
+        out = [r.step(np.array([a]), latency)[0] for a in actions]
+        extras = r.report_extras()
+    finally:
+        r.close()
+    return np.array(out), extras
 
-    base, _ = run(0.0)
-    late, _ = run(0.012)
-    over, cap = run(5.0)  # an overrun is capped just below one period (20 ms)
+
+def test_sim_twin_latency_changes_the_trajectory_and_late_actions_wait():
+    actions = [1.0 if i % 2 else -1.0 for i in range(20)]
+    base, _ = _twin_run("cartpole-lab-a", actions, 0.0)
+    late, _ = _twin_run("cartpole-lab-a", actions, 0.012)
     assert not np.allclose(base, late)
-    assert 0.019 < cap < 0.02
+    # 1.5 periods late: the first period has no ready action, every later one gets the previous
+    # period's action 14 ms into the period (4 ms profile latency + 30 ms - 20 ms)
+    _, extras = _twin_run("cartpole-lab-a", actions, 0.030)
+    assert extras["stale_periods"] == 1
+    # never ready within the episode: the motors hold their initial zero action throughout
+    never, extras = _twin_run("cartpole-lab-a", actions, 5.0)
+    idle, _ = _twin_run("cartpole-lab-a", [0.0] * 20, 0.0)
+    assert extras["stale_periods"] == 20 and np.allclose(never, idle)
+
+
+def test_sim_twin_compute_scale_turns_microseconds_into_milliseconds():
+    _, fast_pc = _twin_run("cartpole-lab-a", [0.0] * 5, 20e-6)
+    _, mcu = _twin_run("cartpole-mcu-d", [0.0] * 5, 20e-6)
+    assert fast_pc["compute_scale"] == 1.0 and mcu["compute_scale"] == 1000.0
+    assert fast_pc["applied_latency_ms"]["p50"] == pytest.approx(4.0 + 0.02)
+    assert mcu["applied_latency_ms"]["p50"] == pytest.approx(2.0 + 20.0)
 
 
 def test_serial_robot_errors_are_clear():
