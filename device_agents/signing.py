@@ -15,7 +15,6 @@ import hashlib
 import hmac
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple, Union
@@ -24,6 +23,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from device_agents.atomic import atomic_write
 from device_agents.errors import DeviceError
 
 OK = "ok"
@@ -83,21 +83,6 @@ def key_id(public_key: Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)  # before any secret byte is written
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def generate_keypair(
     out_dir: PathLike, name: str = "robonas", overwrite: bool = False
 ) -> Tuple[Path, Path]:
@@ -119,8 +104,8 @@ def generate_keypair(
     public_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    _write_atomic(private_path, private_pem, 0o600)
-    _write_atomic(public_path, public_pem, 0o644)
+    atomic_write(private_path, private_pem, 0o600)
+    atomic_write(public_path, public_pem, 0o644)
     return private_path, public_path
 
 

@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Union
 
+from device_agents.atomic import atomic_write, fsync_dir  # noqa: F401  (re-exported)
 from device_agents.errors import DeviceError
 from device_agents.signing import KeySource, Verdict, load_public_key, verify_artifact
 
@@ -44,32 +43,6 @@ STATE_FILE = "state.json"
 
 class SlotError(DeviceError):
     """A slot operation is impossible (no previous slot, bad slot name, disk failure)."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, str(path))
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)

@@ -18,31 +18,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
+from device_agents.atomic import atomic_write
 from device_agents.runtime import MANIFEST_FILE, MODEL_FILE
 from robonas.errors import RobonasError
 
 FORMAT_VERSION = 1
 SIGNATURE_FILE = "manifest.sig"  # model and manifest names are the runtime's (it reads them)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _tensor(spec) -> dict[str, Any]:
@@ -125,12 +112,12 @@ def write_artifact(directory: str | Path, model_bytes: bytes, manifest: dict[str
         signature = None if private_key is None else sign_manifest(manifest, private_key)
     except SigningError as e:
         raise RobonasError(f"cannot sign the manifest: {e}") from e
-    _atomic_write(d / MODEL_FILE, bytes(model_bytes))
-    _atomic_write(d / MANIFEST_FILE, manifest_bytes)
+    atomic_write(d / MODEL_FILE, bytes(model_bytes))
+    atomic_write(d / MANIFEST_FILE, manifest_bytes)
     if signature is None:
         (d / SIGNATURE_FILE).unlink(missing_ok=True)
     else:
-        _atomic_write(d / SIGNATURE_FILE, signature.encode("ascii") + b"\n")
+        atomic_write(d / SIGNATURE_FILE, signature.encode("ascii") + b"\n")
     # the renames themselves must survive a crash: fsync the directory entry
     fd = os.open(d, os.O_RDONLY)
     try:

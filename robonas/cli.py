@@ -209,7 +209,7 @@ def search(
 ) -> None:
     """Run (or resume) an architecture search. Ctrl-C stops cleanly; the same command resumes."""
     from robonas.config import load_config
-    from robonas.search import Search, SearchPlan, _Progress, default_workers, study_name_for
+    from robonas.search import Search, SearchPlan, default_workers, study_name_for
 
     cfg = load_config(config).with_overrides(trials=trials, steps=steps, workers=workers)
     name = study_name_for(config, cfg, study)
@@ -350,7 +350,6 @@ def demo(
     if as_json:
         print(json.dumps({**result.to_dict(), "explanation": explain(result)}, indent=2, default=str))
         return
-    from robonas.cli_calibrate import print_rank_changes
     from rich.table import Table
 
     t = Table(title="how the ranking moved once the robots reported")

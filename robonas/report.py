@@ -18,7 +18,6 @@ import base64
 import html
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from robonas import plots
+from device_agents.atomic import atomic_write
 from robonas.errors import RobonasError
 from robonas.scoring import pareto_front
 from robonas.store import DeploymentRow, DeviceReportRow, ModelVersionRow, Store, TrialRow
@@ -388,16 +388,7 @@ def write_report(store: Store, study_name: str, out_path: str | os.PathLike[str]
     text = render_report(store, study_name)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(out, text.encode("utf-8"))
     except OSError as e:
         raise RobonasError(f"cannot write report to {out}: {e}") from e
     return out

@@ -214,7 +214,7 @@ class Search:
         if "return_lo" not in resolved:
             lo = self.cfg.env.return_floor
             if lo is None:
-                from robonas.training import TrainSpec, random_returns
+                from robonas.training import random_returns
 
                 probe = self._spec(PolicyArch.from_dict(
                     {"obs_dim": self.plan.env.obs_dim, "act_dim": self.plan.env.act_dim,

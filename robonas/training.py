@@ -25,8 +25,6 @@ import dataclasses
 import inspect
 import json
 import math
-import os
-import tempfile
 import time
 import tomllib
 from collections.abc import Callable, Mapping
@@ -38,6 +36,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from device_agents.atomic import atomic_writer
 from robonas.curves import asymptote, auc_normalised
 from robonas.errors import ConfigError
 from robonas.space import PolicyArch
@@ -314,17 +313,9 @@ def _checkpoint_callback(thresholds: list[int], evaluate: Callable[[], None],
 
 # --- artifacts ----------------------------------------------------------------------------------
 def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> str:
-    """temp file in the same directory, fsync, os.replace: never a half-written artifact."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Never a half-written artifact: see device_agents.atomic."""
+    with atomic_writer(path) as f:
+        write(f)
     return str(path)
 
 

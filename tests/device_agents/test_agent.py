@@ -7,7 +7,6 @@ fp32 and cached on disk (conversion costs ~10 s), plus a model whose output is N
 
 from __future__ import annotations
 
-import base64
 import fcntl
 import hashlib
 import os
