@@ -14,6 +14,7 @@ from pathlib import Path
 class SearchBench:
     workers: int
     trials: int
+    failed: int
     wall_s: float
     env_steps: int
     steps_per_s: float
@@ -39,8 +40,13 @@ def bench_search(config_path: str, worker_counts: list[int], trials: int | None,
             t0 = time.perf_counter()
             summary = Search(plan, store, workers).run()
             wall = time.perf_counter() - t0
+            errors = [t.error for t in store.trials(store.get_study("bench").id, status="failed")]
             store.close()
-        base = results[0].wall_s if results else wall
-        results.append(SearchBench(workers, summary.complete, wall, summary.env_steps,
-                                   summary.env_steps / wall, summary.best_objective, base / wall))
+        for e in errors:
+            print(f"bench search: a trial failed with {workers} worker(s): {(e or '')[-300:]}")
+        rate = summary.env_steps / wall
+        # speed-up in aggregate env steps/s, so that a failed trial does not flatter a run
+        base = results[0].steps_per_s if results else rate
+        results.append(SearchBench(workers, summary.complete, summary.failed, wall,
+                                   summary.env_steps, rate, summary.best_objective, rate / base))
     return results

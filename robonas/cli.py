@@ -130,11 +130,11 @@ def bench_search_cmd(
     from rich.table import Table
 
     t = Table(title=f"search {config}")
-    for col in ("workers", "trials", "wall s", "env steps", "steps/s", "best objective", "speed-up"):
+    for col in ("workers", "trials", "failed", "wall s", "env steps", "steps/s", "best objective", "speed-up"):
         t.add_column(col, justify="right")
     for r in results:
         best = "-" if r.best_objective is None else f"{r.best_objective:.3f}"
-        t.add_row(str(r.workers), str(r.trials), f"{r.wall_s:.1f}", f"{r.env_steps:,}",
+        t.add_row(str(r.workers), str(r.trials), str(r.failed), f"{r.wall_s:.1f}", f"{r.env_steps:,}",
                   f"{r.steps_per_s:,.0f}", best, f"{r.speedup:.2f}x")
     _console().print(t)
 
