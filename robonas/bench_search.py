@@ -26,7 +26,11 @@ class SearchBench:
 
 
 def bench_search(config_path: str, worker_counts: list[int], trials: int | None,
-                 steps: int | None) -> list[SearchBench]:
+                 steps: int | None, same_archs: bool = True) -> list[SearchBench]:
+    """With `same_archs`, the strategy is random search under the config's seed: its asks do not
+    depend on results, so every worker count trains the same architectures in the same order
+    and the comparison is like for like (an adaptive strategy's asks depend on how tells
+    interleave with asks, which the worker count changes)."""
     from robonas.config import load_config
     from robonas.search import Search, SearchPlan
     from robonas.store import Store
@@ -34,6 +38,9 @@ def bench_search(config_path: str, worker_counts: list[int], trials: int | None,
     results: list[SearchBench] = []
     for workers in worker_counts:
         cfg = load_config(config_path).with_overrides(trials=trials, steps=steps, workers=workers)
+        if same_archs:
+            cfg = cfg.model_copy(update={"strategy": cfg.strategy.model_copy(
+                update={"name": "random", "options": {}})})
         plan = SearchPlan.build(cfg, "bench")
         with tempfile.TemporaryDirectory(prefix="robonas-bench-") as tmp:
             store = Store(f"sqlite:///{Path(tmp) / 'bench.db'}")

@@ -111,6 +111,8 @@ def bench_search_cmd(
     workers: str = typer.Option("1,2", "--workers", help="Comma-separated worker counts; the first is the baseline."),
     trials: Optional[int] = typer.Option(None, "--trials", help="Override trained trials."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Override env steps per trial."),
+    same_archs: bool = typer.Option(True, "--same-archs/--config-strategy",
+                                    help="Random search under the config's seed, so every worker count trains the same archs (default), or the config's own strategy."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Wall time and aggregate env steps/s of a whole search at several worker counts."""
@@ -123,7 +125,7 @@ def bench_search_cmd(
         raise ConfigError(f"--workers: {workers!r} is not a comma-separated list of integers") from e
     if not counts or min(counts) < 1:
         raise ConfigError(f"--workers: {workers!r} needs positive integers")
-    results = bench_search(config, counts, trials, steps)
+    results = bench_search(config, counts, trials, steps, same_archs)
     if as_json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
         return

@@ -259,7 +259,10 @@ class Search:
         self.store.record_tell(trial_id, self._next_event())
 
     def _trial_seed(self, trial: TrialRow) -> int:
-        digest = hashlib.sha256(f"{self.cfg.strategy.seed}:{trial.seq}".encode()).digest()
+        # From the ask's ordinal, not its event number: how asks and tells interleave depends
+        # on the worker count, and the n-th candidate must train the same way regardless.
+        ordinal = sum(t.seq < trial.seq for t in self.store.trials(trial.study_id))
+        digest = hashlib.sha256(f"{self.cfg.strategy.seed}:{ordinal}".encode()).digest()
         return int.from_bytes(digest[:4], "little")
 
     def _submit(self, executor, trial: TrialRow) -> None:

@@ -177,3 +177,21 @@ def test_bench_env_json_reports_ratio_to_cartpole_v1(tmp_path):
         assert r["ratio_to_reference"] == pytest.approx(r["steps_per_s"] / ref)
     bad = _robonas(tmp_path, "bench", "env", "sim/Unicycle-v0")
     assert bad.returncode == 2 and "sim/CartPole-v0" in bad.stderr
+
+
+def test_results_do_not_depend_on_the_worker_count(tmp_path):
+    """The n-th candidate trains under the same seed whatever the parallelism: a search is
+    reproducible from its config alone (random strategy: the asks do not depend on results)."""
+    cfg = _config(tmp_path, **{'name = "evolution"': 'name = "random"',
+                               "options = { population = 4, sample = 2 }": "options = {}"})
+    figures = {}
+    for workers in ("1", "2"):
+        url = f"sqlite:///{tmp_path / f'w{workers}.db'}"
+        proc = _robonas(tmp_path, "search", str(cfg), "--trials", "2", "--steps", "2000",
+                        "--workers", workers, "--store", url, "--json")
+        assert proc.returncode == 0, proc.stderr
+        store = Store(url)
+        trials = [t for t in store.trials(store.get_study("cartpole").id) if t.status == "complete"]
+        figures[workers] = [(t.arch_id, t.metrics["auc"], t.metrics["asymptotic_return"],
+                             store.curve(t.id)) for t in trials]
+    assert figures["1"] == figures["2"]
