@@ -26,17 +26,24 @@ def fsync_dir(path: PathLike) -> None:
         os.close(fd)
 
 
+def _umask_mode() -> int:
+    """What open() would give a new file (mkstemp's own 0600 is for secrets, not artifacts)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_writer(path: PathLike, mode: Optional[int] = None) -> Iterator[BinaryIO]:
     """Yield a binary file; on a clean exit it replaces `path` atomically, else it vanishes.
 
-    `mode` sets the permissions before any byte is written (e.g. 0o600 for a private key).
+    `mode` sets the permissions before any byte is written (e.g. 0o600 for a private key);
+    by default a new file gets the usual permissions under the process umask.
     """
     target = Path(path)
     fd, tmp = tempfile.mkstemp(dir=str(target.parent), prefix=f".{target.name}.", suffix=".tmp")
     try:
-        if mode is not None:
-            os.fchmod(fd, mode)
+        os.fchmod(fd, _umask_mode() if mode is None else mode)
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()

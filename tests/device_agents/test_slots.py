@@ -127,3 +127,20 @@ def test_commit_refuses_a_slot_that_does_not_verify(tmp_path, keys):
     assert store.active is None
     with pytest.raises(SlotError, match="not one of"):
         store.slot_dir("c")
+
+
+def test_atomic_write_permissions_follow_umask_unless_given(tmp_path):
+    import os
+    import stat
+
+    from device_agents.atomic import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "artifact.bin", b"x")
+        atomic_write(tmp_path / "secret.key", b"y", mode=0o600)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "artifact.bin").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "secret.key").stat().st_mode) == 0o600
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
