@@ -23,8 +23,12 @@ def _space_for(config: Optional[str], study: Optional[str], store):
 
     if study:
         cfg = parse_config(store.get_study(study).config["search"], f"study {study}")
-    else:
-        cfg = load_config(config or "launch/cartpole.toml")
+    elif config:
+        cfg = load_config(config)
+    else:  # the embedded cart-pole space of the demo
+        from robonas.demo import DemoSettings, demo_config
+
+        cfg = demo_config(DemoSettings.for_mode(quick=True))
     env = EnvInfo.probe(cfg.env.id, cfg.env.kwargs)
     return SearchSpace.from_config(cfg.space, env.obs_dim, env.act_dim)
 
@@ -36,7 +40,7 @@ def calibrate_latency(
     n_archs: int = typer.Option(16, "--n-archs", help="Probe architectures (a quarter held out)."),
     runs: int = typer.Option(300, "--runs", help="BENCH runs per probe."),
     study: Optional[str] = typer.Option(None, "--study", help="Draw probes from this study's space."),
-    config: Optional[str] = typer.Option(None, "--config", help="...or from this config's space (default launch/cartpole.toml)."),
+    config: Optional[str] = typer.Option(None, "--config", help="...or from this config's space (default: the demo's cart-pole space)."),
     rerank: Optional[str] = typer.Option(None, "--rerank", help="Re-rank this study afterwards."),
     seed: int = typer.Option(0, "--seed"),
     store: Optional[str] = typer.Option(None, "--store", help=_STORE_HELP),
