@@ -11,19 +11,21 @@ state it had when the search was killed. Trials left `running` by a killed searc
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from robonas.config import SearchConfig
-from robonas.errors import ConfigError, RobonasError
+from robonas.errors import ConfigError
 from robonas.space import PolicyArch, SearchSpace
 from robonas.store import Store, StudyRow, TrialRow
 
 TRIAL_FN = "robonas.trial_worker:run_trial"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -197,9 +199,10 @@ class Search:
                 asked = self.strategy.ask()
                 self._asked[t.id] = asked
                 if asked != PolicyArch.from_json(t.arch_json):
-                    # The strategy is deterministic, so this means a library changed under a study.
-                    # Keep training the recorded arch but tell the strategy about its own ask.
-                    pass
+                    # Strategies are deterministic, so a library changed under the study. The
+                    # recorded arch is what trains; the strategy is told about its own ask.
+                    log.warning("replay: trial %d was %s, the strategy now asks %s",
+                                t.id, t.arch_id, asked.arch_id)
             else:
                 self.strategy.tell(self._asked[t.id], _strategy_metrics(t.metrics, self.cfg.objective.ranking))
             self._event = max(self._event, index + 1)
@@ -399,8 +402,4 @@ def study_name_for(config_path: str | Path, config: SearchConfig, override: str 
     return override or config.study.name or Path(config_path).stem
 
 
-def check_study_exists(store: Store, name: str) -> StudyRow:
-    return store.get_study(name)
-
-
-__all__ = ["Search", "SearchPlan", "SearchSummary", "EnvInfo", "run_dir_for", "RobonasError", "field"]
+__all__ = ["EnvInfo", "Search", "SearchPlan", "SearchSummary", "run_dir_for"]

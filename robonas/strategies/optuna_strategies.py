@@ -28,6 +28,9 @@ class _OptunaStrategy(Strategy):
         import optuna
 
         self._optuna = optuna
+        # An in-memory study per search: optuna's "study created" INFO lines would only clutter
+        # the search's progress display.
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
         with warnings.catch_warnings():
             # `group` and friends are flagged experimental; the flag is not news to a user
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
