@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from robonas.devices import DeviceProfile
 from robonas.gap_model import GapFeatures, GapModel
 from robonas.latency_model import LatencyModel
@@ -51,9 +53,33 @@ def latency_metrics(arch: PolicyArch, ctx: ScoringContext) -> dict[str, Any]:
     }
 
 
-def score(arch: PolicyArch, sim_figures: dict[str, Any], ctx: ScoringContext) -> dict[str, Any]:
-    """Metrics of a trained trial: its simulation figures plus latency, gap and objective."""
+def with_measurements(prior_mean: float, prior_std: float, returns: list[float],
+                      return_range: float) -> tuple[float, float]:
+    """Combine the model's predicted real return with the trial's own real episodes.
+
+    A Gaussian update: the model's prediction is the prior, the measured episodes the data
+    (their spread as the noise, floored at 1% of the return range so a few identical episodes
+    do not claim certainty). Once a robot has run a candidate, what it measured outweighs what
+    the regression says about candidates like it; the regression still ranks the others.
+    """
+    x = np.asarray(returns, dtype=float)
+    noise = max(float(x.std(ddof=1)) if x.size > 1 else 0.0, 0.01 * return_range)
+    prior_var = max(prior_std, 0.01 * return_range) ** 2
+    precision = 1.0 / prior_var + x.size / noise**2
+    mean = (prior_mean / prior_var + x.sum() / noise**2) / precision
+    return float(mean), float(math.sqrt(1.0 / precision))
+
+
+def score(arch: PolicyArch, sim_figures: dict[str, Any], ctx: ScoringContext,
+          measured_returns: list[float] | None = None) -> dict[str, Any]:
+    """Metrics of a trained trial: its simulation figures plus latency, gap and objective.
+
+    `measured_returns`: the trial's real episodes from robots, if any; they update the
+    predicted real return (see `with_measurements`).
+    """
     m = dict(sim_figures)
+    for key in ("measured_real_return", "measured_episodes", "model_real_return"):
+        m.pop(key, None)
     m.update(latency_metrics(arch, ctx))
     asym = float(m["asymptotic_return"])
     robust = m.get("robustness_return")
@@ -68,6 +94,12 @@ def score(arch: PolicyArch, sim_figures: dict[str, Any], ctx: ScoringContext) ->
     )
     gap = ctx.gap_model.predict(features)
     real_mean, real_std = predicted_real_return(asym, gap)
+    if measured_returns:
+        m["model_real_return"] = real_mean
+        m["measured_real_return"] = float(np.mean(measured_returns))
+        m["measured_episodes"] = len(measured_returns)
+        real_mean, real_std = with_measurements(real_mean, real_std, measured_returns,
+                                                ctx.return_hi - ctx.return_lo)
     obj = objective(float(m["auc"]), real_mean, ctx.return_lo, ctx.return_hi, ctx.weights)
     obj_std = objective_std(real_std, ctx.return_lo, ctx.return_hi, ctx.weights)
     m.update(

@@ -186,8 +186,7 @@ def rescore_study(store: Store, study_name: str) -> tuple[list[RankChange], dict
     new_metrics = {}
     for t in trials:
         arch = PolicyArch.from_json(t.arch_json)
-        sim_figures = {k: v for k, v in t.metrics.items()}
-        m = score(arch, sim_figures, ctx)
+        m = score(arch, dict(t.metrics), ctx, measured_returns=real.get(t.id))
         new_metrics[t.id] = m
         store.update_trial_metrics(t.id, m)
     after = sorted(trials, key=lambda t: (-new_metrics[t.id][key], t.seq))

@@ -80,6 +80,8 @@ def _row(t, rank: int | None, pareto: bool) -> dict[str, Any]:
         "asymptotic_return": m.get("asymptotic_return"),
         "robustness_return": m.get("robustness_return"),
         "predicted_real_return": m.get("predicted_real_return"),
+        "measured_real_return": m.get("measured_real_return"),
+        "measured_episodes": m.get("measured_episodes"),
         "p50_ms": m.get("p50_ms"),
         "p99_ms": m.get("p99_ms"),
         "params": m.get("params"),

@@ -81,3 +81,68 @@ def test_demo_quick_runs_the_whole_loop(tmp_path):
     for section in SECTIONS:
         assert f'id="{section}"' in html
     assert html.count("data:image/png;base64,") >= 4
+
+
+@pytest.mark.slow
+def test_robot_reports_reorder_the_study_in_top(tmp_path):
+    """The loop with real processes, through the CLI: a search of two architectures (1x64 and
+    3x64, both with LayerNorm), every trial exported and deployed to an agent on
+    `cartpole-mcu-d` (a robot whose computer is 1000x slower than this one, so inference time
+    becomes tens of milliseconds of actuation delay), fresh runs, automatic refit and re-rank.
+
+    Once the robot has spoken, each deployed trial's predicted real return is its measured one
+    (the model's prediction only as a prior), so `robonas top` orders the deployed trials by what
+    the robot measured; when the slower architecture that led in simulation measured worse on
+    the robot (the premise of the issue's scenario), it falls below the faster one."""
+    flip_dir = REPO / "scripts" / "experiments" / "latency_flip"
+    url = f"sqlite:///{tmp_path / 'runs' / 'robonas.db'}"
+    search = _robonas(tmp_path, "search", str(flip_dir / "flip.toml"), "--workers", "2",
+                      "--store", url, "--json")
+    assert search.returncode == 0, search.stderr
+    before = json.loads(_robonas(tmp_path, "top", "flip", "--json", "--store", url).stdout)["rows"]
+    assert {r["arch"] for r in before} == {"64tanh ln shared", "64tanh-64tanh-64tanh ln shared"}
+
+    key, pub = generate_keypair(tmp_path / "keys")
+    agent = LocalAgent("mcu", "sim:cartpole-mcu-d", "x86-host", tmp_path / "agent", pub).start()
+    try:
+        fleet = write_fleet(tmp_path / "fleet.toml", [agent])
+        for row in before:
+            exported = _robonas(tmp_path, "export", "flip", "--trial", str(row["trial"]), "--key",
+                                str(key), "--store", url)
+            if exported.returncode != 0:  # a half-trained policy may fail the int8 parity check
+                assert "refused" in exported.stderr
+                exported = _robonas(tmp_path, "export", "flip", "--trial", str(row["trial"]),
+                                    "--fp32", "--key", str(key), "--store", url)
+            assert exported.returncode == 0, exported.stderr
+            deploy = _robonas(tmp_path, "deploy", exported.stdout.strip(), "--fleet", str(fleet),
+                              "--canary", "1", "--episodes", "1", "--min-return", "0", "--store", url)
+            assert deploy.returncode == 0, deploy.stderr
+            run = _robonas(tmp_path, "fleet", "run", "--fleet", str(fleet), "--episodes", "6",
+                           "--store", url)
+            assert run.returncode == 0, run.stderr
+            assert "recalibrate: re-ranked flip" in run.stderr
+    finally:
+        agent.stop()
+
+    table = json.loads(_robonas(tmp_path, "top", "flip", "--json", "--store", url).stdout)
+    after = table["rows"]
+    assert table["models"]["gap_model"].startswith("bayes-gap@")  # 3 (trial, robot) pairs
+    span = 500.0
+    for r in after:  # every trial was deployed and measured: 1 canary + 6 run episodes
+        assert r["measured_episodes"] == 7
+        assert abs(r["predicted_real_return"] - r["measured_real_return"]) < 0.05 * span
+    by_trial = {r["trial"]: r for r in after}
+    rank_before = {r["trial"]: r["rank"] for r in before}
+    fast = [r for r in after if r["arch"] == "64tanh ln shared"]
+    slow = [r for r in after if r["arch"] != "64tanh ln shared"]
+    flipped = 0
+    for s in slow:
+        for f in fast:
+            assert by_trial[s["trial"]]["p99_ms"] > by_trial[f["trial"]]["p99_ms"]
+            premise = (rank_before[s["trial"]] < rank_before[f["trial"]]
+                       and s["measured_real_return"] < f["measured_real_return"] - 0.1 * span)
+            if premise:
+                assert s["rank"] > f["rank"], (s, f)
+                flipped += 1
+    print(f"slower-but-better-in-sim trials that fell below a faster one: {flipped}; measured "
+          + ", ".join(f"trial {r['trial']} {r['arch']}: {r['measured_real_return']:.0f}" for r in after))

@@ -116,3 +116,17 @@ def test_rank_by_key_stable_and_lcb() -> None:
         rank([{"objective": 1.0}], lcb=1.0)
     with pytest.raises(ConfigError, match="lcb"):
         rank(rows, lcb=-1.0)
+
+
+def test_measured_episodes_outweigh_the_model_once_a_robot_has_spoken():
+    from robonas.ranking import with_measurements
+
+    # the model expected 400 +- 50; six real episodes averaged 53
+    mean, std = with_measurements(400.0, 50.0, [40, 60, 55, 50, 48, 65], return_range=500.0)
+    assert 50 < mean < 70 and std < 10
+    # one noisy episode moves the prediction less than six consistent ones
+    one, _ = with_measurements(400.0, 50.0, [53.0], return_range=500.0)
+    assert mean < one < 400.0
+    # no spread in the episodes does not mean certainty: the noise is floored
+    flat, flat_std = with_measurements(400.0, 50.0, [500.0] * 3, return_range=500.0)
+    assert flat_std > 0 and flat < 500.0
