@@ -78,7 +78,7 @@ def score(arch: PolicyArch, sim_figures: dict[str, Any], ctx: ScoringContext,
     predicted real return (see `with_measurements`).
     """
     m = dict(sim_figures)
-    for key in ("measured_real_return", "measured_episodes", "model_real_return"):
+    for key in ("measured_real_return", "measured_episodes", "model_real_return", "model_real_std"):
         m.pop(key, None)
     m.update(latency_metrics(arch, ctx))
     asym = float(m["asymptotic_return"])
@@ -95,7 +95,7 @@ def score(arch: PolicyArch, sim_figures: dict[str, Any], ctx: ScoringContext,
     gap = ctx.gap_model.predict(features)
     real_mean, real_std = predicted_real_return(asym, gap)
     if measured_returns:
-        m["model_real_return"] = real_mean
+        m["model_real_return"], m["model_real_std"] = real_mean, real_std
         m["measured_real_return"] = float(np.mean(measured_returns))
         m["measured_episodes"] = len(measured_returns)
         real_mean, real_std = with_measurements(real_mean, real_std, measured_returns,

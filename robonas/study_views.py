@@ -82,6 +82,7 @@ def _row(t, rank: int | None, pareto: bool) -> dict[str, Any]:
         "predicted_real_return": m.get("predicted_real_return"),
         "measured_real_return": m.get("measured_real_return"),
         "measured_episodes": m.get("measured_episodes"),
+        "model_real_return": m.get("model_real_return"),
         "p50_ms": m.get("p50_ms"),
         "p99_ms": m.get("p99_ms"),
         "params": m.get("params"),
