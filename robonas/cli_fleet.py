@@ -367,6 +367,7 @@ def _run(fleet, episodes, seed, agents, store_url) -> list[dict[str, Any]]:
                     row["wall_s"] = time.perf_counter() - t0
                 register_device(store, e.name, e.device)
                 ref = artifact_for_sha(store, e.name, report.get("sha256"))
+                row["trial_id"] = ref.trial_id
                 row["report_id"] = record_report(store, e.name, "run", report, ref, link=e.link,
                                                  episodes=episodes, seed=seed,
                                                  wall_s=row["wall_s"])
@@ -374,13 +375,8 @@ def _run(fleet, episodes, seed, agents, store_url) -> list[dict[str, Any]]:
             except FleetError as err:
                 row["error"] = str(err)
             rows.append(row)
-        studies = []
-        for r in rows:
-            if r.get("report_id") is not None:
-                trial_id = next((x.trial_id for x in store.device_reports(device=r["name"])
-                                 if x.id == r["report_id"]), None)
-                if trial_id is not None:
-                    studies.append(store.get_study_by_id(store.get_trial(trial_id).study_id).name)
+        studies = [store.get_study_by_id(store.get_trial(r["trial_id"]).study_id).name
+                   for r in rows if r.get("trial_id") is not None]
         if studies:
             _recalibrate(store, studies, [e.device for e in entries])
     finally:

@@ -14,7 +14,6 @@ rows to them.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +35,7 @@ from robonas.ranking import ScoringContext, score
 from robonas.scoring import ObjectiveWeights
 from robonas.space import PolicyArch
 from robonas.store import Store, StudyRow
+from robonas.study_views import _ranking
 
 REAL_REPORT_KINDS = ("run", "canary")
 
@@ -176,7 +176,7 @@ def rescore_study(store: Store, study_name: str) -> tuple[list[RankChange], dict
     """Re-score every complete trial with the newest models; returns rank changes, best first."""
     study = store.get_study(study_name)
     ctx = scoring_context(store, study)
-    key = "objective_lcb" if ((study.config.get("search") or {}).get("objective") or {}).get("ranking") == "lcb" else "objective"
+    key, _ = _ranking(study.config)
     trials = [t for t in store.trials(study.id, status="complete") if t.metrics and t.metrics.get(key) is not None]
     before = sorted(trials, key=lambda t: (-t.metrics[key], t.seq))
     rank_before = {t.id: i + 1 for i, t in enumerate(before)}
@@ -204,10 +204,6 @@ def rescore_study(store: Store, study_name: str) -> tuple[list[RankChange], dict
     return changes, ctx.model_versions()
 
 
-def _finite(x: float | None) -> bool:
-    return x is not None and math.isfinite(x)
-
-
 # --- latency ------------------------------------------------------------------------------
 MIN_LATENCY_SAMPLES = 6
 
@@ -225,6 +221,7 @@ def latency_samples_from_reports(store: Store, profile: str) -> list:
 
     samples = []
     reports = [r for robot in robots_of(store, profile) for r in store.device_reports(device=robot)]
+    arch_of: dict[int, PolicyArch] = {}
     for r in reports:
         p = r.payload
         arch = None
@@ -234,7 +231,9 @@ def latency_samples_from_reports(store: Store, profile: str) -> list:
             p50, p99 = step.get("p50"), step.get("p99")
             p50, p99 = (None if p50 is None else p50 / 1000.0), (None if p99 is None else p99 / 1000.0)
         elif r.kind in REAL_REPORT_KINDS and r.trial_id is not None:
-            arch = PolicyArch.from_json(store.get_trial(r.trial_id).arch_json)
+            if r.trial_id not in arch_of:
+                arch_of[r.trial_id] = PolicyArch.from_json(store.get_trial(r.trial_id).arch_json)
+            arch = arch_of[r.trial_id]
             timings = p.get("timings_ms") or {}
             p50, p99 = timings.get("p50"), timings.get("p99")
         if arch is not None and p50 and p99:

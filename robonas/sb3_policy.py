@@ -36,6 +36,14 @@ from robonas.errors import ConfigError
 from robonas.space import PolicyArch
 
 
+def _arch_constructor_parameters(data: dict[str, Any], arch: PolicyArch) -> dict[str, Any]:
+    """What SB3 saves to rebuild the policy on load: the arch, not SB3's own MLP settings."""
+    data.pop("net_arch", None)
+    data.pop("activation_fn", None)
+    data["arch"] = arch
+    return data
+
+
 def _check_arch(arch: Any, features_dim: int) -> PolicyArch:
     if not isinstance(arch, PolicyArch):
         raise ConfigError(f"policy_kwargs['arch']: {arch!r} is not a PolicyArch")
@@ -84,11 +92,7 @@ class ArchActorCriticPolicy(ActorCriticPolicy):
         self.mlp_extractor = ArchExtractor(self.arch)
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
-        data = super()._get_constructor_parameters()
-        data.pop("net_arch", None)
-        data.pop("activation_fn", None)
-        data["arch"] = self.arch
-        return data
+        return _arch_constructor_parameters(super()._get_constructor_parameters(), self.arch)
 
     def actor_state_dict(self) -> dict[str, torch.Tensor]:
         """A state_dict that loads into `arch.build_actor()` with strict=True."""
@@ -124,11 +128,7 @@ class ArchSACPolicy(SACPolicy):
         return critic
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
-        data = super()._get_constructor_parameters()
-        data.pop("net_arch", None)
-        data.pop("activation_fn", None)
-        data["arch"] = self.arch
-        return data
+        return _arch_constructor_parameters(super()._get_constructor_parameters(), self.arch)
 
     def actor_state_dict(self) -> dict[str, torch.Tensor]:
         mu = self.actor.mu

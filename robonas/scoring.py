@@ -107,6 +107,11 @@ def objective_std(
     return (weights.real_return / weights.total) * real_return_std / (return_hi - return_lo)
 
 
+def ranking_key(ranking: str) -> str:
+    """The metric a study ranks by: the objective's mean, or its lower confidence bound."""
+    return "objective_lcb" if ranking == "lcb" else "objective"
+
+
 def pareto_front(points: Iterable[tuple[Hashable, float, float]]) -> list[Hashable]:
     """Keys of the points no other point dominates, in input order.
 

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from robonas.config import SearchConfig
 from robonas.errors import ConfigError
+from robonas.scoring import ranking_key
 from robonas.space import PolicyArch, SearchSpace
 from robonas.store import Store, StudyRow, TrialRow
 
@@ -141,9 +142,8 @@ def run_dir_for(store_url: str) -> Path:
 def _strategy_metrics(metrics: dict[str, Any] | None, ranking: str) -> dict[str, float] | None:
     if metrics is None or metrics.get("objective") is None:
         return None
-    key = "objective_lcb" if ranking == "lcb" else "objective"
     return {
-        "objective": float(metrics[key]),
+        "objective": float(metrics[ranking_key(ranking)]),
         "predicted_real_return": float(metrics["predicted_real_return"]),
         "p99_ms": float(metrics["p99_ms"]),
     }
@@ -333,7 +333,7 @@ class Search:
     def summary(self, study: StudyRow, interrupted: bool = False) -> SearchSummary:
         trials = self.store.trials(study.id)
         by = {s: [t for t in trials if t.status == s] for s in ("complete", "failed", "rejected")}
-        key = "objective_lcb" if self.cfg.objective.ranking == "lcb" else "objective"
+        key = ranking_key(self.cfg.objective.ranking)
         best = max(by["complete"], key=lambda t: t.metrics.get(key) or -math.inf, default=None)
         return SearchSummary(
             study=study.name, planned=self.cfg.budget.trials, complete=len(by["complete"]),

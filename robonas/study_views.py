@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from robonas.scoring import pareto_front
+from robonas.scoring import pareto_front, ranking_key
 from robonas.space import PolicyArch
 from robonas.store import Store
 
@@ -13,10 +13,9 @@ STATUSES = ("complete", "running", "pending", "failed", "rejected")
 
 
 def _ranking(study_config: dict[str, Any]) -> tuple[str, str]:
-    objective = (study_config.get("search") or {}).get("objective") or {}
-    if objective.get("ranking") == "lcb":
-        return "objective_lcb", "lcb"
-    return "objective", "mean"
+    """(metric, "mean" | "lcb") a study ranks by, from its stored config."""
+    ranking = ((study_config.get("search") or {}).get("objective") or {}).get("ranking", "mean")
+    return ranking_key(ranking), ranking
 
 
 def study_status(store: Store, name: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Dict, Optional
 import numpy as np
 import pytest
 
+from tests.device_agents.pty_stream import FdStream
 from device_agents.link import open_link
 from device_agents.protocol import Message, MsgType, iter_chunks
 from device_agents.signing import generate_keypair, load_private_key, sign_manifest
@@ -263,34 +264,6 @@ def test_cli_errors_are_one_line(tmp_path):
     assert len(out.stderr.strip().splitlines()) == 1
 
 
-class FdStream:
-    """The master end of a pty with pyserial's read/write/timeout semantics (for the host)."""
-
-    def __init__(self, fd: int):
-        self.fd, self.timeout = fd, None
-
-    def read(self, size: int = 1) -> bytes:
-        import select
-
-        data = bytearray()
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        while len(data) < size:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not select.select([self.fd], [], [], left)[0]:
-                break
-            data += os.read(self.fd, size - len(data))
-        return bytes(data)
-
-    def write(self, data: bytes) -> int:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
-        return len(data)
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
 @pytest.mark.slow
 def test_deploy_over_a_pty_link(tmp_path, keys):
     """The agent serves `--link /dev/pts/N` (a serial line); the host holds the master end."""
@@ -309,7 +282,7 @@ def test_deploy_over_a_pty_link(tmp_path, keys):
                             text=True)
     try:
         assert proc.stdout.readline().startswith("serving on ")
-        link = Link(FdStream(master), timeout_s=30.0, baudrate=115200)
+        link = Link(FdStream(master, timeout=None), timeout_s=30.0, baudrate=115200)
         good = test_models()["good"]
         m = manifest_for(good)
         t0 = time.monotonic()

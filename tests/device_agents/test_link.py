@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import select
 import threading
 import time
 
 import pytest
 
+from tests.device_agents.pty_stream import FdStream
 from device_agents.link import Link, LinkError, listen, open_link
 from device_agents.protocol import (
     DEFAULT_CHUNK,
@@ -20,34 +20,6 @@ from device_agents.protocol import (
     iter_chunks,
     wire_time_s,
 )
-
-
-class FdStream:
-    """pyserial-like stream over a raw file descriptor (the master end of a pty)."""
-
-    def __init__(self, fd: int):
-        self.fd = fd
-        self.timeout: float | None = 5.0
-
-    def read(self, size: int = 1) -> bytes:
-        data = bytearray()
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        while len(data) < size:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _, _ = select.select([self.fd], [], [], left)
-            if not ready:
-                break
-            data += os.read(self.fd, size - len(data))
-        return bytes(data)
-
-    def write(self, data: bytes) -> int:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view) :]
-        return len(data)
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 def serve(link: Link, stop_after: int | None = None) -> dict:
