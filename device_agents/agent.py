@@ -86,6 +86,13 @@ class _Transfer:
         self.started = time.monotonic()
 
 
+class _Cost:
+    """What a robot's `bind_policy` reads of a benchmarked model: its MAC count."""
+
+    def __init__(self, macs: Optional[int]):
+        self.macs = macs
+
+
 class Agent:
     def __init__(self, state_dir: Union[str, Path], trusted_keys: Iterable[KeySource],
                  robot_spec: str, fast: bool = False, agent_id: Optional[str] = None,
@@ -381,16 +388,30 @@ class Agent:
                 raise Refused("mismatch", f"size {size} but {len(msg.payload)} payload bytes")
             if sha != hashlib.sha256(msg.payload).hexdigest():
                 raise Refused("mismatch", "sha256 of the inline model does not match")
-            result = bench_model(bytes(msg.payload), runs=runs, warmup=warmup)
+            result = self._robot_timing(bench_model(bytes(msg.payload), runs=runs, warmup=warmup))
             return msg.reply(MsgType.REPORT, {"bench": result, "slot": None, "sha256": sha,
                                               "agent": self.agent_id, "device": self.device})
         slot = self._pick_slot(h)
         info = self.slots.inspect(slot)
         if not info.ok:
             raise Refused("no policy", f"slot {slot} holds no verified policy")
-        result = bench_model(info.model_path.read_bytes(), runs=runs, warmup=warmup)
+        result = self._robot_timing(bench_model(info.model_path.read_bytes(), runs=runs,
+                                                warmup=warmup))
         return msg.reply(MsgType.REPORT, {"bench": result, "slot": slot, "sha256": info.sha256,
                                           "agent": self.agent_id, "device": self.device})
+
+    def _robot_timing(self, result: Dict[str, Any]) -> Dict[str, Any]:
+        """BENCH on a sim twin reports its emulated computer's step time, as RUN does (the
+        mapping is increasing, so it carries every percentile); `host_step_us` keeps this
+        machine's. A physical robot runs the agent itself: its figures are already the answer,
+        and BENCH does not open its port."""
+        if not self.robot_spec.startswith("sim:"):
+            return result
+        robot = self.robot()
+        robot.bind_policy(_Cost(result.get("macs")))
+        host = result["step_us"]
+        return {**result, "host_step_us": host,
+                "step_us": {k: robot.compute_time(v / 1e6) * 1e6 for k, v in host.items()}}
 
     def _rollback(self, msg: Message) -> Message:
         try:

@@ -90,6 +90,7 @@ def bench_model(model: ModelSource, runs: int = 1000, warmup: int = 50, threads:
         "output_shape": list(policy.output_shape),
         "output_dtype": policy.output_dtype.name,
         "output_quantization": list(policy.output_quantization),
+        "macs": policy.macs,
         "init_us": init_ns / 1000.0,
         "first_us": first_ns / 1000.0,
         "warmup_mean_us": float(warm_ns.mean()) / 1000.0,

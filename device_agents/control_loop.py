@@ -2,7 +2,11 @@
 
 Standard library clocks and numpy only. Ticks are scheduled on `time.monotonic()` and the loop
 sleeps until the next one (it never spins); inference is timed with `time.perf_counter_ns`.
-An action whose inference took longer than one period is a deadline miss. In `fast` mode the
+The robot turns that measurement into its own computer's step time (`Robot.compute_time`: the
+identity on a physical robot, which runs the agent itself; an emulated slower computer on a sim
+twin); that is the latency the robot is handed, the `timings_ms` reported and what deadlines are
+judged on, while `host_timings_ms` keeps the raw measurement on the machine running the agent.
+An action whose step took longer than one period is a deadline miss. In `fast` mode the
 sleeps are skipped (a simulated robot then runs faster than real time) but the measured
 inference time is still handed to the robot as latency, so returns stay honest.
 
@@ -99,11 +103,13 @@ def run_episodes(policy: Any, robot: Robot, episodes: int, seed: int,
 
     returns: List[float] = []
     lengths: List[int] = []
-    step_ns: List[int] = []
+    step_ns: List[int] = []  # the robot computer's step times
+    host_ns: List[int] = []  # what this machine measured
     misses = nonfinite = late_ticks = 0
     clock = time.perf_counter_ns
     frames = np.zeros(obs_dim * history, np.float32)
     zero_action = np.zeros(robot.action_size, np.float32)
+    robot.bind_policy(policy)
     t_start = time.monotonic()
     for ep in range(episodes):
         obs = robot.reset(seed + ep)
@@ -115,7 +121,9 @@ def run_episodes(policy: Any, robot: Robot, episodes: int, seed: int,
             frames[-obs_dim:] = np.asarray(obs, np.float32).ravel()
             t0 = clock()
             action = policy.act(frames)
-            elapsed = clock() - t0
+            measured = clock() - t0
+            host_ns.append(measured)
+            elapsed = int(round(robot.compute_time(measured / 1e9) * 1e9))
             step_ns.append(elapsed)
             if elapsed > period_ns:
                 misses += 1
@@ -148,6 +156,7 @@ def run_episodes(policy: Any, robot: Robot, episodes: int, seed: int,
         "mean_return": float(np.mean(returns)) if returns else None,
         "steps": n,
         "timings_ms": _timings_ms(step_ns),
+        "host_timings_ms": _timings_ms(host_ns),
         "deadline_misses": misses,
         "miss_rate": misses / n if n else 0.0,
         "late_ticks": late_ticks,

@@ -339,6 +339,24 @@ class _TensorSpec:
         return self.dtype.kind in "iu" and self.scale > 0.0
 
 
+def _fully_connected_macs(interp: Any) -> Optional[int]:
+    """Multiply-accumulates of one invoke: the weight elements of every FULLY_CONNECTED op
+    (robonas policies are MLPs; a batch-1 FC costs one MAC per weight). None when the runtime
+    does not list its ops (`_get_ops_details` is private, present in tflite_runtime 2.14 and
+    ai-edge-litert 2.x). A sim twin that emulates a slower robot computer needs this figure."""
+    try:
+        shapes = {t["index"]: tuple(int(d) for d in t["shape"]) for t in interp.get_tensor_details()}
+        ops = interp._get_ops_details()
+    except (AttributeError, RuntimeError, ValueError, KeyError):
+        return None
+    total = 0
+    for op in ops:
+        if op.get("op_name") == "FULLY_CONNECTED" and len(op.get("inputs", ())) >= 2:
+            weights = shapes.get(int(op["inputs"][1]), ())
+            total += int(np.prod(weights)) if weights else 0
+    return total
+
+
 class TFLitePolicy:
     """One policy model with one input (the observation) and one output (the action).
 
@@ -384,6 +402,7 @@ class TFLitePolicy:
             )
         self.input = _TensorSpec(inputs[0], "input", source)
         self.output = _TensorSpec(outputs[0], "output", source)
+        self.macs = _fully_connected_macs(self._interp)
         # Buffers allocated once and reused by every step.
         self._in = np.zeros(self.input.shape, self.input.dtype)
         self._in_f = np.zeros(self.input.shape, np.float32)

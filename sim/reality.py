@@ -13,6 +13,7 @@ every time it is built and reset with the same seed.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, fields
 from functools import lru_cache
@@ -42,6 +43,10 @@ class RealityProfile:
     # the agent: the robot twin multiplies the measured inference time by it before the action
     # takes effect (see device_agents/robots/sim_twin.py). 1.0: as fast as this machine.
     compute_scale: float = 1.0
+    # The stand-in robot computer's int8 arithmetic rate (multiply-accumulates per second), for a
+    # robot whose cost grows with the network rather than with interpreter overhead (an MCU
+    # without SIMD kernels): the twin adds the policy's MACs / this rate. 0: no such term.
+    compute_macs_per_s: float = 0.0
 
     @property
     def dynamics(self) -> Dynamics:
@@ -65,7 +70,7 @@ def _load() -> dict[str, RealityProfile]:
     text = resources.files("sim").joinpath("reality_profiles.toml").read_text(encoding="utf-8")
     table = tomllib.loads(text)
     expected = {f.name for f in fields(RealityProfile)} - {"name"}
-    optional = {"compute_scale"}
+    optional = {"compute_scale", "compute_macs_per_s"}
     profiles = {}
     for name, entry in table.items():
         missing, unknown = expected - optional - set(entry), set(entry) - expected
@@ -80,6 +85,10 @@ def _load() -> dict[str, RealityProfile]:
         if not (isinstance(profile.compute_scale, (int, float)) and profile.compute_scale >= 1.0):
             raise SimError(f"reality profile {name!r}: compute_scale={profile.compute_scale!r} "
                            "must be a number >= 1 (times slower than this machine)")
+        rate = profile.compute_macs_per_s
+        if not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate >= 0.0):
+            raise SimError(f"reality profile {name!r}: compute_macs_per_s={rate!r} must be a "
+                           "number >= 0 (0: no arithmetic cost term)")
         profiles[name] = profile
     return profiles
 

@@ -16,8 +16,9 @@ class Robot(abc.ABC):
     """One robot the agent controls at a fixed rate.
 
     `step(action, latency_s)`: `latency_s` is how long the previous action stayed applied in
-    this control period before `action` took over (the measured inference time). A physical
-    robot pays it for real and may ignore the figure; a simulated one applies it.
+    this control period before `action` took over (the inference time of the robot's computer,
+    see `compute_time`). A physical robot pays it for real and may ignore the figure; a simulated
+    one applies it.
     """
 
     name: str = "robot"
@@ -41,6 +42,18 @@ class Robot(abc.ABC):
     @abc.abstractmethod
     def step(self, action: np.ndarray, latency_s: float = 0.0) -> Tuple[np.ndarray, float, bool]:
         """Apply `action` for one control period; (observation, reward, done)."""
+
+    def bind_policy(self, policy: object) -> None:
+        """Called once before a run with the policy about to drive the robot (a TFLitePolicy or
+        alike). Most robots need nothing from it; a twin emulating its own computer reads the
+        policy's cost (`policy.macs`)."""
+
+    def compute_time(self, measured_s: float) -> float:
+        """How long this robot's own computer takes for a step measured at `measured_s` on the
+        machine running the agent. On a physical robot the agent runs on the robot's computer,
+        so the measurement is the answer; a sim twin standing in for a slower computer says
+        what that computer would take."""
+        return measured_s
 
     def close(self) -> None:
         """Release the robot (port, simulator). Safe to call twice."""

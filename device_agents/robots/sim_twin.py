@@ -3,14 +3,21 @@
 The only device_agents module allowed to import `sim` (and through it gymnasium and pybullet),
 and only inside `SimTwin.__init__`, so choosing another back end never loads them.
 
-Each action takes effect when the stand-in robot's computer would have finished computing it:
-at the start of its period plus the profile's own actuation latency plus the measured inference
-time times the profile's `compute_scale` (how many times slower the robot's computer is than this
-machine; 1 for most profiles). Until then the previous action stays on the motors. An action
-that is not ready by the end of its period takes effect in a later one (the motors keep the last
-ready action meanwhile), and an older action that is overtaken by a newer ready one is dropped,
-as on a real controller that always applies the newest result. The timings the agent reports
-stay the real measurements on this machine; `report_extras` adds the latency the twin applied.
+The twin stands in for the robot's computer too (`compute_time`): a step measured at t on this
+machine takes `t * compute_scale + macs / compute_macs_per_s` there. The first term scales what
+this machine measured (interpreter and Python overhead, with its real jitter); the second is the
+arithmetic of the policy's `macs` at the robot's rate, the term that dominates on a
+microcontroller and that this machine's SIMD kernels hide (a 2x256 MLP takes 1.6x a 1x64 one
+here, about 170x on an MCU running reference kernels). Profiles without those fields are as
+fast as this machine. The control loop reports these emulated timings as the robot's (the host
+measurement stays in the report as `host_timings_ms`).
+
+Each action takes effect when the robot's computer would have finished computing it: at the
+start of its period plus the profile's own actuation latency plus that compute time. Until then
+the previous action stays on the motors. An action that is not ready by the end of its period
+takes effect in a later one (the motors keep the last ready action meanwhile), and an older
+action that is overtaken by a newer ready one is dropped, as on a real controller that always
+applies the newest result. `report_extras` adds the latency the twin applied.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ class SimTwin(Robot):
         u = self._env.unwrapped
         self._base_latency = float(self._profile.actuation_latency_s)
         self._compute_scale = float(getattr(self._profile, "compute_scale", 1.0))
+        self._macs_per_s = float(getattr(self._profile, "compute_macs_per_s", 0.0))
+        self._macs: Optional[int] = None
         self._pending: List[Tuple[float, int, np.ndarray]] = []  # (ready time, index, action)
         self._t = 0  # control periods since reset
         self._applied_ms: List[float] = []
@@ -69,6 +78,17 @@ class SimTwin(Robot):
     def control_hz(self) -> float:
         return self._hz
 
+    def bind_policy(self, policy: object) -> None:
+        macs = getattr(policy, "macs", None)
+        if self._macs_per_s > 0 and not isinstance(macs, int):
+            raise DeviceError(f"robot {self.name} emulates a {self._macs_per_s:.3g} MAC/s computer "
+                              "and needs the policy's MAC count, which this runtime does not give")
+        self._macs = macs if isinstance(macs, int) else None
+
+    def compute_time(self, measured_s: float) -> float:
+        arithmetic = (self._macs or 0) / self._macs_per_s if self._macs_per_s > 0 else 0.0
+        return max(0.0, float(measured_s)) * self._compute_scale + arithmetic
+
     def reset(self, seed: Optional[int] = None) -> np.ndarray:
         obs, _ = self._env.reset(seed=None if seed is None else int(seed))
         self._pending.clear()
@@ -78,7 +98,7 @@ class SimTwin(Robot):
 
     def step(self, action: np.ndarray, latency_s: float = 0.0) -> Tuple[np.ndarray, float, bool]:
         dt, start = self._dt, self._t * self._dt
-        delay = self._base_latency + max(0.0, float(latency_s)) * self._compute_scale
+        delay = self._base_latency + max(0.0, float(latency_s))  # latency_s: from compute_time
         self._applied_ms.append(delay * 1000.0)
         self._pending.append((start + delay, self._t, np.asarray(action, np.float32).ravel()))
         # The newest action ready before this period ends takes effect, at its ready time.
@@ -101,9 +121,11 @@ class SimTwin(Robot):
         return np.asarray(obs, np.float32).ravel(), float(reward), bool(terminated or truncated)
 
     def report_extras(self) -> Dict[str, Any]:
-        """The latency the twin applied (measured inference x compute_scale + the profile's own)."""
+        """The latency the twin applied (the robot computer's step + the profile's own)."""
         applied = np.asarray(self._applied_ms or [0.0])
         out = {"compute_scale": self._compute_scale,
+               "compute_macs_per_s": self._macs_per_s,
+               "policy_macs": self._macs,
                "applied_latency_ms": {"p50": float(np.percentile(applied, 50)),
                                       "p99": float(np.percentile(applied, 99))},
                "stale_periods": self._stale}

@@ -335,3 +335,24 @@ def test_agent_in_the_robot_venv_with_the_serial_robot(tmp_path, keys):
             agent.stop()
         mcu.stdin.close()
         mcu.wait(10)
+
+
+def test_bench_on_a_twin_reports_its_emulated_computer(tmp_path, keys):
+    """BENCH on a sim twin answers for the robot's computer, as RUN does: this machine's step
+    time x compute_scale + the model's MACs at the twin's MAC rate (cartpole-mcu-slow: 100x and
+    5e5 MAC/s); this machine's own figures stay in `host_step_us`."""
+    a = AgentProcess(tmp_path / "state", keys[1], robot="sim:cartpole-mcu-slow")
+    try:
+        model = test_models()["good"]  # 5 -> 16 -> 1: 96 MACs
+        with a.link() as link:
+            r = link.request(Message(MsgType.BENCH, {"runs": 300, "size": len(model),
+                                                     "sha256": hashlib.sha256(model).hexdigest()},
+                                     model))
+        assert r.type == MsgType.REPORT, r.header
+        bench = r.header["bench"]
+        assert bench["macs"] == 96
+        for k in ("p50", "p99", "max"):
+            want = bench["host_step_us"][k] * 100.0 + 96 / 5e5 * 1e6
+            assert bench["step_us"][k] == pytest.approx(want, rel=1e-9)
+    finally:
+        a.stop()

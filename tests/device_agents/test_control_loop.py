@@ -77,6 +77,35 @@ def test_slow_policy_counts_deadline_misses_and_fast_mode_passes_latency():
     assert all(0 < lat < 0.01 for lat in robot2.latencies)
 
 
+class SlowComputerRobot(CountingRobot):
+    """A robot whose own computer takes 1000x what this machine measured."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.bound = []
+
+    def bind_policy(self, policy):
+        self.bound.append(policy)
+
+    def compute_time(self, measured_s):
+        return 1000.0 * measured_s
+
+
+def test_the_robot_computer_time_is_reported_handed_on_and_judged():
+    policy = Policy(sleep_s=20e-6)  # tens of microseconds here, tens of milliseconds there
+    robot = SlowComputerRobot(hz=100.0)
+    report = run_episodes(policy, robot, 1, 0, max_steps=40, fast=True)
+    assert robot.bound == [policy]
+    host, own = report["host_timings_ms"], report["timings_ms"]
+    assert own["p50"] == pytest.approx(1000.0 * host["p50"], rel=1e-3)
+    assert own["max"] == pytest.approx(1000.0 * host["max"], rel=1e-3)
+    # the robot got its own computer's latency, and deadlines are judged on it
+    assert np.median(robot.latencies) * 1e3 == pytest.approx(own["p50"], rel=1e-3)
+    # every step missed the 10 ms period on the robot's computer, none would have here
+    assert host["max"] < 10.0 and min(robot.latencies) > 0.01
+    assert report["deadline_misses"] == 40 and report["miss_rate"] == 1.0
+
+
 def test_history_stacks_oldest_first_with_pad_and_episodes_reset():
     robot = CountingRobot(obs_size=2, episode_len=3)
     policy = Policy()

@@ -72,11 +72,34 @@ def test_sim_twin_latency_changes_the_trajectory_and_late_actions_wait():
     assert extras["stale_periods"] == 20 and np.allclose(never, idle)
 
 
-def test_sim_twin_compute_scale_turns_microseconds_into_milliseconds():
-    _, fast_pc = _twin_run("cartpole-lab-a", [0.0] * 5, 20e-6)
-    _, mcu = _twin_run("cartpole-mcu-d", [0.0] * 5, 20e-6)
-    assert fast_pc["compute_scale"] == 1.0 and mcu["compute_scale"] == 1000.0
-    assert fast_pc["applied_latency_ms"]["p50"] == pytest.approx(4.0 + 0.02)
+class _Cost:
+    def __init__(self, macs):
+        self.macs = macs
+
+
+def test_sim_twin_emulates_its_robot_computer():
+    """compute_time: this machine's measurement x compute_scale + policy MACs / the robot's
+    MAC rate; step applies what it is handed (the loop passes compute_time's answer)."""
+    lab = make_robot("sim:cartpole-lab-a", fast=True)
+    mcu_d = make_robot("sim:cartpole-mcu-d", fast=True)
+    slow = make_robot("sim:cartpole-mcu-slow", fast=True)
+    try:
+        for r in (lab, mcu_d, slow):
+            r.bind_policy(_Cost(67_072))  # a 2x256 cart-pole actor
+        assert lab.compute_time(20e-6) == pytest.approx(20e-6)  # as fast as this machine
+        assert mcu_d.compute_time(20e-6) == pytest.approx(20e-3)  # 1000x, no MAC term
+        assert slow.compute_time(20e-6) == pytest.approx(20e-6 * 100 + 67_072 / 5e5)
+        slow.bind_policy(_Cost(384))  # a 1x64 actor: the arithmetic term shrinks with the net
+        assert slow.compute_time(20e-6) == pytest.approx(2e-3 + 384 / 5e5)
+        with pytest.raises(DeviceError, match="MAC count"):
+            slow.bind_policy(object())  # a runtime that cannot count MACs cannot drive it
+    finally:
+        for r in (lab, mcu_d, slow):
+            r.close()
+    _, lab_extras = _twin_run("cartpole-lab-a", [0.0] * 5, 20e-6)
+    _, mcu = _twin_run("cartpole-mcu-d", [0.0] * 5, 20e-3)
+    assert lab_extras["compute_scale"] == 1.0 and mcu["compute_scale"] == 1000.0
+    assert lab_extras["applied_latency_ms"]["p50"] == pytest.approx(4.0 + 0.02)
     assert mcu["applied_latency_ms"]["p50"] == pytest.approx(2.0 + 20.0)
 
 

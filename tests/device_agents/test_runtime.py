@@ -39,6 +39,14 @@ def test_fp32_policy_describes_itself_and_matches_torch(policy_models) -> None:
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
+def test_macs_count_the_fully_connected_weights(policy_models) -> None:
+    """What a sim twin emulating a slower computer charges for: one MAC per FC weight."""
+    macs = policy_models.arch.cost_summary()["macs"]
+    assert macs == 17 * 64 + 64 * 64 + 64 * 6
+    for model in (policy_models.fp32, policy_models.int8):
+        assert TFLitePolicy(model).macs == macs
+
+
 def test_int8_quantize_and_dequantize_follow_the_tensor_parameters(policy_models) -> None:
     policy = TFLitePolicy(policy_models.int8)
     scale, zero_point = policy.input_quantization
@@ -363,7 +371,7 @@ for arg in sys.argv[1:]:
     for o in obs:
         acts.append(policy.act(o).tolist())
         raws.append(policy.raw_output().ravel().tolist())
-    result[name] = {"act": acts, "raw": raws}
+    result[name] = {"act": acts, "raw": raws, "macs": policy.macs}
 print(json.dumps(result))
 """
 
@@ -393,6 +401,7 @@ def test_robot_venv_matches_host(policy_models, robot_python: Path, tmp_path: Pa
             host_act.append(host.act(o))
             host_raw.append(host.raw_output().ravel())
         robot_act = np.array(robot[path]["act"], np.float32)
+        assert robot[path]["macs"] == host.macs  # tflite_runtime lists its ops too
         if host.output.quantized:
             # the same int8 kernels: equal, or one step apart where a rounding differs
             diff = np.abs(np.array(robot[path]["raw"]) - np.array(host_raw, np.int64))
