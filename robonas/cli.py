@@ -163,7 +163,7 @@ def keys_generate(
 @app.command()
 def export(
     study: str = typer.Argument(..., help="Study name."),
-    best: bool = typer.Option(False, "--best", help="Export the best-ranked complete trial."),
+    best: bool = typer.Option(False, "--best", help="Export the best-ranked complete trial whose p99 fits the latency budget (by the newest, possibly robot-calibrated, latency model)."),
     trial: Optional[int] = typer.Option(None, "--trial", help="Export this trial id."),
     fp32: bool = typer.Option(False, "--fp32", help="Float32 model instead of full int8."),
     key: Optional[str] = typer.Option(None, "--key", help="Private key to sign with (default: $ROBONAS_SIGNING_KEY)."),
@@ -291,7 +291,10 @@ def top(
     as_json: bool = typer.Option(False, "--json"),
     all_trials: bool = typer.Option(False, "--all", help="Also list failed and rejected trials."),
 ) -> None:
-    """Ranked trials: arch, AUC, asymptotic and predicted real return, p99 latency, params."""
+    """Ranked trials: arch, AUC, asymptotic and predicted real return, p99 latency, params.
+
+    The title names the latency and gap model versions that scored them; a trial whose p99 by the newest latency model is over the study's budget shows "over budget" as its status.
+    """
     from robonas.study_views import ranked_trials
 
     table = ranked_trials(_open_store(store), study, n=n, include_unfinished=all_trials)
@@ -313,7 +316,7 @@ def top(
             f(row["rank"], "d"), str(row["trial"]), row["arch"], f(row["auc"], ".3f"),
             f(row["asymptotic_return"], ".1f"), f(row["predicted_real_return"], ".1f"),
             f(row["p99_ms"], ".3f"), f(row["params"], ",d"), "*" if row["pareto"] else "",
-            row["status"],
+            row["status"] if row.get("within_budget") is not False else "over budget",
         )
     _console().print(t)
 

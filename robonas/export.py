@@ -291,12 +291,16 @@ class ExportResult:
 
 def _pick_trial(store, study, trial_id: int | None):
     if trial_id is None:
-        from robonas.study_views import ranked_trials
+        from robonas.study_views import best_within_budget, ranked_trials
 
-        rows = ranked_trials(store, study.name, n=1)["rows"]
-        if not rows:
+        if not ranked_trials(store, study.name, n=1)["rows"]:
             raise RobonasError(f"study {study.name!r} has no complete trial to export")
-        trial_id = rows[0]["trial"]
+        best = best_within_budget(store, study.name)
+        if best is None:
+            raise RobonasError(f"study {study.name!r}: no complete trial fits the latency budget "
+                               "by the newest latency model (see `robonas top`); export one "
+                               "with --trial ID to ship it anyway")
+        trial_id = best["trial"]
     try:
         trial = store.get_trial(trial_id)
     except StoreError as e:

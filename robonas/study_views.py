@@ -18,6 +18,11 @@ def _ranking(study_config: dict[str, Any]) -> tuple[str, str]:
     return ranking_key(ranking), ranking
 
 
+def _latency_budget_ms(study_config: dict[str, Any]) -> float | None:
+    budget = ((study_config.get("search") or {}).get("device") or {}).get("latency_budget_ms")
+    return float(budget) if isinstance(budget, (int, float)) else None
+
+
 def study_status(store: Store, name: str) -> dict[str, Any]:
     study = store.get_study(name)
     trials = store.trials(study.id)
@@ -57,16 +62,27 @@ def ranked_trials(store: Store, name: str, n: int = 10, include_unfinished: bool
         for m in ("latency_model", "gap_model"):
             if t.metrics.get(m):
                 models.setdefault(m, t.metrics[m])
+    budget = _latency_budget_ms(study.config)
     rows = []
     for i, t in enumerate(complete[:n]):
-        rows.append(_row(t, i + 1, t.id in front))
+        rows.append(_row(t, i + 1, t.id in front, budget))
     if include_unfinished:
-        rows += [_row(t, None, False) for t in trials if t.status != "complete"]
-    return {"study": study.name, "ranked_by": f"{key} ({ranked_by})", "models": models, "rows": rows}
+        rows += [_row(t, None, False, budget) for t in trials if t.status != "complete"]
+    return {"study": study.name, "ranked_by": f"{key} ({ranked_by})", "models": models,
+            "latency_budget_ms": budget, "rows": rows}
 
 
-def _row(t, rank: int | None, pareto: bool) -> dict[str, Any]:
+def best_within_budget(store: Store, name: str) -> dict[str, Any] | None:
+    """The best-ranked complete trial whose p99 (by the newest latency model) fits the budget.
+    Trials pass the budget when they are asked; a latency model refitted on a robot's reports can
+    later put one over it, and then it is no longer what `export --best` ships."""
+    rows = ranked_trials(store, name, n=10**9)["rows"]
+    return next((r for r in rows if r["within_budget"]), None)
+
+
+def _row(t, rank: int | None, pareto: bool, budget_ms: float | None = None) -> dict[str, Any]:
     m = t.metrics or {}
+    p99 = m.get("p99_ms")
     return {
         "rank": rank,
         "trial": t.id,
@@ -86,6 +102,7 @@ def _row(t, rank: int | None, pareto: bool) -> dict[str, Any]:
         "p99_ms": m.get("p99_ms"),
         "params": m.get("params"),
         "pareto": pareto,
+        "within_budget": None if p99 is None or budget_ms is None else bool(p99 <= budget_ms),
         "status": t.status,
         "error": t.error,
         "latency_model": m.get("latency_model"),

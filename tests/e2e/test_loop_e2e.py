@@ -140,8 +140,12 @@ def test_a_slow_robot_computer_drops_the_wider_policy_below_a_faster_one_in_top(
     assert table["models"]["latency_model"].startswith("calibrated-roofline@")
     assert table["models"]["gap_model"].startswith("bayes-gap@")
     for r in before:  # the refitted latency model learnt the robot's real speed
-        now = after[r["trial"]]["p99_ms"]
-        assert (now > 5 * r["p99_ms"] and now > 20.0) if r["arch"] == wide else now < 20.0
+        now = after[r["trial"]]
+        assert r["within_budget"]  # by the cortex-m7 prior every trial fitted the 20 ms budget
+        if r["arch"] == wide:  # now the wide ones are over it: `export --best` skips them
+            assert now["p99_ms"] > 5 * r["p99_ms"] and now["within_budget"] is False
+        else:
+            assert now["within_budget"] is True
     for r in after.values():  # every trial was deployed and measured: 1 canary + 6 run episodes
         assert r["measured_episodes"] == 7
         model, measured, pred = r["model_real_return"], r["measured_real_return"], r["predicted_real_return"]
