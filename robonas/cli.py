@@ -342,8 +342,7 @@ def demo(
     keep: bool = typer.Option(False, "--keep", help="Resume in an existing workdir instead of wiping it."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """The whole loop on this machine: search, export, local robot agents on reality profiles,
-    deploy with canary, reports, latency and gap calibration, re-ranking, HTML report."""
+    """The whole loop on this machine, in two acts: (1) search, export, two local robot agents on reality profiles, deploy with canary, reports, latency (BENCH) and gap calibration, re-ranking, HTML report; (2) the same for a microcontroller robot far slower than its device prior, whose reports refit the models and move the ranking."""
     from robonas.demo import default_workdir, explain, run_demo
 
     console = _console()
@@ -353,26 +352,30 @@ def demo(
         result = run_demo(Path(workdir) if workdir else default_workdir(), quick=quick,
                           fresh=not keep, say=say, progress_hooks=hooks)
     if as_json:
-        print(json.dumps({**result.to_dict(), "explanation": explain(result)}, indent=2, default=str))
+        print(json.dumps(result.to_dict(), indent=2, default=str))
         return
     from rich.table import Table
 
-    t = Table(title="how the ranking moved once the robots reported")
-    for col in ("trial", "arch", "rank before", "rank after", "pred real before", "pred real after", "measured real"):
-        t.add_column(col, justify="left" if col == "arch" else "right")
-    before = {r["trial"]: r for r in result.before}
-    for r in result.after:
-        b = before[r["trial"]]
-        real = result.measured.get(r["trial"])
-        t.add_row(str(r["trial"]), r["arch"], str(b["rank"]), str(r["rank"]),
-                  f"{b['predicted_real_return']:.1f}", f"{r['predicted_real_return']:.1f}",
-                  ", ".join(f"{k} {v:.0f}" for k, v in real.items()) if real else "-")
-    console.print(t)
-    for line in explain(result):
-        console.print(f"  {line}")
-    for note in result.notes:
-        console.print(f"  note: {note}")
-    console.print(f"demo finished in {result.wall_s:.0f} s; report: {result.report}")
+    for act in result.acts.values():
+        t = Table(title=f"{act.study}: how the ranking moved once {', '.join(act.robots)} reported")
+        for col in ("trial", "arch", "rank before", "rank after", "pred real before",
+                    "pred real after", "measured real", "p99 ms after"):
+            t.add_column(col, justify="left" if col == "arch" else "right")
+        before = {r["trial"]: r for r in act.before}
+        for r in act.after:
+            b = before[r["trial"]]
+            real = act.measured.get(r["trial"])
+            t.add_row(str(r["trial"]), r["arch"], str(b["rank"]), str(r["rank"]),
+                      f"{b['predicted_real_return']:.1f}", f"{r['predicted_real_return']:.1f}",
+                      ", ".join(f"{k} {v:.0f}" for k, v in real.items()) if real else "-",
+                      f"{r['p99_ms']:.3f}" + (" over" if r.get("within_budget") is False else ""))
+        console.print(t)
+        for line in explain(act):
+            console.print(f"  {line}")
+        for note in act.notes:
+            console.print(f"  note: {note}")
+        console.print(f"  report: {act.report}")
+    console.print(f"demo finished in {result.wall_s:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,15 +1,22 @@
-"""`robonas demo`: the whole loop on one machine, on embedded defaults.
+"""`robonas demo`: the whole loop on one machine, on embedded defaults, in two acts.
 
-1. a short architecture search on the cart-pole (robonas/data/demo.toml),
-2. export of the top feasible candidates to signed int8 TFLite artifacts,
-3. two local robot agents, each driving a reality profile (simulated stand-ins for physical
-   robots: `cartpole-lab-a`, and `cartpole-laggy-c` with a long actuation delay),
-4. deploy with a canary to both, then fresh runs: real inference timings, honest returns,
-5. latency calibration on one agent (BENCH of a space-covering probe set),
-6. gap calibration from every (trial, robot) report, re-ranking with both new models,
-7. a summary of how the ranking moved and why, and the HTML report.
+Act "host", this machine as the robot computer (robonas/data/demo.toml, device x86-host):
+  1. a short architecture search on the cart-pole,
+  2. export of the top feasible candidates to signed int8 TFLite artifacts,
+  3. two local robot agents, each driving a reality profile (simulated stand-ins for physical
+     robots: `cartpole-lab-a`, and `cartpole-laggy-c` with a long actuation delay),
+  4. deploy with a canary to both, then fresh runs: real inference timings, honest returns,
+  5. latency calibration on one agent (BENCH of a space-covering probe set, this CPU's timings),
+  6. gap calibration from every (trial, robot) report, re-ranking with both new models,
+  7. the HTML report.
+Act "mcu", a robot too slow for its network (launch/cartpole-mcu.toml, device cortex-m7): the
+same search, export, deploy and runs against one agent on `cartpole-mcu-slow`, whose computer is
+far slower than the cortex-m7 prior. Its run reports refit the latency model and the gap model
+(`recalibrate.after_reports`, what `robonas fleet run` does), and the ranking moves: the wide
+policies that looked best in simulation wait several control periods for each action.
 
-Everything is a real process and a real measurement; only the robots are simulated.
+Each act ends with how its ranking moved and why (`explain`). Everything is a real process and a
+real measurement; only the robots (and the MCU's computer) are simulated.
 """
 
 from __future__ import annotations
@@ -24,13 +31,31 @@ from typing import Any, Callable
 
 from robonas.errors import RobonasError
 
-ROBOTS = (("lab-a", "sim:cartpole-lab-a"), ("laggy-c", "sim:cartpole-laggy-c"))
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class ActSpec:
+    name: str
+    title: str
+    robots: tuple[tuple[str, str], ...]  # (agent name, robot spec)
+    bench_calibration: bool  # calibrate latency with BENCH probes on the first robot
+
+
+ACTS = (
+    ActSpec("host", "this machine: two cart-poles, one behind a slow link",
+            (("lab-a", "sim:cartpole-lab-a"), ("laggy-c", "sim:cartpole-laggy-c")), True),
+    ActSpec("mcu", "a microcontroller robot far slower than its device prior",
+            (("mcu", "sim:cartpole-mcu-slow"),), False),
+)
 
 
 @dataclass(frozen=True)
 class DemoSettings:
     trials: int
     steps: int
+    mcu_trials: int
+    mcu_steps: int
     checkpoints: int
     eval_episodes: int
     export_top: int
@@ -42,18 +67,19 @@ class DemoSettings:
     @classmethod
     def for_mode(cls, quick: bool) -> DemoSettings:
         if quick:
-            return cls(trials=3, steps=6000, checkpoints=3, eval_episodes=3, export_top=2,
-                       canary_episodes=1, run_episodes=3, latency_probes=6, bench_runs=200)
-        return cls(trials=6, steps=20000, checkpoints=5, eval_episodes=5, export_top=3,
-                   canary_episodes=2, run_episodes=8, latency_probes=12, bench_runs=500)
+            return cls(trials=3, steps=6000, mcu_trials=3, mcu_steps=6000, checkpoints=3,
+                       eval_episodes=3, export_top=2, canary_episodes=1, run_episodes=3,
+                       latency_probes=6, bench_runs=200)
+        return cls(trials=6, steps=20000, mcu_trials=6, mcu_steps=25000, checkpoints=5,
+                   eval_episodes=5, export_top=3, canary_episodes=2, run_episodes=8,
+                   latency_probes=12, bench_runs=500)
 
 
 @dataclass
-class DemoResult:
-    workdir: Path
-    report: Path | None = None
-    wall_s: float = 0.0
-    phases: dict[str, float] = field(default_factory=dict)
+class ActResult:
+    name: str
+    study: str
+    robots: list[str]
     before: list[dict[str, Any]] = field(default_factory=list)
     after: list[dict[str, Any]] = field(default_factory=list)
     measured: dict[int, dict[str, float]] = field(default_factory=dict)
@@ -61,24 +87,48 @@ class DemoResult:
     refused: dict[int, str] = field(default_factory=dict)
     latency: dict[str, Any] = field(default_factory=dict)
     gap: dict[str, Any] = field(default_factory=dict)
+    recalibration: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    report: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
-        d["workdir"], d["report"] = str(self.workdir), str(self.report) if self.report else None
+        d["report"] = str(self.report) if self.report else None
+        d["explanation"] = explain(self)
         return d
 
 
-def demo_config(settings: DemoSettings):
+@dataclass
+class DemoResult:
+    workdir: Path
+    wall_s: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+    acts: dict[str, ActResult] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"workdir": str(self.workdir), "wall_s": self.wall_s, "phases": self.phases,
+                "acts": {k: a.to_dict() for k, a in self.acts.items()}}
+
+
+def _config(data: dict[str, Any], origin: str, trials: int, steps: int, settings: DemoSettings):
     from robonas.config import parse_config
 
+    data["budget"].update(trials=trials, steps_per_trial=steps, checkpoints=settings.checkpoints,
+                          eval_episodes=settings.eval_episodes)
+    return parse_config(data, origin)
+
+
+def demo_config(settings: DemoSettings, act: str = "host"):
+    """The act's search config with the mode's budget."""
     import tomllib
 
-    text = resources.files("robonas").joinpath("data/demo.toml").read_text()
-    data = tomllib.loads(text)
-    data["budget"].update(trials=settings.trials, steps_per_trial=settings.steps,
-                          checkpoints=settings.checkpoints, eval_episodes=settings.eval_episodes)
-    return parse_config(data, "robonas/data/demo.toml")
+    if act == "host":
+        text = resources.files("robonas").joinpath("data/demo.toml").read_text()
+        return _config(tomllib.loads(text), "robonas/data/demo.toml", settings.trials,
+                       settings.steps, settings)
+    path = REPO / "launch" / "cartpole-mcu.toml"
+    return _config(tomllib.loads(path.read_text()), str(path), settings.mcu_trials,
+                   settings.mcu_steps, settings)
 
 
 def _ranking(store, study: str) -> list[dict[str, Any]]:
@@ -87,20 +137,212 @@ def _ranking(store, study: str) -> list[dict[str, Any]]:
     return ranked_trials(store, study, n=10_000)["rows"]
 
 
-def run_demo(workdir: Path, quick: bool = False, fresh: bool = True,
-             say: Callable[[str], None] = print, progress_hooks: Any = None) -> DemoResult:
-    from device_agents.signing import generate_keypair
-    from robonas.export import ExportRefused, export_trial
+class _Demo:
+    """The steps both acts share; one instance per demo run."""
+
+    def __init__(self, workdir: Path, settings: DemoSettings, say: Callable[[str], None],
+                 progress_hooks: Any, result: DemoResult):
+        from device_agents.signing import generate_keypair
+        from robonas.store import Store
+
+        self.workdir, self.settings, self.say, self.hooks = workdir, settings, say, progress_hooks
+        self.result = result
+        self.store = Store(f"sqlite:///{workdir / 'robonas.db'}")
+        self.key, self.pub = generate_keypair(workdir / "keys", overwrite=True)
+
+    def phase(self, name: str, t0: float) -> None:
+        self.result.phases[name] = round(time.perf_counter() - t0, 2)
+
+    def search(self, cfg, act: ActResult, step: str) -> Any:
+        from robonas.search import Search, SearchPlan, default_workers
+
+        t0 = time.perf_counter()
+        self.say(f"{step} search: {cfg.budget.trials} trials x {cfg.budget.steps_per_trial} env "
+                 f"steps on {cfg.env.id}, device {cfg.device.profile}")
+        plan = SearchPlan.build(cfg, act.study)
+        summary = Search(plan, self.store, min(default_workers(), 2), self.hooks).run()
+        if summary.interrupted:
+            raise KeyboardInterrupt
+        self.phase(f"{act.name}.search", t0)
+        act.before = _ranking(self.store, act.study)
+        if not act.before:
+            raise RobonasError(f"demo: the search produced no complete trial; see "
+                               f"`robonas top {act.study} --all`")
+        return plan
+
+    def export_top(self, act: ActResult, step: str, top: int | None) -> dict[int, Path]:
+        """Signed int8 artifacts of the `top` best trials (None: every trial, with an fp32
+        artifact where the int8 parity check refuses a half-trained policy)."""
+        from robonas.export import ExportRefused, export_trial
+
+        t0 = time.perf_counter()
+        self.say(f"{step} export: " + (f"top {top} candidates" if top else "every trial")
+                 + " to signed int8 TFLite")
+        artifacts: dict[int, Path] = {}
+        for row in act.before:
+            if top is not None and len(artifacts) >= top:
+                break
+            try:
+                exp = export_trial(self.store, act.study, row["trial"], key_path=self.key)
+            except ExportRefused as e:
+                act.refused[row["trial"]] = str(e)
+                self.say(f"      trial {row['trial']}: export refused: {e}")
+                if top is not None:
+                    continue
+                exp = export_trial(self.store, act.study, row["trial"], key_path=self.key, fp32=True)
+                self.say(f"      trial {row['trial']}: exported as fp32 instead")
+            artifacts[row["trial"]] = exp.path
+            parity = exp.manifest.get("parity") or {}
+            self.say(f"      trial {row['trial']} ({row['arch']}): {exp.path.name}, int8 return "
+                     f"{parity.get('tflite_return', float('nan')):.1f} vs torch "
+                     f"{parity.get('torch_return', float('nan')):.1f}")
+        act.exported = list(artifacts)
+        self.phase(f"{act.name}.export", t0)
+        if not artifacts:
+            raise RobonasError("demo: every export was refused by the parity check")
+        return artifacts
+
+    def deploy_and_run(self, inventory, artifacts: dict[int, Path], act: ActResult, step: str) -> None:
+        from robonas.fleet.client import AgentClient
+        from robonas.fleet.deploy import rollout
+        from robonas.fleet.reports import artifact_for_sha, record_report, register_device
+
+        s = self.settings
+        t0 = time.perf_counter()
+        self.say(f"{step} deploy each artifact (canary {s.canary_episodes} episodes), then "
+                 f"{s.run_episodes} episodes per robot")
+        for trial_id, path in artifacts.items():
+            res = rollout(path, inventory, canary_count=1, episodes=s.canary_episodes,
+                          store=self.store)
+            for r in res.robots:
+                if not r.ok:
+                    act.notes.append(f"trial {trial_id} on {r.name}: {r.status} {r.reason}")
+            for e in inventory.agents:
+                if res.get(e.name).status != "ok":
+                    continue
+                with AgentClient(e.link, e.timeout_s, name=e.name) as client:
+                    report = client.run(s.run_episodes, seed=100)
+                register_device(self.store, e.name, e.device)
+                ref = artifact_for_sha(self.store, e.name, report.get("sha256"))
+                record_report(self.store, e.name, "run", report, ref, episodes=s.run_episodes, seed=100)
+                act.measured.setdefault(trial_id, {})[e.name] = float(report["mean_return"])
+                self.say(f"      trial {trial_id} on {e.name}: mean return {report['mean_return']:.1f}, "
+                         f"step p50/p99 {report['timings_ms']['p50']:.3f}/"
+                         f"{report['timings_ms']['p99']:.3f} ms")
+        self.phase(f"{act.name}.deploy_and_run", t0)
+
+    def report(self, act: ActResult, filename: str) -> None:
+        from robonas.report import write_report
+
+        t0 = time.perf_counter()
+        act.report = write_report(self.store, act.study, self.workdir / filename)
+        self.phase(f"{act.name}.report", t0)
+
+
+def _host_act(demo: _Demo, spec: ActSpec) -> ActResult:
+    """Act 1: this machine's robots; latency calibrated with BENCH probes on the first one."""
     from robonas.fleet.client import AgentClient
-    from robonas.fleet.deploy import rollout
     from robonas.fleet.inventory import load_inventory
-    from robonas.fleet.reports import artifact_for_sha, record_report, register_device
     from robonas.local_agents import LocalAgent, write_fleet
     from robonas.recalibrate import calibrate_gap, calibrate_latency_on_agent, rescore_study
-    from robonas.report import write_report
-    from robonas.search import Search, SearchPlan, default_workers
-    from robonas.store import Store
 
+    s, say = demo.settings, demo.say
+    cfg = demo_config(s, "host")
+    act = ActResult(spec.name, cfg.study.name, [n for n, _ in spec.robots])
+    say(f"act 1 of 2, {spec.title}")
+    plan = demo.search(cfg, act, "[1/7]")
+    artifacts = demo.export_top(act, "[2/7]", demo.settings.export_top)
+
+    t0 = time.perf_counter()
+    say("[3/7] robots: " + ", ".join(f"{n} ({r})" for n, r in spec.robots) + " as local agent processes")
+    agents = [LocalAgent(n, r, cfg.device.profile, demo.workdir / "agents" / n, demo.pub)
+              for n, r in spec.robots]
+    try:
+        for a in agents:
+            a.start()
+        inventory = load_inventory(write_fleet(demo.workdir / f"fleet-{spec.name}.toml", agents))
+        demo.phase(f"{spec.name}.agents", t0)
+        demo.deploy_and_run(inventory, artifacts, act, "[4/7]")
+
+        t0 = time.perf_counter()
+        lab = inventory.agents[0]
+        say(f"[5/7] latency calibration: {s.latency_probes} probe architectures BENCHed on {lab.name}")
+        with AgentClient(lab.link, lab.timeout_s, name=lab.name) as client:
+            _, version, m = calibrate_latency_on_agent(
+                demo.store, client, lab.name, lab.device, plan.space, s.latency_probes, s.bench_runs)
+        act.latency = {"version": version, **{k: v for k, v in m.items() if k != "holdout"}}
+        say(f"      held-out MAPE {m['holdout_mape']:.1%} (prior {m['prior_holdout_mape']:.1%}), "
+            f"within +-10%: {m['holdout_within_10pct']:.0%}")
+        demo.phase(f"{spec.name}.latency_calibration", t0)
+    finally:
+        for a in agents:
+            a.stop()
+
+    t0 = time.perf_counter()
+    say("[6/7] gap calibration from every (trial, robot) report; re-rank")
+    try:
+        _, gversion, gm = calibrate_gap(demo.store, act.study)
+        act.gap = {"version": gversion, "n": gm["n"], "mae": gm["mae"],
+                   "mae_share_of_range": gm["mae_share_of_range"], "coefficients": gm["coefficients"]}
+    except RobonasError as e:
+        act.notes.append(str(e))
+    rescore_study(demo.store, act.study)
+    act.after = _ranking(demo.store, act.study)
+    demo.phase(f"{spec.name}.recalibrate", t0)
+    demo.report(act, "report.html")
+    say(f"[7/7] report: {act.report}")
+    return act
+
+
+def _mcu_act(demo: _Demo, spec: ActSpec) -> ActResult:
+    """Act 2: one MCU robot; its run reports refit both models, as `robonas fleet run` does."""
+    from robonas.fleet.inventory import load_inventory
+    from robonas.local_agents import LocalAgent, write_fleet
+    from robonas.recalibrate import after_reports
+
+    cfg = demo_config(demo.settings, "mcu")
+    act = ActResult(spec.name, cfg.study.name, [n for n, _ in spec.robots])
+    demo.say(f"act 2 of 2, {spec.title}")
+    demo.search(cfg, act, "[1/5]")
+    # every trial: the robot has to time both widths before the latency model can tell them apart
+    artifacts = demo.export_top(act, "[2/5]", None)
+    t0 = time.perf_counter()
+    demo.say("[3/5] robot: " + ", ".join(f"{n} ({r}, device {cfg.device.profile})"
+                                         for n, r in spec.robots))
+    agents = [LocalAgent(n, r, cfg.device.profile, demo.workdir / "agents" / n, demo.pub)
+              for n, r in spec.robots]
+    try:
+        for a in agents:
+            a.start()
+        inventory = load_inventory(write_fleet(demo.workdir / f"fleet-{spec.name}.toml", agents))
+        demo.phase(f"{spec.name}.agents", t0)
+        demo.deploy_and_run(inventory, artifacts, act, "[4/5]")
+    finally:
+        for a in agents:
+            a.stop()
+    t0 = time.perf_counter()
+    demo.say("[5/5] refit the latency model from the runs' timings and the gap model; re-rank")
+    act.recalibration = after_reports(demo.store, [act.study], [cfg.device.profile])
+    for line in act.recalibration:
+        demo.say(f"      {line}")
+    study_id = demo.store.get_study(act.study).id
+    gap = demo.store.latest_model_version("gap", study_id=study_id)
+    if gap is not None:
+        act.gap = {"version": gap.version, "n": gap.metrics["n"], "mae": gap.metrics["mae"],
+                   "mae_share_of_range": gap.metrics["mae_share_of_range"]}
+    latency = demo.store.latest_model_version("latency", device=cfg.device.profile)
+    if latency is not None:
+        act.latency = {"version": latency.version,
+                       **{k: v for k, v in latency.metrics.items() if k != "holdout"}}
+    act.after = _ranking(demo.store, act.study)
+    demo.phase(f"{spec.name}.recalibrate", t0)
+    demo.report(act, f"report-{spec.name}.html")
+    demo.say(f"      report: {act.report}")
+    return act
+
+
+def run_demo(workdir: Path, quick: bool = False, fresh: bool = True,
+             say: Callable[[str], None] = print, progress_hooks: Any = None) -> DemoResult:
     settings = DemoSettings.for_mode(quick)
     workdir = Path(workdir).resolve()
     if fresh and workdir.exists():
@@ -108,132 +350,26 @@ def run_demo(workdir: Path, quick: bool = False, fresh: bool = True,
     workdir.mkdir(parents=True, exist_ok=True)
     result = DemoResult(workdir)
     t_start = time.perf_counter()
-
-    def phase(name: str, t0: float) -> None:
-        result.phases[name] = round(time.perf_counter() - t0, 2)
-
-    cfg = demo_config(settings)
-    study = cfg.study.name
-    store = Store(f"sqlite:///{workdir / 'robonas.db'}")
-
-    # 1. search
-    t0 = time.perf_counter()
-    say(f"[1/7] search: {settings.trials} trials x {settings.steps} env steps on {cfg.env.id}")
-    plan = SearchPlan.build(cfg, study)
-    summary = Search(plan, store, min(default_workers(), 2), progress_hooks).run()
-    if summary.interrupted:
-        raise KeyboardInterrupt
-    phase("search", t0)
-    result.before = _ranking(store, study)
-    if not result.before:
-        raise RobonasError("demo: the search produced no complete trial; see `robonas top demo --all`")
-
-    # 2. export the top feasible candidates, signed
-    t0 = time.perf_counter()
-    key, pub = generate_keypair(workdir / "keys")
-    say(f"[2/7] export: top {settings.export_top} candidates to signed int8 TFLite")
-    artifacts: dict[int, Path] = {}
-    for row in result.before:
-        if len(artifacts) >= settings.export_top:
-            break
-        try:
-            exp = export_trial(store, study, row["trial"], key_path=key)
-        except ExportRefused as e:
-            result.refused[row["trial"]] = str(e)
-            say(f"      trial {row['trial']}: export refused: {e}")
-            continue
-        artifacts[row["trial"]] = exp.path
-        parity = exp.manifest.get("parity") or {}
-        say(f"      trial {row['trial']} ({row['arch']}): {exp.path.name}, int8 return "
-            f"{parity.get('tflite_return', float('nan')):.1f} vs torch {parity.get('torch_return', float('nan')):.1f}")
-    result.exported = list(artifacts)
-    phase("export", t0)
-    if not artifacts:
-        raise RobonasError("demo: every export was refused by the parity check")
-
-    # 3. robots
-    t0 = time.perf_counter()
-    say("[3/7] robots: " + ", ".join(f"{n} ({r})" for n, r in ROBOTS) + " as local agent processes")
-    agents = [LocalAgent(n, r, cfg.device.profile, workdir / "agents" / n, pub) for n, r in ROBOTS]
+    demo = _Demo(workdir, settings, say, progress_hooks, result)
     try:
-        for a in agents:
-            a.start()
-        fleet = write_fleet(workdir / "fleet.toml", agents)
-        inventory = load_inventory(fleet)
-        phase("agents", t0)
-
-        # 4. deploy + canary + runs, one candidate after another
-        t0 = time.perf_counter()
-        say(f"[4/7] deploy each artifact (canary {settings.canary_episodes} episodes), then "
-            f"{settings.run_episodes} episodes per robot")
-        for trial_id, path in artifacts.items():
-            res = rollout(path, inventory, canary_count=1, episodes=settings.canary_episodes,
-                          store=store)
-            for r in res.robots:
-                if not r.ok:
-                    result.notes.append(f"trial {trial_id} on {r.name}: {r.status} {r.reason}")
-            for e in inventory.agents:
-                if res.get(e.name).status != "ok":
-                    continue
-                with AgentClient(e.link, e.timeout_s, name=e.name) as client:
-                    report = client.run(settings.run_episodes, seed=100)
-                register_device(store, e.name, e.device)
-                ref = artifact_for_sha(store, e.name, report.get("sha256"))
-                record_report(store, e.name, "run", report, ref, episodes=settings.run_episodes, seed=100)
-                result.measured.setdefault(trial_id, {})[e.name] = float(report["mean_return"])
-                say(f"      trial {trial_id} on {e.name}: mean return {report['mean_return']:.1f}, "
-                    f"step p50/p99 {report['timings_ms']['p50']:.3f}/{report['timings_ms']['p99']:.3f} ms")
-        phase("deploy_and_run", t0)
-
-        # 5. latency calibration on the first robot
-        t0 = time.perf_counter()
-        lab = inventory.agents[0]
-        say(f"[5/7] latency calibration: {settings.latency_probes} probe architectures BENCHed on {lab.name}")
-        with AgentClient(lab.link, lab.timeout_s, name=lab.name) as client:
-            _, version, m = calibrate_latency_on_agent(
-                store, client, lab.name, lab.device, plan.space, settings.latency_probes,
-                settings.bench_runs)
-        result.latency = {"version": version, **{k: v for k, v in m.items() if k != "holdout"}}
-        say(f"      held-out MAPE {m['holdout_mape']:.1%} (prior {m['prior_holdout_mape']:.1%}), "
-            f"within +-10%: {m['holdout_within_10pct']:.0%}")
-        phase("latency_calibration", t0)
+        for spec, run in zip(ACTS, (_host_act, _mcu_act)):
+            result.acts[spec.name] = run(demo, spec)
     finally:
-        for a in agents:
-            a.stop()
-
-    # 6. gap calibration and re-ranking
-    t0 = time.perf_counter()
-    say("[6/7] gap calibration from every (trial, robot) report; re-rank")
-    try:
-        _, gversion, gm = calibrate_gap(store, study)
-        result.gap = {"version": gversion, "n": gm["n"], "mae": gm["mae"],
-                      "mae_share_of_range": gm["mae_share_of_range"], "coefficients": gm["coefficients"]}
-    except RobonasError as e:
-        result.notes.append(str(e))
-    changes, models = rescore_study(store, study)
-    result.after = _ranking(store, study)
-    phase("recalibrate", t0)
-
-    # 7. report
-    t0 = time.perf_counter()
-    result.report = write_report(store, study, workdir / "report.html")
-    phase("report", t0)
+        demo.store.close()
     result.wall_s = round(time.perf_counter() - t_start, 1)
-    say(f"[7/7] report: {result.report}")
-    store.close()
     return result
 
 
-def explain(result: DemoResult) -> list[str]:
+def explain(act: ActResult) -> list[str]:
     """One line per exported or moved trial: how its rank moved and what moved it."""
-    before = {r["trial"]: r for r in result.before}
+    before = {r["trial"]: r for r in act.before}
     lines = []
-    for r in result.after:
+    for r in act.after:
         b = before.get(r["trial"])
         if b is None:
             continue
         moved = b["rank"] != r["rank"]
-        real = result.measured.get(r["trial"])
+        real = act.measured.get(r["trial"])
         if not moved and real is None:
             continue
         why = []
@@ -242,13 +378,18 @@ def explain(result: DemoResult) -> list[str]:
             why.append(f"robots measured {robots} against a simulated asymptote of {b['asymptotic_return']:.0f}")
         dp = (r["p99_ms"] or 0) - (b["p99_ms"] or 0)
         if b["p99_ms"] and abs(dp) / b["p99_ms"] > 0.1:
-            why.append(f"p99 latency {b['p99_ms'] * 1000:.0f} -> {r['p99_ms'] * 1000:.0f} us (calibrated)")
+            why.append(f"p99 latency {_ms(b['p99_ms'])} -> {_ms(r['p99_ms'])} (calibrated"
+                       + (", over the budget)" if r.get("within_budget") is False else ")"))
         lines.append(
             f"trial {r['trial']} {r['arch']}: rank {b['rank']} -> {r['rank']}, predicted real return "
             f"{b['predicted_real_return']:.0f} -> {r['predicted_real_return']:.0f}"
             + (f"; {'; '.join(why)}" if why else "")
         )
     return lines
+
+
+def _ms(v: float) -> str:
+    return f"{v * 1000:.0f} us" if v < 1 else f"{v:.1f} ms"
 
 
 def default_workdir() -> Path:

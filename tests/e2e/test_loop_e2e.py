@@ -62,25 +62,37 @@ def test_demo_quick_runs_the_whole_loop(tmp_path):
     proc = _robonas(tmp_path, "demo", "--quick", "--workdir", str(work), "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
-    assert out["exported"], "no candidate was exported"
-    # every exported candidate was measured on both robots
-    for trial in out["exported"]:
-        assert set(out["measured"][str(trial)]) == {"lab-a", "laggy-c"}
-    assert out["latency"]["version"] >= 1 and 0 <= out["latency"]["holdout_within_10pct"] <= 1
-    assert out["gap"]["version"] >= 1 and out["gap"]["n"] >= 3
-    assert {r["trial"] for r in out["before"]} == {r["trial"] for r in out["after"]}
+    host, mcu = out["acts"]["host"], out["acts"]["mcu"]
+    url = f"sqlite:///{work / 'robonas.db'}"
 
-    store = Store(f"sqlite:///{work / 'robonas.db'}")
-    top = _robonas(tmp_path, "top", "demo", "--json", "--store", f"sqlite:///{work / 'robonas.db'}")
+    # act 1: this machine's two robots
+    assert host["exported"], "no candidate was exported"
+    for trial in host["exported"]:  # every exported candidate was measured on both robots
+        assert set(host["measured"][str(trial)]) == {"lab-a", "laggy-c"}
+    assert host["latency"]["version"] >= 1 and 0 <= host["latency"]["holdout_within_10pct"] <= 1
+    assert host["gap"]["version"] >= 1 and host["gap"]["n"] >= 3
+    assert {r["trial"] for r in host["before"]} == {r["trial"] for r in host["after"]}
+    top = _robonas(tmp_path, "top", "demo", "--json", "--store", url)
     models = json.loads(top.stdout)["models"]
     assert models["latency_model"].startswith("calibrated-roofline@")
     assert models["gap_model"].startswith("bayes-gap@")
+
+    # act 2: every trial ran on the MCU robot; its runs' timings refitted the cortex-m7 latency
+    # model, which now puts every 2x256 trial over the 20 ms budget and no 1x256 one
+    assert sorted(mcu["exported"]) == sorted(r["trial"] for r in mcu["before"])
+    assert all(set(mcu["measured"][str(t)]) == {"mcu"} for t in mcu["exported"])
+    assert any(line.startswith("latency model for cortex-m7: version") for line in mcu["recalibration"])
+    assert mcu["gap"]["n"] == len(mcu["exported"])
+    for r in mcu["after"]:
+        assert r["within_budget"] is (r["arch"] == "256tanh ln shared"), r
+    store = Store(url)
     assert store.device_reports(kind="run") and store.device_reports(kind="bench")
 
-    html = Path(out["report"]).read_text()
-    for section in SECTIONS:
-        assert f'id="{section}"' in html
-    assert html.count("data:image/png;base64,") >= 4
+    for act in (host, mcu):
+        html = Path(act["report"]).read_text()
+        for section in SECTIONS:
+            assert f'id="{section}"' in html
+        assert html.count("data:image/png;base64,") >= 4
 
 
 @pytest.mark.slow
