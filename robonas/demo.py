@@ -24,10 +24,11 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from robonas.errors import RobonasError
 
@@ -39,14 +40,13 @@ class ActSpec:
     name: str
     title: str
     robots: tuple[tuple[str, str], ...]  # (agent name, robot spec)
-    bench_calibration: bool  # calibrate latency with BENCH probes on the first robot
 
 
 ACTS = (
     ActSpec("host", "this machine: two cart-poles, one behind a slow link",
-            (("lab-a", "sim:cartpole-lab-a"), ("laggy-c", "sim:cartpole-laggy-c")), True),
+            (("lab-a", "sim:cartpole-lab-a"), ("laggy-c", "sim:cartpole-laggy-c"))),
     ActSpec("mcu", "a microcontroller robot far slower than its device prior",
-            (("mcu", "sim:cartpole-mcu-slow"),), False),
+            (("mcu", "sim:cartpole-mcu-slow"),)),
 )
 
 
@@ -231,6 +231,27 @@ class _Demo:
                          f"{report['timings_ms']['p99']:.3f} ms")
         self.phase(f"{act.name}.deploy_and_run", t0)
 
+    @contextmanager
+    def robots(self, spec: ActSpec, device: str, step: str) -> Iterator[Any]:
+        """The act's robots as local agent processes; yields their fleet inventory."""
+        from robonas.fleet.inventory import load_inventory
+        from robonas.local_agents import LocalAgent, write_fleet
+
+        t0 = time.perf_counter()
+        self.say(f"{step} robots: " + ", ".join(f"{n} ({r}, device {device})" for n, r in spec.robots)
+                 + " as local agent processes")
+        agents = [LocalAgent(n, r, device, self.workdir / "agents" / n, self.pub)
+                  for n, r in spec.robots]
+        try:
+            for a in agents:
+                a.start()
+            inventory = load_inventory(write_fleet(self.workdir / f"fleet-{spec.name}.toml", agents))
+            self.phase(f"{spec.name}.agents", t0)
+            yield inventory
+        finally:
+            for a in agents:
+                a.stop()
+
     def report(self, act: ActResult, filename: str) -> None:
         from robonas.report import write_report
 
@@ -242,8 +263,6 @@ class _Demo:
 def _host_act(demo: _Demo, spec: ActSpec) -> ActResult:
     """Act 1: this machine's robots; latency calibrated with BENCH probes on the first one."""
     from robonas.fleet.client import AgentClient
-    from robonas.fleet.inventory import load_inventory
-    from robonas.local_agents import LocalAgent, write_fleet
     from robonas.recalibrate import calibrate_gap, calibrate_latency_on_agent, rescore_study
 
     s, say = demo.settings, demo.say
@@ -253,15 +272,7 @@ def _host_act(demo: _Demo, spec: ActSpec) -> ActResult:
     plan = demo.search(cfg, act, "[1/7]")
     artifacts = demo.export_top(act, "[2/7]", demo.settings.export_top)
 
-    t0 = time.perf_counter()
-    say("[3/7] robots: " + ", ".join(f"{n} ({r})" for n, r in spec.robots) + " as local agent processes")
-    agents = [LocalAgent(n, r, cfg.device.profile, demo.workdir / "agents" / n, demo.pub)
-              for n, r in spec.robots]
-    try:
-        for a in agents:
-            a.start()
-        inventory = load_inventory(write_fleet(demo.workdir / f"fleet-{spec.name}.toml", agents))
-        demo.phase(f"{spec.name}.agents", t0)
+    with demo.robots(spec, cfg.device.profile, "[3/7]") as inventory:
         demo.deploy_and_run(inventory, artifacts, act, "[4/7]")
 
         t0 = time.perf_counter()
@@ -274,9 +285,6 @@ def _host_act(demo: _Demo, spec: ActSpec) -> ActResult:
         say(f"      held-out MAPE {m['holdout_mape']:.1%} (prior {m['prior_holdout_mape']:.1%}), "
             f"within +-10%: {m['holdout_within_10pct']:.0%}")
         demo.phase(f"{spec.name}.latency_calibration", t0)
-    finally:
-        for a in agents:
-            a.stop()
 
     t0 = time.perf_counter()
     say("[6/7] gap calibration from every (trial, robot) report; re-rank")
@@ -296,8 +304,6 @@ def _host_act(demo: _Demo, spec: ActSpec) -> ActResult:
 
 def _mcu_act(demo: _Demo, spec: ActSpec) -> ActResult:
     """Act 2: one MCU robot; its run reports refit both models, as `robonas fleet run` does."""
-    from robonas.fleet.inventory import load_inventory
-    from robonas.local_agents import LocalAgent, write_fleet
     from robonas.recalibrate import after_reports
 
     cfg = demo_config(demo.settings, "mcu")
@@ -306,20 +312,8 @@ def _mcu_act(demo: _Demo, spec: ActSpec) -> ActResult:
     demo.search(cfg, act, "[1/5]")
     # every trial: the robot has to time both widths before the latency model can tell them apart
     artifacts = demo.export_top(act, "[2/5]", None)
-    t0 = time.perf_counter()
-    demo.say("[3/5] robot: " + ", ".join(f"{n} ({r}, device {cfg.device.profile})"
-                                         for n, r in spec.robots))
-    agents = [LocalAgent(n, r, cfg.device.profile, demo.workdir / "agents" / n, demo.pub)
-              for n, r in spec.robots]
-    try:
-        for a in agents:
-            a.start()
-        inventory = load_inventory(write_fleet(demo.workdir / f"fleet-{spec.name}.toml", agents))
-        demo.phase(f"{spec.name}.agents", t0)
+    with demo.robots(spec, cfg.device.profile, "[3/5]") as inventory:
         demo.deploy_and_run(inventory, artifacts, act, "[4/5]")
-    finally:
-        for a in agents:
-            a.stop()
     t0 = time.perf_counter()
     demo.say("[5/5] refit the latency model from the runs' timings and the gap model; re-rank")
     act.recalibration = after_reports(demo.store, [act.study], [cfg.device.profile])
