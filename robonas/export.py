@@ -313,7 +313,8 @@ def _pick_trial(store, study, trial_id: int | None):
     return trial
 
 
-def _weights(store, trial) -> dict[str, str]:
+def trial_weights(store, trial) -> dict[str, str]:
+    """The files training wrote for `trial` (actor, obs_norm, spaces), checked to exist."""
     rows = store.artifacts(trial.id, "weights")
     if not rows:
         raise RobonasError(f"trial {trial.id} has no weights artifact (was it trained by this "
@@ -366,7 +367,7 @@ def export_trial(store, study_name: str, trial_id: int | None = None, *, fp32: b
 
     study = store.get_study(study_name)
     trial = _pick_trial(store, study, trial_id)
-    files = _weights(store, trial)
+    files = trial_weights(store, trial)
     config = parse_config(study.config.get("search") or {}, f"study {study_name!r} config")
     resolved = study.config.get("resolved") or {}
     if "return_lo" not in resolved or "return_hi" not in resolved:
