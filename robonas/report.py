@@ -155,14 +155,18 @@ class _StudyData:
             r for r in store.device_reports() if self.report_trial(r) is not None
             or (r.kind == "bench" and r.payload.get("arch_id") in self.arch_ids)
         ]
-        mine = (None, self.study.id)
-        self.models: dict[str, list[ModelVersionRow]] = {
-            kind: [m for m in store.model_versions(kind) if m.study_id in mine]
-            for kind in ("latency", "gap")
-        }
-        self.devices = {x.name: x for x in store.devices()}
         search = self.study.config.get("search") or {}
         self.search = search if isinstance(search, Mapping) else {}
+        # latency models are per device: only the study's device's (a store can hold studies
+        # for several devices); gap models are per study
+        device = self.section("device").get("profile")
+        mine = (None, self.study.id)
+        self.models: dict[str, list[ModelVersionRow]] = {
+            "latency": [m for m in store.model_versions("latency")
+                        if m.study_id in mine and (device is None or m.device == device)],
+            "gap": [m for m in store.model_versions("gap") if m.study_id in mine],
+        }
+        self.devices = {x.name: x for x in store.devices()}
 
     def report_trial(self, r: DeviceReportRow) -> TrialRow | None:
         """The study trial a device report is about, through its trial id or its artifact."""

@@ -149,7 +149,10 @@ def full_study(store: Store) -> Store:
                                 {"arch_id": "a", "predicted_ms": 0.3, "measured_ms": 0.35},
                                 {"arch_id": "b", "predicted_ms": 0.7, "measured_ms": 0.6},
                                 {"arch_id": "c", "predicted_ms": "bad", "measured_ms": 1.0}]},
-                            device="pi4")
+                            device="pi4-" + EVIL)  # the study's device
+    # another device's latency model in the same store is not this study's
+    store.add_model_version("latency", {"scale": 2.0}, {"other_device_metric": 1.0, "holdout": []},
+                            device="cortex-m7")
     store.add_model_version("gap", {"w": [0.1]},
                             {"rmse": 12.0, "points": [
                                 {"trial_id": trials[3].id, "predicted": 200.0, "lo": 180.0,
@@ -190,7 +193,9 @@ def test_full_report_has_every_section_with_figures(full_study: Store, tmp_path:
     assert "profile pi4" in deploy  # the registered robot's profile
     assert "0.450" in deploy  # bench invoke p50 450 us shown in ms
     assert "0.598" in deploy  # p99 of raw step_ms samples [0.4, 0.5, 0.6]
-    assert "mae_ms" in " ".join(c.sections["latency-model"]["text"])
+    latency_text = " ".join(c.sections["latency-model"]["text"])
+    assert "mae_ms" in latency_text
+    assert "other_device_metric" not in latency_text and "cortex-m7" not in latency_text
     assert "rmse" in " ".join(c.sections["gap-model"]["text"])
 
 
