@@ -32,7 +32,7 @@ from robonas.gap_model import GapFeatures, HeuristicGapModel
 from robonas.latency_calibration import load_latency_model
 from robonas.latency_model import AnalyticLatencyModel
 from robonas.ranking import ScoringContext, score
-from robonas.scoring import ObjectiveWeights
+from robonas.scoring import TOLD, ObjectiveWeights, strategy_view
 from robonas.space import PolicyArch
 from robonas.store import Store, StudyRow
 from robonas.study_views import _ranking
@@ -176,7 +176,7 @@ def rescore_study(store: Store, study_name: str) -> tuple[list[RankChange], dict
     """Re-score every complete trial with the newest models; returns rank changes, best first."""
     study = store.get_study(study_name)
     ctx = scoring_context(store, study)
-    key, _ = _ranking(study.config)
+    key, ranking = _ranking(study.config)
     trials = [t for t in store.trials(study.id, status="complete") if t.metrics and t.metrics.get(key) is not None]
     before = sorted(trials, key=lambda t: (-t.metrics[key], t.seq))
     rank_before = {t.id: i + 1 for i, t in enumerate(before)}
@@ -187,6 +187,8 @@ def rescore_study(store: Store, study_name: str) -> tuple[list[RankChange], dict
     for t in trials:
         arch = PolicyArch.from_json(t.arch_json)
         m = score(arch, dict(t.metrics), ctx, measured_returns=real.get(t.id))
+        # keep what the strategy was told, so a resumed search replays it as recorded
+        m.setdefault(TOLD, strategy_view(t.metrics, ranking))
         new_metrics[t.id] = m
         store.update_trial_metrics(t.id, m)
     after = sorted(trials, key=lambda t: (-new_metrics[t.id][key], t.seq))

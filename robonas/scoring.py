@@ -112,6 +112,30 @@ def ranking_key(ranking: str) -> str:
     return "objective_lcb" if ranking == "lcb" else "objective"
 
 
+# Trial metrics key: what the strategy was told when the trial finished. Re-scoring with
+# calibrated models changes a trial's figures; a resumed search replays the strategy with what it
+# was told then, so its asks come out as recorded (new figures reach it through new trials).
+TOLD = "told"
+
+
+def strategy_view(metrics: Mapping[str, Any] | None, ranking: str) -> dict[str, float] | None:
+    """What a strategy is told about a finished trial (None: it failed or was rejected)."""
+    if metrics is None or metrics.get("objective") is None:
+        return None
+    return {
+        "objective": float(metrics[ranking_key(ranking)]),
+        "predicted_real_return": float(metrics["predicted_real_return"]),
+        "p99_ms": float(metrics["p99_ms"]),
+    }
+
+
+def told_view(metrics: Mapping[str, Any] | None, ranking: str) -> dict[str, float] | None:
+    """What the strategy was told about this trial: the kept figures if it was re-scored since."""
+    if metrics is not None and isinstance(metrics.get(TOLD), Mapping):
+        return {k: float(v) for k, v in metrics[TOLD].items()}
+    return strategy_view(metrics, ranking)
+
+
 def pareto_front(points: Iterable[tuple[Hashable, float, float]]) -> list[Hashable]:
     """Keys of the points no other point dominates, in input order.
 

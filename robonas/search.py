@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from robonas.config import SearchConfig
 from robonas.errors import ConfigError
-from robonas.scoring import ranking_key
+from robonas.scoring import ranking_key, strategy_view, told_view
 from robonas.space import PolicyArch, SearchSpace
 from robonas.store import Store, StudyRow, TrialRow
 
@@ -139,16 +139,6 @@ def run_dir_for(store_url: str) -> Path:
     return Path("runs").resolve()
 
 
-def _strategy_metrics(metrics: dict[str, Any] | None, ranking: str) -> dict[str, float] | None:
-    if metrics is None or metrics.get("objective") is None:
-        return None
-    return {
-        "objective": float(metrics[ranking_key(ranking)]),
-        "predicted_real_return": float(metrics["predicted_real_return"]),
-        "p99_ms": float(metrics["p99_ms"]),
-    }
-
-
 class Search:
     """One run of the loop over one study; construct, then `run()`."""
 
@@ -204,7 +194,7 @@ class Search:
                     log.warning("replay: trial %d was %s, the strategy now asks %s",
                                 t.id, t.arch_id, asked.arch_id)
             else:
-                self.strategy.tell(self._asked[t.id], _strategy_metrics(t.metrics, self.cfg.objective.ranking))
+                self.strategy.tell(self._asked[t.id], told_view(t.metrics, self.cfg.objective.ranking))
             self._event = max(self._event, index + 1)
         # Finished but never told (killed between the two writes): tell now.
         for t in trials:
@@ -258,7 +248,7 @@ class Search:
         return e
 
     def _tell(self, trial_id: int, metrics: dict[str, Any] | None) -> None:
-        self.strategy.tell(self._asked[trial_id], _strategy_metrics(metrics, self.cfg.objective.ranking))
+        self.strategy.tell(self._asked[trial_id], strategy_view(metrics, self.cfg.objective.ranking))
         self.store.record_tell(trial_id, self._next_event())
 
     def _trial_seed(self, trial: TrialRow) -> int:
@@ -291,7 +281,8 @@ class Search:
                 self.store.reject_trial(
                     t.id,
                     f"predicted p99 {lat['p99_ms']:.3f} ms over the budget "
-                    f"{self.cfg.device.latency_budget_ms} ms on {lat['device']}",
+                    f"{self.cfg.device.latency_budget_ms} ms on {lat['device']} "
+                    f"({self.ctx.model_versions()['latency_model']})",
                     metrics=lat,
                 )
                 self._tell(t.id, None)
@@ -344,6 +335,19 @@ class Search:
             interrupted=interrupted,
         )
 
+    def _newest_models(self, study: StudyRow, args: dict[str, Any]) -> dict[str, Any]:
+        """The plan's scoring arguments with the newest calibrated models, where robots have
+        reported: the latency model of the study's device and the study's gap model. New asks
+        are then checked against the budget, and new trials scored, as `rescore_study` scores
+        the old ones."""
+        from robonas.gap_calibration import load_gap_model
+        from robonas.latency_calibration import load_latency_model
+
+        latency = load_latency_model(self.store, args["device"].name)
+        gap = load_gap_model(self.store, study.id)
+        return {**args, "latency_model": latency or args["latency_model"],
+                "gap_model": gap or args["gap_model"]}
+
     # --- the loop -------------------------------------------------------------------------
     def run(self) -> SearchSummary:
         from robonas.executor import LocalProcessExecutor
@@ -351,7 +355,8 @@ class Search:
 
         study = self._open_study()
         self.lo, self.hi = self._resolve_return_range(study)
-        self.ctx = ScoringContext(return_lo=self.lo, return_hi=self.hi, **self.plan.scoring_context_args)
+        self.ctx = ScoringContext(return_lo=self.lo, return_hi=self.hi,
+                                  **self._newest_models(study, self.plan.scoring_context_args))
         queue = self._replay(study)
         trials = self.store.trials(study.id)
         self._rejections = sum(t.status == "rejected" for t in trials)

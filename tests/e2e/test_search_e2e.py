@@ -195,3 +195,50 @@ def test_results_do_not_depend_on_the_worker_count(tmp_path):
         figures[workers] = [(t.arch_id, t.metrics["auc"], t.metrics["asymptotic_return"],
                              store.curve(t.id)) for t in trials]
     assert figures["1"] == figures["2"]
+
+
+def test_after_robot_reports_the_next_candidates_are_asked_and_scored_with_the_calibrated_models(tmp_path):
+    """Reports recalibrate the models that rank the *next* candidates too: a search resumed after
+    a latency calibration rejects the asks the calibrated model puts over the budget and scores
+    the new trials with it, while the strategy replays with what it was told before."""
+    from robonas.latency_calibration import LatencySample
+    from robonas.recalibrate import fit_latency, rescore_study
+    from robonas.space import Layer, PolicyArch
+
+    cfg = REPO / "launch" / "cartpole-mcu.toml"
+    url = _store_url(tmp_path)
+    first = _robonas(tmp_path, "search", str(cfg), "--trials", "2", "--steps", "2000",
+                     "--workers", "1", "--store", url)
+    assert first.returncode == 0, first.stderr
+    store = Store(url)
+    study = store.get_study("cartpole-mcu")
+    told_before = {t.id: (t.metrics["objective"], t.metrics["p99_ms"])
+                   for t in store.trials(study.id, status="complete")}
+
+    # a robot's BENCH timings of a slow MCU: 2 ms of overhead plus the MACs at 5e5 MAC/s
+    samples = []
+    for widths in ((16,), (64,), (256,), (16, 16), (64, 64), (256, 64), (256, 256), (64, 256)):
+        arch = PolicyArch(obs_dim=5, act_dim=1, layers=tuple(Layer(w, "tanh") for w in widths),
+                          layer_norm=True, shared_trunk=True)
+        ms = 2.0 + arch.cost_summary()["macs"] / 5e5 * 1e3
+        samples.append(LatencySample(arch, ms, ms * 1.05))
+    fit_latency(store, "cortex-m7", samples)
+    rescore_study(store, "cartpole-mcu")
+    for t in store.trials(study.id, status="complete"):  # re-scored, but what was told is kept
+        assert t.metrics["latency_model"] == "calibrated-roofline@1"
+        assert (t.metrics["told"]["objective"], t.metrics["told"]["p99_ms"]) == told_before[t.id]
+
+    more = _robonas(tmp_path, "search", str(cfg), "--trials", "4", "--steps", "2000",
+                    "--workers", "1", "--store", url)
+    assert more.returncode == 0, more.stderr
+    assert "replay:" not in more.stderr  # the recorded asks replayed as they were
+    new = [t for t in store.trials(study.id) if t.id not in told_before]
+    complete = [t for t in new if t.status == "complete"]
+    assert len(complete) == 2 and any(t.status == "rejected" for t in new)
+    for t in new:
+        wide = len(PolicyArch.from_json(t.arch_json).layers) == 2  # 2x256: about 136 ms now
+        if t.status == "rejected":
+            assert wide and "calibrated-roofline@1" in t.error, t.error
+        else:
+            assert not wide and t.metrics["latency_model"] == "calibrated-roofline@1"
+            assert t.metrics["p99_ms"] < 20.0
