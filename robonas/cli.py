@@ -343,7 +343,7 @@ def demo(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """The whole loop on this machine, in two acts: (1) search, export, two local robot agents on reality profiles, deploy with canary, reports, latency (BENCH) and gap calibration, re-ranking, HTML report; (2) the same for a microcontroller robot far slower than its device prior, whose reports refit the models and move the ranking."""
-    from robonas.demo import default_workdir, explain, run_demo
+    from robonas.demo import default_workdir, explain, next_summary, run_demo
 
     console = _console()
     say = (lambda _m: None) if as_json else console.print
@@ -372,6 +372,10 @@ def demo(
         console.print(t)
         for line in explain(act):
             console.print(f"  {line}")
+        if act.next:
+            console.print("  the next candidates, asked after the robots reported:")
+        for line in next_summary(act):
+            console.print(f"    {line}")
         for note in act.notes:
             console.print(f"  note: {note}")
         console.print(f"  report: {act.report}")

@@ -13,7 +13,8 @@ Act "mcu", a robot too slow for its network (launch/cartpole-mcu.toml, device co
 same search, export, deploy and runs against one agent on `cartpole-mcu-slow`, whose computer is
 far slower than the cortex-m7 prior. Its run reports refit the latency model and the gap model
 (`recalibrate.after_reports`, what `robonas fleet run` does), and the ranking moves: the wide
-policies that looked best in simulation wait several control periods for each action.
+policies that looked best in simulation wait several control periods for each action. Then the
+search goes on for a few trials: the calibrated latency model rejects the wide asks untrained.
 
 Each act ends with how its ranking moved and why (`explain`). Everything is a real process and a
 real measurement; only the robots (and the MCU's computer) are simulated.
@@ -56,6 +57,7 @@ class DemoSettings:
     steps: int
     mcu_trials: int
     mcu_steps: int
+    mcu_next_trials: int  # trials asked after the MCU robot reported
     checkpoints: int
     eval_episodes: int
     export_top: int
@@ -67,10 +69,12 @@ class DemoSettings:
     @classmethod
     def for_mode(cls, quick: bool) -> DemoSettings:
         if quick:
-            return cls(trials=3, steps=6000, mcu_trials=3, mcu_steps=6000, checkpoints=3,
+            return cls(trials=3, steps=6000, mcu_trials=4, mcu_steps=6000, mcu_next_trials=2,
+                       checkpoints=3,
                        eval_episodes=3, export_top=2, canary_episodes=1, run_episodes=3,
                        latency_probes=6, bench_runs=200)
-        return cls(trials=6, steps=20000, mcu_trials=6, mcu_steps=25000, checkpoints=5,
+        return cls(trials=6, steps=20000, mcu_trials=6, mcu_steps=25000, mcu_next_trials=2,
+                   checkpoints=5,
                    eval_episodes=5, export_top=3, canary_episodes=2, run_episodes=8,
                    latency_probes=12, bench_runs=500)
 
@@ -88,6 +92,7 @@ class ActResult:
     latency: dict[str, Any] = field(default_factory=dict)
     gap: dict[str, Any] = field(default_factory=dict)
     recalibration: list[str] = field(default_factory=list)
+    next: list[dict[str, Any]] = field(default_factory=list)  # asked after the reports
     notes: list[str] = field(default_factory=list)
     report: Path | None = None
 
@@ -118,8 +123,9 @@ def _config(data: dict[str, Any], origin: str, trials: int, steps: int, settings
     return parse_config(data, origin)
 
 
-def demo_config(settings: DemoSettings, act: str = "host"):
-    """The act's search config with the mode's budget."""
+def demo_config(settings: DemoSettings, act: str = "host", extra_trials: int = 0):
+    """The act's search config with the mode's budget (plus `extra_trials` for act 2's next
+    candidates)."""
     import tomllib
 
     if act == "host":
@@ -127,7 +133,7 @@ def demo_config(settings: DemoSettings, act: str = "host"):
         return _config(tomllib.loads(text), "robonas/data/demo.toml", settings.trials,
                        settings.steps, settings)
     path = REPO / "launch" / "cartpole-mcu.toml"
-    return _config(tomllib.loads(path.read_text()), str(path), settings.mcu_trials,
+    return _config(tomllib.loads(path.read_text()), str(path), settings.mcu_trials + extra_trials,
                    settings.mcu_steps, settings)
 
 
@@ -153,7 +159,8 @@ class _Demo:
     def phase(self, name: str, t0: float) -> None:
         self.result.phases[name] = round(time.perf_counter() - t0, 2)
 
-    def search(self, cfg, act: ActResult, step: str) -> Any:
+    def search(self, cfg, act: ActResult, step: str, phase: str = "search") -> Any:
+        """Run (or extend) the act's study; `act.before` is its ranking afterwards."""
         from robonas.search import Search, SearchPlan, default_workers
 
         t0 = time.perf_counter()
@@ -163,9 +170,8 @@ class _Demo:
         summary = Search(plan, self.store, min(default_workers(), 2), self.hooks).run()
         if summary.interrupted:
             raise KeyboardInterrupt
-        self.phase(f"{act.name}.search", t0)
-        act.before = _ranking(self.store, act.study)
-        if not act.before:
+        self.phase(f"{act.name}.{phase}", t0)
+        if not _ranking(self.store, act.study):
             raise RobonasError(f"demo: the search produced no complete trial; see "
                                f"`robonas top {act.study} --all`")
         return plan
@@ -270,6 +276,7 @@ def _host_act(demo: _Demo, spec: ActSpec) -> ActResult:
     act = ActResult(spec.name, cfg.study.name, [n for n, _ in spec.robots])
     say(f"act 1 of 2, {spec.title}")
     plan = demo.search(cfg, act, "[1/7]")
+    act.before = _ranking(demo.store, act.study)
     artifacts = demo.export_top(act, "[2/7]", demo.settings.export_top)
 
     with demo.robots(spec, cfg.device.profile, "[3/7]") as inventory:
@@ -303,19 +310,22 @@ def _host_act(demo: _Demo, spec: ActSpec) -> ActResult:
 
 
 def _mcu_act(demo: _Demo, spec: ActSpec) -> ActResult:
-    """Act 2: one MCU robot; its run reports refit both models, as `robonas fleet run` does."""
+    """Act 2: one MCU robot; its run reports refit both models, as `robonas fleet run` does,
+    and the next candidates are asked and scored with them."""
     from robonas.recalibrate import after_reports
+    from robonas.space import PolicyArch
 
     cfg = demo_config(demo.settings, "mcu")
     act = ActResult(spec.name, cfg.study.name, [n for n, _ in spec.robots])
     demo.say(f"act 2 of 2, {spec.title}")
-    demo.search(cfg, act, "[1/5]")
+    demo.search(cfg, act, "[1/6]")
+    act.before = _ranking(demo.store, act.study)
     # every trial: the robot has to time both widths before the latency model can tell them apart
-    artifacts = demo.export_top(act, "[2/5]", None)
-    with demo.robots(spec, cfg.device.profile, "[3/5]") as inventory:
-        demo.deploy_and_run(inventory, artifacts, act, "[4/5]")
+    artifacts = demo.export_top(act, "[2/6]", None)
+    with demo.robots(spec, cfg.device.profile, "[3/6]") as inventory:
+        demo.deploy_and_run(inventory, artifacts, act, "[4/6]")
     t0 = time.perf_counter()
-    demo.say("[5/5] refit the latency model from the runs' timings and the gap model; re-rank")
+    demo.say("[5/6] refit the latency model from the runs' timings and the gap model; re-rank")
     act.recalibration = after_reports(demo.store, [act.study], [cfg.device.profile])
     for line in act.recalibration:
         demo.say(f"      {line}")
@@ -330,6 +340,22 @@ def _mcu_act(demo: _Demo, spec: ActSpec) -> ActResult:
                        **{k: v for k, v in latency.metrics.items() if k != "holdout"}}
     act.after = _ranking(demo.store, act.study)
     demo.phase(f"{spec.name}.recalibrate", t0)
+
+    # The next candidates: asked, checked against the budget and scored with the new models.
+    known = {t.id for t in demo.store.trials(study_id)}
+    extra = demo.settings.mcu_next_trials
+    demo.search(demo_config(demo.settings, "mcu", extra), act,
+                f"[6/6] next candidates ({extra} more, asked and scored with the calibrated models):",
+                phase="next_search")
+    rank = {r["trial"]: r["rank"] for r in _ranking(demo.store, act.study)}
+    for t in demo.store.trials(study_id):
+        if t.id not in known:
+            m = t.metrics or {}
+            act.next.append({"trial": t.id, "arch": PolicyArch.from_json(t.arch_json).describe(),
+                             "status": t.status, "reason": t.error, "rank": rank.get(t.id),
+                             "p99_ms": m.get("p99_ms"), "latency_model": m.get("latency_model")})
+    for line in next_summary(act):
+        demo.say(f"      {line}")
     demo.report(act, f"report-{spec.name}.html")
     demo.say(f"      report: {act.report}")
     return act
@@ -379,6 +405,21 @@ def explain(act: ActResult) -> list[str]:
             f"{b['predicted_real_return']:.0f} -> {r['predicted_real_return']:.0f}"
             + (f"; {'; '.join(why)}" if why else "")
         )
+    return lines
+
+
+def next_summary(act: ActResult) -> list[str]:
+    """The candidates asked after the reports: the trained ones one per line, the rejected ones
+    counted per architecture (a search may ask the same over-budget network many times)."""
+    lines, rejected = [], {}
+    for n in act.next:
+        if n["status"] == "rejected":
+            rejected.setdefault(n["arch"], []).append(n)
+        else:
+            lines.append(f"trial {n['trial']} {n['arch']}: {n['status']}, p99 {_ms(n['p99_ms'])} "
+                         f"by {n['latency_model']}, rank {n['rank']}")
+    for arch, rows in rejected.items():
+        lines.append(f"{arch}: asked {len(rows)} time(s), rejected untrained: {rows[0]['reason']}")
     return lines
 
 

@@ -208,6 +208,22 @@ def rescore_study(store: Store, study_name: str) -> tuple[list[RankChange], dict
 
 # --- latency ------------------------------------------------------------------------------
 MIN_LATENCY_SAMPLES = 6
+# Timings of one architecture cannot tell a fixed per-invoke cost from a per-MAC one: a fit on
+# them extrapolates anywhere (a 2x256-only fit once put a 1x256 at 83 ms instead of 5 ms).
+MIN_LATENCY_ARCHS = 2
+
+
+def _too_few_latency(samples: list, device_name: str) -> str | None:
+    """Why `samples` cannot calibrate a latency model, or None when they can."""
+    if len(samples) < MIN_LATENCY_SAMPLES:
+        return (f"{len(samples)} timing sample(s) for {device_name}; at least "
+                f"{MIN_LATENCY_SAMPLES} are needed (use --n-archs {MIN_LATENCY_SAMPLES} or more)")
+    archs = len({s.arch.arch_id for s in samples})
+    if archs < MIN_LATENCY_ARCHS:
+        return (f"{len(samples)} timing samples for {device_name} cover {archs} architecture; at "
+                f"least {MIN_LATENCY_ARCHS} different ones are needed to tell fixed from per-MAC "
+                "costs (deploy another architecture, or run `robonas calibrate latency`)")
+    return None
 
 
 def robots_of(store: Store, profile: str) -> list[str]:
@@ -254,11 +270,9 @@ def fit_latency(store: Store, device_name: str, samples: list, holdout: float = 
         split_holdout,
     )
 
-    if len(samples) < MIN_LATENCY_SAMPLES:
-        raise RobonasError(
-            f"calibrate latency: {len(samples)} timing sample(s) for {device_name}; at least "
-            f"{MIN_LATENCY_SAMPLES} are needed (use --n-archs {MIN_LATENCY_SAMPLES} or more)"
-        )
+    why = _too_few_latency(samples, device_name)
+    if why:
+        raise RobonasError(f"calibrate latency: {why}")
     device = load_device(device_name)
     train, held = split_holdout(samples, holdout, seed)
     model = fit_roofline(train, device)
@@ -310,13 +324,13 @@ def after_reports(store: Store, study_names: list[str], profiles: list[str]) -> 
         except RobonasError as e:
             lines.append(f"latency model for {device}: not refitted: {e}")
             continue
-        if len(samples) >= MIN_LATENCY_SAMPLES:
+        why = _too_few_latency(samples, device)
+        if why is None:
             _, version, m = fit_latency(store, device, samples)
             lines.append(f"latency model for {device}: version {version} from {len(samples)} timings, "
                          f"held-out MAPE {m['holdout_mape']:.1%}")
         else:
-            lines.append(f"latency model for {device}: {len(samples)} timing(s), "
-                         f"{MIN_LATENCY_SAMPLES} needed to refit")
+            lines.append(f"latency model for {device}: not refitted: {why}")
     for name in sorted(set(study_names)):
         if "search" not in store.get_study(name).config:
             lines.append(f"{name}: no search config stored; not re-ranked")

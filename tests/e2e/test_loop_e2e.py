@@ -85,6 +85,13 @@ def test_demo_quick_runs_the_whole_loop(tmp_path):
     assert mcu["gap"]["n"] == len(mcu["exported"])
     for r in mcu["after"]:
         assert r["within_budget"] is (r["arch"] == "256tanh ln shared"), r
+    # then the search went on with the calibrated models: wide asks are rejected untrained
+    assert sum(n["status"] == "complete" for n in mcu["next"]) == 2
+    for n in mcu["next"]:
+        if n["status"] == "rejected":
+            assert n["arch"] != "256tanh ln shared" and "calibrated-roofline@" in n["reason"]
+        else:
+            assert n["latency_model"].startswith("calibrated-roofline@")
     store = Store(url)
     assert store.device_reports(kind="run") and store.device_reports(kind="bench")
 

@@ -207,3 +207,22 @@ def test_split_holdout() -> None:
     assert split_holdout(samples, 0.25, seed=0) == (train, hold)
     with pytest.raises(ConfigError, match="fraction"):
         split_holdout(samples, 1.5, seed=0)
+
+
+def test_timings_of_one_architecture_do_not_calibrate_a_latency_model(tmp_path) -> None:
+    """Six timings of one network cannot separate the per-invoke from the per-MAC cost, so the
+    fit is refused (and the report-driven refit says why) instead of extrapolating anywhere."""
+    from robonas.latency_calibration import LatencySample
+    from robonas.recalibrate import fit_latency
+    from robonas.space import Layer, PolicyArch
+
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    wide = PolicyArch(obs_dim=5, act_dim=1, layers=(Layer(256, "tanh"), Layer(256, "tanh")))
+    narrow = PolicyArch(obs_dim=5, act_dim=1, layers=(Layer(256, "tanh"),))
+    same = [LatencySample(wide, 137.0 + i, 150.0 + i) for i in range(6)]
+    with pytest.raises(RobonasError, match="cover 1 architecture; at least 2 different"):
+        fit_latency(store, "cortex-m7", same)
+    assert store.latest_model_version("latency", device="cortex-m7") is None
+    both = same[:4] + [LatencySample(narrow, 5.2, 5.7), LatencySample(narrow, 5.3, 5.8)]
+    _, version, _ = fit_latency(store, "cortex-m7", both)
+    assert version == 1
