@@ -73,7 +73,7 @@ class DemoSettings:
                        checkpoints=3,
                        eval_episodes=3, export_top=2, canary_episodes=1, run_episodes=3,
                        latency_probes=6, bench_runs=200)
-        return cls(trials=6, steps=20000, mcu_trials=6, mcu_steps=25000, mcu_next_trials=2,
+        return cls(trials=6, steps=20000, mcu_trials=6, mcu_steps=25000, mcu_next_trials=4,
                    checkpoints=5,
                    eval_episodes=5, export_top=3, canary_episodes=2, run_episodes=8,
                    latency_probes=12, bench_runs=500)
