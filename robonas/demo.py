@@ -159,8 +159,8 @@ class _Demo:
     def phase(self, name: str, t0: float) -> None:
         self.result.phases[name] = round(time.perf_counter() - t0, 2)
 
-    def search(self, cfg, act: ActResult, step: str, phase: str = "search") -> Any:
-        """Run (or extend) the act's study; `act.before` is its ranking afterwards."""
+    def search(self, cfg, act: ActResult, step: str, phase: str = "search") -> tuple[Any, list]:
+        """Run (or extend) the act's study; (its plan, its ranking afterwards)."""
         from robonas.search import Search, SearchPlan, default_workers
 
         t0 = time.perf_counter()
@@ -171,10 +171,11 @@ class _Demo:
         if summary.interrupted:
             raise KeyboardInterrupt
         self.phase(f"{act.name}.{phase}", t0)
-        if not _ranking(self.store, act.study):
+        rows = _ranking(self.store, act.study)
+        if not rows:
             raise RobonasError(f"demo: the search produced no complete trial; see "
                                f"`robonas top {act.study} --all`")
-        return plan
+        return plan, rows
 
     def export_top(self, act: ActResult, step: str, top: int | None) -> dict[int, Path]:
         """Signed int8 artifacts of the `top` best trials (None: every trial, with an fp32
@@ -275,8 +276,7 @@ def _host_act(demo: _Demo, spec: ActSpec) -> ActResult:
     cfg = demo_config(s, "host")
     act = ActResult(spec.name, cfg.study.name, [n for n, _ in spec.robots])
     say(f"act 1 of 2, {spec.title}")
-    plan = demo.search(cfg, act, "[1/7]")
-    act.before = _ranking(demo.store, act.study)
+    plan, act.before = demo.search(cfg, act, "[1/7]")
     artifacts = demo.export_top(act, "[2/7]", demo.settings.export_top)
 
     with demo.robots(spec, cfg.device.profile, "[3/7]") as inventory:
@@ -318,8 +318,7 @@ def _mcu_act(demo: _Demo, spec: ActSpec) -> ActResult:
     cfg = demo_config(demo.settings, "mcu")
     act = ActResult(spec.name, cfg.study.name, [n for n, _ in spec.robots])
     demo.say(f"act 2 of 2, {spec.title}")
-    demo.search(cfg, act, "[1/6]")
-    act.before = _ranking(demo.store, act.study)
+    _, act.before = demo.search(cfg, act, "[1/6]")
     # every trial: the robot has to time both widths before the latency model can tell them apart
     artifacts = demo.export_top(act, "[2/6]", None)
     with demo.robots(spec, cfg.device.profile, "[3/6]") as inventory:
@@ -344,10 +343,11 @@ def _mcu_act(demo: _Demo, spec: ActSpec) -> ActResult:
     # The next candidates: asked, checked against the budget and scored with the new models.
     known = {t.id for t in demo.store.trials(study_id)}
     extra = demo.settings.mcu_next_trials
-    demo.search(demo_config(demo.settings, "mcu", extra), act,
-                f"[6/6] next candidates ({extra} more, asked and scored with the calibrated models):",
-                phase="next_search")
-    rank = {r["trial"]: r["rank"] for r in _ranking(demo.store, act.study)}
+    _, ranked = demo.search(
+        demo_config(demo.settings, "mcu", extra), act,
+        f"[6/6] next candidates ({extra} more, asked and scored with the calibrated models):",
+        phase="next_search")
+    rank = {r["trial"]: r["rank"] for r in ranked}
     for t in demo.store.trials(study_id):
         if t.id not in known:
             m = t.metrics or {}

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import math
 import os
-import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
 from robonas.errors import ConfigError
+from robonas.toml_file import read_toml
 
 DEVICES_DIR_ENV = "ROBONAS_DEVICES_DIR"
 _DEFAULT_DIR = Path(__file__).resolve().parents[1] / "launch" / "devices"
@@ -117,15 +117,7 @@ def list_devices() -> list[str]:
 
 def load_device_file(path: str | os.PathLike[str]) -> DeviceProfile:
     """Parse and validate one profile file."""
-    path = Path(path)
-    try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError as e:
-        raise ConfigError(f"device profile file {str(path)!r} does not exist") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from e
-    return DeviceProfile.from_mapping(data, origin=str(path))
+    return DeviceProfile.from_mapping(read_toml(path, "device profile"), origin=str(Path(path)))
 
 
 def load_device(name_or_path: str | os.PathLike[str]) -> DeviceProfile:

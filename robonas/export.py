@@ -293,9 +293,10 @@ def _pick_trial(store, study, trial_id: int | None):
     if trial_id is None:
         from robonas.study_views import best_within_budget, ranked_trials
 
-        if not ranked_trials(store, study.name, n=1)["rows"]:
+        rows = ranked_trials(store, study.name, n=10**9)["rows"]
+        if not rows:
             raise RobonasError(f"study {study.name!r} has no complete trial to export")
-        best = best_within_budget(store, study.name)
+        best = best_within_budget(rows)
         if best is None:
             raise RobonasError(f"study {study.name!r}: no complete trial fits the latency budget "
                                "by the newest latency model (see `robonas top`); export one "

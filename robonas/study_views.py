@@ -72,11 +72,10 @@ def ranked_trials(store: Store, name: str, n: int = 10, include_unfinished: bool
             "latency_budget_ms": budget, "rows": rows}
 
 
-def best_within_budget(store: Store, name: str) -> dict[str, Any] | None:
-    """The best-ranked complete trial whose p99 (by the newest latency model) fits the budget.
+def best_within_budget(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Of `ranked_trials` rows, the best whose p99 (by the newest latency model) fits the budget.
     Trials pass the budget when they are asked; a latency model refitted on a robot's reports can
     later put one over it, and then it is no longer what `export --best` ships."""
-    rows = ranked_trials(store, name, n=10**9)["rows"]
     return next((r for r in rows if r["within_budget"]), None)
 
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 import math
 import os
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 from urllib.parse import parse_qsl, urlsplit
 
 from robonas.errors import ConfigError
+from robonas.toml_file import read_toml
 
 AGENT_FIELDS = ("name", "link", "device", "robot", "timeout_s")
 REQUIRED_FIELDS = ("name", "link", "device", "robot")
@@ -180,15 +180,7 @@ def parse_inventory(data: Mapping[str, Any], origin: str = "<inventory>") -> Inv
 
 def load_inventory(path: str | os.PathLike[str]) -> Inventory:
     """Parse and validate a fleet file such as `launch/fleet.toml`."""
-    p = Path(path)
-    try:
-        with p.open("rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError as e:
-        raise ConfigError(f"fleet file {str(p)!r} does not exist") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: not valid TOML: {e}") from e
-    return parse_inventory(data, str(p))
+    return parse_inventory(read_toml(path, "fleet"), str(Path(path)))
 
 
 __all__ = ["AgentEntry", "Inventory", "check_link_url", "load_inventory", "parse_inventory"]

@@ -33,13 +33,13 @@ def test_a_trial_over_the_budget_is_marked_and_not_the_best_to_ship(tmp_path):
     assert table["latency_budget_ms"] == 20.0
     assert [(r["trial"], r["within_budget"]) for r in table["rows"]] == [
         (ids[0], False), (ids[1], True), (ids[2], True)]  # the budget is inclusive
-    assert best_within_budget(store, "s")["trial"] == ids[1]
+    assert best_within_budget(table["rows"])["trial"] == ids[1]
     assert _pick_trial(store, study, None).id == ids[1]
     assert _pick_trial(store, study, ids[0]).id == ids[0]  # --trial still ships it on purpose
 
 
 def test_no_trial_within_the_budget_says_how_to_export_anyway(tmp_path):
     store, study, _ = _study(tmp_path, [(147.0, 0.9), (60.0, 0.6)])
-    assert best_within_budget(store, "s") is None
+    assert best_within_budget(ranked_trials(store, "s")["rows"]) is None
     with pytest.raises(RobonasError, match="--trial ID"):
         _pick_trial(store, study, None)
