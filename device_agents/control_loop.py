@@ -12,7 +12,7 @@ inference time is still handed to the robot as latency, so returns stay honest.
 
 History: frames are stacked oldest first; after a reset the stack is filled with the manifest's
 `observation.history_pad` (the raw value that normalises to SB3's zero padding; zeros if the
-manifest has none), then the first observation is pushed, exactly as `robonas.export.rollouts`.
+manifest has none), then the first observation is pushed, exactly as `robonas.export.trial_export.rollouts`.
 A non-finite action is counted and replaced by zeros before it reaches the robot.
 """
 

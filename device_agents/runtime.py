@@ -50,7 +50,7 @@ RUNTIMES = {
     "ai_edge_litert": "ai_edge_litert.interpreter",
 }
 TFLITE_IDENTIFIER = b"TFL3"
-# An artifact directory as robonas.artifact writes it.
+# An artifact directory as robonas.export.artifact writes it.
 MANIFEST_FILE, MODEL_FILE = "manifest.json", "policy.tflite"
 NORMALISATION_KEYS = ("mean", "std", "clip")
 

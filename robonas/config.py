@@ -129,7 +129,7 @@ class SearchConfig(_Section):
     def validate_references(self) -> None:
         """Check names that refer to other registries: env id, device, randomisation table."""
         import sim
-        from robonas.devices import load_device
+        from robonas.models.devices import load_device
 
         if self.env.id not in sim.ENV_IDS:
             raise ConfigError(f"env.id: unknown env {self.env.id!r}; valid: {', '.join(sim.ENV_IDS)}")

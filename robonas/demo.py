@@ -161,7 +161,7 @@ class _Demo:
 
     def search(self, cfg, act: ActResult, step: str, phase: str = "search") -> tuple[Any, list]:
         """Run (or extend) the act's study; (its plan, its ranking afterwards)."""
-        from robonas.search import Search, SearchPlan, default_workers
+        from robonas.search.loop import Search, SearchPlan, default_workers
 
         t0 = time.perf_counter()
         self.say(f"{step} search: {cfg.budget.trials} trials x {cfg.budget.steps_per_trial} env "
@@ -180,7 +180,7 @@ class _Demo:
     def export_top(self, act: ActResult, step: str, top: int | None) -> dict[int, Path]:
         """Signed int8 artifacts of the `top` best trials (None: every trial, with an fp32
         artifact where the int8 parity check refuses a half-trained policy)."""
-        from robonas.export import ExportRefused, export_trial
+        from robonas.export.trial_export import ExportRefused, export_trial
 
         t0 = time.perf_counter()
         self.say(f"{step} export: " + (f"top {top} candidates" if top else "every trial")
@@ -242,7 +242,7 @@ class _Demo:
     def robots(self, spec: ActSpec, device: str, step: str) -> Iterator[Any]:
         """The act's robots as local agent processes; yields their fleet inventory."""
         from robonas.fleet.inventory import load_inventory
-        from robonas.local_agents import LocalAgent, write_fleet
+        from robonas.fleet.local_agents import LocalAgent, write_fleet
 
         t0 = time.perf_counter()
         self.say(f"{step} robots: " + ", ".join(f"{n} ({r}, device {device})" for n, r in spec.robots)
@@ -270,7 +270,7 @@ class _Demo:
 def _host_act(demo: _Demo, spec: ActSpec) -> ActResult:
     """Act 1: this machine's robots; latency calibrated with BENCH probes on the first one."""
     from robonas.fleet.client import AgentClient
-    from robonas.recalibrate import calibrate_gap, calibrate_latency_on_agent, rescore_study
+    from robonas.models.recalibrate import calibrate_gap, calibrate_latency_on_agent, rescore_study
 
     s, say = demo.settings, demo.say
     cfg = demo_config(s, "host")
@@ -312,7 +312,7 @@ def _host_act(demo: _Demo, spec: ActSpec) -> ActResult:
 def _mcu_act(demo: _Demo, spec: ActSpec) -> ActResult:
     """Act 2: one MCU robot; its run reports refit both models, as `robonas fleet run` does,
     and the next candidates are asked and scored with them."""
-    from robonas.recalibrate import after_reports
+    from robonas.models.recalibrate import after_reports
     from robonas.space import PolicyArch
 
     cfg = demo_config(demo.settings, "mcu")

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from robonas.devices import DeviceProfile
-from robonas.gap_model import GapFeatures, GapModel
-from robonas.latency_model import LatencyModel
+from robonas.models.devices import DeviceProfile
+from robonas.models.gap_model import GapFeatures, GapModel
+from robonas.models.latency_model import LatencyModel
 from robonas.scoring import ObjectiveWeights, objective, objective_std, predicted_real_return
 from robonas.space import PolicyArch
 

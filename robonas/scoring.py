@@ -2,10 +2,10 @@
 
 DESIGN.md step 5: predicted real return = asymptotic return - gap; the objective is a weighted
 mean of normalised learning-curve AUC and normalised predicted real return; the latency budget is
-a hard constraint applied elsewhere (`robonas.latency_model.budget_check`); the Pareto front over
+a hard constraint applied elsewhere (`robonas.models.latency_model.budget_check`); the Pareto front over
 (predicted real return up, p99 latency down) is kept for the report.
 
-AUC convention: `auc` arrives already normalised to [0, 1], as `robonas.curves.auc_normalised`
+AUC convention: `auc` arrives already normalised to [0, 1], as `robonas.search.curves.auc_normalised`
 computes it (returns mapped by the same range, area divided by the step span); only the predicted
 real return is normalised here. An AUC outside [0, 1] is a unit mistake and is refused.
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Hashable, Iterable, Mapping, Sequence
 
 from robonas.errors import ConfigError, RobonasError
-from robonas.gap_model import GapPrediction
+from robonas.models.gap_model import GapPrediction
 
 
 def predicted_real_return(asymptotic_return: float, gap_pred: GapPrediction) -> tuple[float, float]:
@@ -83,7 +83,7 @@ def objective(
 ) -> float:
     """Weighted mean of the normalised AUC and the predicted real return normalised to [0, 1].
 
-    `auc` is in [0, 1] already (robonas.curves.auc_normalised); the return is mapped by
+    `auc` is in [0, 1] already (robonas.search.curves.auc_normalised); the return is mapped by
     (r - return_lo) / (return_hi - return_lo) and clipped, since the gap can push it below lo.
     """
     _check_range(return_lo, return_hi)
@@ -92,7 +92,7 @@ def objective(
             raise RobonasError(f"objective: {key} must be finite, got {value!r}")
     if not -_AUC_TOLERANCE <= auc <= 1.0 + _AUC_TOLERANCE:
         raise RobonasError(
-            f"objective: auc={auc!r} is outside [0, 1]; pass the normalised AUC (robonas.curves.auc_normalised)"
+            f"objective: auc={auc!r} is outside [0, 1]; pass the normalised AUC (robonas.search.curves.auc_normalised)"
         )
     score = weights.auc * min(1.0, max(0.0, auc))
     score += weights.real_return * _normalise(predicted_real_return, return_lo, return_hi)

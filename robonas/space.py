@@ -2,7 +2,7 @@
 
 `PolicyArch` is frozen, hashable and JSON-serialisable. It builds itself as a torch module
 (torch imported lazily, so the CLI can print --help without it) and counts its own cost layer
-by layer as `robonas.costs.LayerCost` rows. The counts are written by hand because they must be
+by layer as `robonas.models.costs.LayerCost` rows. The counts are written by hand because they must be
 known before any module is built (latency is predicted before training); the tests check them
 against the built torch module (`sum(p.numel())`, `torch.utils.flop_counter.FlopCounterMode`).
 
@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from robonas.costs import LayerCost, totals
+from robonas.models.costs import LayerCost, totals
 from robonas.errors import ConfigError
 
 ACTIVATIONS = ("relu", "tanh", "elu", "silu")

@@ -18,7 +18,7 @@ import argparse
 import numpy as np
 
 from device_agents.robots.sim_twin import SimTwin
-from robonas.export import DeployableActor, trial_weights
+from robonas.export.trial_export import DeployableActor, trial_weights
 from robonas.space import PolicyArch
 from robonas.store import Store
 

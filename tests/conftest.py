@@ -30,7 +30,7 @@ def policy_models(tmp_path_factory: pytest.TempPathFactory) -> PolicyModels:
     """A 64x64 tanh actor (obs 17, act 6, like HalfCheetah) as fp32 and int8 TFLite."""
     torch = pytest.importorskip("torch")
     from robonas.space import Layer, PolicyArch
-    from robonas.tflite_convert import to_tflite_fp32, to_tflite_int8
+    from robonas.export.tflite_convert import to_tflite_fp32, to_tflite_int8
 
     torch.manual_seed(0)
     arch = PolicyArch(obs_dim=17, act_dim=6, layers=(Layer(64, "tanh"), Layer(64, "tanh")))

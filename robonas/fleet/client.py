@@ -3,7 +3,7 @@ bench, rollback.
 
 Leans on `device_agents.link` (pyserial's `serial_for_url` for serial ports, TCP, rfc2217 and
 `loop://`) and `device_agents.protocol` (the frame codec the agent runs too), and on
-`robonas.artifact.load_artifact` for reading an artifact directory. Nothing about framing is
+`robonas.export.artifact.load_artifact` for reading an artifact directory. Nothing about framing is
 done here; this module only sequences the messages of PROTOCOL.md and sizes timeouts.
 
 Timeouts: every request waits the link's base timeout plus twice the wire time of the frames on
@@ -126,7 +126,7 @@ class DeployResult:
 
 def read_artifact(artifact_dir: str | Path) -> tuple[dict[str, Any], bytes, Optional[str]]:
     """(manifest, model bytes, signature or None) of an artifact directory, checked."""
-    from robonas.artifact import load_artifact
+    from robonas.export.artifact import load_artifact
 
     return load_artifact(artifact_dir)
 

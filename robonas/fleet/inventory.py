@@ -3,7 +3,7 @@
 Configuration is data (`launch/fleet.toml`, one `[[agent]]` table per robot), parsed with the
 standard library's `tomllib` and validated here into frozen `AgentEntry` rows, so that a typo is
 a ConfigError naming the agent and the field before any link is opened. Device profiles are
-checked with `robonas.devices.load_device`; link URLs are checked against the schemes that
+checked with `robonas.models.devices.load_device`; link URLs are checked against the schemes that
 `device_agents.link.open_link` (pyserial's `serial_for_url`) accepts. The URL check is by hand
 because it must run without opening anything: a serial port may not be plugged in yet.
 """
@@ -140,7 +140,7 @@ def _agent(table: Any, index: int, origin: str) -> AgentEntry:
     device = table["device"]
     if not isinstance(device, str) or not device:
         raise ConfigError(f"{where}: field 'device' must be a device profile name, got {device!r}")
-    from robonas.devices import load_device
+    from robonas.models.devices import load_device
 
     try:
         load_device(device)

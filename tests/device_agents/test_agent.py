@@ -39,7 +39,7 @@ def test_models() -> Dict[str, bytes]:
         if not all((CACHE / f"{n}.tflite").exists() for n in names):
             torch = pytest.importorskip("torch")
             from robonas.space import Layer, PolicyArch
-            from robonas.tflite_convert import to_tflite_fp32, to_tflite_int8
+            from robonas.export.tflite_convert import to_tflite_fp32, to_tflite_int8
 
             torch.manual_seed(0)
             arch = PolicyArch(obs_dim=5, act_dim=1, layers=(Layer(16, "tanh"),))

@@ -2,7 +2,7 @@
 (`python -m device_agents serve`), over TCP on loopback and over a pty pair paced at 115200 baud.
 
 Artifacts are untrained cartpole policies (obs 5, act 1, `sim/CartPole-v0`), converted with
-robonas.tflite_convert, written and signed with robonas.artifact, and indexed in a fresh store
+robonas.export.tflite_convert, written and signed with robonas.export.artifact, and indexed in a fresh store
 the way `robonas export` indexes them. The agents run the sim twin with `--fast` (no sleeping
 between control ticks) so that canary episodes take milliseconds; the timings they report are
 still real interpreter timings on this CPU.
@@ -42,9 +42,9 @@ TIMING_FLOOR_MS = 0.03
 def _artifact(tmp: Path, store, trial_id: int, seed: int, key: Path) -> Path:
     import torch
 
-    from robonas.artifact import build_manifest, write_artifact
+    from robonas.export.artifact import build_manifest, write_artifact
     from robonas.space import Layer, PolicyArch
-    from robonas.tflite_convert import to_tflite_int8
+    from robonas.export.tflite_convert import to_tflite_int8
 
     torch.manual_seed(seed)
     arch = PolicyArch(obs_dim=5, act_dim=1, layers=(Layer(128, "tanh"), Layer(128, "tanh")))
@@ -197,7 +197,7 @@ class CuttingProxy:
 def _cli():
     import typer
 
-    from robonas.cli_fleet import deploy_command, fleet_app
+    from robonas.cli.fleet import deploy_command, fleet_app
 
     app = typer.Typer()
     app.command("deploy")(deploy_command)

@@ -14,7 +14,7 @@ from device_agents.signing import generate_keypair
 from robonas.fleet.client import AgentClient
 from robonas.fleet.deploy import rollout
 from robonas.fleet.inventory import load_inventory
-from robonas.local_agents import LocalAgent, write_fleet
+from robonas.fleet.local_agents import LocalAgent, write_fleet
 from robonas.report import SECTIONS
 from robonas.store import Store
 

@@ -201,8 +201,8 @@ def test_after_robot_reports_the_next_candidates_are_asked_and_scored_with_the_c
     """Reports recalibrate the models that rank the *next* candidates too: a search resumed after
     a latency calibration rejects the asks the calibrated model puts over the budget and scores
     the new trials with it, while the strategy replays with what it was told before."""
-    from robonas.latency_calibration import LatencySample
-    from robonas.recalibrate import fit_latency, rescore_study
+    from robonas.models.latency_calibration import LatencySample
+    from robonas.models.recalibrate import fit_latency, rescore_study
     from robonas.space import Layer, PolicyArch
 
     cfg = REPO / "launch" / "cartpole-mcu.toml"

@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from robonas.errors import ConfigError, RobonasError
-from robonas.gap_model import GapPrediction
+from robonas.models.gap_model import GapPrediction
 from robonas.scoring import (
     ObjectiveWeights,
     objective,

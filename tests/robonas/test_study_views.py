@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from robonas.errors import RobonasError
-from robonas.export import _pick_trial
+from robonas.export.trial_export import _pick_trial
 from robonas.space import Layer, PolicyArch
 from robonas.store import Store
 from robonas.study_views import best_within_budget, ranked_trials

@@ -1,0 +1,2 @@
+"""`robonas bench`: speed figures measured against a baseline in the same run (environment steps
+per second, search wall time per worker count)."""

@@ -1,0 +1,5 @@
+"""`python -m robonas.cli`: the same as the `robonas` script."""
+
+from robonas.cli.app import main
+
+main()

@@ -1,0 +1,387 @@
+"""The field engineer's commands: `robonas deploy` and `robonas fleet status|rollback|run`.
+
+Typer for arguments, rich for tables and the per-robot progress of a deploy. Heavy modules
+(the store's SQLAlchemy, the artifact reader's TFLite runtime) are imported inside the commands
+so `robonas --help` stays fast. Bad input (RobonasError, DeviceError) becomes one line on stderr
+and exit code 2, and so does a run where any robot failed, after the table has been printed.
+
+The lead mounts these on the main app:
+    app.command("deploy")(deploy_command)
+    app.add_typer(fleet_app, name="fleet")
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Optional
+
+import typer
+
+fleet_app = typer.Typer(help="Robots in a fleet file: status, rollback, fresh runs.",
+                        no_args_is_help=True)
+
+_FLEET_HELP = "Fleet inventory TOML (one [[agent]] per robot), e.g. launch/fleet.toml."
+_STORE_HELP = "Store URL (default: $ROBONAS_STORE or sqlite:///runs/robonas.db)."
+_AGENTS_HELP = "Comma-separated agent names (default: every agent in the fleet file)."
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr) if sys.stdout.isatty() else Console(width=160, stderr=stderr)
+
+
+def _fail(message: str) -> None:
+    """One line on stderr, exit 2 (the same form as robonas.cli.app.main's handler)."""
+    print(f"robonas: error: {' '.join(message.split())}", file=sys.stderr)
+    raise typer.Exit(2)
+
+
+def _guard(fn):
+    """Run fn(); RobonasError/DeviceError -> one line and exit 2 (also when mounted elsewhere)."""
+    from device_agents.errors import DeviceError
+    from robonas.errors import RobonasError
+
+    try:
+        return fn()
+    except (RobonasError, DeviceError) as e:
+        _fail(str(e))
+
+
+def _open_store(url: Optional[str]):
+    from robonas.store import Store
+
+    return Store(url)
+
+
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    return "-" if v is None else format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+# ------------------------------------------------------------------------------------ deploy
+def deploy_command(
+    artifact: str = typer.Argument(..., help="Artifact directory (policy.tflite, manifest.json, manifest.sig)."),
+    fleet: str = typer.Option(..., "--fleet", help=_FLEET_HELP),
+    agents: Optional[str] = typer.Option(None, "--agents", help=_AGENTS_HELP),
+    canary: int = typer.Option(1, "--canary", help="Robots deployed first; the rest only if all of them pass."),
+    episodes: int = typer.Option(3, "--episodes", help="Canary episodes each agent runs before switching."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the first canary episode."),
+    min_return: Optional[float] = typer.Option(None, "--min-return", help="Canary fails below this mean return."),
+    max_miss_rate: Optional[float] = typer.Option(None, "--max-miss-rate", help="Canary fails above this deadline-miss rate (0-1)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Cap on each canary episode's steps."),
+    retries: int = typer.Option(1, "--retries", help="Retries per robot after a link failure."),
+    key: Optional[str] = typer.Option(None, "--key", help="Ed25519 private key: sign the manifest now instead of sending manifest.sig."),
+    store: Optional[str] = typer.Option(None, "--store", help=_STORE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the per-robot results as JSON."),
+) -> None:
+    """Push a signed artifact to the fleet: canaries first, then the rest if every canary passed."""
+    result = _guard(lambda: _deploy(artifact, fleet, agents, canary, episodes, seed, min_return,
+                                    max_miss_rate, max_steps, retries, key, store, as_json))
+    if not result.ok:
+        bad = [f"{r.name} {r.status}" + (f" ({r.reason})" if r.reason else "")
+               for r in result.robots if not r.ok]
+        _fail(f"deploy of {artifact} did not reach every robot: {'; '.join(bad)}")
+
+
+def _deploy(artifact, fleet, agents, canary, episodes, seed, min_return, max_miss_rate, max_steps,
+            retries, key, store_url, as_json):
+    from robonas.fleet.deploy import rollout
+    from robonas.fleet.inventory import load_inventory
+
+    inventory = load_inventory(fleet)
+    inventory.select(agents)  # unknown names fail before the store or any link is opened
+    store = _open_store(store_url)
+    try:
+        if as_json:
+            result = rollout(artifact, inventory, agents, canary, episodes, seed=seed,
+                             min_return=min_return, max_miss_rate=max_miss_rate,
+                             max_steps=max_steps, store=store, retries=retries, key=key)
+            print(json.dumps(result.to_dict(), indent=2, default=str))
+            _recalibrate(store, [_study_of(artifact)], [e.device for e in inventory.select(agents)])
+            return result
+        result = _deploy_with_progress(artifact, inventory, agents, canary, episodes, seed,
+                                       min_return, max_miss_rate, max_steps, retries, key, store)
+        _print_rollout(result)
+        _recalibrate(store, [_study_of(artifact)], [e.device for e in inventory.select(agents)])
+    finally:
+        store.close()
+    return result
+
+
+def _study_of(artifact) -> Optional[str]:
+    from pathlib import Path
+
+    try:
+        return json.loads((Path(artifact) / "manifest.json").read_text()).get("study")
+    except (OSError, ValueError):
+        return None
+
+
+def _recalibrate(store, studies, profiles) -> None:
+    """New reports: refit the latency and gap models where they allow it and re-rank."""
+    from robonas.errors import StoreError
+    from robonas.models.recalibrate import after_reports
+
+    known = []
+    for name in filter(None, studies):
+        try:
+            store.get_study(name)
+            known.append(name)
+        except StoreError:
+            pass
+    for line in after_reports(store, known, profiles):
+        _console(stderr=True).print(f"recalibrate: {line}")
+
+
+def _deploy_with_progress(artifact, inventory, agents, canary, episodes, seed, min_return,
+                          max_miss_rate, max_steps, retries, key, store):
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from robonas.fleet.deploy import rollout
+
+    columns = (TextColumn("{task.description:<14}"), BarColumn(), DownloadColumn(),
+               TimeElapsedColumn(), TextColumn("{task.fields[note]}"))
+    with Progress(*columns, console=_console(stderr=True), transient=False) as bar:
+        tasks: dict[str, int] = {}
+
+        def on_event(ev) -> None:
+            if ev.agent not in tasks:
+                tasks[ev.agent] = bar.add_task(ev.agent, total=None, note="")
+            t = tasks[ev.agent]
+            if ev.phase == "transfer":
+                bar.update(t, completed=ev.bytes_sent, total=ev.total, note="sending")
+            elif ev.phase == "canary":
+                bar.update(t, note=f"canary: {ev.message}")
+            elif ev.phase in ("connect", "retry"):
+                bar.update(t, completed=0, note=f"{ev.phase} (attempt {ev.attempt})")
+            else:  # done / skipped
+                bar.update(t, note=ev.message[:80])
+                bar.stop_task(t)
+
+        return rollout(artifact, inventory, agents, canary, episodes, seed=seed,
+                       min_return=min_return, max_miss_rate=max_miss_rate, max_steps=max_steps,
+                       store=store, retries=retries, key=key, progress=on_event)
+
+
+def _print_rollout(result) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"deploy {result.artifact} (sha256 {result.sha256[:12]}, {result.size} B)")
+    for col in ("robot", "role", "status", "reason", "tries", "transfer s", "total s", "slot",
+                "canary mean return"):
+        t.add_column(col)
+    for r in result.robots:
+        d = r.deploy or {}
+        canary = d.get("canary") or {}
+        returns = [x for x in canary.get("returns") or [] if isinstance(x, (int, float))]
+        mean = sum(returns) / len(returns) if returns else None
+        t.add_row(r.name, r.role, r.status, r.reason if not r.ok else "", str(r.attempts),
+                  _fmt(d.get("transfer_s"), ".2f"), _fmt(d.get("total_s"), ".2f"),
+                  _fmt(d.get("active")), _fmt(mean, ".1f"))
+    _console().print(t)
+    if result.artifact_id is None:
+        _console().print("note: the artifact is not indexed in the store (export it with "
+                         "`robonas export`): deployments were not recorded, reports were.")
+
+
+# ------------------------------------------------------------------------------------ status
+def _slot_summary(status: dict[str, Any]) -> dict[str, Any]:
+    active = status.get("active")
+    slots = status.get("slots") or {}
+    summary = slots.get(active) if isinstance(slots, dict) and active else None
+    summary = summary if isinstance(summary, dict) else {}
+    version = None
+    if summary.get("study") is not None or summary.get("trial") is not None:
+        # the agent's slot summary names the policy by its study, trial and precision
+        version = f"{summary.get('study')}#{summary.get('trial')} {summary.get('precision') or ''}"
+    return {"active": active, "sha256": summary.get("sha256") or status.get("active_sha256"),
+            "version": version.strip() if version else None, "arch_id": summary.get("arch_id"),
+            "verified": summary.get("verified"), "previous": status.get("previous"),
+            "uptime_s": status.get("uptime_s")}
+
+
+@fleet_app.command("status")
+def status_command(
+    fleet: str = typer.Option(..., "--fleet", help=_FLEET_HELP),
+    agents: Optional[str] = typer.Option(None, "--agents", help=_AGENTS_HELP),
+    store: Optional[str] = typer.Option(None, "--store", help=_STORE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Each robot's active slot, policy sha256/version and its last stored report."""
+    rows = _guard(lambda: _status(fleet, agents, store))
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        from rich.table import Table
+
+        t = Table(title=f"fleet {fleet}")
+        for col in ("robot", "link", "reachable", "active", "sha256", "version", "uptime s",
+                    "last report", "p99 ms", "mean return"):
+            t.add_column(col)
+        for r in rows:
+            last = r.get("last_report") or {}
+            t.add_row(r["name"], r["link"], "yes" if r["reachable"] else f"no: {r['error'][:60]}",
+                      _fmt(r.get("active")), _fmt((r.get("sha256") or "")[:12] or None),
+                      _fmt(r.get("version")), _fmt(r.get("uptime_s"), ".0f"),
+                      f"{last.get('kind')} {last.get('time')}" if last else "-",
+                      _fmt(last.get("p99_ms")), _fmt(last.get("mean_return"), ".1f"))
+        _console().print(t)
+    down = [r["name"] for r in rows if not r["reachable"]]
+    if down:
+        _fail(f"unreachable robot(s): {', '.join(down)}")
+
+
+def _status(fleet, agents, store_url) -> list[dict[str, Any]]:
+    from robonas.fleet.client import AgentClient, FleetError
+    from robonas.fleet.inventory import load_inventory
+    from robonas.fleet.reports import last_reports, register_device, summarise_report
+
+    entries = load_inventory(fleet).select(agents)
+    store = _open_store(store_url)
+    rows = []
+    try:
+        for e in entries:
+            row: dict[str, Any] = {"name": e.name, "link": e.link, "device": e.device,
+                                   "robot": e.robot, "reachable": False, "error": ""}
+            try:
+                with AgentClient(e.link, e.timeout_s, name=e.name) as c:
+                    row["hello"] = c.hello()
+                    row.update(_slot_summary(c.status()))
+                row["reachable"] = True
+                register_device(store, e.name, e.device)
+            except FleetError as err:
+                row["error"] = str(err)
+            reports = last_reports(store, e.name)
+            if reports:
+                newest = max(reports.values(), key=lambda r: r.id)
+                row["last_report"] = {"kind": newest.kind, "id": newest.id,
+                                      "time": newest.created_at.isoformat(timespec="seconds"),
+                                      "artifact_id": newest.artifact_id,
+                                      **summarise_report(newest.payload)}
+            rows.append(row)
+    finally:
+        store.close()
+    return rows
+
+
+# ------------------------------------------------------------------------------------ rollback
+@fleet_app.command("rollback")
+def rollback_command(
+    fleet: str = typer.Option(..., "--fleet", help=_FLEET_HELP),
+    agent: str = typer.Option(..., "--agent", help="The robot to roll back to its previous slot."),
+    store: Optional[str] = typer.Option(None, "--store", help=_STORE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Switch one robot back to the policy in its other slot."""
+    out = _guard(lambda: _rollback(fleet, agent, store))
+    if as_json:
+        print(json.dumps(out, indent=2, default=str))
+    else:
+        _console().print(f"{agent}: active slot {out['before'].get('active')} -> "
+                         f"{out['after'].get('active')} (sha256 "
+                         f"{(out['after'].get('sha256') or '?')[:12]})")
+
+
+def _rollback(fleet, agent, store_url) -> dict[str, Any]:
+    from robonas.fleet.client import AgentClient
+    from robonas.fleet.inventory import load_inventory
+    from robonas.fleet.reports import artifact_for_sha, record_deployment, register_device
+
+    entry = load_inventory(fleet).get(agent)
+    with AgentClient(entry.link, entry.timeout_s, name=entry.name) as c:
+        c.hello()
+        before = _slot_summary(c.status())
+        ack = c.rollback()
+        after = _slot_summary(c.status())
+    store = _open_store(store_url)
+    try:
+        register_device(store, entry.name, entry.device)
+        ref = artifact_for_sha(store, entry.name, after.get("sha256"))
+        dep = record_deployment(store, ref, entry.name, "rollback",
+                                {"sha256": after.get("sha256"), "active": after.get("active"),
+                                 "previous_active": before.get("active"),
+                                 "previous_sha256": before.get("sha256"), "ack": ack})
+    finally:
+        store.close()
+    return {"agent": agent, "before": before, "after": after, "ack": ack, "deployment_id": dep}
+
+
+# ------------------------------------------------------------------------------------ run
+@fleet_app.command("run")
+def run_command(
+    fleet: str = typer.Option(..., "--fleet", help=_FLEET_HELP),
+    episodes: int = typer.Option(..., "--episodes", min=1, help="Episodes each robot runs."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the first episode."),
+    agents: Optional[str] = typer.Option(None, "--agents", help=_AGENTS_HELP),
+    store: Optional[str] = typer.Option(None, "--store", help=_STORE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Run episodes on every robot's active policy and store the fresh reports."""
+    rows = _guard(lambda: _run(fleet, episodes, seed, agents, store))
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        from rich.table import Table
+
+        t = Table(title=f"fleet run: {episodes} episode(s), seed {seed}")
+        for col in ("robot", "ok", "sha256", "p50 ms", "p99 ms", "misses", "mean return",
+                    "wall s", "report id"):
+            t.add_column(col)
+        for r in rows:
+            s = r.get("summary") or {}
+            t.add_row(r["name"], "yes" if r["ok"] else f"no: {r['error'][:60]}",
+                      _fmt((r.get("report") or {}).get("sha256", "")[:12] or None),
+                      _fmt(s.get("p50_ms")), _fmt(s.get("p99_ms")), _fmt(s.get("deadline_misses")),
+                      _fmt(s.get("mean_return"), ".1f"), _fmt(r.get("wall_s"), ".2f"),
+                      _fmt(r.get("report_id")))
+        _console().print(t)
+    bad = [r["name"] for r in rows if not r["ok"]]
+    if bad:
+        _fail(f"run failed on robot(s): {', '.join(bad)}")
+
+
+def _run(fleet, episodes, seed, agents, store_url) -> list[dict[str, Any]]:
+    import time
+
+    from robonas.fleet.client import AgentClient, FleetError
+    from robonas.fleet.inventory import load_inventory
+    from robonas.fleet.reports import (
+        artifact_for_sha,
+        record_report,
+        register_device,
+        summarise_report,
+    )
+
+    entries = load_inventory(fleet).select(agents)
+    store = _open_store(store_url)
+    rows = []
+    try:
+        for e in entries:
+            row: dict[str, Any] = {"name": e.name, "ok": False, "error": ""}
+            try:
+                with AgentClient(e.link, e.timeout_s, name=e.name) as c:
+                    c.hello()
+                    t0 = time.perf_counter()
+                    report = c.run(episodes, seed)
+                    row["wall_s"] = time.perf_counter() - t0
+                register_device(store, e.name, e.device)
+                ref = artifact_for_sha(store, e.name, report.get("sha256"))
+                row["trial_id"] = ref.trial_id
+                row["report_id"] = record_report(store, e.name, "run", report, ref, link=e.link,
+                                                 episodes=episodes, seed=seed,
+                                                 wall_s=row["wall_s"])
+                row.update(ok=True, report=report, summary=summarise_report(report))
+            except FleetError as err:
+                row["error"] = str(err)
+            rows.append(row)
+        studies = [store.get_study_by_id(store.get_trial(r["trial_id"]).study_id).name
+                   for r in rows if r.get("trial_id") is not None]
+        if studies:
+            _recalibrate(store, studies, [e.device for e in entries])
+    finally:
+        store.close()
+    return rows
+
+
+__all__ = ["deploy_command", "fleet_app"]

@@ -1,0 +1,352 @@
+"""Closing the loop: turn robot reports into calibrated models and re-rank a study with them.
+
+- `gap_observations`: every (trial, robot) pair with real returns in the store becomes a
+  `GapObservation`: the trial's simulation features against the mean real return.
+- `calibrate_gap`: fits `BayesianGapModel` on them and stores a new version for the study.
+- `rescore_study`: recomputes every complete trial's score with the newest latency model of the
+  study's device and the newest gap model of the study (falling back to the analytic and
+  heuristic priors), stores the new metrics and returns how the ranking moved. Each trial's
+  metrics name the model versions that scored it, so `robonas top` can say what ranked it.
+
+The maths lives in `latency_calibration` and `gap_calibration`; this module only joins store
+rows to them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from robonas.errors import RobonasError
+from robonas.models.gap_calibration import (
+    FEATURES,
+    MIN_OBSERVATIONS,
+    BayesianGapModel,
+    GapObservation,
+    load_gap_model,
+    save_gap_model,
+)
+from robonas.models.gap_model import GapFeatures, HeuristicGapModel
+from robonas.models.latency_calibration import load_latency_model
+from robonas.models.latency_model import AnalyticLatencyModel
+from robonas.ranking import ScoringContext, score
+from robonas.scoring import TOLD, ObjectiveWeights, strategy_view
+from robonas.space import PolicyArch
+from robonas.store import Store, StudyRow
+from robonas.study_views import _ranking
+
+REAL_REPORT_KINDS = ("run", "canary")
+
+
+def _resolved(study: StudyRow) -> dict[str, Any]:
+    resolved = dict(study.config.get("resolved") or {})
+    if "control_hz" not in resolved:
+        from robonas.search.loop import EnvInfo
+
+        env = (study.config.get("search") or {})["env"]
+        info = EnvInfo.probe(env["id"], env.get("kwargs") or {})
+        resolved["control_hz"] = info.control_hz
+    return resolved
+
+
+def scoring_context(store: Store, study: StudyRow, use_calibrated: bool = True) -> ScoringContext:
+    """The context a study is scored in now: its device, the newest models, its weights."""
+    from robonas.models.devices import load_device
+
+    search = study.config.get("search") or {}
+    resolved = _resolved(study)
+    device = load_device(search["device"]["profile"])
+    latency_model = load_latency_model(store, device.name) if use_calibrated else None
+    gap_model = load_gap_model(store, study.id) if use_calibrated else None
+    objective = search.get("objective") or {}
+    return ScoringContext(
+        device=device,
+        latency_model=latency_model or AnalyticLatencyModel(),
+        gap_model=gap_model or HeuristicGapModel(**(search.get("gap") or {})),
+        weights=ObjectiveWeights(auc=objective.get("auc", 0.5), real_return=objective.get("real_return", 0.5)),
+        control_hz=float(resolved["control_hz"]),
+        return_lo=float(resolved["return_lo"]),
+        return_hi=float(resolved["return_hi"]),
+        lcb_z=float(objective.get("lcb_z", 1.0)),
+    )
+
+
+def _features(arch: PolicyArch, metrics: dict[str, Any], ctx: ScoringContext) -> GapFeatures:
+    p99 = ctx.latency_model.predict(arch, ctx.device).p99_ms
+    asym = float(metrics["asymptotic_return"])
+    robust = metrics.get("robustness_return")
+    return GapFeatures(
+        asymptotic_return=asym,
+        robustness_return=asym if robust is None else float(robust),
+        p99_ms=p99,
+        control_period_ms=1000.0 / ctx.control_hz,
+        params=int(metrics["params"]),
+        return_lo=ctx.return_lo,
+        return_hi=ctx.return_hi,
+    )
+
+
+@dataclass(frozen=True)
+class RealResult:
+    trial_id: int
+    device: str
+    returns: list[float]
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.returns))
+
+
+def real_results(store: Store, study: StudyRow) -> list[RealResult]:
+    """Real returns per (trial, robot), pooled over that robot's run and canary reports."""
+    trial_ids = {t.id for t in store.trials(study.id, status="complete")}
+    pooled: dict[tuple[int, str], list[float]] = {}
+    for kind in REAL_REPORT_KINDS:
+        for r in store.device_reports(kind=kind):
+            returns = r.payload.get("returns") or []
+            if r.trial_id in trial_ids and returns:
+                pooled.setdefault((r.trial_id, r.device), []).extend(float(x) for x in returns)
+    return [RealResult(t, d, v) for (t, d), v in sorted(pooled.items())]
+
+
+def gap_observations(store: Store, study: StudyRow, ctx: ScoringContext) -> list[tuple[RealResult, GapObservation]]:
+    trials = {t.id: t for t in store.trials(study.id, status="complete")}
+    out = []
+    for rr in real_results(store, study):
+        t = trials[rr.trial_id]
+        features = _features(PolicyArch.from_json(t.arch_json), t.metrics, ctx)
+        out.append((rr, GapObservation(features, rr.mean)))
+    return out
+
+
+def calibrate_gap(store: Store, study_name: str) -> tuple[BayesianGapModel, int, dict[str, Any]]:
+    """Fit the gap model from every stored (trial, real report) pair; store a new version."""
+    study = store.get_study(study_name)
+    ctx = scoring_context(store, study)
+    pairs = gap_observations(store, study, ctx)
+    if len(pairs) < MIN_OBSERVATIONS:
+        raise RobonasError(
+            f"calibrate gap: study {study_name!r} has real reports for {len(pairs)} (trial, robot) "
+            f"pair(s); at least {MIN_OBSERVATIONS} are needed (deploy and run more candidates)"
+        )
+    prior = ctx.gap_model if isinstance(ctx.gap_model, HeuristicGapModel) else HeuristicGapModel(
+        **((study.config.get("search") or {}).get("gap") or {}))
+    model = BayesianGapModel.from_heuristic(prior).fit([obs for _, obs in pairs])
+    points, errors = [], []
+    for rr, obs in pairs:
+        pred = model.predict(obs.features)
+        mean = obs.features.asymptotic_return - pred.mean_gap
+        points.append({
+            "trial_id": rr.trial_id, "device": rr.device, "real": rr.mean, "predicted": mean,
+            "lo": mean - 2 * pred.std_gap, "hi": mean + 2 * pred.std_gap, "episodes": len(rr.returns),
+        })
+        errors.append(abs(mean - rr.mean))
+    metrics = {
+        "n": len(pairs),
+        "mae": float(np.mean(errors)),
+        "mae_share_of_range": float(np.mean(errors)) / (ctx.return_hi - ctx.return_lo),
+        "points": points,
+        "coefficients": {name: model.coefficient(name) for name in FEATURES},
+    }
+    version = save_gap_model(store, study.id, model, metrics)
+    return model, version, metrics
+
+
+@dataclass(frozen=True)
+class RankChange:
+    trial_id: int
+    arch: str
+    rank_before: int
+    rank_after: int
+    objective_before: float
+    objective_after: float
+    predicted_real_before: float
+    predicted_real_after: float
+    p99_before: float
+    p99_after: float
+    measured_real: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def rescore_study(store: Store, study_name: str) -> tuple[list[RankChange], dict[str, str]]:
+    """Re-score every complete trial with the newest models; returns rank changes, best first."""
+    study = store.get_study(study_name)
+    ctx = scoring_context(store, study)
+    key, ranking = _ranking(study.config)
+    trials = [t for t in store.trials(study.id, status="complete") if t.metrics and t.metrics.get(key) is not None]
+    before = sorted(trials, key=lambda t: (-t.metrics[key], t.seq))
+    rank_before = {t.id: i + 1 for i, t in enumerate(before)}
+    real = {}
+    for rr in real_results(store, study):
+        real.setdefault(rr.trial_id, []).extend(rr.returns)
+    new_metrics = {}
+    for t in trials:
+        arch = PolicyArch.from_json(t.arch_json)
+        m = score(arch, dict(t.metrics), ctx, measured_returns=real.get(t.id))
+        # keep what the strategy was told, so a resumed search replays it as recorded
+        m.setdefault(TOLD, strategy_view(t.metrics, ranking))
+        new_metrics[t.id] = m
+        store.update_trial_metrics(t.id, m)
+    after = sorted(trials, key=lambda t: (-new_metrics[t.id][key], t.seq))
+    changes = []
+    for i, t in enumerate(after):
+        m0, m1 = t.metrics, new_metrics[t.id]
+        changes.append(RankChange(
+            trial_id=t.id, arch=PolicyArch.from_json(t.arch_json).describe(),
+            rank_before=rank_before[t.id], rank_after=i + 1,
+            objective_before=m0[key], objective_after=m1[key],
+            predicted_real_before=m0["predicted_real_return"], predicted_real_after=m1["predicted_real_return"],
+            p99_before=m0["p99_ms"], p99_after=m1["p99_ms"],
+            measured_real=float(np.mean(real[t.id])) if t.id in real else None,
+        ))
+    return changes, ctx.model_versions()
+
+
+# --- latency ------------------------------------------------------------------------------
+MIN_LATENCY_SAMPLES = 6
+# Timings of one architecture cannot tell a fixed per-invoke cost from a per-MAC one: a fit on
+# them extrapolates anywhere (a 2x256-only fit once put a 1x256 at 83 ms instead of 5 ms).
+MIN_LATENCY_ARCHS = 2
+
+
+def _too_few_latency(samples: list, device_name: str) -> str | None:
+    """Why `samples` cannot calibrate a latency model, or None when they can."""
+    if len(samples) < MIN_LATENCY_SAMPLES:
+        return (f"{len(samples)} timing sample(s) for {device_name}; at least "
+                f"{MIN_LATENCY_SAMPLES} are needed (use --n-archs {MIN_LATENCY_SAMPLES} or more)")
+    archs = len({s.arch.arch_id for s in samples})
+    if archs < MIN_LATENCY_ARCHS:
+        return (f"{len(samples)} timing samples for {device_name} cover {archs} architecture; at "
+                f"least {MIN_LATENCY_ARCHS} different ones are needed to tell fixed from per-MAC "
+                "costs (deploy another architecture, or run `robonas calibrate latency`)")
+    return None
+
+
+def robots_of(store: Store, profile: str) -> list[str]:
+    """Names of the robots registered with device profile `profile`."""
+    return [d.name for d in store.devices() if d.profile == profile]
+
+
+def latency_samples_from_reports(store: Store, profile: str) -> list:
+    """Measured step timings of known architectures on robots of one device profile:
+    calibration BENCH reports (which carry the probe's arch) and run/canary reports of
+    deployed trials."""
+    from robonas.models.latency_calibration import LatencySample
+
+    samples = []
+    reports = [r for robot in robots_of(store, profile) for r in store.device_reports(device=robot)]
+    arch_of: dict[int, PolicyArch] = {}
+    for r in reports:
+        p = r.payload
+        arch = None
+        if r.kind == "bench" and p.get("arch"):
+            arch = PolicyArch.from_dict(p["arch"])
+            step = (p.get("bench") or {}).get("step_us") or {}
+            p50, p99 = step.get("p50"), step.get("p99")
+            p50, p99 = (None if p50 is None else p50 / 1000.0), (None if p99 is None else p99 / 1000.0)
+        elif r.kind in REAL_REPORT_KINDS and r.trial_id is not None:
+            if r.trial_id not in arch_of:
+                arch_of[r.trial_id] = PolicyArch.from_json(store.get_trial(r.trial_id).arch_json)
+            arch = arch_of[r.trial_id]
+            timings = p.get("timings_ms") or {}
+            p50, p99 = timings.get("p50"), timings.get("p99")
+        if arch is not None and p50 and p99:
+            samples.append(LatencySample(arch, float(p50), max(float(p99), float(p50))))
+    return samples
+
+
+def fit_latency(store: Store, device_name: str, samples: list, holdout: float = 0.25,
+                seed: int = 0) -> tuple[Any, int, dict[str, Any]]:
+    """Fit on a split, report held-out accuracy (and the uncalibrated prior's), store it."""
+    from robonas.models.devices import load_device
+    from robonas.models.latency_calibration import (
+        fit_roofline,
+        holdout_accuracy,
+        save_latency_model,
+        split_holdout,
+    )
+
+    why = _too_few_latency(samples, device_name)
+    if why:
+        raise RobonasError(f"calibrate latency: {why}")
+    device = load_device(device_name)
+    train, held = split_holdout(samples, holdout, seed)
+    model = fit_roofline(train, device)
+    acc = holdout_accuracy(model, held)
+    prior = holdout_accuracy(AnalyticLatencyModel(), held, device=device)
+    rows = [
+        {"arch_id": s.arch.arch_id, "arch": s.arch.describe(), "measured_ms": s.p50_ms,
+         "predicted_ms": model.predict(s.arch, device).p50_ms,
+         "prior_ms": AnalyticLatencyModel().predict(s.arch, device).p50_ms}
+        for s in held
+    ]
+    metrics = {"n_train": len(train), "n_holdout": len(held), "holdout_mape": acc["mape"],
+               "holdout_within_10pct": acc["within_10pct"], "prior_holdout_mape": prior["mape"],
+               "prior_within_10pct": prior["within_10pct"], "holdout": rows}
+    version = save_latency_model(store, device.name, model, metrics)
+    return model, version, metrics
+
+
+def calibrate_latency_on_agent(store: Store, client: Any, robot: str, device_name: str, space: Any,
+                               n_archs: int, runs: int, seed: int = 0,
+                               progress: Any = None) -> tuple[Any, int, dict[str, Any]]:
+    """Compile a space-covering probe set, BENCH it on the agent, fit, and only then store."""
+    from robonas.models.latency_calibration import select_calibration_archs
+    from robonas.models.latency_probe import compile_probe, measure
+
+    if n_archs < MIN_LATENCY_SAMPLES:
+        raise RobonasError(f"--n-archs {n_archs}: at least {MIN_LATENCY_SAMPLES} are needed "
+                           "(a quarter is held out to measure accuracy)")
+    client.hello()  # an unreachable agent fails here, before any work
+    archs = select_calibration_archs(space, n_archs, seed)
+    probes = [compile_probe(a, seed) for a in archs]
+    samples = measure(client, probes, runs, progress)  # raises before anything is stored
+    store.add_device(robot, device_name)
+    for s in samples:
+        store.add_device_report(robot, "bench", {
+            "arch": s.arch.to_dict(), "arch_id": s.arch.arch_id,
+            "bench": {"step_us": {"p50": s.p50_ms * 1000.0, "p99": s.p99_ms * 1000.0}},
+        })
+    return fit_latency(store, device_name, samples, seed=seed)
+
+
+# --- the loop -----------------------------------------------------------------------------
+def after_reports(store: Store, study_names: list[str], profiles: list[str]) -> list[str]:
+    """Refit what the new reports allow and re-rank the studies; returns one line per step."""
+    lines = []
+    for device in sorted(set(profiles)):
+        try:
+            samples = latency_samples_from_reports(store, device)
+        except RobonasError as e:
+            lines.append(f"latency model for {device}: not refitted: {e}")
+            continue
+        why = _too_few_latency(samples, device)
+        if why is None:
+            _, version, m = fit_latency(store, device, samples)
+            lines.append(f"latency model for {device}: version {version} from {len(samples)} timings, "
+                         f"held-out MAPE {m['holdout_mape']:.1%}")
+        else:
+            lines.append(f"latency model for {device}: not refitted: {why}")
+    for name in sorted(set(study_names)):
+        if "search" not in store.get_study(name).config:
+            lines.append(f"{name}: no search config stored; not re-ranked")
+            continue
+        try:
+            _, version, m = calibrate_gap(store, name)
+            lines.append(f"gap model for {name}: version {version} from {m['n']} (trial, robot) pairs, "
+                         f"MAE {m['mae']:.1f}")
+        except RobonasError as e:
+            lines.append(str(e))
+        try:
+            changes, models = rescore_study(store, name)
+        except (RobonasError, KeyError) as e:
+            lines.append(f"{name}: not re-ranked: {e!r}")
+            continue
+        moved = sum(c.rank_before != c.rank_after for c in changes)
+        lines.append(f"re-ranked {name} with {models['latency_model']}, {models['gap_model']}: "
+                     f"{moved} of {len(changes)} trials moved")
+    return lines

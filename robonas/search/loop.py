@@ -1,0 +1,410 @@
+"""The search loop: ask a strategy, check latency, train in workers, score, store, tell.
+
+Resumable by construction. Every ask and every tell gets a number from one per-study event
+counter, stored with the trial (`seq` for the ask, `tell_seq` for the tell). On restart the
+strategy is rebuilt from its seed and the recorded asks and tells are replayed in that order;
+since strategies are deterministic under a seed and a call sequence, the strategy ends up in the
+state it had when the search was killed. Trials left `running` by a killed search go back to
+`pending` and run again under the same row, so no planned trial is lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from robonas.config import SearchConfig
+from robonas.errors import ConfigError
+from robonas.scoring import ranking_key, strategy_view, told_view
+from robonas.space import PolicyArch, SearchSpace
+from robonas.store import Store, StudyRow, TrialRow
+
+TRIAL_FN = "robonas.search.trial_worker:run_trial"
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EnvInfo:
+    """What the search needs to know of the env before training anything."""
+
+    obs_dim: int
+    act_dim: int
+    discrete: bool
+    control_hz: float
+
+    @classmethod
+    def probe(cls, env_id: str, env_kwargs: dict[str, Any]) -> EnvInfo:
+        import gymnasium
+
+        import sim
+
+        env = sim.make(env_id, **env_kwargs)
+        try:
+            obs_space, act_space = env.observation_space, env.action_space
+            if len(obs_space.shape or ()) != 1:
+                raise ConfigError(f"env.id: {env_id} has a non-flat observation space {obs_space}")
+            discrete = isinstance(act_space, gymnasium.spaces.Discrete)
+            act_dim = int(act_space.n) if discrete else int(act_space.shape[0])
+            return cls(int(obs_space.shape[0]), act_dim, discrete, float(env.unwrapped.control_hz))
+        finally:
+            env.close()
+
+
+@dataclass
+class SearchPlan:
+    """A validated config turned into the objects the loop uses (nothing written yet)."""
+
+    config: SearchConfig
+    study_name: str
+    env: EnvInfo
+    space: SearchSpace
+    scoring_context_args: dict[str, Any]
+
+    @classmethod
+    def build(cls, config: SearchConfig, study_name: str) -> SearchPlan:
+        from robonas.models.devices import load_device
+        from robonas.models.gap_model import HeuristicGapModel
+        from robonas.models.latency_model import AnalyticLatencyModel
+        from robonas.scoring import ObjectiveWeights
+        from robonas.strategies import make_strategy
+
+        config.validate_references()
+        env = EnvInfo.probe(config.env.id, config.env.kwargs)
+        space = SearchSpace.from_config(config.space, env.obs_dim, env.act_dim)
+        make_strategy(config.strategy.name, space, config.strategy.seed, **config.strategy.options)
+        try:
+            gap_model = HeuristicGapModel(**config.gap)
+        except TypeError as e:
+            raise ConfigError(f"gap: {e}") from e
+        weights = ObjectiveWeights(auc=config.objective.auc, real_return=config.objective.real_return)
+        ctx_args = dict(
+            device=load_device(config.device.profile),
+            latency_model=AnalyticLatencyModel(),
+            gap_model=gap_model,
+            weights=weights,
+            control_hz=env.control_hz,
+            lcb_z=config.objective.lcb_z,
+        )
+        return cls(config, study_name, env, space, ctx_args)
+
+    def new_strategy(self):
+        from robonas.strategies import make_strategy
+
+        s = self.config.strategy
+        return make_strategy(s.name, self.space, s.seed, **s.options)
+
+
+@dataclass
+class SearchSummary:
+    study: str
+    planned: int
+    complete: int
+    failed: int
+    rejected: int
+    best_objective: float | None
+    best_trial: int | None
+    wall_s: float
+    env_steps: int
+    interrupted: bool = False
+
+    @property
+    def steps_per_s(self) -> float:
+        return self.env_steps / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["steps_per_s"] = self.steps_per_s
+        return d
+
+
+@dataclass
+class _Progress:
+    """Callbacks the CLI hooks a display onto; all optional."""
+
+    on_start: Callable[[int, int], None] = lambda planned, done: None
+    on_trial: Callable[[SearchSummary], None] = lambda summary: None
+
+
+def run_dir_for(store_url: str) -> Path:
+    """Artifacts live beside a SQLite store, else under ./runs."""
+    prefix = "sqlite:///"
+    if store_url.startswith(prefix) and store_url[len(prefix):] not in ("", ":memory:"):
+        return Path(store_url[len(prefix):]).resolve().parent
+    return Path("runs").resolve()
+
+
+class Search:
+    """One run of the loop over one study; construct, then `run()`."""
+
+    def __init__(self, plan: SearchPlan, store: Store, workers: int, progress: _Progress | None = None):
+        self.plan = plan
+        self.cfg = plan.config
+        self.store = store
+        self.workers = workers
+        self.progress = progress or _Progress()
+        self.run_dir = run_dir_for(store.url) / "studies" / plan.study_name
+        self.strategy = plan.new_strategy()
+        self._asked: dict[int, PolicyArch] = {}  # trial id -> arch as the strategy asked it
+        self._event = 0
+        self._t0 = time.perf_counter()
+        self._env_steps_this_run = 0
+
+    # --- study set-up and replay ----------------------------------------------------------
+    def _open_study(self) -> StudyRow:
+        from robonas.errors import StoreError
+
+        fingerprint = self.cfg.fingerprint()
+        try:
+            study = self.store.get_study(self.plan.study_name)
+        except StoreError:
+            return self.store.create_study(
+                self.plan.study_name,
+                {"search": self.cfg.to_dict(), "fingerprint": fingerprint, "resolved": {}},
+            )
+        if study.config.get("fingerprint") != fingerprint:
+            raise ConfigError(
+                f"study {self.plan.study_name!r} exists with a different config (env, space, strategy, "
+                "training or device changed); resume it with its own config or pass --study NEW"
+            )
+        return study
+
+    def _replay(self, study: StudyRow) -> list[TrialRow]:
+        """Bring the strategy to its recorded state; return trials still to run."""
+        self.store.requeue_interrupted(study.id)
+        trials = self.store.trials(study.id)
+        events: list[tuple[int, int, TrialRow]] = []
+        for t in trials:
+            events.append((t.seq, 0, t))
+            if t.tell_seq is not None:
+                events.append((t.tell_seq, 1, t))
+        events.sort(key=lambda e: (e[0], e[1]))
+        for index, kind, t in events:
+            if kind == 0:
+                asked = self.strategy.ask()
+                self._asked[t.id] = asked
+                if asked != PolicyArch.from_json(t.arch_json):
+                    # Strategies are deterministic, so a library changed under the study. The
+                    # recorded arch is what trains; the strategy is told about its own ask.
+                    log.warning("replay: trial %d was %s, the strategy now asks %s",
+                                t.id, t.arch_id, asked.arch_id)
+            else:
+                self.strategy.tell(self._asked[t.id], told_view(t.metrics, self.cfg.objective.ranking))
+            self._event = max(self._event, index + 1)
+        # Finished but never told (killed between the two writes): tell now.
+        for t in trials:
+            if t.tell_seq is None and t.status in ("complete", "failed", "rejected"):
+                self._tell(t.id, t.metrics if t.status == "complete" else None)
+        return [t for t in trials if t.status == "pending"]
+
+    def _resolve_return_range(self, study: StudyRow) -> tuple[float, float]:
+        resolved = dict(study.config.get("resolved") or {})
+        if "return_lo" not in resolved:
+            lo = self.cfg.env.return_floor
+            if lo is None:
+                from robonas.search.training import random_returns
+
+                probe = self._spec(PolicyArch.from_dict(
+                    {"obs_dim": self.plan.env.obs_dim, "act_dim": self.plan.env.act_dim,
+                     "layers": [[8, "relu"]]}), Path("/nonexistent"), 0.0, 1.0)
+                lo = float(random_returns(probe).mean())
+            resolved["return_lo"] = lo
+            resolved["return_hi"] = self.cfg.env.return_target
+            # what re-scoring needs later without building the env again
+            resolved["control_hz"] = self.plan.env.control_hz
+            resolved["obs_dim"] = self.plan.env.obs_dim
+            resolved["act_dim"] = self.plan.env.act_dim
+            resolved["discrete"] = self.plan.env.discrete
+            if not resolved["return_hi"] > lo:
+                raise ConfigError(
+                    f"env.return_target: {self.cfg.env.return_target} is not above the floor {lo:.3g} "
+                    "(random policy's return unless env.return_floor is set)"
+                )
+            self.store.update_study_config(study.id, {**study.config, "resolved": resolved})
+        return float(resolved["return_lo"]), float(resolved["return_hi"])
+
+    # --- trials ---------------------------------------------------------------------------
+    def _spec(self, arch: PolicyArch, out_dir: Path, lo: float, hi: float, seed: int = 0):
+        from robonas.search.training import TrainSpec
+
+        c = self.cfg
+        return TrainSpec(
+            env_id=c.env.id, env_kwargs=dict(c.env.kwargs), arch=arch,
+            total_steps=c.budget.steps_per_trial, out_dir=str(out_dir), return_lo=lo, return_hi=hi,
+            return_max=c.env.return_max,
+            algo=c.training.algo, hyperparams=dict(c.training.hyperparams), n_envs=c.training.n_envs,
+            checkpoints=c.budget.checkpoints, eval_episodes=c.budget.eval_episodes,
+            eval_seed=c.budget.eval_seed, randomization=dict(c.robustness) or None, seed=seed,
+        )
+
+    def _next_event(self) -> int:
+        e = self._event
+        self._event += 1
+        return e
+
+    def _tell(self, trial_id: int, metrics: dict[str, Any] | None) -> None:
+        self.strategy.tell(self._asked[trial_id], strategy_view(metrics, self.cfg.objective.ranking))
+        self.store.record_tell(trial_id, self._next_event())
+
+    def _trial_seed(self, trial: TrialRow) -> int:
+        # From the ask's ordinal, not its event number: how asks and tells interleave depends
+        # on the worker count, and the n-th candidate must train the same way regardless.
+        ordinal = sum(t.seq < trial.seq for t in self.store.trials(trial.study_id))
+        digest = hashlib.sha256(f"{self.cfg.strategy.seed}:{ordinal}".encode()).digest()
+        return int.from_bytes(digest[:4], "little")
+
+    def _submit(self, executor, trial: TrialRow) -> None:
+        arch = PolicyArch.from_json(trial.arch_json)
+        out_dir = self.run_dir / f"trial-{trial.seq:04d}-{arch.arch_id}"
+        spec = self._spec(arch, out_dir, self.lo, self.hi, seed=self._trial_seed(trial))
+        self.store.set_trial_status(trial.id, "running")
+        executor.submit(trial.id, TRIAL_FN, {"spec": spec}, self.cfg.budget.trial_timeout_s)
+
+    def _ask_new(self, study: StudyRow) -> TrialRow | None:
+        """Ask until a candidate fits the latency budget; rejected ones are recorded and told."""
+        from robonas.ranking import latency_metrics
+
+        while True:
+            if self._rejections >= self.cfg.budget.max_rejections:
+                return None
+            arch = self.strategy.ask()
+            seq = self._next_event()
+            lat = latency_metrics(arch, self.ctx)
+            if lat["p99_ms"] > self.cfg.device.latency_budget_ms:
+                t = self.store.add_trial(study.id, seq, arch.arch_id, arch.to_json(), status="pending")
+                self._asked[t.id] = arch
+                self.store.reject_trial(
+                    t.id,
+                    f"predicted p99 {lat['p99_ms']:.3f} ms over the budget "
+                    f"{self.cfg.device.latency_budget_ms} ms on {lat['device']} "
+                    f"({self.ctx.model_versions()['latency_model']})",
+                    metrics=lat,
+                )
+                self._tell(t.id, None)
+                self._rejections += 1
+                continue
+            t = self.store.add_trial(study.id, seq, arch.arch_id, arch.to_json(), status="pending")
+            self._asked[t.id] = arch
+            return t
+
+    def _finish(self, result) -> None:
+        from robonas.ranking import score
+
+        trial = self.store.get_trial(result.task_id)
+        if not result.ok:
+            self.store.fail_trial(trial.id, result.error or "unknown error", wall_s=result.wall_s)
+            self._tell(trial.id, None)
+            return
+        outcome = result.value
+        arch = PolicyArch.from_json(trial.arch_json)
+        try:
+            sim_figures = {k: outcome[k] for k in (
+                "auc", "asymptotic_return", "asymptotic_std", "robustness_return", "random_return",
+                "env_steps", "wall_s", "steps_per_s")}
+            metrics = score(arch, sim_figures, self.ctx)
+        except Exception as e:  # a scoring bug must not kill the search: record it
+            self.store.fail_trial(trial.id, f"scoring failed: {e!r}\n{traceback.format_exc(limit=3)}")
+            self._tell(trial.id, None)
+            return
+        self.store.complete_trial(trial.id, metrics, outcome["curve"], outcome["wall_s"], outcome["env_steps"])
+        self._record_weights(trial.id, outcome["artifacts"])
+        self._env_steps_this_run += int(outcome["env_steps"])
+        self._tell(trial.id, metrics)
+
+    def _record_weights(self, trial_id: int, artifacts: dict[str, str]) -> None:
+        actor = Path(artifacts["actor"])
+        sha = hashlib.sha256(actor.read_bytes()).hexdigest()
+        self.store.add_artifact(trial_id, "weights", str(actor.parent), sha, meta=artifacts)
+
+    def summary(self, study: StudyRow, interrupted: bool = False) -> SearchSummary:
+        trials = self.store.trials(study.id)
+        by = {s: [t for t in trials if t.status == s] for s in ("complete", "failed", "rejected")}
+        key = ranking_key(self.cfg.objective.ranking)
+        best = max(by["complete"], key=lambda t: t.metrics.get(key) or -math.inf, default=None)
+        return SearchSummary(
+            study=study.name, planned=self.cfg.budget.trials, complete=len(by["complete"]),
+            failed=len(by["failed"]), rejected=len(by["rejected"]),
+            best_objective=None if best is None else best.metrics.get(key),
+            best_trial=None if best is None else best.id,
+            wall_s=time.perf_counter() - self._t0, env_steps=self._env_steps_this_run,
+            interrupted=interrupted,
+        )
+
+    def _newest_models(self, study: StudyRow, args: dict[str, Any]) -> dict[str, Any]:
+        """The plan's scoring arguments with the newest calibrated models, where robots have
+        reported: the latency model of the study's device and the study's gap model. New asks
+        are then checked against the budget, and new trials scored, as `rescore_study` scores
+        the old ones."""
+        from robonas.models.gap_calibration import load_gap_model
+        from robonas.models.latency_calibration import load_latency_model
+
+        latency = load_latency_model(self.store, args["device"].name)
+        gap = load_gap_model(self.store, study.id)
+        return {**args, "latency_model": latency or args["latency_model"],
+                "gap_model": gap or args["gap_model"]}
+
+    # --- the loop -------------------------------------------------------------------------
+    def run(self) -> SearchSummary:
+        from robonas.search.executor import LocalProcessExecutor
+        from robonas.ranking import ScoringContext
+
+        study = self._open_study()
+        self.lo, self.hi = self._resolve_return_range(study)
+        self.ctx = ScoringContext(return_lo=self.lo, return_hi=self.hi,
+                                  **self._newest_models(study, self.plan.scoring_context_args))
+        queue = self._replay(study)
+        trials = self.store.trials(study.id)
+        self._rejections = sum(t.status == "rejected" for t in trials)
+        planned_so_far = sum(t.status != "rejected" for t in trials)
+        done = sum(t.status in ("complete", "failed") for t in trials)
+        self.progress.on_start(self.cfg.budget.trials, done)
+        self.store.set_study_status(study.id, "running")
+        executor = LocalProcessExecutor(workers=self.workers)
+        try:
+            while True:
+                while executor.running() < executor.capacity:
+                    if queue:
+                        self._submit(executor, queue.pop(0))
+                    elif planned_so_far < self.cfg.budget.trials:
+                        t = self._ask_new(study)
+                        if t is None:
+                            break
+                        planned_so_far += 1
+                        self._submit(executor, t)
+                    else:
+                        break
+                if executor.running() == 0:
+                    break
+                for result in executor.poll(timeout=1.0):
+                    self._finish(result)
+                    self.progress.on_trial(self.summary(study))
+        except KeyboardInterrupt:
+            executor.shutdown(kill=True)
+            self.store.requeue_interrupted(study.id)
+            self.store.set_study_status(study.id, "interrupted")
+            return self.summary(study, interrupted=True)
+        except BaseException:
+            executor.shutdown(kill=True)
+            self.store.requeue_interrupted(study.id)
+            raise
+        executor.shutdown(kill=False)
+        self.store.set_study_status(study.id, "complete")
+        return self.summary(study)
+
+
+def default_workers() -> int:
+    import os
+
+    return max(1, os.cpu_count() or 1)
+
+
+def study_name_for(config_path: str | Path, config: SearchConfig, override: str | None) -> str:
+    return override or config.study.name or Path(config_path).stem
+
+
+__all__ = ["EnvInfo", "Search", "SearchPlan", "SearchSummary", "run_dir_for"]

@@ -1,0 +1,443 @@
+"""Train one trial: one PolicyArch on one environment, evaluated along the way.
+
+Leans on stable-baselines3 for everything RL: PPO (SAC for continuous control), `DummyVecEnv`
+(one process per trial; the executor parallelises trials, not environments), `VecNormalize`
+(observation normalisation, and reward normalisation where rl-zoo3 uses it), `VecFrameStack`
+(observation history when arch.history > 1) and callbacks. The networks come from
+`robonas.search.sb3_policy`; hyperparameters from `robonas/data/ppo_defaults.toml` (rl-zoo3's tuned
+values, see the comments there), overridden by `TrainSpec.hyperparams`.
+
+Wrapper order: DummyVecEnv -> VecNormalize -> VecFrameStack, as rl-zoo3 does. Each observation is
+normalised on its own (statistics of size obs_dim in `obs_norm.npz`) and then stacked oldest
+first, with zeros (the normalised mean) filling the history after a reset; `spaces.json`
+records this so the exported policy can replay it.
+
+The evaluation loop is written here rather than using SB3's `evaluate_policy` because it must
+seed each episode (eval_seed + i, one environment per episode, all run side by side) and share the
+training normalisation statistics frozen at the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import inspect
+import json
+import math
+import time
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from device_agents.atomic import atomic_writer
+from robonas.search.curves import asymptote, auc_normalised
+from robonas.errors import ConfigError
+from robonas.space import PolicyArch
+
+ALGOS = ("ppo", "sac")
+# Keys of the defaults table that are not algorithm constructor arguments.
+_EXTRA_KEYS = ("n_envs", "normalize_reward", "policy_kwargs")
+# Arguments train_trial sets itself; a hyperparameter table may not.
+_RESERVED = ("self", "policy", "env", "seed", "verbose", "device", "_init_setup_model",
+             "tensorboard_log", "policy_kwargs")
+_SCHEDULED = ("learning_rate", "clip_range", "clip_range_vf")
+CLIP_OBS = 10.0  # VecNormalize's default, recorded in obs_norm.npz
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSpec:
+    """Everything one trial needs; picklable, so it can be sent to a worker process."""
+
+    env_id: str
+    arch: PolicyArch
+    total_steps: int
+    out_dir: str | Path
+    return_lo: float  # return mapped to 0 by the AUC normalisation
+    return_hi: float  # return mapped to 1
+    return_max: float | None = None  # the most an episode can pay; caps the asymptote
+    env_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    algo: str = "ppo"
+    hyperparams: Mapping[str, Any] = field(default_factory=dict)
+    n_envs: int | None = None  # None: the defaults table's value
+    checkpoints: int = 5
+    eval_episodes: int = 5
+    eval_seed: int = 1000
+    randomization: Mapping[str, Any] | None = None  # only for the robustness figure
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.algo not in ALGOS:
+            raise ConfigError(f"algo: {self.algo!r} is not one of {', '.join(ALGOS)}")
+        for name in ("total_steps", "checkpoints", "eval_episodes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name}: {value!r} is not a positive integer")
+        if self.n_envs is not None and (not isinstance(self.n_envs, int) or self.n_envs < 1):
+            raise ConfigError(f"n_envs: {self.n_envs!r} is not a positive integer or None")
+        if not (math.isfinite(self.return_lo) and math.isfinite(self.return_hi)) or (
+            self.return_hi <= self.return_lo
+        ):
+            raise ConfigError(
+                f"return_lo/return_hi: {self.return_lo!r}/{self.return_hi!r}; need finite lo < hi"
+            )
+
+
+@dataclass
+class TrialOutcome:
+    env_id: str
+    algo: str
+    arch_id: str
+    curve: list[tuple[int, float, float]]  # (env_steps, mean_return, std_return)
+    auc: float
+    asymptotic_return: float
+    asymptotic_std: float
+    robustness_return: float | None  # None when the spec has no randomization
+    random_return: float
+    env_steps: int
+    wall_s: float  # the whole trial, evaluations included
+    steps_per_s: float  # env_steps / wall_s
+    eval_s: float  # of wall_s, time spent evaluating
+    artifacts: dict[str, str]  # name -> path: actor, obs_norm, sb3_model, spaces
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["curve"] = [list(point) for point in self.curve]
+        return d
+
+
+# --- hyperparameters ----------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def _defaults_table() -> dict[str, Any]:
+    text = resources.files("robonas.data").joinpath("ppo_defaults.toml").read_text()
+    return tomllib.loads(text)
+
+
+def _algo_class(algo: str):
+    from stable_baselines3 import PPO, SAC
+
+    return {"ppo": PPO, "sac": SAC}[algo]
+
+
+def _schedule(key: str, value: Any) -> Any:
+    if isinstance(value, str) and value.startswith("lin_"):
+        from stable_baselines3.common.utils import LinearSchedule
+
+        try:
+            start = float(value[4:])
+        except ValueError as e:
+            raise ConfigError(f"hyperparams.{key}: {value!r} is not 'lin_<number>'") from e
+        return LinearSchedule(start, 0.0, 1.0)  # progress_remaining 1 -> 0 maps start -> 0
+    return value
+
+
+def resolve_hyperparams(algo: str, env_id: str, overrides: Mapping[str, Any] | None = None) -> dict:
+    """Defaults table ([algo.default] <- [algo."env_id"]) <- overrides, checked against the
+    algorithm's constructor; 'lin_<x>' strings are still strings here (see `_schedule`)."""
+    if algo not in ALGOS:
+        raise ConfigError(f"algo: {algo!r} is not one of {', '.join(ALGOS)}")
+    table = _defaults_table().get(algo, {})
+    merged: dict[str, Any] = {"policy_kwargs": {}}
+    for layer in (table.get("default", {}), table.get(env_id, {}), dict(overrides or {})):
+        for key, value in layer.items():
+            if key == "policy_kwargs":
+                merged["policy_kwargs"] = {**merged["policy_kwargs"], **dict(value)}
+            else:
+                merged[key] = value
+    valid = set(inspect.signature(_algo_class(algo).__init__).parameters) - set(_RESERVED)
+    valid |= set(_EXTRA_KEYS)
+    for key in merged:
+        if key not in valid:
+            raise ConfigError(
+                f"hyperparams: {key!r} is not a {algo} hyperparameter; valid: {', '.join(sorted(valid))}"
+            )
+    return merged
+
+
+# --- environments -------------------------------------------------------------------------------
+def make_env(env_id: str, env_kwargs: Mapping[str, Any] | None = None,
+             randomization: Mapping[str, Any] | None = None):
+    """One gymnasium env: `sim.make` for sim/* ids (the only ones that can be randomised)."""
+    env_kwargs = dict(env_kwargs or {})
+    if env_id.startswith("sim/"):
+        import sim
+
+        try:
+            return sim.make(env_id, randomization=dict(randomization) if randomization else None,
+                            **env_kwargs)
+        except sim.SimError as e:
+            raise ConfigError(f"environment {env_id!r}: {e}") from e
+    if randomization:
+        raise ConfigError(f"randomization: only sim/* environments can be randomised, not {env_id!r}")
+    import gymnasium as gym
+
+    try:
+        return gym.make(env_id, **env_kwargs)
+    except gym.error.Error as e:
+        raise ConfigError(f"env_id: cannot make {env_id!r}: {e}") from e
+
+
+def _env_factory(env_id: str, env_kwargs: Mapping[str, Any], randomization, monitor: bool):
+    def make():
+        env = make_env(env_id, env_kwargs, randomization)
+        if monitor:
+            from stable_baselines3.common.monitor import Monitor
+
+            env = Monitor(env)
+        return env
+
+    return make
+
+
+def _vec_env(spec: TrainSpec, n: int, randomization=None, *, training: bool,
+             normalize_reward: bool = False, gamma: float = 0.99):
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecFrameStack, VecNormalize
+
+    venv = DummyVecEnv([_env_factory(spec.env_id, spec.env_kwargs, randomization, training)] * n)
+    venv = VecNormalize(venv, training=training, norm_obs=True,
+                        norm_reward=training and normalize_reward, gamma=gamma, clip_obs=CLIP_OBS)
+    if spec.arch.history > 1:
+        venv = VecFrameStack(venv, spec.arch.history)
+    return venv
+
+
+def _find_normalize(venv):
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    while not isinstance(venv, VecNormalize):
+        venv = venv.venv
+    return venv
+
+
+def _check_spaces(arch: PolicyArch, obs_space, act_space, algo: str) -> bool:
+    """True when the action space is discrete; raises if the arch does not fit the env."""
+    from gymnasium import spaces
+
+    if not isinstance(obs_space, spaces.Box) or len(obs_space.shape) != 1:
+        raise ConfigError(f"observation space {obs_space} is not a flat Box")
+    if obs_space.shape[0] != arch.obs_dim:
+        raise ConfigError(f"arch.obs_dim {arch.obs_dim} != environment obs size {obs_space.shape[0]}")
+    if isinstance(act_space, spaces.Discrete):
+        if algo == "sac":
+            raise ConfigError("algo 'sac' needs a continuous (Box) action space; use 'ppo'")
+        act_dim, discrete = int(act_space.n), True
+    elif isinstance(act_space, spaces.Box) and len(act_space.shape) == 1:
+        act_dim, discrete = int(act_space.shape[0]), False
+    else:
+        raise ConfigError(f"action space {act_space} is neither Discrete nor a flat Box")
+    if act_dim != arch.act_dim:
+        raise ConfigError(f"arch.act_dim {arch.act_dim} != environment action size {act_dim}")
+    return discrete
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+def _run_episodes(venv, act: Callable[[np.ndarray], np.ndarray], seed: int) -> np.ndarray:
+    """First episode of each sub-env (seeded seed, seed+1, ...); their undiscounted returns."""
+    venv.seed(seed)
+    obs = venv.reset()
+    n = venv.num_envs
+    returns, done = np.zeros(n), np.zeros(n, dtype=bool)
+    while not done.all():
+        obs, rewards, dones, _ = venv.step(act(obs))
+        returns += np.where(done, 0.0, rewards)  # eval VecNormalize leaves rewards raw
+        done |= dones
+    return returns
+
+
+class _Evaluator:
+    """Deterministic policy on fixed seeds, with the training statistics frozen at call time."""
+
+    def __init__(self, spec: TrainSpec, train_env, randomization=None):
+        self.spec, self.train_env = spec, train_env
+        self.venv = _vec_env(spec, spec.eval_episodes, randomization, training=False)
+        self.seconds = 0.0
+
+    def __call__(self, model) -> np.ndarray:
+        t0 = time.perf_counter()
+        _find_normalize(self.venv).obs_rms = copy.deepcopy(_find_normalize(self.train_env).obs_rms)
+        returns = _run_episodes(
+            self.venv, lambda obs: model.predict(obs, deterministic=True)[0], self.spec.eval_seed
+        )
+        self.seconds += time.perf_counter() - t0
+        return returns
+
+    def close(self) -> None:
+        self.venv.close()
+
+
+def random_returns(spec: TrainSpec) -> np.ndarray:
+    """Uniform random actions on the evaluation seeds (the action space seeded per episode)."""
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    venv = DummyVecEnv([_env_factory(spec.env_id, spec.env_kwargs, None, False)] * spec.eval_episodes)
+    for i, env in enumerate(venv.envs):
+        env.action_space.seed(spec.eval_seed + i)
+    try:
+        return _run_episodes(
+            venv, lambda obs: np.array([env.action_space.sample() for env in venv.envs]),
+            spec.eval_seed,
+        )
+    finally:
+        venv.close()
+
+
+def _checkpoint_callback(thresholds: list[int], evaluate: Callable[[], None],
+                         progress: Callable[[int], None] | None):
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class Checkpoints(BaseCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.next = 0
+
+        def _on_step(self) -> bool:
+            if self.next < len(thresholds) and self.num_timesteps >= thresholds[self.next]:
+                evaluate()
+                # one evaluation even if a vectorised step crossed several thresholds
+                while self.next < len(thresholds) and self.num_timesteps >= thresholds[self.next]:
+                    self.next += 1
+            return True
+
+        def _on_rollout_end(self) -> None:
+            if progress is not None:
+                progress(self.num_timesteps)
+
+    return Checkpoints()
+
+
+# --- artifacts ----------------------------------------------------------------------------------
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> str:
+    """Never a half-written artifact: see device_agents.atomic."""
+    with atomic_writer(path) as f:
+        write(f)
+    return str(path)
+
+
+def _bounds(values: np.ndarray) -> list[float | None]:
+    # JSON has no infinity: an unbounded side is null
+    return [float(v) if math.isfinite(v) else None for v in np.asarray(values, dtype=float).ravel()]
+
+
+def _spaces_doc(spec: TrainSpec, obs_space, act_space, discrete: bool) -> dict[str, Any]:
+    if discrete:
+        action = {"discrete": True, "n": int(act_space.n), "transform": "argmax"}
+    else:
+        action = {
+            "discrete": False, "shape": list(act_space.shape),
+            "low": _bounds(act_space.low), "high": _bounds(act_space.high),
+            # PPO: the head's output is the action, clipped to the bounds. SAC: tanh, then
+            # rescaled from [-1, 1] to [low, high].
+            "transform": "clip" if spec.algo == "ppo" else "tanh_rescale",
+        }
+    return {
+        "env_id": spec.env_id,
+        "observation": {"shape": list(obs_space.shape), "low": _bounds(obs_space.low),
+                        "high": _bounds(obs_space.high)},
+        "action": action,
+        "history": spec.arch.history,
+        "history_order": "oldest_first",
+        "history_padding": "zeros_after_normalisation",
+    }
+
+
+def _save_artifacts(spec: TrainSpec, model, train_env, obs_space, act_space, discrete: bool):
+    import torch
+
+    out = Path(spec.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rms = _find_normalize(train_env)
+    paths = {
+        "actor": _atomic_write(out / "actor.pt",
+                               lambda f: torch.save(model.policy.actor_state_dict(), f)),
+        "obs_norm": _atomic_write(out / "obs_norm.npz", lambda f: np.savez(
+            f, mean=rms.obs_rms.mean, var=rms.obs_rms.var, count=rms.obs_rms.count,
+            clip_obs=np.float64(rms.clip_obs), epsilon=np.float64(rms.epsilon))),
+        "sb3_model": _atomic_write(out / "sb3_model.zip", model.save),
+        "spaces": _atomic_write(out / "spaces.json", lambda f: f.write(json.dumps(
+            _spaces_doc(spec, obs_space, act_space, discrete), indent=2).encode())),
+    }
+    return paths
+
+
+# --- the trial ----------------------------------------------------------------------------------
+def train_trial(spec: TrainSpec, progress: Callable[[int], None] | None = None) -> TrialOutcome:
+    """Train, evaluate at `spec.checkpoints` evenly spaced points, save artifacts, summarise.
+
+    `progress(env_steps)` is called after every rollout (PPO) or collection step (SAC)."""
+    import torch
+
+    from robonas.search.sb3_policy import ArchActorCriticPolicy, ArchSACPolicy
+
+    t_start = time.perf_counter()
+    torch.set_num_threads(1)  # trials run side by side on few cores
+    hp = resolve_hyperparams(spec.algo, spec.env_id, spec.hyperparams)
+    n_envs = spec.n_envs or int(hp.get("n_envs", 1))
+    hp.pop("n_envs", None)
+    normalize_reward = bool(hp.pop("normalize_reward", False))
+    policy_kwargs = {**hp.pop("policy_kwargs"), "arch": spec.arch}
+    hp = {key: _schedule(key, value) if key in _SCHEDULED else value for key, value in hp.items()}
+
+    with contextlib.ExitStack() as envs:  # every env is closed, whatever fails
+        train_env = _vec_env(spec, n_envs, training=True, normalize_reward=normalize_reward,
+                             gamma=float(hp.get("gamma", 0.99)))
+        envs.callback(train_env.close)
+        obs_space = _find_normalize(train_env).venv.observation_space  # before frame stacking
+        act_space = train_env.action_space
+        discrete = _check_spaces(spec.arch, obs_space, act_space, spec.algo)
+        evaluator = _Evaluator(spec, train_env)
+        envs.callback(evaluator.close)
+        # built before training so that a bad randomization fails the trial before it costs anything
+        robust_eval = None
+        if spec.randomization:
+            robust_eval = _Evaluator(spec, train_env, spec.randomization)
+            envs.callback(robust_eval.close)
+        policy = ArchActorCriticPolicy if spec.algo == "ppo" else ArchSACPolicy
+        try:
+            model = _algo_class(spec.algo)(policy, train_env, policy_kwargs=policy_kwargs,
+                                           seed=spec.seed, device="cpu", verbose=0, **hp)
+        except (TypeError, ValueError, AssertionError) as e:
+            raise ConfigError(f"hyperparams for {spec.algo} on {spec.env_id}: {e}") from e
+
+        curve: list[tuple[int, float, float]] = []
+
+        def evaluate() -> None:
+            returns = evaluator(model)
+            curve.append((int(model.num_timesteps), float(returns.mean()), float(returns.std())))
+
+        thresholds = [math.ceil(spec.total_steps * i / spec.checkpoints)
+                      for i in range(1, spec.checkpoints)]
+        model.learn(total_timesteps=spec.total_steps,
+                    callback=_checkpoint_callback(thresholds, evaluate, progress))
+        if curve and curve[-1][0] >= model.num_timesteps:
+            curve.pop()  # evaluated mid-way through the final update: the final policy replaces it
+        evaluate()
+        env_steps = int(model.num_timesteps)
+        eval_s = evaluator.seconds
+
+        robustness = None
+        if robust_eval is not None:
+            robustness = float(robust_eval(model).mean())
+            eval_s += robust_eval.seconds
+        t_random = time.perf_counter()
+        random_return = float(random_returns(spec).mean())
+        eval_s += time.perf_counter() - t_random
+
+        artifacts = _save_artifacts(spec, model, train_env, obs_space, act_space, discrete)
+
+    steps = [point[0] for point in curve]
+    means = [point[1] for point in curve]
+    asym, asym_std = asymptote(steps, means, ceiling=spec.return_max)
+    wall = time.perf_counter() - t_start
+    return TrialOutcome(
+        env_id=spec.env_id, algo=spec.algo, arch_id=spec.arch.arch_id, curve=curve,
+        auc=auc_normalised(steps, means, spec.return_lo, spec.return_hi),
+        asymptotic_return=asym, asymptotic_std=asym_std, robustness_return=robustness,
+        random_return=random_return, env_steps=env_steps, wall_s=wall,
+        steps_per_s=env_steps / wall, eval_s=eval_s, artifacts=artifacts,
+    )

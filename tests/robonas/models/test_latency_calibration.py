@@ -1,0 +1,228 @@
+"""The calibrated latency model on synthetic timings generated from known device constants."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from robonas.models.devices import DeviceProfile
+from robonas.errors import ConfigError, RobonasError
+from robonas.models.latency_calibration import (
+    RESIDUAL_CLIP,
+    CalibratedLatencyModel,
+    LatencySample,
+    fit_roofline,
+    holdout_accuracy,
+    load_latency_model,
+    save_latency_model,
+    select_calibration_archs,
+    split_holdout,
+)
+from robonas.models.latency_model import AnalyticLatencyModel, LatencyModel
+from robonas.space import SearchSpace
+from robonas.store import Store
+
+PRIOR = DeviceProfile(
+    name="testboard",
+    description="prior figures",
+    arch="aarch64",
+    compute_macs_per_s=2.5e9,
+    memory_bytes_per_s=5.5e9,
+    per_layer_overhead_us=6.0,
+    per_invoke_overhead_us=60.0,
+    p99_over_p50=1.8,
+    sources=("test",),
+)
+# The "real" board: slower compute, faster memory, cheaper ops, costlier Invoke, tighter tail.
+# Linear layers stay compute-bound (s/MAC > 1.2 s/byte) so all four constants are identifiable.
+TRUE = replace(PRIOR, compute_macs_per_s=4e8, memory_bytes_per_s=1.2e9,
+               per_layer_overhead_us=4.0, per_invoke_overhead_us=90.0, p99_over_p50=1.5)
+SPACE = SearchSpace(obs_dim=17, act_dim=6, depths=(1, 2, 3), widths=(16, 32, 64, 128, 256),
+                    activations=("relu", "tanh"))
+ARCHS = select_calibration_archs(SPACE, 80, seed=0)
+
+
+def measure(archs, noise: float, seed: int) -> list[LatencySample]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for a in archs:
+        p50 = AnalyticLatencyModel().predict(a, TRUE).p50_ms * float(np.exp(noise * rng.standard_normal()))
+        out.append(LatencySample(a, p50, p50 * 1.5 * float(np.exp(0.05 * rng.standard_normal()))))
+    return out
+
+
+def spike(samples: list[LatencySample], share: float, seed: int) -> list[LatencySample]:
+    """Scheduler hiccups: `share` of the samples 3x-10x too slow."""
+    rng = np.random.default_rng(seed)
+    out = list(samples)
+    for i in rng.choice(len(out), int(round(share * len(out))), replace=False):
+        f = float(rng.uniform(3, 10))
+        out[i] = LatencySample(out[i].arch, out[i].p50_ms * f, out[i].p99_ms * f)
+    return out
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / b
+
+
+def test_is_a_latency_model() -> None:
+    model = fit_roofline(measure(ARCHS[:10], 0.01, 0), PRIOR)
+    assert isinstance(model, LatencyModel)
+    assert model.name == "calibrated-roofline" and model.version == "0"
+
+
+def test_fit_recovers_known_constants() -> None:
+    model = fit_roofline(measure(ARCHS, 0.001, 1), PRIOR)
+    assert rel(model.compute_macs_per_s, TRUE.compute_macs_per_s) < 0.03
+    assert rel(model.memory_bytes_per_s, TRUE.memory_bytes_per_s) < 0.05
+    assert rel(model.per_layer_s * 1e6, TRUE.per_layer_overhead_us) < 0.03
+    assert rel(model.per_invoke_s * 1e6, TRUE.per_invoke_overhead_us) < 0.03
+    assert model.p99_over_p50 == pytest.approx(1.5, rel=0.03)
+    # the roofline explains the data, so the residual stays negligible
+    assert abs(model.log_correction(ARCHS[0].actor_layer_costs(), ARCHS[0])) < 0.01
+
+
+def test_robust_fit_survives_gross_outliers_where_least_squares_fails() -> None:
+    train, hold = split_holdout(measure(ARCHS, 0.01, 2), 0.25, seed=0)
+    dirty = spike(train, 0.10, seed=3)
+    robust = fit_roofline(dirty, PRIOR, robust=True)
+    plain = fit_roofline(dirty, PRIOR, robust=False)
+    acc_robust = holdout_accuracy(robust, hold)
+    acc_plain = holdout_accuracy(plain, hold)
+    assert acc_robust["n"] == len(hold) == 20
+    assert acc_robust["mape"] < 0.05 and acc_robust["within_10pct"] == 1.0
+    assert acc_plain["mape"] > 0.10 and acc_plain["mape"] > 5 * acc_robust["mape"]
+    # the well-identified constants survive the spikes too
+    assert rel(robust.compute_macs_per_s, TRUE.compute_macs_per_s) < 0.05
+    assert rel(robust.per_invoke_s * 1e6, TRUE.per_invoke_overhead_us) < 0.05
+    assert rel(plain.per_invoke_s * 1e6, TRUE.per_invoke_overhead_us) > 0.10
+
+
+def test_calibration_beats_the_prior_on_held_out_archs() -> None:
+    train, hold = split_holdout(measure(ARCHS, 0.01, 4), 0.25, seed=1)
+    model = fit_roofline(train, PRIOR)
+    assert holdout_accuracy(model, hold)["mape"] < 0.03
+    assert holdout_accuracy(AnalyticLatencyModel(), hold, PRIOR)["mape"] > 0.3
+
+
+def test_residual_does_not_explode_with_five_samples() -> None:
+    few = measure(select_calibration_archs(SPACE, 5, seed=5), 0.03, 5)
+    model = fit_roofline(few, PRIOR)
+    others = [SPACE.sample(np.random.default_rng(i)) for i in range(40)]
+    corrections = [model.log_correction(a.actor_layer_costs(), a) for a in others]
+    assert max(abs(c) for c in corrections) <= RESIDUAL_CLIP
+    assert max(abs(c) for c in corrections) < 0.1
+    assert holdout_accuracy(model, measure(others, 0.0, 6))["mape"] < 0.15
+
+
+def test_residual_learns_a_costlier_activation() -> None:
+    # every tanh layer makes the net slower than the roofline says: +20% for an all-tanh net
+    def tanh_share(arch) -> float:
+        return sum(l.activation == "tanh" for l in arch.layers) / len(arch.layers)
+
+    samples = [
+        LatencySample(s.arch, s.p50_ms * (1 + 0.2 * tanh_share(s.arch)),
+                      s.p99_ms * (1 + 0.2 * tanh_share(s.arch)))
+        for s in measure(ARCHS, 0.002, 7)
+    ]
+    train, hold = split_holdout(samples, 0.25, seed=2)
+    model = fit_roofline(train, PRIOR)
+    roofline_only = CalibratedLatencyModel.from_params(
+        {**model.to_params(),
+         "residual": {**model.to_params()["residual"], "coef": [0.0] * 6, "intercept": 0.0}})
+    with_residual = holdout_accuracy(model, hold)["mape"]
+    assert with_residual < 0.02
+    assert holdout_accuracy(roofline_only, hold)["mape"] > 2 * with_residual
+    coef = dict(zip(model.to_params()["residual"]["features"], model.residual_coef, strict=True))
+    assert coef["share_tanh"] > 0.02
+
+
+def test_predict_costs_refuses_another_device() -> None:
+    model = fit_roofline(measure(ARCHS[:10], 0.01, 8), PRIOR)
+    with pytest.raises(RobonasError, match="'testboard'.*'other'"):
+        model.predict(ARCHS[0], replace(PRIOR, name="other"))
+    pred = model.predict_costs(ARCHS[0].actor_layer_costs(), PRIOR)
+    assert pred.p99_ms == pytest.approx(pred.p50_ms * model.p99_over_p50)
+
+
+def test_too_few_samples_and_bad_samples() -> None:
+    with pytest.raises(RobonasError, match="at least 4 samples.*got 3"):
+        fit_roofline(measure(ARCHS[:3], 0.01, 9), PRIOR)
+    with pytest.raises(RobonasError, match="p50_ms"):
+        LatencySample(ARCHS[0], -1.0, 2.0)
+    with pytest.raises(RobonasError, match="below"):
+        LatencySample(ARCHS[0], 2.0, 1.0)
+
+
+def test_params_round_trip() -> None:
+    model = fit_roofline(measure(ARCHS[:30], 0.01, 10), PRIOR)
+    import json
+
+    again = CalibratedLatencyModel.from_params(json.loads(json.dumps(model.to_params())), version=4)
+    assert again.version == "4"
+    for a in ARCHS[:10]:
+        assert again.predict(a, PRIOR) == model.predict(a, PRIOR)
+    with pytest.raises(RobonasError, match="format"):
+        CalibratedLatencyModel.from_params({**model.to_params(), "format": 99})
+
+
+def test_store_round_trip(tmp_path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    try:
+        assert load_latency_model(store, "pi-1") is None
+        model = fit_roofline(measure(ARCHS[:20], 0.01, 11), PRIOR)
+        assert save_latency_model(store, "pi-1", model, {"mape": 0.01}) == 1
+        assert save_latency_model(store, "pi-1", model, {"mape": 0.01}) == 2
+        loaded = load_latency_model(store, "pi-1")
+        assert loaded is not None and loaded.version == "2"
+        assert loaded.predict(ARCHS[0], PRIOR) == model.predict(ARCHS[0], PRIOR)
+        assert load_latency_model(store, "pi-2") is None
+    finally:
+        store.close()
+
+
+def test_select_calibration_archs_is_deterministic_and_covers_the_space() -> None:
+    chosen = select_calibration_archs(SPACE, 24, seed=3)
+    assert chosen == select_calibration_archs(SPACE, 24, seed=3)
+    assert len({a.arch_id for a in chosen}) == 24
+    assert all(SPACE.contains(a) for a in chosen)
+    assert {len(a.layers) for a in chosen} == set(SPACE.depths)
+    assert {a.layer_norm for a in chosen} == {False, True}
+    assert {l.activation for a in chosen for l in a.layers} == set(SPACE.activations)
+    macs = [sum(c.macs for c in a.actor_layer_costs()) for a in chosen]
+    all_macs = [sum(c.macs for c in SPACE.sample(np.random.default_rng(i)).actor_layer_costs())
+                for i in range(300)]
+    assert min(macs) <= min(all_macs) and max(macs) >= max(all_macs)
+    with pytest.raises(ConfigError, match="0"):
+        select_calibration_archs(SPACE, 0, seed=0)
+
+
+def test_split_holdout() -> None:
+    samples = measure(ARCHS[:20], 0.01, 12)
+    train, hold = split_holdout(samples, 0.25, seed=0)
+    assert len(hold) == 5 and len(train) == 15
+    assert {id(s) for s in train} | {id(s) for s in hold} == {id(s) for s in samples}
+    assert split_holdout(samples, 0.25, seed=0) == (train, hold)
+    with pytest.raises(ConfigError, match="fraction"):
+        split_holdout(samples, 1.5, seed=0)
+
+
+def test_timings_of_one_architecture_do_not_calibrate_a_latency_model(tmp_path) -> None:
+    """Six timings of one network cannot separate the per-invoke from the per-MAC cost, so the
+    fit is refused (and the report-driven refit says why) instead of extrapolating anywhere."""
+    from robonas.models.latency_calibration import LatencySample
+    from robonas.models.recalibrate import fit_latency
+    from robonas.space import Layer, PolicyArch
+
+    store = Store(f"sqlite:///{tmp_path / 'r.db'}")
+    wide = PolicyArch(obs_dim=5, act_dim=1, layers=(Layer(256, "tanh"), Layer(256, "tanh")))
+    narrow = PolicyArch(obs_dim=5, act_dim=1, layers=(Layer(256, "tanh"),))
+    same = [LatencySample(wide, 137.0 + i, 150.0 + i) for i in range(6)]
+    with pytest.raises(RobonasError, match="cover 1 architecture; at least 2 different"):
+        fit_latency(store, "cortex-m7", same)
+    assert store.latest_model_version("latency", device="cortex-m7") is None
+    both = same[:4] + [LatencySample(narrow, 5.2, 5.7), LatencySample(narrow, 5.3, 5.8)]
+    _, version, _ = fit_latency(store, "cortex-m7", both)
+    assert version == 1
