@@ -18,9 +18,10 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Dict, Iterable, List, Optional, Union
+from typing import Any, Callable
 
 from device_agents import __version__
 from device_agents.errors import DeviceError, ModelError
@@ -32,15 +33,21 @@ from device_agents.protocol import (
     MsgType,
     ProtocolError,
 )
-from device_agents.signing import KeySource, verify_artifact, verify_manifest
 from device_agents.robots import check_spec
+from device_agents.signing import KeySource, verify_artifact, verify_manifest
 from device_agents.slots import SLOTS, SlotError, SlotStore
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MODEL_BYTES = 8 * 1024 * 1024
-DEFAULT_CANARY = {"episodes": 1, "seed": 0, "min_return": None, "max_miss_rate": None,
-                  "max_steps": None, "max_p99_ms": None}
+DEFAULT_CANARY = {
+    "episodes": 1,
+    "seed": 0,
+    "min_return": None,
+    "max_miss_rate": None,
+    "max_steps": None,
+    "max_p99_ms": None,
+}
 POLL_S = 0.25  # read timeout of the serve loop (how often it looks at the stop flag)
 _NACK_BUDGET = 50  # protocol-error NACKs per second at most (garbage must not flood the link)
 
@@ -66,7 +73,7 @@ def _int(header: dict, name: str, minimum: int = 0, default: Any = ...) -> Any:
     return value
 
 
-def _number(header: dict, name: str) -> Optional[float]:
+def _number(header: dict, name: str) -> float | None:
     value = header.get(name)
     if value is None:
         return None
@@ -76,8 +83,7 @@ def _number(header: dict, name: str) -> Optional[float]:
 
 
 class _Transfer:
-    def __init__(self, manifest: dict, signature: Optional[str], size: int, sha256: str,
-                 canary: Dict[str, Any]):
+    def __init__(self, manifest: dict, signature: str | None, size: int, sha256: str, canary: dict[str, Any]):
         self.manifest = manifest
         self.signature = signature
         self.size = size
@@ -88,10 +94,17 @@ class _Transfer:
 
 
 class Agent:
-    def __init__(self, state_dir: Union[str, Path], trusted_keys: Iterable[KeySource],
-                 robot_spec: str, fast: bool = False, agent_id: Optional[str] = None,
-                 device: Optional[str] = None,
-                 max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES, stall_s: float = 2.0):
+    def __init__(
+        self,
+        state_dir: str | Path,
+        trusted_keys: Iterable[KeySource],
+        robot_spec: str,
+        fast: bool = False,
+        agent_id: str | None = None,
+        device: str | None = None,
+        max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
+        stall_s: float = 2.0,
+    ):
         if not isinstance(max_model_bytes, int) or max_model_bytes < 1:
             raise DeviceError(f"max_model_bytes {max_model_bytes!r} is not a positive integer")
         self.slots = SlotStore(state_dir, trusted_keys)
@@ -104,9 +117,9 @@ class Agent:
         self.started = time.monotonic()
         self.stop_event = threading.Event()
         self._robot: Any = None
-        self._policies: Dict[str, Any] = {}  # sha256 -> TFLitePolicy
-        self._transfer: Optional[_Transfer] = None
-        self.last_deploy: Optional[Dict[str, Any]] = None
+        self._policies: dict[str, Any] = {}  # sha256 -> TFLitePolicy
+        self._transfer: _Transfer | None = None
+        self.last_deploy: dict[str, Any] | None = None
         check_spec(robot_spec)  # a bad spec fails at start-up, not at the first deploy
         self.slots.recover()
 
@@ -126,16 +139,15 @@ class Agent:
             # the per-feature normalisation is part of the signed manifest, fused into the
             # input quantisation by the runtime
             self._policies[sha256] = TFLitePolicy(
-                bytes(model), input_normalisation=manifest.get("input_normalisation"))
+                bytes(model), input_normalisation=manifest.get("input_normalisation")
+            )
         return self._policies[sha256]
 
     def _slot_policy(self, slot: str) -> tuple:
         info = self.slots.inspect(slot)
         if not info.ok or info.manifest is None:
-            raise Refused("no policy", f"slot {slot} holds no verified policy "
-                                       f"({info.verdict.reason})")
-        return (self._policy(info.model_path.read_bytes(), info.sha256 or "", info.manifest),
-                info.manifest)
+            raise Refused("no policy", f"slot {slot} holds no verified policy ({info.verdict.reason})")
+        return (self._policy(info.model_path.read_bytes(), info.sha256 or "", info.manifest), info.manifest)
 
     def close(self) -> None:
         if self._robot is not None:
@@ -161,23 +173,35 @@ class Agent:
             return msg.reply(MsgType.ERROR, {"reason": "device", "detail": str(e)[:500]})
         except Exception as e:  # a bug or an OS fault: report it, keep serving
             log.exception("fault handling %s", msg.type.name)
-            return msg.reply(MsgType.ERROR, {"reason": "internal",
-                                             "detail": f"{type(e).__name__}: {e}"[:500]})
+            return msg.reply(
+                MsgType.ERROR, {"reason": "internal", "detail": f"{type(e).__name__}: {e}"[:500]}
+            )
 
     def _hello(self, msg: Message) -> Message:
-        return msg.reply(MsgType.HELLO, {
-            "role": "agent", "protocol": VERSION, "agent": self.agent_id,
-            "version": __version__, "slots": list(SLOTS), "active": self.slots.active,
-            "device": self.device, "robot": self.robot_spec,
-            "max_model_bytes": self.max_model_bytes,
-        })
+        return msg.reply(
+            MsgType.HELLO,
+            {
+                "role": "agent",
+                "protocol": VERSION,
+                "agent": self.agent_id,
+                "version": __version__,
+                "slots": list(SLOTS),
+                "active": self.slots.active,
+                "device": self.device,
+                "robot": self.robot_spec,
+                "max_model_bytes": self.max_model_bytes,
+            },
+        )
 
     def _status(self, msg: Message) -> Message:
         status = self.slots.status()
         transfer = None
         if self._transfer is not None:
-            transfer = {"size": self._transfer.size, "received": len(self._transfer.data),
-                        "sha256": self._transfer.sha256}
+            transfer = {
+                "size": self._transfer.size,
+                "received": len(self._transfer.data),
+                "sha256": self._transfer.sha256,
+            }
         try:
             from device_agents.runtime import runtime_name, runtime_version
 
@@ -185,14 +209,22 @@ class Agent:
         except DeviceError as e:
             runtime = {"name": None, "error": str(e)[:200]}
         active = status["active"]
-        return msg.reply(MsgType.STATUS, {
-            **status,
-            "active_sha256": status["slots"][active]["sha256"] if active else None,
-            "uptime_s": time.monotonic() - self.started,
-            "agent": self.agent_id, "version": __version__, "device": self.device,
-            "robot": self.robot_spec, "fast": self.fast, "transfer": transfer,
-            "runtime": runtime, "last_deploy": self.last_deploy,
-        })
+        return msg.reply(
+            MsgType.STATUS,
+            {
+                **status,
+                "active_sha256": status["slots"][active]["sha256"] if active else None,
+                "uptime_s": time.monotonic() - self.started,
+                "agent": self.agent_id,
+                "version": __version__,
+                "device": self.device,
+                "robot": self.robot_spec,
+                "fast": self.fast,
+                "transfer": transfer,
+                "runtime": runtime,
+                "last_deploy": self.last_deploy,
+            },
+        )
 
     def _ping(self, msg: Message) -> Message:
         return msg.reply(MsgType.PONG, msg.header)
@@ -207,12 +239,16 @@ class Agent:
             raise Refused("bad header", "signature must be a base64 string or null")
         size = _int(h, "size", 1)
         if size > self.max_model_bytes:
-            raise Refused("size", f"model of {size} bytes exceeds this agent's limit of "
-                                  f"{self.max_model_bytes} bytes", max_model_bytes=self.max_model_bytes)
+            raise Refused(
+                "size",
+                f"model of {size} bytes exceeds this agent's limit of {self.max_model_bytes} bytes",
+                max_model_bytes=self.max_model_bytes,
+            )
         sha = h["sha256"]
         if not isinstance(sha, str) or sha.lower() != str(manifest.get("sha256", "")).lower():
-            raise Refused("sha256 mismatch", f"sha256 {sha!r} differs from the manifest's "
-                                             f"{manifest.get('sha256')!r}")
+            raise Refused(
+                "sha256 mismatch", f"sha256 {sha!r} differs from the manifest's {manifest.get('sha256')!r}"
+            )
         canary = self._canary(h.get("canary"))
         verdict = verify_manifest(manifest, signature, self.slots.keys)
         if not verdict.ok:
@@ -221,12 +257,14 @@ class Agent:
         return msg.reply(MsgType.ACK, {"next_offset": 0, "slot": self.slots.standby()})
 
     @staticmethod
-    def _canary(raw: Any) -> Dict[str, Any]:
+    def _canary(raw: Any) -> dict[str, Any]:
         if raw is None:
             return dict(DEFAULT_CANARY)
         if not isinstance(raw, dict):
-            raise Refused("bad header", "canary must be an object {episodes, seed, min_return, "
-                                        "max_miss_rate, max_steps}")
+            raise Refused(
+                "bad header",
+                "canary must be an object {episodes, seed, min_return, max_miss_rate, max_steps}",
+            )
         nested = raw.get("thresholds")
         if nested is not None and not isinstance(nested, dict):
             raise Refused("bad header", "canary.thresholds must be an object")
@@ -246,11 +284,13 @@ class Agent:
             raise Refused("no transfer", "DEPLOY_CHUNK without an open DEPLOY_BEGIN")
         offset = _int(msg.header, "offset", 0)
         if offset != len(t.data):
-            raise Refused("offset", f"chunk at {offset}, expected {len(t.data)}",
-                          next_offset=len(t.data))
+            raise Refused("offset", f"chunk at {offset}, expected {len(t.data)}", next_offset=len(t.data))
         if offset + len(msg.payload) > t.size:
-            raise Refused("size", f"chunk ends at {offset + len(msg.payload)}, past the "
-                                  f"declared size {t.size}", next_offset=len(t.data))
+            raise Refused(
+                "size",
+                f"chunk ends at {offset + len(msg.payload)}, past the declared size {t.size}",
+                next_offset=len(t.data),
+            )
         t.data += msg.payload
         return msg.reply(MsgType.ACK, {"next_offset": len(t.data)})
 
@@ -260,8 +300,7 @@ class Agent:
             raise Refused("no transfer", "DEPLOY_END without an open DEPLOY_BEGIN")
         if len(t.data) != t.size:
             self._transfer = t  # the host may still send the missing chunks
-            raise Refused("size", f"received {len(t.data)} of {t.size} bytes",
-                          next_offset=len(t.data))
+            raise Refused("size", f"received {len(t.data)} of {t.size} bytes", next_offset=len(t.data))
         model = bytes(t.data)
         verdict = verify_artifact(t.manifest, t.signature, model, self.slots.keys)
         if not verdict.ok:
@@ -274,18 +313,31 @@ class Agent:
         transfer_s = time.monotonic() - t.started
         slot = self.slots.write_standby(model, t.manifest, t.signature)
         report = None
-        failures: List[str] = []
+        failures: list[str] = []
         if t.canary["episodes"] > 0:
-            report = self._run(policy, t.manifest, t.canary["episodes"], t.canary["seed"],
-                               t.canary["max_steps"], slot, t.sha256)
+            report = self._run(
+                policy,
+                t.manifest,
+                t.canary["episodes"],
+                t.canary["seed"],
+                t.canary["max_steps"],
+                slot,
+                t.sha256,
+            )
             failures = self._judge(report, t.canary)
-        result = {"slot": slot, "sha256": t.sha256, "canary": report, "transfer_s": transfer_s,
-                  "canary_thresholds": t.canary}
+        result = {
+            "slot": slot,
+            "sha256": t.sha256,
+            "canary": report,
+            "transfer_s": transfer_s,
+            "canary_thresholds": t.canary,
+        }
         if failures:
             self.last_deploy = dict(result, promoted=False, failures=failures)
-            return msg.reply(MsgType.NACK, {
-                "reason": "canary", "detail": "; ".join(failures), **result,
-                "active": self.slots.active})
+            return msg.reply(
+                MsgType.NACK,
+                {"reason": "canary", "detail": "; ".join(failures), **result, "active": self.slots.active},
+            )
         self.slots.commit(slot)
         self.last_deploy = dict(result, promoted=True)
         return msg.reply(MsgType.ACK, {**result, "active": self.slots.active})
@@ -298,30 +350,50 @@ class Agent:
         in_size = int(policy.input.size)
         want = robot.observation_size * s["history"]
         if in_size != want:
-            raise Refused("mismatch", f"model input has {in_size} values; the robot observes "
-                                      f"{robot.observation_size} x history {s['history']} = {want}")
+            raise Refused(
+                "mismatch",
+                f"model input has {in_size} values; the robot observes "
+                f"{robot.observation_size} x history {s['history']} = {want}",
+            )
         out_size = int(policy.output.size)
         want_out = 1 if s["action_output"] == "index" else robot.action_size
         if out_size != want_out:
-            raise Refused("mismatch", f"model output has {out_size} values; the robot takes "
-                                      f"{want_out}")
+            raise Refused("mismatch", f"model output has {out_size} values; the robot takes {want_out}")
 
-    def _run(self, policy: Any, manifest: dict, episodes: int, seed: int,
-             max_steps: Optional[int], slot: Optional[str], sha256: Optional[str]) -> Dict[str, Any]:
+    def _run(
+        self,
+        policy: Any,
+        manifest: dict,
+        episodes: int,
+        seed: int,
+        max_steps: int | None,
+        slot: str | None,
+        sha256: str | None,
+    ) -> dict[str, Any]:
         from device_agents.control_loop import policy_settings, run_episodes
 
         s = policy_settings(manifest)
         try:
-            return run_episodes(policy, self.robot(), episodes, seed, max_steps, s["history"],
-                                self.fast, control_hz=s["control_hz"],
-                                history_pad=s["history_pad"], action_output=s["action_output"],
-                                slot=slot, sha256=sha256)
+            return run_episodes(
+                policy,
+                self.robot(),
+                episodes,
+                seed,
+                max_steps,
+                s["history"],
+                self.fast,
+                control_hz=s["control_hz"],
+                history_pad=s["history_pad"],
+                action_output=s["action_output"],
+                slot=slot,
+                sha256=sha256,
+            )
         except DeviceError:
             self.close()  # a robot that failed mid-episode is rebuilt for the next request
             raise
 
     @staticmethod
-    def _judge(report: Dict[str, Any], thresholds: Dict[str, Any]) -> List[str]:
+    def _judge(report: dict[str, Any], thresholds: dict[str, Any]) -> list[str]:
         failures = []
         if report["nonfinite_actions"]:
             failures.append(f"{report['nonfinite_actions']} NaN/inf actions")
@@ -329,8 +401,7 @@ class Agent:
         if max_miss is not None and report["miss_rate"] > max_miss:
             failures.append(f"deadline miss rate {report['miss_rate']:.3f} > {max_miss}")
         min_ret = thresholds.get("min_return")
-        if min_ret is not None and report["mean_return"] is not None and \
-                report["mean_return"] < min_ret:
+        if min_ret is not None and report["mean_return"] is not None and report["mean_return"] < min_ret:
             failures.append(f"mean return {report['mean_return']:.4g} < {min_ret}")
         max_p99 = thresholds.get("max_p99_ms")
         if max_p99 is not None and report["timings_ms"]["p99"] > max_p99:
@@ -355,16 +426,21 @@ class Agent:
         thresholds = h.get("thresholds") or {}
         if not isinstance(thresholds, dict):
             raise Refused("bad header", "thresholds must be an object")
-        thresholds = {k: _number(thresholds, k) for k in
-                      ("min_return", "max_miss_rate", "max_p99_ms")}
+        thresholds = {k: _number(thresholds, k) for k in ("min_return", "max_miss_rate", "max_p99_ms")}
         slot = self._pick_slot(h)
         policy, manifest = self._slot_policy(slot)
-        report = self._run(policy, manifest, episodes, seed, max_steps, slot,
-                           manifest.get("sha256"))
+        report = self._run(policy, manifest, episodes, seed, max_steps, slot, manifest.get("sha256"))
         failures = self._judge(report, thresholds)
-        return msg.reply(MsgType.REPORT, {**report, "passed": not failures,
-                                          "failures": failures, "agent": self.agent_id,
-                                          "device": self.device})
+        return msg.reply(
+            MsgType.REPORT,
+            {
+                **report,
+                "passed": not failures,
+                "failures": failures,
+                "agent": self.agent_id,
+                "device": self.device,
+            },
+        )
 
     def _bench(self, msg: Message) -> Message:
         from device_agents.bench import bench_model
@@ -383,18 +459,27 @@ class Agent:
             if sha != hashlib.sha256(msg.payload).hexdigest():
                 raise Refused("mismatch", "sha256 of the inline model does not match")
             result = self._robot_timing(bench_model(bytes(msg.payload), runs=runs, warmup=warmup))
-            return msg.reply(MsgType.REPORT, {"bench": result, "slot": None, "sha256": sha,
-                                              "agent": self.agent_id, "device": self.device})
+            return msg.reply(
+                MsgType.REPORT,
+                {"bench": result, "slot": None, "sha256": sha, "agent": self.agent_id, "device": self.device},
+            )
         slot = self._pick_slot(h)
         info = self.slots.inspect(slot)
         if not info.ok:
             raise Refused("no policy", f"slot {slot} holds no verified policy")
-        result = self._robot_timing(bench_model(info.model_path.read_bytes(), runs=runs,
-                                                warmup=warmup))
-        return msg.reply(MsgType.REPORT, {"bench": result, "slot": slot, "sha256": info.sha256,
-                                          "agent": self.agent_id, "device": self.device})
+        result = self._robot_timing(bench_model(info.model_path.read_bytes(), runs=runs, warmup=warmup))
+        return msg.reply(
+            MsgType.REPORT,
+            {
+                "bench": result,
+                "slot": slot,
+                "sha256": info.sha256,
+                "agent": self.agent_id,
+                "device": self.device,
+            },
+        )
 
-    def _robot_timing(self, result: Dict[str, Any]) -> Dict[str, Any]:
+    def _robot_timing(self, result: dict[str, Any]) -> dict[str, Any]:
         """BENCH on a sim twin reports its emulated computer's step time, as RUN does (the
         mapping is increasing, so it carries every percentile); `host_step_us` keeps this
         machine's. A physical robot runs the agent itself: its figures are already the answer,
@@ -404,18 +489,20 @@ class Agent:
         robot = self.robot()
         robot.bind_policy(SimpleNamespace(macs=result.get("macs")))  # all bind_policy reads
         host = result["step_us"]
-        return {**result, "host_step_us": host,
-                "step_us": {k: robot.compute_time(v / 1e6) * 1e6 for k, v in host.items()}}
+        return {
+            **result,
+            "host_step_us": host,
+            "step_us": {k: robot.compute_time(v / 1e6) * 1e6 for k, v in host.items()},
+        }
 
     def _rollback(self, msg: Message) -> Message:
         try:
             slot = self.slots.rollback()
         except SlotError as e:
             raise Refused("no previous", str(e)) from e
-        return msg.reply(MsgType.ACK, {"active": slot,
-                                       "sha256": self.slots.state.get("active_sha256")})
+        return msg.reply(MsgType.ACK, {"active": slot, "sha256": self.slots.state.get("active_sha256")})
 
-    _HANDLERS: Dict[MsgType, Callable[["Agent", Message], Message]] = {
+    _HANDLERS: dict[MsgType, Callable[[Agent, Message], Message]] = {
         MsgType.HELLO: _hello,
         MsgType.STATUS: _status,
         MsgType.PING: _ping,
@@ -469,12 +556,18 @@ class Agent:
                     log.info("cannot reply (%s); dropping the link", e)
                     return
 
-    def serve(self, listen_url: Optional[str] = None, link_url: Optional[str] = None,
-              ready: Optional[Callable[[str], None]] = None) -> None:
+    def serve(
+        self,
+        listen_url: str | None = None,
+        link_url: str | None = None,
+        ready: Callable[[str], None] | None = None,
+    ) -> None:
         """Serve a TCP listener (one host at a time) or a link URL (reopened when it drops)."""
         if (listen_url is None) == (link_url is None):
-            raise DeviceError("serve needs exactly one of listen_url (tcp://HOST:PORT) or "
-                              "link_url (serial device or pyserial URL)")
+            raise DeviceError(
+                "serve needs exactly one of listen_url (tcp://HOST:PORT) or "
+                "link_url (serial device or pyserial URL)"
+            )
         if listen_url is not None:
             with listen(listen_url) as listener:
                 if ready:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Iterator, Optional, Union
+from typing import BinaryIO, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -34,7 +35,7 @@ def _umask_mode() -> int:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: PathLike, mode: Optional[int] = None) -> Iterator[BinaryIO]:
+def atomic_writer(path: PathLike, mode: int | None = None) -> Iterator[BinaryIO]:
     """Yield a binary file; on a clean exit it replaces `path` atomically, else it vanishes.
 
     `mode` sets the permissions before any byte is written (e.g. 0o600 for a private key);
@@ -56,7 +57,7 @@ def atomic_writer(path: PathLike, mode: Optional[int] = None) -> Iterator[Binary
     fsync_dir(target.parent)
 
 
-def atomic_write(path: PathLike, data: bytes, mode: Optional[int] = None) -> None:
+def atomic_write(path: PathLike, data: bytes, mode: int | None = None) -> None:
     """Write `data` to `path` so that a crash leaves either the old file or the new one."""
     with atomic_writer(path, mode) as f:
         f.write(data)

@@ -42,8 +42,9 @@ def sample_inputs(policy: TFLitePolicy, n: int, seed: int = 0) -> np.ndarray:
     return np.clip(rng.standard_normal((n, size)), -3.0, 3.0).astype(np.float32)
 
 
-def bench_model(model: ModelSource, runs: int = 1000, warmup: int = 50, threads: int = 1,
-                seed: int = 0) -> dict[str, Any]:
+def bench_model(
+    model: ModelSource, runs: int = 1000, warmup: int = 50, threads: int = 1, seed: int = 0
+) -> dict[str, Any]:
     """Time `runs` steps after `warmup` steps; latencies in microseconds."""
     for name, value, minimum in (("runs", runs, 1), ("warmup", warmup, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Callable, NamedTuple
 
 PROG = "robonas-agent"
 
@@ -40,14 +41,11 @@ def _format_bench(r: dict) -> str:
         f"output {r['output_dtype']} {tuple(r['output_shape'])}",
         f"init       {r['init_us'] / 1000:.2f} ms   first inference {r['first_us']:.1f} us   "
         f"warm-up mean {r['warmup_mean_us']:.1f} us ({r['warmup']} runs)",
-        f"{'latency (us)':<16}{'p50':>9}{'p90':>9}{'p99':>9}{'max':>9}{'mean':>9}   "
-        f"({r['runs']} runs)",
+        f"{'latency (us)':<16}{'p50':>9}{'p90':>9}{'p99':>9}{'max':>9}{'mean':>9}   ({r['runs']} runs)",
     ]
     for label, key in (("invoke", "invoke_us"), ("step (q+inv+dq)", "step_us")):
         s = r[key]
-        lines.append(
-            f"{label:<16}" + "".join(f"{s[k]:>9.1f}" for k in ("p50", "p90", "p99", "max", "mean"))
-        )
+        lines.append(f"{label:<16}" + "".join(f"{s[k]:>9.1f}" for k in ("p50", "p90", "p99", "max", "mean")))
     return "\n".join(lines)
 
 
@@ -62,12 +60,22 @@ def _bench_run(args: argparse.Namespace) -> int:
 # --- serve / run ---------------------------------------------------------------------------------
 def _agent_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state", required=True, help="state directory (A/B slots, state.json)")
-    p.add_argument("--trust", action="append", default=[], metavar="PUBKEY",
-                   help="trusted Ed25519 public key file or directory of *.pub (repeatable)")
-    p.add_argument("--robot", required=True, metavar="BACKEND",
-                   help="sim:PROFILE (e.g. sim:cartpole-lab-a) or serial:URL")
-    p.add_argument("--fast", action="store_true",
-                   help="do not sleep between control ticks (simulated robots only)")
+    p.add_argument(
+        "--trust",
+        action="append",
+        default=[],
+        metavar="PUBKEY",
+        help="trusted Ed25519 public key file or directory of *.pub (repeatable)",
+    )
+    p.add_argument(
+        "--robot",
+        required=True,
+        metavar="BACKEND",
+        help="sim:PROFILE (e.g. sim:cartpole-lab-a) or serial:URL",
+    )
+    p.add_argument(
+        "--fast", action="store_true", help="do not sleep between control ticks (simulated robots only)"
+    )
 
 
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,8 +85,12 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     where.add_argument("--link", metavar="URL", help="serial device path or pyserial URL")
     p.add_argument("--id", default=None, help="agent name reported to the host")
     p.add_argument("--device", default=None, help="device profile name reported to the host")
-    p.add_argument("--max-model-bytes", type=int, default=None,
-                   help="refuse larger models at DEPLOY_BEGIN (default 8 MiB)")
+    p.add_argument(
+        "--max-model-bytes",
+        type=int,
+        default=None,
+        help="refuse larger models at DEPLOY_BEGIN (default 8 MiB)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
 
 
@@ -97,15 +109,22 @@ def _serve_run(args: argparse.Namespace) -> int:
 
     from device_agents.agent import DEFAULT_MAX_MODEL_BYTES, Agent
 
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    agent = Agent(args.state, _trusted(args), args.robot, fast=args.fast, agent_id=args.id,
-                  device=args.device,
-                  max_model_bytes=args.max_model_bytes or DEFAULT_MAX_MODEL_BYTES)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    agent = Agent(
+        args.state,
+        _trusted(args),
+        args.robot,
+        fast=args.fast,
+        agent_id=args.id,
+        device=args.device,
+        max_model_bytes=args.max_model_bytes or DEFAULT_MAX_MODEL_BYTES,
+    )
     signal.signal(signal.SIGTERM, lambda *_: agent.stop_event.set())
     try:
-        agent.serve(listen_url=args.listen, link_url=args.link,
-                    ready=lambda line: print(line, flush=True))
+        agent.serve(listen_url=args.listen, link_url=args.link, ready=lambda line: print(line, flush=True))
     finally:
         agent.close()
     return 0
@@ -137,10 +156,10 @@ def _run_run(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Command] = {
     "bench": Command("time a .tflite policy on this machine", _bench_arguments, _bench_run),
-    "serve": Command("serve the robonas protocol: deploys, canaries, runs, reports",
-                     _serve_arguments, _serve_run),
-    "run": Command("run episodes of the active policy here and print the report",
-                   _run_arguments, _run_run),
+    "serve": Command(
+        "serve the robonas protocol: deploys, canaries, runs, reports", _serve_arguments, _serve_run
+    ),
+    "run": Command("run episodes of the active policy here and print the report", _run_arguments, _run_run),
 }
 
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ from device_agents.robots.base import Robot
 PERCENTILES = (50, 90, 99)
 
 
-def policy_settings(manifest: Optional[dict]) -> Dict[str, Any]:
+def policy_settings(manifest: dict | None) -> dict[str, Any]:
     """The manifest fields the loop needs: control_hz, history, history_pad, action output."""
     m = manifest or {}
     obs = m.get("observation") if isinstance(m.get("observation"), dict) else {}
@@ -51,7 +52,7 @@ def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
     return value
 
 
-def _timings_ms(ns: Sequence[int]) -> Dict[str, float]:
+def _timings_ms(ns: Sequence[int]) -> dict[str, float]:
     if not ns:
         return {"p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0, "mean": 0.0}
     ms = np.asarray(ns, np.float64) / 1e6
@@ -72,11 +73,21 @@ def _runtime(policy: Any) -> tuple:
         return "none", "unknown"
 
 
-def run_episodes(policy: Any, robot: Robot, episodes: int, seed: int,
-                 max_steps: Optional[int] = None, history: int = 1, fast: bool = False, *,
-                 control_hz: Optional[float] = None, history_pad: Optional[Sequence[float]] = None,
-                 action_output: str = "value", slot: Optional[str] = None,
-                 sha256: Optional[str] = None) -> Dict[str, Any]:
+def run_episodes(
+    policy: Any,
+    robot: Robot,
+    episodes: int,
+    seed: int,
+    max_steps: int | None = None,
+    history: int = 1,
+    fast: bool = False,
+    *,
+    control_hz: float | None = None,
+    history_pad: Sequence[float] | None = None,
+    action_output: str = "value",
+    slot: str | None = None,
+    sha256: str | None = None,
+) -> dict[str, Any]:
     """Run `episodes` episodes (seeds seed, seed+1, ...) and report returns and timings.
 
     `policy.act(obs) -> action` (a TFLitePolicy or anything alike); `control_hz` defaults to the
@@ -96,15 +107,16 @@ def run_episodes(policy: Any, robot: Robot, episodes: int, seed: int,
     period = 1.0 / hz
     period_ns = int(period * 1e9)
     obs_dim = robot.observation_size
-    pad = np.zeros(obs_dim, np.float32) if history_pad is None else np.asarray(
-        history_pad, np.float32).ravel()
+    pad = (
+        np.zeros(obs_dim, np.float32) if history_pad is None else np.asarray(history_pad, np.float32).ravel()
+    )
     if pad.size != obs_dim:
         raise DeviceError(f"history_pad has {pad.size} values, the robot observes {obs_dim}")
 
-    returns: List[float] = []
-    lengths: List[int] = []
-    step_ns: List[int] = []  # the robot computer's step times
-    host_ns: List[int] = []  # what this machine measured
+    returns: list[float] = []
+    lengths: list[int] = []
+    step_ns: list[int] = []  # the robot computer's step times
+    host_ns: list[int] = []  # what this machine measured
     misses = nonfinite = late_ticks = 0
     clock = time.perf_counter_ns
     frames = np.zeros(obs_dim * history, np.float32)

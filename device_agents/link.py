@@ -16,7 +16,6 @@ import collections
 import logging
 import socket
 import time
-from typing import Deque, Optional, Tuple
 from urllib.parse import parse_qsl, urlsplit
 
 import serial
@@ -51,12 +50,12 @@ class Link:
     request that timed out, or an unsolicited REPORT) are dropped if stale or kept for `receive`.
     """
 
-    def __init__(self, stream: Stream, timeout_s: float = 5.0, baudrate: Optional[int] = None):
+    def __init__(self, stream: Stream, timeout_s: float = 5.0, baudrate: int | None = None):
         self.stream = stream
         self.timeout_s = timeout_s
         self.baudrate = baudrate  # None on sockets; sizes per-frame timeouts on serial lines
         self._seq = 0
-        self._held: Deque[Message] = collections.deque(maxlen=_PUSHBACK_LIMIT)
+        self._held: collections.deque[Message] = collections.deque(maxlen=_PUSHBACK_LIMIT)
 
     def __enter__(self) -> Link:
         return self
@@ -76,13 +75,13 @@ class Link:
         except OSError as e:  # SerialException is an OSError too
             raise LinkError(f"write of a {msg.type.name} frame failed: {e}") from e
 
-    def receive(self, timeout_s: Optional[float] = None) -> Message:
+    def receive(self, timeout_s: float | None = None) -> Message:
         """The next message (held unsolicited ones first). Raises LinkTimeout, ProtocolError."""
         if self._held:
             return self._held.popleft()
         return self._read(self.timeout_s if timeout_s is None else timeout_s)
 
-    def request(self, msg: Message, timeout_s: Optional[float] = None) -> Message:
+    def request(self, msg: Message, timeout_s: float | None = None) -> Message:
         """Send `msg` with a fresh seq; return the reply carrying the same seq."""
         self._seq = self._seq % 0xFFFF + 1  # 1..65535; 0 marks unsolicited messages
         seq = self._seq
@@ -99,8 +98,7 @@ class Link:
             if reply.seq == 0:
                 self._held.append(reply)
             else:
-                log.debug("dropping stale %s seq %d (waiting for %d)",
-                          reply.type.name, reply.seq, seq)
+                log.debug("dropping stale %s seq %d (waiting for %d)", reply.type.name, reply.seq, seq)
 
     def _read(self, timeout_s: float) -> Message:
         try:
@@ -119,9 +117,7 @@ def _serial_kwargs(query: str) -> dict:
     kwargs = {}
     for key, value in parse_qsl(query, keep_blank_values=True):
         if key not in _SERIAL_PARAMS:
-            raise LinkError(
-                f"unknown serial parameter {key!r}; valid: {sorted(_SERIAL_PARAMS)}"
-            )
+            raise LinkError(f"unknown serial parameter {key!r}; valid: {sorted(_SERIAL_PARAMS)}")
         try:
             kwargs[key] = _SERIAL_PARAMS[key](value)
         except ValueError as e:
@@ -138,7 +134,7 @@ def open_link(url: str, timeout_s: float = 5.0) -> Link:
     """
     if not isinstance(url, str) or not url:
         raise LinkError(f"link URL {url!r} is empty; expected one of {URL_SCHEMES}")
-    baudrate: Optional[int] = None
+    baudrate: int | None = None
     kwargs: dict = {}
     if url.startswith("tcp://"):
         url = "socket://" + url[len("tcp://") :]
@@ -157,9 +153,7 @@ def open_link(url: str, timeout_s: float = 5.0) -> Link:
     # A write must not block forever if the far end stops reading; allow a whole frame's time.
     write_timeout = timeout_s + 2.0 * wire_time_s(MAX_FRAME, baudrate)
     try:
-        stream = serial.serial_for_url(
-            url, timeout=timeout_s, write_timeout=write_timeout, **kwargs
-        )
+        stream = serial.serial_for_url(url, timeout=timeout_s, write_timeout=write_timeout, **kwargs)
     except (serial.SerialException, ValueError, OSError) as e:
         raise LinkError(f"cannot open link {url!r}: {e}") from e
     return Link(stream, timeout_s=timeout_s, baudrate=baudrate)
@@ -172,10 +166,10 @@ class SocketStream:
     what is there), and returns what it has; it raises LinkClosed when the peer has closed.
     """
 
-    def __init__(self, sock: socket.socket, timeout: Optional[float] = None):
+    def __init__(self, sock: socket.socket, timeout: float | None = None):
         self.sock = sock
         self.timeout = timeout
-        self.write_timeout: Optional[float] = None
+        self.write_timeout: float | None = None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # frames are request/reply
 
     def read(self, size: int = 1) -> bytes:
@@ -216,7 +210,7 @@ class SocketStream:
         self.sock.close()
 
 
-def _host_port(url: str) -> Tuple[str, int]:
+def _host_port(url: str) -> tuple[str, int]:
     parts = urlsplit(url)
     if parts.scheme not in ("tcp", "socket") or not parts.hostname or parts.port is None:
         raise LinkError(f"listen URL {url!r} must look like tcp://HOST:PORT (e.g. {AGENT_URL})")
@@ -242,7 +236,7 @@ class Listener:
         self._sock.listen(1)
 
     @property
-    def address(self) -> Tuple[str, int]:
+    def address(self) -> tuple[str, int]:
         host, port = self._sock.getsockname()[:2]
         return host, port
 
@@ -251,7 +245,7 @@ class Listener:
         host, port = self.address
         return f"tcp://{host}:{port}"
 
-    def accept(self, timeout_s: Optional[float] = None) -> Link:
+    def accept(self, timeout_s: float | None = None) -> Link:
         """Wait for the next connection (None: forever). Raises LinkTimeout."""
         self._sock.settimeout(timeout_s)
         try:

@@ -17,8 +17,9 @@ import json
 import struct
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator, List, Optional, Protocol, Tuple, Union
+from typing import Any, Protocol, Union
 
 from device_agents.errors import DeviceError
 
@@ -126,19 +127,15 @@ class Message:
     def encode(self) -> bytes:
         return encode(self.type, self.header, self.payload, seq=self.seq, flags=self.flags)
 
-    def require(self, *names: str) -> Tuple[Any, ...]:
+    def require(self, *names: str) -> tuple[Any, ...]:
         """The header values named (default: REQUIRED_FIELDS for this type), or BadHeader."""
         names = names or REQUIRED_FIELDS.get(self.type, ())
         missing = [n for n in names if n not in self.header]
         if missing:
-            raise BadHeader(
-                f"{self.type.name} header lacks {missing}; it has {sorted(self.header)}"
-            )
+            raise BadHeader(f"{self.type.name} header lacks {missing}; it has {sorted(self.header)}")
         return tuple(self.header[n] for n in names)
 
-    def reply(
-        self, msg_type: MsgType, header: Optional[dict] = None, payload: bytes = b""
-    ) -> Message:
+    def reply(self, msg_type: MsgType, header: dict | None = None, payload: bytes = b"") -> Message:
         """A message answering this one (same seq)."""
         return Message(MsgType(msg_type), dict(header or {}), bytes(payload), seq=self.seq)
 
@@ -151,8 +148,8 @@ def _json_bytes(header: dict) -> bytes:
 
 
 def encode(
-    msg_type: Union[MsgType, int],
-    header: Optional[dict] = None,
+    msg_type: MsgType | int,
+    header: dict | None = None,
     payload: bytes = b"",
     *,
     seq: int = 0,
@@ -209,7 +206,7 @@ class FrameReader:
 
     def __init__(self) -> None:
         self._buf = bytearray()
-        self._events: List[Event] = []
+        self._events: list[Event] = []
 
     def needed(self) -> int:
         """How many more bytes can be read without reading past the end of the next frame."""
@@ -224,14 +221,14 @@ class FrameReader:
         # the prefix was vetted by _decode (limits included); min() is a second line of defence
         return max(1, min(MAX_FRAME, PREFIX_SIZE + hlen + plen) - have)
 
-    def events(self, data: bytes = b"") -> List[Event]:
+    def events(self, data: bytes = b"") -> list[Event]:
         """Feed bytes; return every message and error decoded so far, never raising."""
         self._buf += data
         self._decode()
         out, self._events = self._events, []
         return out
 
-    def feed(self, data: bytes = b"") -> List[Message]:
+    def feed(self, data: bytes = b"") -> list[Message]:
         """Feed bytes; return the messages decoded, in order, up to the first bad frame.
 
         A bad frame raises its ProtocolError once the messages before it have been returned;
@@ -239,7 +236,7 @@ class FrameReader:
         """
         self._buf += data
         self._decode()
-        msgs: List[Message] = []
+        msgs: list[Message] = []
         while self._events:
             ev = self._events[0]
             if isinstance(ev, ProtocolError):
@@ -273,7 +270,7 @@ class FrameReader:
             self._events.append(event)
 
     @staticmethod
-    def _try_frame(buf: bytearray) -> Tuple[Optional[Event], int]:
+    def _try_frame(buf: bytearray) -> tuple[Event | None, int]:
         """(event, bytes to drop) for the frame at buf[0], or (None, 0) to wait for more."""
         _magic, version, mtype, flags, seq, hlen, plen, body_crc = _PREFIX.unpack_from(buf, 0)
         (prefix_crc,) = _PREFIX_CRC.unpack_from(buf, _PREFIX.size)
@@ -308,14 +305,14 @@ class FrameReader:
 class Stream(Protocol):
     """What read_message/write_message need: pyserial's `read`, `write` and `timeout`."""
 
-    timeout: Optional[float]
+    timeout: float | None
 
     def read(self, size: int = 1) -> bytes: ...
 
-    def write(self, data: bytes) -> Optional[int]: ...
+    def write(self, data: bytes) -> int | None: ...
 
 
-def read_message(stream: Stream, timeout_s: Optional[float] = None) -> Message:
+def read_message(stream: Stream, timeout_s: float | None = None) -> Message:
     """Read one frame from a pyserial-like stream; garbage before it is skipped.
 
     Reads only as many bytes as the frame in progress needs, so nothing past it is consumed and
@@ -355,7 +352,7 @@ def write_message(stream: Stream, msg: Message) -> None:
         flush()
 
 
-def iter_chunks(data: bytes, chunk_size: int = DEFAULT_CHUNK) -> Iterator[Tuple[int, bytes]]:
+def iter_chunks(data: bytes, chunk_size: int = DEFAULT_CHUNK) -> Iterator[tuple[int, bytes]]:
     """(offset, bytes) pieces of `data` for DEPLOY_CHUNK / BENCH frames."""
     if not 0 < chunk_size <= MAX_PAYLOAD:
         raise ProtocolError(f"chunk_size {chunk_size} must lie in 1..{MAX_PAYLOAD}")
@@ -364,6 +361,6 @@ def iter_chunks(data: bytes, chunk_size: int = DEFAULT_CHUNK) -> Iterator[Tuple[
         yield offset, bytes(view[offset : offset + chunk_size])
 
 
-def wire_time_s(nbytes: int, baudrate: Optional[int]) -> float:
+def wire_time_s(nbytes: int, baudrate: int | None) -> float:
     """Seconds `nbytes` take on a serial line (8N1: 10 bits a byte); 0 for a socket (None)."""
     return 0.0 if not baudrate else nbytes * 10.0 / baudrate

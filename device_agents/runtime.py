@@ -37,7 +37,7 @@ import math
 import os
 import struct
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Union
 
 import numpy as np
 
@@ -115,25 +115,54 @@ def runtime_version() -> str:
 _STR = ("str",)
 _VEC4 = ("vec", 4)
 _ANY_TABLE = ("table", None)
-_QUANTIZATION = {0: ("min", _VEC4), 1: ("max", _VEC4), 2: ("scale", _VEC4),
-                 3: ("zero_point", ("vec", 8)), 5: ("details", _ANY_TABLE)}
-_TENSOR = {0: ("shape", _VEC4), 3: ("name", _STR), 4: ("quantization", ("table", _QUANTIZATION)),
-           6: ("sparsity", _ANY_TABLE), 7: ("shape_signature", _VEC4),
-           9: ("variant_tensors", ("tables", None))}
-_OPERATOR = {1: ("inputs", _VEC4), 2: ("outputs", _VEC4), 4: ("builtin_options", _ANY_TABLE),
-             5: ("custom_options", ("vec", 1)), 7: ("mutating_variable_inputs", ("vec", 1)),
-             8: ("intermediates", _VEC4), 12: ("builtin_options_2", _ANY_TABLE)}
-_SUBGRAPH = {0: ("tensors", ("tables", _TENSOR)), 1: ("inputs", _VEC4), 2: ("outputs", _VEC4),
-             3: ("operators", ("tables", _OPERATOR)), 4: ("name", _STR)}
+_QUANTIZATION = {
+    0: ("min", _VEC4),
+    1: ("max", _VEC4),
+    2: ("scale", _VEC4),
+    3: ("zero_point", ("vec", 8)),
+    5: ("details", _ANY_TABLE),
+}
+_TENSOR = {
+    0: ("shape", _VEC4),
+    3: ("name", _STR),
+    4: ("quantization", ("table", _QUANTIZATION)),
+    6: ("sparsity", _ANY_TABLE),
+    7: ("shape_signature", _VEC4),
+    9: ("variant_tensors", ("tables", None)),
+}
+_OPERATOR = {
+    1: ("inputs", _VEC4),
+    2: ("outputs", _VEC4),
+    4: ("builtin_options", _ANY_TABLE),
+    5: ("custom_options", ("vec", 1)),
+    7: ("mutating_variable_inputs", ("vec", 1)),
+    8: ("intermediates", _VEC4),
+    12: ("builtin_options_2", _ANY_TABLE),
+}
+_SUBGRAPH = {
+    0: ("tensors", ("tables", _TENSOR)),
+    1: ("inputs", _VEC4),
+    2: ("outputs", _VEC4),
+    3: ("operators", ("tables", _OPERATOR)),
+    4: ("name", _STR),
+}
 _TENSOR_MAP = {0: ("name", _STR)}
-_SIGNATURE = {0: ("inputs", ("tables", _TENSOR_MAP)), 1: ("outputs", ("tables", _TENSOR_MAP)),
-              2: ("signature_key", _STR), 3: ("deprecated_tag", _STR)}
+_SIGNATURE = {
+    0: ("inputs", ("tables", _TENSOR_MAP)),
+    1: ("outputs", ("tables", _TENSOR_MAP)),
+    2: ("signature_key", _STR),
+    3: ("deprecated_tag", _STR),
+}
 _BUFFER = {0: ("data", ("vec", 1))}
-_MODEL = {1: ("operator_codes", ("tables", {1: ("custom_code", _STR)})),
-          2: ("subgraphs", ("tables", _SUBGRAPH)), 3: ("description", _STR),
-          4: ("buffers", ("tables", _BUFFER)), 5: ("metadata_buffer", _VEC4),
-          6: ("metadata", ("tables", {0: ("name", _STR)})),
-          7: ("signature_defs", ("tables", _SIGNATURE))}
+_MODEL = {
+    1: ("operator_codes", ("tables", {1: ("custom_code", _STR)})),
+    2: ("subgraphs", ("tables", _SUBGRAPH)),
+    3: ("description", _STR),
+    4: ("buffers", ("tables", _BUFFER)),
+    5: ("metadata_buffer", _VEC4),
+    6: ("metadata", ("tables", {0: ("name", _STR)})),
+    7: ("signature_defs", ("tables", _SIGNATURE)),
+}
 _BUFFER_OFFSET_FIELD, _BUFFER_SIZE_FIELD = 1, 2  # u64 data outside the flatbuffer, from file start
 
 
@@ -253,7 +282,7 @@ def read_model(model: ModelSource) -> tuple[bytes, str]:
     raise ModelError(f"model: expected bytes or a file path, got {type(model).__name__}")
 
 
-def read_artifact(directory: Union[str, Path]) -> tuple[bytes, str, Dict[str, Any]]:
+def read_artifact(directory: str | Path) -> tuple[bytes, str, dict[str, Any]]:
     """(model bytes, a name for messages, manifest) of an artifact directory.
 
     Checks what the runtime relies on: the manifest is a JSON object and, when it names one, the
@@ -264,8 +293,7 @@ def read_artifact(directory: Union[str, Path]) -> tuple[bytes, str, Dict[str, An
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except OSError as e:
-        raise ModelError(f"artifact {str(d)!r}: cannot read {MANIFEST_FILE}: "
-                         f"{e.strerror or e}") from e
+        raise ModelError(f"artifact {str(d)!r}: cannot read {MANIFEST_FILE}: {e.strerror or e}") from e
     except (UnicodeDecodeError, ValueError) as e:
         raise ModelError(f"artifact {str(d)!r}: {MANIFEST_FILE} is not valid JSON: {e}") from e
     if not isinstance(manifest, dict):
@@ -280,7 +308,7 @@ def read_artifact(directory: Union[str, Path]) -> tuple[bytes, str, Dict[str, An
     return data, source, manifest
 
 
-def check_normalisation(norm: Any, size: int, source: str = "model") -> Dict[str, Any]:
+def check_normalisation(norm: Any, size: int, source: str = "model") -> dict[str, Any]:
     """`input_normalisation` as float64 arrays {mean, std, clip}; ModelError names what is bad.
 
     mean and std have one value per element of the (stacked) input; std > 0; clip > 0 or None
@@ -288,27 +316,32 @@ def check_normalisation(norm: Any, size: int, source: str = "model") -> Dict[str
     """
     if not isinstance(norm, dict) or set(norm) != set(NORMALISATION_KEYS):
         got = sorted(norm) if isinstance(norm, dict) else type(norm).__name__
-        raise ModelError(f"{source}: input_normalisation must be a dict with keys "
-                         f"{', '.join(NORMALISATION_KEYS)}; got {got}")
-    out: Dict[str, Any] = {}
+        raise ModelError(
+            f"{source}: input_normalisation must be a dict with keys "
+            f"{', '.join(NORMALISATION_KEYS)}; got {got}"
+        )
+    out: dict[str, Any] = {}
     for key in ("mean", "std"):
         try:
             v = np.asarray(norm[key], np.float64).ravel()
         except (TypeError, ValueError) as e:
-            raise ModelError(f"{source}: input_normalisation.{key} is not a list of numbers: "
-                             f"{e}") from e
+            raise ModelError(f"{source}: input_normalisation.{key} is not a list of numbers: {e}") from e
         if v.size != size:
-            raise ModelError(f"{source}: input_normalisation.{key} has {v.size} values, the "
-                             f"model takes {size}")
+            raise ModelError(
+                f"{source}: input_normalisation.{key} has {v.size} values, the model takes {size}"
+            )
         if not np.all(np.isfinite(v)) or (key == "std" and not np.all(v > 0)):
-            raise ModelError(f"{source}: input_normalisation.{key} must be finite"
-                             + (" and > 0" if key == "std" else "") + f": {v.tolist()}")
+            raise ModelError(
+                f"{source}: input_normalisation.{key} must be finite"
+                + (" and > 0" if key == "std" else "")
+                + f": {v.tolist()}"
+            )
         out[key] = v
     clip = norm["clip"]
-    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
-                             or not math.isfinite(clip) or clip <= 0):
-        raise ModelError(f"{source}: input_normalisation.clip {clip!r} is not a positive number "
-                         "or null")
+    if clip is not None and (
+        isinstance(clip, bool) or not isinstance(clip, (int, float)) or not math.isfinite(clip) or clip <= 0
+    ):
+        raise ModelError(f"{source}: input_normalisation.clip {clip!r} is not a positive number or null")
     out["clip"] = None if clip is None else float(clip)
     return out
 
@@ -339,7 +372,7 @@ class _TensorSpec:
         return self.dtype.kind in "iu" and self.scale > 0.0
 
 
-def _fully_connected_macs(interp: Any) -> Optional[int]:
+def _fully_connected_macs(interp: Any) -> int | None:
     """Multiply-accumulates of one invoke: the weight elements of every FULLY_CONNECTED op
     (robonas policies are MLPs; a batch-1 FC costs one MAC per weight). None when the runtime
     does not list its ops (`_get_ops_details` is private, present in tflite_runtime 2.14 and
@@ -369,16 +402,19 @@ class TFLitePolicy:
     observation to the model as it is (a model that folds normalisation in, or a bare model).
     """
 
-    def __init__(self, model: ModelSource, threads: int = 1,
-                 input_normalisation: Optional[Dict[str, Any]] = None):
+    def __init__(
+        self, model: ModelSource, threads: int = 1, input_normalisation: dict[str, Any] | None = None
+    ):
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise DeviceError(f"threads: {threads!r} is not a positive integer")
-        self.manifest: Optional[Dict[str, Any]] = None
+        self.manifest: dict[str, Any] | None = None
         if isinstance(model, (str, Path)) and Path(model).is_dir():
             data, source, self.manifest = read_artifact(model)
             if input_normalisation is not None:
-                raise ModelError(f"{source}: input_normalisation comes from the artifact's "
-                                 "manifest; do not pass it as well")
+                raise ModelError(
+                    f"{source}: input_normalisation comes from the artifact's "
+                    "manifest; do not pass it as well"
+                )
             input_normalisation = self.manifest.get("input_normalisation")
         else:
             data, source = read_model(model)
@@ -413,23 +449,25 @@ class TFLitePolicy:
         if self.input.quantized:
             info = np.iinfo(self.input.dtype)
             self._in_min, self._in_max = float(info.min), float(info.max)
-        self.input_normalisation: Optional[Dict[str, Any]] = None
+        self.input_normalisation: dict[str, Any] | None = None
         if input_normalisation is not None:
-            self._set_normalisation(check_normalisation(input_normalisation, self.input.size,
-                                                        source))
+            self._set_normalisation(check_normalisation(input_normalisation, self.input.size, source))
 
     @classmethod
-    def from_artifact(cls, directory: Union[str, Path], threads: int = 1) -> "TFLitePolicy":
+    def from_artifact(cls, directory: str | Path, threads: int = 1) -> TFLitePolicy:
         """The policy of an artifact directory (`manifest.json` + `policy.tflite`), normalising
         as its manifest says (no `input_normalisation` there: the identity)."""
         if not Path(directory).is_dir():
             raise ModelError(f"artifact {str(directory)!r}: not a directory")
         return cls(directory, threads=threads)
 
-    def _set_normalisation(self, norm: Dict[str, Any]) -> None:
+    def _set_normalisation(self, norm: dict[str, Any]) -> None:
         """Precompute the per-element affine map (once: a step then costs what it did before)."""
-        self.input_normalisation = {"mean": norm["mean"].tolist(), "std": norm["std"].tolist(),
-                                    "clip": norm["clip"]}
+        self.input_normalisation = {
+            "mean": norm["mean"].tolist(),
+            "std": norm["std"].tolist(),
+            "clip": norm["clip"],
+        }
         mean, std, clip = norm["mean"], norm["std"], norm["clip"]
         shape = self.input.shape
         if self.input.quantized:
@@ -526,8 +564,7 @@ class TFLitePolicy:
         """The output tensor as the model produced it (int8 for an int8 model), a copy."""
         return self._interp.get_tensor(self.output.index)
 
-    def dequantize_output(self, raw: np.ndarray | None = None, out: np.ndarray | None = None
-                          ) -> np.ndarray:
+    def dequantize_output(self, raw: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """The action as float32, shape (output_size,). Written into `out` if given, else into
         an internal buffer that the next step overwrites."""
         if raw is None:

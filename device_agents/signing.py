@@ -15,9 +15,10 @@ import hashlib
 import hmac
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, List, Optional, Tuple, Union
+from typing import Union
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -53,8 +54,8 @@ class Verdict:
 
     ok: bool
     reason: str
-    sha256_ok: Optional[bool]
-    key_id: Optional[str] = None
+    sha256_ok: bool | None
+    key_id: str | None = None
     detail: str = ""
 
     def __bool__(self) -> bool:
@@ -83,9 +84,7 @@ def key_id(public_key: Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
-def generate_keypair(
-    out_dir: PathLike, name: str = "robonas", overwrite: bool = False
-) -> Tuple[Path, Path]:
+def generate_keypair(out_dir: PathLike, name: str = "robonas", overwrite: bool = False) -> tuple[Path, Path]:
     """Write `<name>.key` (PKCS#8 PEM, mode 0600) and `<name>.pub` (PEM) to `out_dir`.
 
     Refuses to replace an existing private key unless `overwrite` is true.
@@ -144,15 +143,13 @@ def load_public_key(source: KeySource) -> Ed25519PublicKey:
             raw = data if len(data) == 32 else base64.b64decode(data.strip(), validate=True)
             key = Ed25519PublicKey.from_public_bytes(raw)
     except (ValueError, TypeError, binascii.Error) as e:
-        raise SigningError(
-            f"{where} is not an Ed25519 public key (PEM, 32 raw bytes or base64): {e}"
-        ) from e
+        raise SigningError(f"{where} is not an Ed25519 public key (PEM, 32 raw bytes or base64): {e}") from e
     if not isinstance(key, Ed25519PublicKey):
         raise SigningError(f"{where} holds a {type(key).__name__}, expected an Ed25519 key")
     return key
 
 
-def load_public_keys(sources: Union[PathLike, Iterable[KeySource]]) -> List[Ed25519PublicKey]:
+def load_public_keys(sources: PathLike | Iterable[KeySource]) -> list[Ed25519PublicKey]:
     """Trusted keys from a directory (every `*.pub` in it), one file, or a list of sources."""
     if isinstance(sources, (str, os.PathLike)):
         path = Path(sources)
@@ -162,16 +159,14 @@ def load_public_keys(sources: Union[PathLike, Iterable[KeySource]]) -> List[Ed25
     return [load_public_key(s) for s in sources]
 
 
-def sign_manifest(manifest: dict, private_key: Union[Ed25519PrivateKey, PathLike]) -> str:
+def sign_manifest(manifest: dict, private_key: Ed25519PrivateKey | PathLike) -> str:
     """Base64 Ed25519 signature over canonical_json(manifest without its `signature` key)."""
     if not isinstance(private_key, Ed25519PrivateKey):
         private_key = load_private_key(private_key)
     return base64.b64encode(private_key.sign(_signed_bytes(manifest))).decode("ascii")
 
 
-def verify_manifest(
-    manifest: dict, signature: Optional[str], trusted_keys: Iterable[KeySource]
-) -> Verdict:
+def verify_manifest(manifest: dict, signature: str | None, trusted_keys: Iterable[KeySource]) -> Verdict:
     """Check only the signature over the manifest (what the agent can do at DEPLOY_BEGIN).
 
     `sha256_ok` is None in the verdict: no model bytes were checked.
@@ -184,7 +179,7 @@ def verify_manifest(
 
 def verify_artifact(
     manifest: dict,
-    signature: Optional[str],
+    signature: str | None,
     model_bytes: bytes,
     trusted_keys: Iterable[KeySource],
 ) -> Verdict:
@@ -208,9 +203,9 @@ def verify_artifact(
 
 def _check_signature(
     manifest: dict,
-    signature: Optional[str],
-    keys: List[Ed25519PublicKey],
-    sha256_ok: Optional[bool],
+    signature: str | None,
+    keys: list[Ed25519PublicKey],
+    sha256_ok: bool | None,
 ) -> Verdict:
     if not signature:
         return Verdict(False, UNSIGNED, sha256_ok, detail="no signature was supplied")
@@ -228,6 +223,4 @@ def _check_signature(
             continue
         return Verdict(True, OK, sha256_ok, key_id=key_id(key))
     ids = ", ".join(key_id(k) for k in keys)
-    return Verdict(
-        False, BAD_SIGNATURE, sha256_ok, detail=f"no trusted key verifies it (tried {ids})"
-    )
+    return Verdict(False, BAD_SIGNATURE, sha256_ok, detail=f"no trusted key verifies it (tried {ids})")

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Union
+from typing import Any
 
 from device_agents.atomic import atomic_write, fsync_dir  # noqa: F401  (re-exported)
 from device_agents.errors import DeviceError
@@ -51,7 +52,7 @@ class SlotInfo:
 
     slot: str
     verdict: Verdict
-    manifest: Optional[dict]
+    manifest: dict | None
     model_path: Path
 
     @property
@@ -59,10 +60,10 @@ class SlotInfo:
         return self.verdict.ok
 
     @property
-    def sha256(self) -> Optional[str]:
+    def sha256(self) -> str | None:
         return None if self.manifest is None else self.manifest.get("sha256")
 
-    def summary(self) -> Dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
         m = self.manifest or {}
         return {
             "verified": self.ok,
@@ -87,7 +88,7 @@ def _check_slot(slot: str) -> str:
 class SlotStore:
     """The two slots and the state file under `state_dir`; see the module docstring."""
 
-    def __init__(self, state_dir: Union[str, Path], trusted_keys: Iterable[KeySource]):
+    def __init__(self, state_dir: str | Path, trusted_keys: Iterable[KeySource]):
         self.root = Path(state_dir)
         self.keys = [load_public_key(k) for k in trusted_keys]
         try:
@@ -95,12 +96,16 @@ class SlotStore:
                 (self.root / "slots" / s).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise SlotError(f"cannot create the state directory {self.root}: {e}") from e
-        self.state: Dict[str, Optional[str]] = self._read_state()
+        self.state: dict[str, str | None] = self._read_state()
 
     # --- state.json ------------------------------------------------------------------------
-    def _read_state(self) -> Dict[str, Optional[str]]:
-        empty: Dict[str, Optional[str]] = {
-            "active": None, "active_sha256": None, "previous": None, "previous_sha256": None}
+    def _read_state(self) -> dict[str, str | None]:
+        empty: dict[str, str | None] = {
+            "active": None,
+            "active_sha256": None,
+            "previous": None,
+            "previous_sha256": None,
+        }
         path = self.root / STATE_FILE
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
@@ -120,17 +125,17 @@ class SlotStore:
                 state[key] = None
         return state
 
-    def _write_state(self, state: Dict[str, Optional[str]]) -> None:
+    def _write_state(self, state: dict[str, str | None]) -> None:
         clean = {k: state.get(k) for k in ("active", "active_sha256", "previous", "previous_sha256")}
         atomic_write(self.root / STATE_FILE, json.dumps(clean, sort_keys=True).encode("utf-8"))
         self.state = clean
 
     @property
-    def active(self) -> Optional[str]:
+    def active(self) -> str | None:
         return self.state.get("active")
 
     @property
-    def previous(self) -> Optional[str]:
+    def previous(self) -> str | None:
         return self.state.get("previous")
 
     def standby(self) -> str:
@@ -149,21 +154,21 @@ class SlotStore:
             manifest = json.loads((d / MANIFEST_FILE).read_text(encoding="utf-8"))
             model = model_path.read_bytes()
         except FileNotFoundError as e:
-            return SlotInfo(slot, Verdict(False, "empty", None, detail=f"{e.filename} missing"),
-                            None, model_path)
+            return SlotInfo(
+                slot, Verdict(False, "empty", None, detail=f"{e.filename} missing"), None, model_path
+            )
         except (OSError, ValueError) as e:
-            return SlotInfo(slot, Verdict(False, "bad manifest", None, detail=str(e)[:200]),
-                            None, model_path)
+            return SlotInfo(slot, Verdict(False, "bad manifest", None, detail=str(e)[:200]), None, model_path)
         if not isinstance(manifest, dict):
             return SlotInfo(slot, Verdict(False, "bad manifest", None), None, model_path)
         try:
-            signature: Optional[str] = (d / SIGNATURE_FILE).read_text(encoding="ascii").strip()
+            signature: str | None = (d / SIGNATURE_FILE).read_text(encoding="ascii").strip()
         except (OSError, ValueError):
             signature = None
         verdict = verify_artifact(manifest, signature or None, model, self.keys)
         return SlotInfo(slot, verdict, manifest, model_path)
 
-    def recover(self) -> Optional[str]:
+    def recover(self) -> str | None:
         """Start-up check: keep the active slot if it verifies, else fall back; returns the
         active slot (None: no verified policy). Leftover temp files are removed."""
         for s in SLOTS:
@@ -173,33 +178,49 @@ class SlotStore:
             stale.unlink()
         info = {s: self.inspect(s) for s in SLOTS}
         active = self.active
-        if active is not None and info[active].ok and (
-                self.state.get("active_sha256") in (None, info[active].sha256)):
-            if self.previous and not (info[self.previous].ok and
-                                      info[self.previous].sha256 == self.state["previous_sha256"]):
+        if (
+            active is not None
+            and info[active].ok
+            and (self.state.get("active_sha256") in (None, info[active].sha256))
+        ):
+            if self.previous and not (
+                info[self.previous].ok and info[self.previous].sha256 == self.state["previous_sha256"]
+            ):
                 self._write_state(dict(self.state, previous=None, previous_sha256=None))
             return active
         candidates = [s for s in SLOTS if s != active and info[s].ok]
         if self.state.get("corrupt") and len(candidates) > 1:
             # no record of which was newer: take the slot written last
-            candidates.sort(key=lambda s: (self.slot_dir(s) / MANIFEST_FILE).stat().st_mtime,
-                            reverse=True)
+            candidates.sort(key=lambda s: (self.slot_dir(s) / MANIFEST_FILE).stat().st_mtime, reverse=True)
         if candidates:
             chosen = candidates[0]
-            log.warning("active slot %s does not verify (%s); falling back to slot %s",
-                        active, info[active].verdict.reason if active else "none", chosen)
-            self._write_state({"active": chosen, "active_sha256": info[chosen].sha256,
-                               "previous": None, "previous_sha256": None})
+            log.warning(
+                "active slot %s does not verify (%s); falling back to slot %s",
+                active,
+                info[active].verdict.reason if active else "none",
+                chosen,
+            )
+            self._write_state(
+                {
+                    "active": chosen,
+                    "active_sha256": info[chosen].sha256,
+                    "previous": None,
+                    "previous_sha256": None,
+                }
+            )
             return chosen
         if active is not None or self.state.get("corrupt"):
-            log.error("no slot verifies (%s); the agent has no policy",
-                      ", ".join(f"{s}: {info[s].verdict.reason}" for s in SLOTS))
-            self._write_state({"active": None, "active_sha256": None,
-                               "previous": None, "previous_sha256": None})
+            log.error(
+                "no slot verifies (%s); the agent has no policy",
+                ", ".join(f"{s}: {info[s].verdict.reason}" for s in SLOTS),
+            )
+            self._write_state(
+                {"active": None, "active_sha256": None, "previous": None, "previous_sha256": None}
+            )
         return None
 
     # --- writing ---------------------------------------------------------------------------
-    def write_standby(self, model: bytes, manifest: dict, signature: Optional[str]) -> str:
+    def write_standby(self, model: bytes, manifest: dict, signature: str | None) -> str:
         """Write an artifact into the standby slot (not yet active); returns the slot name.
 
         The caller has verified it already; it is verified again from disk at commit."""
@@ -231,32 +252,38 @@ class SlotStore:
             raise SlotError(f"slot {slot} does not verify ({info.verdict.reason}); not committed")
         old = self.active
         old_sha = self.state.get("active_sha256")
-        self._write_state({"active": slot, "active_sha256": info.sha256,
-                           "previous": old if old != slot else None,
-                           "previous_sha256": old_sha if old != slot else None})
+        self._write_state(
+            {
+                "active": slot,
+                "active_sha256": info.sha256,
+                "previous": old if old != slot else None,
+                "previous_sha256": old_sha if old != slot else None,
+            }
+        )
 
     def rollback(self) -> str:
         """Switch to the previous slot if it still holds a verified policy; returns it."""
         prev = self.previous
         if prev is None:
-            raise SlotError("no previous policy to roll back to (never replaced, or its slot "
-                            "has been overwritten since)")
+            raise SlotError(
+                "no previous policy to roll back to (never replaced, or its slot has been overwritten since)"
+            )
         info = self.inspect(prev)
         if not info.ok or info.sha256 != self.state.get("previous_sha256"):
             raise SlotError(f"previous slot {prev} no longer verifies ({info.verdict.reason})")
         self.commit(prev)
         return prev
 
-    def status(self) -> Dict[str, Any]:
+    def status(self) -> dict[str, Any]:
         return {
             "active": self.active,
             "previous": self.previous,
             "slots": {s: self.inspect(s).summary() for s in SLOTS},
         }
 
-    def active_info(self) -> Optional[SlotInfo]:
+    def active_info(self) -> SlotInfo | None:
         return None if self.active is None else self.inspect(self.active)
 
 
-def list_slots() -> List[str]:
+def list_slots() -> list[str]:
     return list(SLOTS)

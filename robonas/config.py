@@ -13,7 +13,7 @@ import hashlib
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -25,17 +25,17 @@ class _Section(BaseModel):
 
 
 class StudySection(_Section):
-    name: Optional[str] = Field(None, min_length=1, description="default study name")
+    name: str | None = Field(None, min_length=1, description="default study name")
 
 
 class EnvSection(_Section):
     id: str = Field(description="registered env id, e.g. sim/CartPole-v0")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to sim.make")
     return_target: float = Field(description="return that counts as solved: top of the AUC range")
-    return_floor: Optional[float] = Field(
+    return_floor: float | None = Field(
         None, description="bottom of the AUC range; default: the random policy's measured return"
     )
-    return_max: Optional[float] = Field(
+    return_max: float | None = Field(
         None, description="the most an episode can pay; caps the asymptotic-return estimate"
     )
 
@@ -76,7 +76,7 @@ class DeviceSection(_Section):
 
 class ExecutorSection(_Section):
     kind: Literal["local"] = "local"
-    workers: Optional[int] = Field(None, gt=0)
+    workers: int | None = Field(None, gt=0)
 
 
 class ExportSection(_Section):
@@ -115,8 +115,9 @@ class SearchConfig(_Section):
         keep["budget"] = {k: v for k, v in d["budget"].items() if k not in ("trials", "max_rejections")}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
-    def with_overrides(self, *, trials: int | None = None, steps: int | None = None,
-                       workers: int | None = None) -> SearchConfig:
+    def with_overrides(
+        self, *, trials: int | None = None, steps: int | None = None, workers: int | None = None
+    ) -> SearchConfig:
         budget = self.budget.model_copy(
             update={k: v for k, v in (("trials", trials), ("steps_per_trial", steps)) if v is not None}
         )

@@ -25,11 +25,12 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from robonas.errors import RobonasError
 
@@ -44,10 +45,14 @@ class ActSpec:
 
 
 ACTS = (
-    ActSpec("host", "this machine: two cart-poles, one behind a slow link",
-            (("lab-a", "sim:cartpole-lab-a"), ("laggy-c", "sim:cartpole-laggy-c"))),
-    ActSpec("mcu", "a microcontroller robot far slower than its device prior",
-            (("mcu", "sim:cartpole-mcu-slow"),)),
+    ActSpec(
+        "host",
+        "this machine: two cart-poles, one behind a slow link",
+        (("lab-a", "sim:cartpole-lab-a"), ("laggy-c", "sim:cartpole-laggy-c")),
+    ),
+    ActSpec(
+        "mcu", "a microcontroller robot far slower than its device prior", (("mcu", "sim:cartpole-mcu-slow"),)
+    ),
 )
 
 
@@ -69,14 +74,34 @@ class DemoSettings:
     @classmethod
     def for_mode(cls, quick: bool) -> DemoSettings:
         if quick:
-            return cls(trials=3, steps=6000, mcu_trials=4, mcu_steps=6000, mcu_next_trials=2,
-                       checkpoints=3,
-                       eval_episodes=3, export_top=2, canary_episodes=1, run_episodes=3,
-                       latency_probes=6, bench_runs=200)
-        return cls(trials=6, steps=20000, mcu_trials=6, mcu_steps=25000, mcu_next_trials=4,
-                   checkpoints=5,
-                   eval_episodes=5, export_top=3, canary_episodes=2, run_episodes=8,
-                   latency_probes=12, bench_runs=500)
+            return cls(
+                trials=3,
+                steps=6000,
+                mcu_trials=4,
+                mcu_steps=6000,
+                mcu_next_trials=2,
+                checkpoints=3,
+                eval_episodes=3,
+                export_top=2,
+                canary_episodes=1,
+                run_episodes=3,
+                latency_probes=6,
+                bench_runs=200,
+            )
+        return cls(
+            trials=6,
+            steps=20000,
+            mcu_trials=6,
+            mcu_steps=25000,
+            mcu_next_trials=4,
+            checkpoints=5,
+            eval_episodes=5,
+            export_top=3,
+            canary_episodes=2,
+            run_episodes=8,
+            latency_probes=12,
+            bench_runs=500,
+        )
 
 
 @dataclass
@@ -111,15 +136,23 @@ class DemoResult:
     acts: dict[str, ActResult] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"workdir": str(self.workdir), "wall_s": self.wall_s, "phases": self.phases,
-                "acts": {k: a.to_dict() for k, a in self.acts.items()}}
+        return {
+            "workdir": str(self.workdir),
+            "wall_s": self.wall_s,
+            "phases": self.phases,
+            "acts": {k: a.to_dict() for k, a in self.acts.items()},
+        }
 
 
 def _config(data: dict[str, Any], origin: str, trials: int, steps: int, settings: DemoSettings):
     from robonas.config import parse_config
 
-    data["budget"].update(trials=trials, steps_per_trial=steps, checkpoints=settings.checkpoints,
-                          eval_episodes=settings.eval_episodes)
+    data["budget"].update(
+        trials=trials,
+        steps_per_trial=steps,
+        checkpoints=settings.checkpoints,
+        eval_episodes=settings.eval_episodes,
+    )
     return parse_config(data, origin)
 
 
@@ -130,11 +163,17 @@ def demo_config(settings: DemoSettings, act: str = "host", extra_trials: int = 0
 
     if act == "host":
         text = resources.files("robonas").joinpath("data/demo.toml").read_text()
-        return _config(tomllib.loads(text), "robonas/data/demo.toml", settings.trials,
-                       settings.steps, settings)
+        return _config(
+            tomllib.loads(text), "robonas/data/demo.toml", settings.trials, settings.steps, settings
+        )
     path = REPO / "launch" / "cartpole-mcu.toml"
-    return _config(tomllib.loads(path.read_text()), str(path), settings.mcu_trials + extra_trials,
-                   settings.mcu_steps, settings)
+    return _config(
+        tomllib.loads(path.read_text()),
+        str(path),
+        settings.mcu_trials + extra_trials,
+        settings.mcu_steps,
+        settings,
+    )
 
 
 def _ranking(store, study: str) -> list[dict[str, Any]]:
@@ -146,8 +185,14 @@ def _ranking(store, study: str) -> list[dict[str, Any]]:
 class _Demo:
     """The steps both acts share; one instance per demo run."""
 
-    def __init__(self, workdir: Path, settings: DemoSettings, say: Callable[[str], None],
-                 progress_hooks: Any, result: DemoResult):
+    def __init__(
+        self,
+        workdir: Path,
+        settings: DemoSettings,
+        say: Callable[[str], None],
+        progress_hooks: Any,
+        result: DemoResult,
+    ):
         from device_agents.signing import generate_keypair
         from robonas.store import Store
 
@@ -164,8 +209,10 @@ class _Demo:
         from robonas.search.loop import Search, SearchPlan, default_workers
 
         t0 = time.perf_counter()
-        self.say(f"{step} search: {cfg.budget.trials} trials x {cfg.budget.steps_per_trial} env "
-                 f"steps on {cfg.env.id}, device {cfg.device.profile}")
+        self.say(
+            f"{step} search: {cfg.budget.trials} trials x {cfg.budget.steps_per_trial} env "
+            f"steps on {cfg.env.id}, device {cfg.device.profile}"
+        )
         plan = SearchPlan.build(cfg, act.study)
         summary = Search(plan, self.store, min(default_workers(), 2), self.hooks).run()
         if summary.interrupted:
@@ -173,8 +220,9 @@ class _Demo:
         self.phase(f"{act.name}.{phase}", t0)
         rows = _ranking(self.store, act.study)
         if not rows:
-            raise RobonasError(f"demo: the search produced no complete trial; see "
-                               f"`robonas top {act.study} --all`")
+            raise RobonasError(
+                f"demo: the search produced no complete trial; see `robonas top {act.study} --all`"
+            )
         return plan, rows
 
     def export_top(self, act: ActResult, step: str, top: int | None) -> dict[int, Path]:
@@ -183,8 +231,11 @@ class _Demo:
         from robonas.export.trial_export import ExportRefused, export_trial
 
         t0 = time.perf_counter()
-        self.say(f"{step} export: " + (f"top {top} candidates" if top else "every trial")
-                 + " to signed int8 TFLite")
+        self.say(
+            f"{step} export: "
+            + (f"top {top} candidates" if top else "every trial")
+            + " to signed int8 TFLite"
+        )
         artifacts: dict[int, Path] = {}
         for row in act.before:
             if top is not None and len(artifacts) >= top:
@@ -200,9 +251,11 @@ class _Demo:
                 self.say(f"      trial {row['trial']}: exported as fp32 instead")
             artifacts[row["trial"]] = exp.path
             parity = exp.manifest.get("parity") or {}
-            self.say(f"      trial {row['trial']} ({row['arch']}): {exp.path.name}, int8 return "
-                     f"{parity.get('tflite_return', float('nan')):.1f} vs torch "
-                     f"{parity.get('torch_return', float('nan')):.1f}")
+            self.say(
+                f"      trial {row['trial']} ({row['arch']}): {exp.path.name}, int8 return "
+                f"{parity.get('tflite_return', float('nan')):.1f} vs torch "
+                f"{parity.get('torch_return', float('nan')):.1f}"
+            )
         act.exported = list(artifacts)
         self.phase(f"{act.name}.export", t0)
         if not artifacts:
@@ -216,11 +269,12 @@ class _Demo:
 
         s = self.settings
         t0 = time.perf_counter()
-        self.say(f"{step} deploy each artifact (canary {s.canary_episodes} episodes), then "
-                 f"{s.run_episodes} episodes per robot")
+        self.say(
+            f"{step} deploy each artifact (canary {s.canary_episodes} episodes), then "
+            f"{s.run_episodes} episodes per robot"
+        )
         for trial_id, path in artifacts.items():
-            res = rollout(path, inventory, canary_count=1, episodes=s.canary_episodes,
-                          store=self.store)
+            res = rollout(path, inventory, canary_count=1, episodes=s.canary_episodes, store=self.store)
             for r in res.robots:
                 if not r.ok:
                     act.notes.append(f"trial {trial_id} on {r.name}: {r.status} {r.reason}")
@@ -233,9 +287,11 @@ class _Demo:
                 ref = artifact_for_sha(self.store, e.name, report.get("sha256"))
                 record_report(self.store, e.name, "run", report, ref, episodes=s.run_episodes, seed=100)
                 act.measured.setdefault(trial_id, {})[e.name] = float(report["mean_return"])
-                self.say(f"      trial {trial_id} on {e.name}: mean return {report['mean_return']:.1f}, "
-                         f"step p50/p99 {report['timings_ms']['p50']:.3f}/"
-                         f"{report['timings_ms']['p99']:.3f} ms")
+                self.say(
+                    f"      trial {trial_id} on {e.name}: mean return {report['mean_return']:.1f}, "
+                    f"step p50/p99 {report['timings_ms']['p50']:.3f}/"
+                    f"{report['timings_ms']['p99']:.3f} ms"
+                )
         self.phase(f"{act.name}.deploy_and_run", t0)
 
     @contextmanager
@@ -245,10 +301,12 @@ class _Demo:
         from robonas.fleet.local_agents import LocalAgent, write_fleet
 
         t0 = time.perf_counter()
-        self.say(f"{step} robots: " + ", ".join(f"{n} ({r}, device {device})" for n, r in spec.robots)
-                 + " as local agent processes")
-        agents = [LocalAgent(n, r, device, self.workdir / "agents" / n, self.pub)
-                  for n, r in spec.robots]
+        self.say(
+            f"{step} robots: "
+            + ", ".join(f"{n} ({r}, device {device})" for n, r in spec.robots)
+            + " as local agent processes"
+        )
+        agents = [LocalAgent(n, r, device, self.workdir / "agents" / n, self.pub) for n, r in spec.robots]
         try:
             for a in agents:
                 a.start()
@@ -287,18 +345,26 @@ def _host_act(demo: _Demo, spec: ActSpec) -> ActResult:
         say(f"[5/7] latency calibration: {s.latency_probes} probe architectures BENCHed on {lab.name}")
         with AgentClient(lab.link, lab.timeout_s, name=lab.name) as client:
             _, version, m = calibrate_latency_on_agent(
-                demo.store, client, lab.name, lab.device, plan.space, s.latency_probes, s.bench_runs)
+                demo.store, client, lab.name, lab.device, plan.space, s.latency_probes, s.bench_runs
+            )
         act.latency = {"version": version, **{k: v for k, v in m.items() if k != "holdout"}}
-        say(f"      held-out MAPE {m['holdout_mape']:.1%} (prior {m['prior_holdout_mape']:.1%}), "
-            f"within +-10%: {m['holdout_within_10pct']:.0%}")
+        say(
+            f"      held-out MAPE {m['holdout_mape']:.1%} (prior {m['prior_holdout_mape']:.1%}), "
+            f"within +-10%: {m['holdout_within_10pct']:.0%}"
+        )
         demo.phase(f"{spec.name}.latency_calibration", t0)
 
     t0 = time.perf_counter()
     say("[6/7] gap calibration from every (trial, robot) report; re-rank")
     try:
         _, gversion, gm = calibrate_gap(demo.store, act.study)
-        act.gap = {"version": gversion, "n": gm["n"], "mae": gm["mae"],
-                   "mae_share_of_range": gm["mae_share_of_range"], "coefficients": gm["coefficients"]}
+        act.gap = {
+            "version": gversion,
+            "n": gm["n"],
+            "mae": gm["mae"],
+            "mae_share_of_range": gm["mae_share_of_range"],
+            "coefficients": gm["coefficients"],
+        }
     except RobonasError as e:
         act.notes.append(str(e))
     rescore_study(demo.store, act.study)
@@ -331,12 +397,18 @@ def _mcu_act(demo: _Demo, spec: ActSpec) -> ActResult:
     study_id = demo.store.get_study(act.study).id
     gap = demo.store.latest_model_version("gap", study_id=study_id)
     if gap is not None:
-        act.gap = {"version": gap.version, "n": gap.metrics["n"], "mae": gap.metrics["mae"],
-                   "mae_share_of_range": gap.metrics["mae_share_of_range"]}
+        act.gap = {
+            "version": gap.version,
+            "n": gap.metrics["n"],
+            "mae": gap.metrics["mae"],
+            "mae_share_of_range": gap.metrics["mae_share_of_range"],
+        }
     latency = demo.store.latest_model_version("latency", device=cfg.device.profile)
     if latency is not None:
-        act.latency = {"version": latency.version,
-                       **{k: v for k, v in latency.metrics.items() if k != "holdout"}}
+        act.latency = {
+            "version": latency.version,
+            **{k: v for k, v in latency.metrics.items() if k != "holdout"},
+        }
     act.after = _ranking(demo.store, act.study)
     demo.phase(f"{spec.name}.recalibrate", t0)
 
@@ -344,16 +416,26 @@ def _mcu_act(demo: _Demo, spec: ActSpec) -> ActResult:
     known = {t.id for t in demo.store.trials(study_id)}
     extra = demo.settings.mcu_next_trials
     _, ranked = demo.search(
-        demo_config(demo.settings, "mcu", extra), act,
+        demo_config(demo.settings, "mcu", extra),
+        act,
         f"[6/6] next candidates ({extra} more, asked and scored with the calibrated models):",
-        phase="next_search")
+        phase="next_search",
+    )
     rank = {r["trial"]: r["rank"] for r in ranked}
     for t in demo.store.trials(study_id):
         if t.id not in known:
             m = t.metrics or {}
-            act.next.append({"trial": t.id, "arch": PolicyArch.from_json(t.arch_json).describe(),
-                             "status": t.status, "reason": t.error, "rank": rank.get(t.id),
-                             "p99_ms": m.get("p99_ms"), "latency_model": m.get("latency_model")})
+            act.next.append(
+                {
+                    "trial": t.id,
+                    "arch": PolicyArch.from_json(t.arch_json).describe(),
+                    "status": t.status,
+                    "reason": t.error,
+                    "rank": rank.get(t.id),
+                    "p99_ms": m.get("p99_ms"),
+                    "latency_model": m.get("latency_model"),
+                }
+            )
     for line in next_summary(act):
         demo.say(f"      {line}")
     demo.report(act, f"report-{spec.name}.html")
@@ -361,8 +443,13 @@ def _mcu_act(demo: _Demo, spec: ActSpec) -> ActResult:
     return act
 
 
-def run_demo(workdir: Path, quick: bool = False, fresh: bool = True,
-             say: Callable[[str], None] = print, progress_hooks: Any = None) -> DemoResult:
+def run_demo(
+    workdir: Path,
+    quick: bool = False,
+    fresh: bool = True,
+    say: Callable[[str], None] = print,
+    progress_hooks: Any = None,
+) -> DemoResult:
     settings = DemoSettings.for_mode(quick)
     workdir = Path(workdir).resolve()
     if fresh and workdir.exists():
@@ -395,11 +482,15 @@ def explain(act: ActResult) -> list[str]:
         why = []
         if real:
             robots = ", ".join(f"{k} {v:.0f}" for k, v in real.items())
-            why.append(f"robots measured {robots} against a simulated asymptote of {b['asymptotic_return']:.0f}")
+            why.append(
+                f"robots measured {robots} against a simulated asymptote of {b['asymptotic_return']:.0f}"
+            )
         dp = (r["p99_ms"] or 0) - (b["p99_ms"] or 0)
         if b["p99_ms"] and abs(dp) / b["p99_ms"] > 0.1:
-            why.append(f"p99 latency {_ms(b['p99_ms'])} -> {_ms(r['p99_ms'])} (calibrated"
-                       + (", over the budget)" if r.get("within_budget") is False else ")"))
+            why.append(
+                f"p99 latency {_ms(b['p99_ms'])} -> {_ms(r['p99_ms'])} (calibrated"
+                + (", over the budget)" if r.get("within_budget") is False else ")")
+            )
         lines.append(
             f"trial {r['trial']} {r['arch']}: rank {b['rank']} -> {r['rank']}, predicted real return "
             f"{b['predicted_real_return']:.0f} -> {r['predicted_real_return']:.0f}"
@@ -416,8 +507,10 @@ def next_summary(act: ActResult) -> list[str]:
         if n["status"] == "rejected":
             rejected.setdefault(n["arch"], []).append(n)
         else:
-            lines.append(f"trial {n['trial']} {n['arch']}: {n['status']}, p99 {_ms(n['p99_ms'])} "
-                         f"by {n['latency_model']}, rank {n['rank']}")
+            lines.append(
+                f"trial {n['trial']} {n['arch']}: {n['status']}, p99 {_ms(n['p99_ms'])} "
+                f"by {n['latency_model']}, rank {n['rank']}"
+            )
     for arch, rows in rejected.items():
         lines.append(f"{arch}: asked {len(rows)} time(s), rejected untrained: {rows[0]['reason']}")
     return lines

@@ -61,42 +61,67 @@ def learning_curves_png(curves: Mapping[str, Sequence[tuple[int, float, float]]]
         mean = [p[1] for p in points]
         std = [p[2] for p in points]
         (line,) = ax.plot(steps, mean, marker="o", markersize=3, label=label)
-        ax.fill_between(steps, [m - s for m, s in zip(mean, std, strict=True)],
-                        [m + s for m, s in zip(mean, std, strict=True)],
-                        color=line.get_color(), alpha=0.15)
+        ax.fill_between(
+            steps,
+            [m - s for m, s in zip(mean, std, strict=True)],
+            [m + s for m, s in zip(mean, std, strict=True)],
+            color=line.get_color(),
+            alpha=0.15,
+        )
     if ax.lines:
         ax.legend(fontsize="small", loc="best")
     return _png(fig)
 
 
-def pareto_png(points: Sequence[ParetoPoint], budget_ms: float | None = None,
-               rejected_p99_ms: Sequence[float] = ()) -> bytes:
+def pareto_png(
+    points: Sequence[ParetoPoint], budget_ms: float | None = None, rejected_p99_ms: Sequence[float] = ()
+) -> bytes:
     """Predicted real return against p99 latency; front joined by a step line, budget dashed.
 
     Rejected candidates have no return (they were never trained), so their predicted latency is
     drawn as marks along the bottom edge of the axes.
     """
-    fig, ax = _new("Predicted real return vs p99 latency", "p99 latency (ms)",
-                   "predicted real return")
+    fig, ax = _new("Predicted real return vs p99 latency", "p99 latency (ms)", "predicted real return")
     rest = [p for p in points if not p.on_front]
     front = sorted((p for p in points if p.on_front), key=lambda p: p.p99_ms)
     if rest:
-        ax.scatter([p.p99_ms for p in rest], [p.predicted_real_return for p in rest],
-                   color="tab:gray", alpha=0.7, label="complete trials")
+        ax.scatter(
+            [p.p99_ms for p in rest],
+            [p.predicted_real_return for p in rest],
+            color="tab:gray",
+            alpha=0.7,
+            label="complete trials",
+        )
     if front:
-        ax.plot([p.p99_ms for p in front], [p.predicted_real_return for p in front],
-                color="tab:red", marker="o", drawstyle="steps-post", label="Pareto front")
+        ax.plot(
+            [p.p99_ms for p in front],
+            [p.predicted_real_return for p in front],
+            color="tab:red",
+            marker="o",
+            drawstyle="steps-post",
+            label="Pareto front",
+        )
         for p in front:
-            ax.annotate(p.label, (p.p99_ms, p.predicted_real_return), fontsize="x-small",
-                        xytext=(4, 4), textcoords="offset points")
+            ax.annotate(
+                p.label,
+                (p.p99_ms, p.predicted_real_return),
+                fontsize="x-small",
+                xytext=(4, 4),
+                textcoords="offset points",
+            )
     if rejected_p99_ms:
         # x in data units, y in axes units: a rug just above the bottom edge.
-        ax.plot(list(rejected_p99_ms), [0.02] * len(rejected_p99_ms), linestyle="none",
-                marker="x", color="tab:purple", transform=ax.get_xaxis_transform(),
-                label="rejected (predicted p99)")
+        ax.plot(
+            list(rejected_p99_ms),
+            [0.02] * len(rejected_p99_ms),
+            linestyle="none",
+            marker="x",
+            color="tab:purple",
+            transform=ax.get_xaxis_transform(),
+            label="rejected (predicted p99)",
+        )
     if budget_ms is not None:
-        ax.axvline(budget_ms, color="tab:orange", linestyle="--",
-                   label=f"latency budget {budget_ms:g} ms")
+        ax.axvline(budget_ms, color="tab:orange", linestyle="--", label=f"latency budget {budget_ms:g} ms")
     if ax.lines or ax.collections:
         ax.legend(fontsize="small", loc="best")
     return _png(fig)
@@ -118,18 +143,22 @@ def latency_scatter_png(series: Mapping[str, Sequence[tuple[float, float]]]) -> 
 
 def gap_png(points: Sequence[GapPoint]) -> bytes:
     """Real return on the robot against predicted real return, with the prediction's interval."""
-    fig, ax = _new("Gap model: predicted vs real return", "predicted real return",
-                   "real return (robot)")
+    fig, ax = _new("Gap model: predicted vs real return", "predicted real return", "real return (robot)")
     if points:
         x = [p.predicted for p in points]
         y = [p.real for p in points]
         # Error bars are horizontal: the uncertainty belongs to the prediction, not the robot.
         lower = [p.predicted - p.lo if p.lo is not None else 0.0 for p in points]
         upper = [p.hi - p.predicted if p.hi is not None else 0.0 for p in points]
-        ax.errorbar(x, y, xerr=[[max(v, 0.0) for v in lower], [max(v, 0.0) for v in upper]],
-                    fmt="o", capsize=3, label="trials")
-        ends = x + y + [p.lo for p in points if p.lo is not None] + \
-            [p.hi for p in points if p.hi is not None]
+        ax.errorbar(
+            x,
+            y,
+            xerr=[[max(v, 0.0) for v in lower], [max(v, 0.0) for v in upper]],
+            fmt="o",
+            capsize=3,
+            label="trials",
+        )
+        ends = x + y + [p.lo for p in points if p.lo is not None] + [p.hi for p in points if p.hi is not None]
         lo, hi = min(ends), max(ends)
         ax.plot([lo, hi], [lo, hi], color="black", linestyle=":", label="y = x")
         ax.legend(fontsize="small", loc="best")

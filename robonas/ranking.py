@@ -53,8 +53,9 @@ def latency_metrics(arch: PolicyArch, ctx: ScoringContext) -> dict[str, Any]:
     }
 
 
-def with_measurements(prior_mean: float, prior_std: float, returns: list[float],
-                      return_range: float) -> tuple[float, float]:
+def with_measurements(
+    prior_mean: float, prior_std: float, returns: list[float], return_range: float
+) -> tuple[float, float]:
     """Combine the model's predicted real return with the trial's own real episodes.
 
     A Gaussian update: the model's prediction is the prior, the measured episodes the data
@@ -70,8 +71,12 @@ def with_measurements(prior_mean: float, prior_std: float, returns: list[float],
     return float(mean), float(math.sqrt(1.0 / precision))
 
 
-def score(arch: PolicyArch, sim_figures: dict[str, Any], ctx: ScoringContext,
-          measured_returns: list[float] | None = None) -> dict[str, Any]:
+def score(
+    arch: PolicyArch,
+    sim_figures: dict[str, Any],
+    ctx: ScoringContext,
+    measured_returns: list[float] | None = None,
+) -> dict[str, Any]:
     """Metrics of a trained trial: its simulation figures plus latency, gap and objective.
 
     `measured_returns`: the trial's real episodes from robots, if any; they update the
@@ -98,8 +103,9 @@ def score(arch: PolicyArch, sim_figures: dict[str, Any], ctx: ScoringContext,
         m["model_real_return"], m["model_real_std"] = real_mean, real_std
         m["measured_real_return"] = float(np.mean(measured_returns))
         m["measured_episodes"] = len(measured_returns)
-        real_mean, real_std = with_measurements(real_mean, real_std, measured_returns,
-                                                ctx.return_hi - ctx.return_lo)
+        real_mean, real_std = with_measurements(
+            real_mean, real_std, measured_returns, ctx.return_hi - ctx.return_lo
+        )
     obj = objective(float(m["auc"]), real_mean, ctx.return_lo, ctx.return_hi, ctx.weights)
     obj_std = objective_std(real_std, ctx.return_lo, ctx.return_hi, ctx.weights)
     m.update(

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from robonas import plots
 from device_agents.atomic import atomic_write
+from robonas import plots
 from robonas.errors import RobonasError
 from robonas.scoring import pareto_front
 from robonas.store import DeploymentRow, DeviceReportRow, ModelVersionRow, Store, TrialRow
@@ -89,8 +89,9 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], text_cols: int
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
     body = []
     for row in rows:
-        cells = "".join(f'<td class="t">{c}</td>' if i < text_cols else f"<td>{c}</td>"
-                        for i, c in enumerate(row))
+        cells = "".join(
+            f'<td class="t">{c}</td>' if i < text_cols else f"<td>{c}</td>" for i, c in enumerate(row)
+        )
         body.append(f"<tr>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
@@ -145,14 +146,14 @@ class _StudyData:
         self.arch_ids = {t.arch_id for t in self.trials}
         self.curves = {r["trial"]: store.curve(r["trial"]) for r in self.ranked["rows"][:TOP_CURVES]}
         # artifact id -> trial id, for every artifact made from this study's trials
-        self.artifact_trial: dict[int, int] = {
-            a.id: t.id for t in self.trials for a in store.artifacts(t.id)
-        }
+        self.artifact_trial: dict[int, int] = {a.id: t.id for t in self.trials for a in store.artifacts(t.id)}
         self.deployments: list[DeploymentRow] = [
             d for d in store.deployments() if d.artifact_id in self.artifact_trial
         ]
         self.reports: list[DeviceReportRow] = [
-            r for r in store.device_reports() if self.report_trial(r) is not None
+            r
+            for r in store.device_reports()
+            if self.report_trial(r) is not None
             or (r.kind == "bench" and r.payload.get("arch_id") in self.arch_ids)
         ]
         search = self.study.config.get("search") or {}
@@ -162,8 +163,11 @@ class _StudyData:
         device = self.section("device").get("profile")
         mine = (None, self.study.id)
         self.models: dict[str, list[ModelVersionRow]] = {
-            "latency": [m for m in store.model_versions("latency")
-                        if m.study_id in mine and (device is None or m.device == device)],
+            "latency": [
+                m
+                for m in store.model_versions("latency")
+                if m.study_id in mine and (device is None or m.device == device)
+            ],
             "gap": [m for m in store.model_versions("gap") if m.study_id in mine],
         }
         self.devices = {x.name: x for x in store.devices()}
@@ -189,13 +193,20 @@ def _summary(d: _StudyData) -> str:
     s = d.status
     resolved = d.study.config.get("resolved") or {}
     facts = [
-        ("study", _e(d.study.name)), ("status", _e(s["status"])), ("env", _e(s["env"])),
+        ("study", _e(d.study.name)),
+        ("status", _e(s["status"])),
+        ("env", _e(s["env"])),
         ("device profile", _e(s["device"])),
         ("latency budget (p99)", f"{_fmt(d.budget_ms)} ms" if d.budget_ms is not None else ""),
-        ("return range", f"{_fmt(resolved.get('return_lo'))} .. {_fmt(resolved.get('return_hi'))}"
-         if isinstance(resolved, Mapping) else ""),
+        (
+            "return range",
+            f"{_fmt(resolved.get('return_lo'))} .. {_fmt(resolved.get('return_hi'))}"
+            if isinstance(resolved, Mapping)
+            else "",
+        ),
         ("trials", ", ".join(f"{_e(k)} {n}" for k, n in s["counts"].items())),
-        ("env steps", _fmt(s["env_steps"])), ("wall time", f"{_fmt(s['wall_s'])} s"),
+        ("env steps", _fmt(s["env_steps"])),
+        ("wall time", f"{_fmt(s['wall_s'])} s"),
         ("ranked by", _e(d.ranked["ranked_by"])),
         ("models", _e(", ".join(f"{k} {v}" for k, v in d.ranked["models"].items()))),
         ("updated", _e(_time(s["updated_at"]))),
@@ -204,12 +215,44 @@ def _summary(d: _StudyData) -> str:
     rows = d.ranked["rows"]
     if not rows:
         return body + _empty("no complete trials yet")
-    head = ("rank", "trial", "architecture", "pareto", "objective", "objective lcb", "auc",
-            "asymptotic", "robustness", "pred. real", "p50 ms", "p99 ms", "params")
-    cells = ([_e(r["rank"]), _e(r["trial"]), _e(r["arch"]), "&#9733;" if r["pareto"] else "",
-              *(_fmt(r[k]) for k in ("objective", "objective_lcb", "auc", "asymptotic_return",
-                                     "robustness_return", "predicted_real_return", "p50_ms",
-                                     "p99_ms", "params"))] for r in rows)
+    head = (
+        "rank",
+        "trial",
+        "architecture",
+        "pareto",
+        "objective",
+        "objective lcb",
+        "auc",
+        "asymptotic",
+        "robustness",
+        "pred. real",
+        "p50 ms",
+        "p99 ms",
+        "params",
+    )
+    cells = (
+        [
+            _e(r["rank"]),
+            _e(r["trial"]),
+            _e(r["arch"]),
+            "&#9733;" if r["pareto"] else "",
+            *(
+                _fmt(r[k])
+                for k in (
+                    "objective",
+                    "objective_lcb",
+                    "auc",
+                    "asymptotic_return",
+                    "robustness_return",
+                    "predicted_real_return",
+                    "p50_ms",
+                    "p99_ms",
+                    "params",
+                )
+            ),
+        ]
+        for r in rows
+    )
     return body + "<h3>Best trials</h3>" + _table(head, cells, text_cols=3)
 
 
@@ -228,22 +271,29 @@ def _pareto(d: _StudyData) -> str:
         ret, p99 = _float(m.get("predicted_real_return")), _float(m.get("p99_ms"))
         if t.status == "complete" and ret is not None and p99 is not None:
             pts.append((t, ret, p99))
-    rejected = [p99 for t in d.trials if t.status == "rejected"
-                if (p99 := _float((t.metrics or {}).get("p99_ms"))) is not None]
+    rejected = [
+        p99
+        for t in d.trials
+        if t.status == "rejected"
+        if (p99 := _float((t.metrics or {}).get("p99_ms"))) is not None
+    ]
     if not pts and not rejected:
         return _empty("no complete trials yet")
     front = set(pareto_front((t.id, ret, p99) for t, ret, p99 in pts))
     points = [plots.ParetoPoint(f"trial {t.id}", ret, p99, t.id in front) for t, ret, p99 in pts]
-    body = _img(plots.pareto_png(points, d.budget_ms, rejected),
-                "predicted real return against p99 latency")
+    body = _img(plots.pareto_png(points, d.budget_ms, rejected), "predicted real return against p99 latency")
     on_front = sorted((p for p in points if p.on_front), key=lambda p: p.p99_ms)
     if on_front:
-        body += _table(("front", "pred. real return", "p99 ms"),
-                       ([_e(p.label), _fmt(p.predicted_real_return), _fmt(p.p99_ms)]
-                        for p in on_front), text_cols=1)
+        body += _table(
+            ("front", "pred. real return", "p99 ms"),
+            ([_e(p.label), _fmt(p.predicted_real_return), _fmt(p.p99_ms)] for p in on_front),
+            text_cols=1,
+        )
     if rejected:
-        body += f"<p>{len(rejected)} candidate(s) rejected before training (predicted p99 " \
-                f"over the budget), marked &#215; along the bottom.</p>"
+        body += (
+            f"<p>{len(rejected)} candidate(s) rejected before training (predicted p99 "
+            f"over the budget), marked &#215; along the bottom.</p>"
+        )
     return body
 
 
@@ -274,15 +324,25 @@ def _latency_points(d: _StudyData) -> dict[str, list[tuple[float, float]]]:
 def _model_table(models: Sequence[ModelVersionRow]) -> str:
     """One row per fit: version, scope, time and its scalar metrics (lists are left out)."""
     keys = sorted({k for m in models for k, v in m.metrics.items() if _float(v) is not None})
-    rows = ([_e(m.version), _e(m.device or "any"), _e(_time(m.created_at)),
-             *(_fmt(m.metrics.get(k)) for k in keys)] for m in models)
+    rows = (
+        [
+            _e(m.version),
+            _e(m.device or "any"),
+            _e(_time(m.created_at)),
+            *(_fmt(m.metrics.get(k)) for k in keys),
+        ]
+        for m in models
+    )
     return _table(("version", "device", "fitted", *keys), rows, text_cols=3)
 
 
 def _latency_model(d: _StudyData) -> str:
     series = _latency_points(d)
-    body = (_img(plots.latency_scatter_png(series), "predicted against measured latency")
-            if series else _empty("no measurements yet"))
+    body = (
+        _img(plots.latency_scatter_png(series), "predicted against measured latency")
+        if series
+        else _empty("no measurements yet")
+    )
     if d.models["latency"]:
         body += "<h3>Latency model versions</h3>" + _model_table(d.models["latency"])
     return body
@@ -316,8 +376,11 @@ def _gap_points(d: _StudyData) -> tuple[list[plots.GapPoint], str]:
 
 def _gap_model(d: _StudyData) -> str:
     pts, source = _gap_points(d)
-    body = (_img(plots.gap_png(pts), "predicted against real return") + f"<p>{_e(source)}</p>"
-            if pts else _empty("no robot reports yet"))
+    body = (
+        _img(plots.gap_png(pts), "predicted against real return") + f"<p>{_e(source)}</p>"
+        if pts
+        else _empty("no robot reports yet")
+    )
     if d.models["gap"]:
         body += "<h3>Gap model versions</h3>" + _model_table(d.models["gap"])
     return body
@@ -327,10 +390,17 @@ def _report_cells(d: _StudyData, r: DeviceReportRow) -> list[str]:
     trial = d.report_trial(r)
     returns, timings = _returns(r.payload), _report_timings(r)
     sha = r.payload.get("sha256")
-    return [_e(_time(r.created_at)), _e(r.kind), _e("" if trial is None else trial.id),
-            _fmt(float(np.mean(returns))) if returns else "", _e(len(returns) or ""),
-            _fmt(timings.get("p50")), _fmt(timings.get("p99")),
-            _fmt(r.payload.get("deadline_misses")), _e(sha[:12] if isinstance(sha, str) else "")]
+    return [
+        _e(_time(r.created_at)),
+        _e(r.kind),
+        _e("" if trial is None else trial.id),
+        _fmt(float(np.mean(returns))) if returns else "",
+        _e(len(returns) or ""),
+        _fmt(timings.get("p50")),
+        _fmt(timings.get("p99")),
+        _fmt(r.payload.get("deadline_misses")),
+        _e(sha[:12] if isinstance(sha, str) else ""),
+    ]
 
 
 def _deployments(d: _StudyData) -> str:
@@ -342,25 +412,50 @@ def _deployments(d: _StudyData) -> str:
         parts.append(f"<h3>{_e(robot)}</h3>")
         known = d.devices.get(robot)
         if known is not None:
-            parts.append(f"<p>profile {_e(known.profile)}, last seen "
-                         f"{_e(_time(known.last_seen) or 'never')}</p>")
+            parts.append(
+                f"<p>profile {_e(known.profile)}, last seen {_e(_time(known.last_seen) or 'never')}</p>"
+            )
         deps = [x for x in d.deployments if x.device == robot]
         if deps:
-            rows = ([_e(x.id), _e(_time(x.created_at)), _e(x.status), _e(x.artifact_id),
-                     _e(d.artifact_trial.get(x.artifact_id)),
-                     _e(d.by_id[d.artifact_trial[x.artifact_id]].arch_id),
-                     _e(", ".join(f"{k}={v}" for k, v in sorted(x.detail.items())))]
-                    for x in reversed(deps))
-            parts.append(_table(("deployment", "time", "status", "artifact", "trial", "arch",
-                                 "detail"), rows, text_cols=3))
+            rows = (
+                [
+                    _e(x.id),
+                    _e(_time(x.created_at)),
+                    _e(x.status),
+                    _e(x.artifact_id),
+                    _e(d.artifact_trial.get(x.artifact_id)),
+                    _e(d.by_id[d.artifact_trial[x.artifact_id]].arch_id),
+                    _e(", ".join(f"{k}={v}" for k, v in sorted(x.detail.items()))),
+                ]
+                for x in reversed(deps)
+            )
+            parts.append(
+                _table(
+                    ("deployment", "time", "status", "artifact", "trial", "arch", "detail"), rows, text_cols=3
+                )
+            )
         else:
             parts.append(_empty("no deployments from this study yet"))
         reports = [r for r in d.reports if r.device == robot][-LAST_REPORTS:]
         if reports:
-            parts.append("<h4>Last reports</h4>" + _table(
-                ("time", "kind", "trial", "mean return", "episodes", "p50 ms", "p99 ms",
-                 "deadline misses", "sha256"),
-                (_report_cells(d, r) for r in reversed(reports)), text_cols=3))
+            parts.append(
+                "<h4>Last reports</h4>"
+                + _table(
+                    (
+                        "time",
+                        "kind",
+                        "trial",
+                        "mean return",
+                        "episodes",
+                        "p50 ms",
+                        "p99 ms",
+                        "deadline misses",
+                        "sha256",
+                    ),
+                    (_report_cells(d, r) for r in reversed(reports)),
+                    text_cols=3,
+                )
+            )
         else:
             parts.append(_empty("no robot reports yet"))
     return "\n".join(parts)
@@ -381,9 +476,11 @@ def render_report(store: Store, study_name: str) -> str:
         _section("deployments", "Deployments", _deployments(d)),
     ]
     title = f"robonas study {d.study.name}"
-    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-            f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
-            f"<h1>{_e(title)}</h1>\n" + "\n".join(sections) + "\n</body>\n</html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{_e(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        f"<h1>{_e(title)}</h1>\n" + "\n".join(sections) + "\n</body>\n</html>\n"
+    )
 
 
 def write_report(store: Store, study_name: str, out_path: str | os.PathLike[str]) -> Path:

@@ -16,8 +16,9 @@ Python: the O(n^2) Pareto filter is clearer than pulling in a multi-objective li
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Hashable, Iterable, Mapping, Sequence
+from typing import Any
 
 from robonas.errors import ConfigError, RobonasError
 from robonas.models.gap_model import GapPrediction
@@ -43,7 +44,9 @@ class ObjectiveWeights:
             if value < 0:
                 raise ConfigError(f"objective weight {f.name!r} must be >= 0, got {value!r}")
         if self.auc == 0 and self.real_return == 0:
-            raise ConfigError("objective weights 'auc' and 'real_return' are both 0; at least one must be > 0")
+            raise ConfigError(
+                "objective weights 'auc' and 'real_return' are both 0; at least one must be > 0"
+            )
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ObjectiveWeights:
@@ -149,9 +152,7 @@ def pareto_front(points: Iterable[tuple[Hashable, float, float]]) -> list[Hashab
             raise RobonasError(f"pareto_front: point {key!r} has a non-finite value ({ret!r}, {lat!r})")
     front = []
     for key, ret, lat in pts:
-        dominated = any(
-            r2 >= ret and l2 <= lat and (r2 > ret or l2 < lat) for _, r2, l2 in pts
-        )
+        dominated = any(r2 >= ret and l2 <= lat and (r2 > ret or l2 < lat) for _, r2, l2 in pts)
         if not dominated:
             front.append(key)
     return front
@@ -178,9 +179,7 @@ def rank(
         value = float(row[key])
         if lcb is not None:
             if std_key not in row:
-                raise ConfigError(
-                    f"rank: lcb={lcb} needs field {std_key!r}, row {i} has only {sorted(row)}"
-                )
+                raise ConfigError(f"rank: lcb={lcb} needs field {std_key!r}, row {i} has only {sorted(row)}")
             value -= lcb * float(row[std_key])
         if math.isnan(value):
             raise RobonasError(f"rank: row {i} scores NaN on {key!r}")

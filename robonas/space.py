@@ -16,13 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from robonas.models.costs import LayerCost, totals
 from robonas.errors import ConfigError
+from robonas.models.costs import LayerCost, totals
 
 ACTIVATIONS = ("relu", "tanh", "elu", "silu")
 
@@ -42,9 +43,7 @@ class Layer:
             raise ConfigError(f"layer width: {self.width!r} is not a positive integer")
         object.__setattr__(self, "width", int(self.width))
         if self.activation not in ACTIVATIONS:
-            raise ConfigError(
-                f"layer activation: {self.activation!r} is not one of {', '.join(ACTIVATIONS)}"
-            )
+            raise ConfigError(f"layer activation: {self.activation!r} is not one of {', '.join(ACTIVATIONS)}")
 
 
 @dataclass(frozen=True)
@@ -193,8 +192,7 @@ class PolicyArch:
 
 
 # --- the search space -------------------------------------------------------------------------
-_CHOICE_FIELDS = ("depths", "widths", "activations", "layer_norm", "residual", "shared_trunk",
-                  "history")
+_CHOICE_FIELDS = ("depths", "widths", "activations", "layer_norm", "residual", "shared_trunk", "history")
 
 
 @dataclass(frozen=True)
@@ -244,9 +242,7 @@ class SearchSpace:
                 raise ConfigError(f"space.{name}: {v!r} is not a positive integer")
         elif name == "activations":
             if v not in ACTIVATIONS:
-                raise ConfigError(
-                    f"space.activations: {v!r} is not one of {', '.join(ACTIVATIONS)}"
-                )
+                raise ConfigError(f"space.activations: {v!r} is not one of {', '.join(ACTIVATIONS)}")
         elif not isinstance(v, bool):
             raise ConfigError(f"space.{name}: {v!r} is not true or false")
 
@@ -260,12 +256,8 @@ class SearchSpace:
             raise ConfigError(f"space: {table!r} is not a table")
         unknown = sorted(set(table) - set(_CHOICE_FIELDS))
         if unknown:
-            raise ConfigError(
-                f"space.{unknown[0]}: unknown key; valid keys are {', '.join(_CHOICE_FIELDS)}"
-            )
-        kwargs = {
-            k: (tuple(v) if isinstance(v, (list, tuple)) else (v,)) for k, v in table.items()
-        }
+            raise ConfigError(f"space.{unknown[0]}: unknown key; valid keys are {', '.join(_CHOICE_FIELDS)}")
+        kwargs = {k: (tuple(v) if isinstance(v, (list, tuple)) else (v,)) for k, v in table.items()}
         return cls(obs_dim=obs_dim, act_dim=act_dim, **kwargs)
 
     # --- decisions ------------------------------------------------------------------------
@@ -280,8 +272,7 @@ class SearchSpace:
             [len(self.depths)]
             + [len(self.widths)] * d
             + [len(self.activations)] * d
-            + [len(self.layer_norm), len(self.residual), len(self.shared_trunk),
-               len(self.history)]
+            + [len(self.layer_norm), len(self.residual), len(self.shared_trunk), len(self.history)]
         )
 
     def active_decisions(self, depth: int) -> list[int]:
@@ -295,8 +286,7 @@ class SearchSpace:
             arch.obs_dim == self.obs_dim
             and arch.act_dim == self.act_dim
             and len(arch.layers) in self.depths
-            and all(l.width in self.widths and l.activation in self.activations
-                    for l in arch.layers)
+            and all(l.width in self.widths and l.activation in self.activations for l in arch.layers)
             and arch.layer_norm in self.layer_norm
             and arch.residual in self.residual
             and arch.shared_trunk in self.shared_trunk
@@ -312,7 +302,7 @@ class SearchSpace:
         for i, layer in enumerate(arch.layers):
             vec[1 + i] = self.widths.index(layer.width)
             vec[1 + d + i] = self.activations.index(layer.activation)
-        vec[1 + 2 * d:] = [
+        vec[1 + 2 * d :] = [
             self.layer_norm.index(arch.layer_norm),
             self.residual.index(arch.residual),
             self.shared_trunk.index(arch.shared_trunk),
@@ -331,13 +321,12 @@ class SearchSpace:
                 raise ConfigError(f"decision vector[{i}]: {v!r} is not an index in 0..{n - 1}")
         d = self.max_depth
         depth = self.depths[vec[0]]
-        ln, res, shared, hist = vec[1 + 2 * d:]
+        ln, res, shared, hist = vec[1 + 2 * d :]
         return PolicyArch(
             obs_dim=self.obs_dim,
             act_dim=self.act_dim,
             layers=tuple(
-                Layer(self.widths[vec[1 + i]], self.activations[vec[1 + d + i]])
-                for i in range(depth)
+                Layer(self.widths[vec[1 + i]], self.activations[vec[1 + d + i]]) for i in range(depth)
             ),
             layer_norm=self.layer_norm[ln],
             residual=self.residual[res],

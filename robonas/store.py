@@ -22,7 +22,7 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -65,14 +65,14 @@ def default_store_url() -> str:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _utc(t: datetime | None) -> datetime | None:
     # SQLite drops the zone on the way back; every time we write is UTC.
     if t is None or t.tzinfo is not None:
         return t
-    return t.replace(tzinfo=timezone.utc)
+    return t.replace(tzinfo=UTC)
 
 
 def _dumps(obj: Any) -> str:
@@ -138,9 +138,7 @@ class _Trial(_Base):
 
 class _CurvePoint(_Base):
     __tablename__ = "curve_points"
-    trial_id: Mapped[int] = mapped_column(
-        ForeignKey("trials.id", ondelete="CASCADE"), primary_key=True
-    )
+    trial_id: Mapped[int] = mapped_column(ForeignKey("trials.id", ondelete="CASCADE"), primary_key=True)
     step: Mapped[int] = mapped_column(Integer, primary_key=True)
     mean_return: Mapped[float] = mapped_column(Float)
     std_return: Mapped[float] = mapped_column(Float)
@@ -149,9 +147,7 @@ class _CurvePoint(_Base):
 class _Artifact(_Base):
     __tablename__ = "artifacts"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    trial_id: Mapped[int] = mapped_column(
-        ForeignKey("trials.id", ondelete="CASCADE"), index=True
-    )
+    trial_id: Mapped[int] = mapped_column(ForeignKey("trials.id", ondelete="CASCADE"), index=True)
     kind: Mapped[str] = mapped_column(String(32))
     path: Mapped[str] = mapped_column(Text)
     sha256: Mapped[str] = mapped_column(String(64))
@@ -285,22 +281,30 @@ class ModelVersionRow:
 
 
 def _study_row(s: _Study) -> StudyRow:
-    return StudyRow(s.id, s.name, _loads(s.config_json), _utc(s.created_at), _utc(s.updated_at),
-                    s.status)
+    return StudyRow(s.id, s.name, _loads(s.config_json), _utc(s.created_at), _utc(s.updated_at), s.status)
 
 
 def _trial_row(t: _Trial) -> TrialRow:
     return TrialRow(
-        id=t.id, study_id=t.study_id, seq=t.seq, arch_id=t.arch_id, arch_json=t.arch_json,
-        status=t.status, error=t.error, metrics=_loads(t.metrics_json), tell_seq=t.tell_seq,
-        attempts=t.attempts, started_at=_utc(t.started_at), finished_at=_utc(t.finished_at),
-        wall_s=t.wall_s, env_steps=t.env_steps,
+        id=t.id,
+        study_id=t.study_id,
+        seq=t.seq,
+        arch_id=t.arch_id,
+        arch_json=t.arch_json,
+        status=t.status,
+        error=t.error,
+        metrics=_loads(t.metrics_json),
+        tell_seq=t.tell_seq,
+        attempts=t.attempts,
+        started_at=_utc(t.started_at),
+        finished_at=_utc(t.finished_at),
+        wall_s=t.wall_s,
+        env_steps=t.env_steps,
     )
 
 
 def _artifact_row(a: _Artifact) -> ArtifactRow:
-    return ArtifactRow(a.id, a.trial_id, a.kind, a.path, a.sha256, _loads(a.meta_json),
-                       _utc(a.created_at))
+    return ArtifactRow(a.id, a.trial_id, a.kind, a.path, a.sha256, _loads(a.meta_json), _utc(a.created_at))
 
 
 def _device_row(d: _Device) -> DeviceRow:
@@ -308,18 +312,26 @@ def _device_row(d: _Device) -> DeviceRow:
 
 
 def _deployment_row(d: _Deployment) -> DeploymentRow:
-    return DeploymentRow(d.id, d.artifact_id, d.device, d.status, _loads(d.detail_json),
-                         _utc(d.created_at))
+    return DeploymentRow(d.id, d.artifact_id, d.device, d.status, _loads(d.detail_json), _utc(d.created_at))
 
 
 def _report_row(r: _DeviceReport) -> DeviceReportRow:
-    return DeviceReportRow(r.id, r.device, r.artifact_id, r.trial_id, r.kind,
-                           _loads(r.payload_json), _utc(r.created_at))
+    return DeviceReportRow(
+        r.id, r.device, r.artifact_id, r.trial_id, r.kind, _loads(r.payload_json), _utc(r.created_at)
+    )
 
 
 def _model_row(m: _ModelVersion) -> ModelVersionRow:
-    return ModelVersionRow(m.id, m.kind, m.device, m.study_id, m.version, _loads(m.params_json),
-                           _loads(m.metrics_json), _utc(m.created_at))
+    return ModelVersionRow(
+        m.id,
+        m.kind,
+        m.device,
+        m.study_id,
+        m.version,
+        _loads(m.params_json),
+        _loads(m.metrics_json),
+        _utc(m.created_at),
+    )
 
 
 # ----------------------------------------------------------------------------- engine
@@ -329,8 +341,9 @@ def _make_engine(url: str) -> Engine:
     try:
         parsed = make_url(url)
     except ArgumentError as e:
-        raise StoreError(f"store URL {url!r} is not a database URL "
-                         f"(e.g. {DEFAULT_URL} or postgresql+psycopg://host/db)") from e
+        raise StoreError(
+            f"store URL {url!r} is not a database URL (e.g. {DEFAULT_URL} or postgresql+psycopg://host/db)"
+        ) from e
     if parsed.get_backend_name() != "sqlite":
         return create_engine(url, pool_pre_ping=True)
 
@@ -439,8 +452,9 @@ class Store:
         with self._write() as s:
             if s.scalar(select(_Study.id).where(_Study.name == name)) is not None:
                 raise StoreError(f"study {name!r} already exists; pick another name or resume it")
-            study = _Study(name=name, config_json=_dumps(config), created_at=now, updated_at=now,
-                           status=status)
+            study = _Study(
+                name=name, config_json=_dumps(config), created_at=now, updated_at=now, status=status
+            )
             s.add(study)
             s.flush()
             return _study_row(study)
@@ -450,9 +464,7 @@ class Store:
             study = s.scalar(select(_Study).where(_Study.name == name))
             if study is None:
                 known = s.scalars(select(_Study.name).order_by(_Study.name)).all()
-                raise StoreError(
-                    f"unknown study {name!r}; known studies: {', '.join(known) or '(none)'}"
-                )
+                raise StoreError(f"unknown study {name!r}; known studies: {', '.join(known) or '(none)'}")
             return _study_row(study)
 
     def get_study_by_id(self, study_id: int) -> StudyRow:
@@ -469,16 +481,20 @@ class Store:
     def set_study_status(self, study_id: int, status: str) -> None:
         _check_choice("study status", status, STUDY_STATUSES)
         with self._write() as s:
-            n = s.execute(update(_Study).where(_Study.id == study_id)
-                          .values(status=status, updated_at=_now())).rowcount
+            n = s.execute(
+                update(_Study).where(_Study.id == study_id).values(status=status, updated_at=_now())
+            ).rowcount
             if n == 0:
                 raise StoreError(f"unknown study id {study_id}")
 
     def update_study_config(self, study_id: int, config: dict[str, Any]) -> None:
         """Replace a study's config (e.g. to record values resolved on the first run)."""
         with self._write() as s:
-            n = s.execute(update(_Study).where(_Study.id == study_id)
-                          .values(config_json=_dumps(config), updated_at=_now())).rowcount
+            n = s.execute(
+                update(_Study)
+                .where(_Study.id == study_id)
+                .values(config_json=_dumps(config), updated_at=_now())
+            ).rowcount
             if n == 0:
                 raise StoreError(f"unknown study id {study_id}")
 
@@ -495,17 +511,24 @@ class Store:
             raise StoreError(f"unknown trial id {trial_id}")
         return t
 
-    def add_trial(self, study_id: int, seq: int, arch_id: str, arch_json: str | dict[str, Any],
-                  status: str = "pending") -> TrialRow:
+    def add_trial(
+        self, study_id: int, seq: int, arch_id: str, arch_json: str | dict[str, Any], status: str = "pending"
+    ) -> TrialRow:
         _check_choice("trial status", status, TRIAL_STATUSES)
         if not isinstance(arch_json, str):
             arch_json = _dumps(arch_json)
         with self._write() as s:
             if s.get(_Study, study_id) is None:
                 raise StoreError(f"unknown study id {study_id}")
-            t = _Trial(study_id=study_id, seq=seq, arch_id=arch_id, arch_json=arch_json,
-                       status=status, attempts=0,
-                       started_at=_now() if status == "running" else None)
+            t = _Trial(
+                study_id=study_id,
+                seq=seq,
+                arch_id=arch_id,
+                arch_json=arch_json,
+                status=status,
+                attempts=0,
+                started_at=_now() if status == "running" else None,
+            )
             s.add(t)
             self._touch(s, study_id)
             s.flush()
@@ -530,9 +553,14 @@ class Store:
                 t.finished_at = _now()
             self._touch(s, t.study_id)
 
-    def complete_trial(self, trial_id: int, metrics: dict[str, Any],
-                       curve: Sequence[tuple[int, float, float]], wall_s: float,
-                       env_steps: int) -> None:
+    def complete_trial(
+        self,
+        trial_id: int,
+        metrics: dict[str, Any],
+        curve: Sequence[tuple[int, float, float]],
+        wall_s: float,
+        env_steps: int,
+    ) -> None:
         """Mark a trial complete with its metrics and learning curve, in one transaction."""
         points = []
         for p in curve:
@@ -543,8 +571,9 @@ class Store:
             t = self._trial(s, trial_id)
             # A re-run trial replaces whatever curve an interrupted attempt left behind.
             s.execute(delete(_CurvePoint).where(_CurvePoint.trial_id == trial_id))
-            s.add_all(_CurvePoint(trial_id=trial_id, step=st, mean_return=m, std_return=sd)
-                      for st, m, sd in points)
+            s.add_all(
+                _CurvePoint(trial_id=trial_id, step=st, mean_return=m, std_return=sd) for st, m, sd in points
+            )
             t.status = "complete"
             t.error = None
             t.metrics_json = _dumps(metrics)
@@ -561,8 +590,7 @@ class Store:
                 t.wall_s = float(wall_s)
             self._touch(s, t.study_id)
 
-    def reject_trial(self, trial_id: int, reason: str,
-                     metrics: dict[str, Any] | None = None) -> None:
+    def reject_trial(self, trial_id: int, reason: str, metrics: dict[str, Any] | None = None) -> None:
         """A candidate refused before training (e.g. predicted latency over budget)."""
         with self._write() as s:
             t = self._trial(s, trial_id)
@@ -597,8 +625,11 @@ class Store:
             return _trial_row(self._trial(s, trial_id))
 
     def curve(self, trial_id: int) -> list[tuple[int, float, float]]:
-        q = (select(_CurvePoint.step, _CurvePoint.mean_return, _CurvePoint.std_return)
-             .where(_CurvePoint.trial_id == trial_id).order_by(_CurvePoint.step))
+        q = (
+            select(_CurvePoint.step, _CurvePoint.mean_return, _CurvePoint.std_return)
+            .where(_CurvePoint.trial_id == trial_id)
+            .order_by(_CurvePoint.step)
+        )
         with self._read() as s:
             return [(int(a), float(b), float(c)) for a, b, c in s.execute(q)]
 
@@ -616,15 +647,27 @@ class Store:
 
     # --------------------------------------------------------------- artifacts
 
-    def add_artifact(self, trial_id: int, kind: str, path: str | os.PathLike[str], sha256: str,
-                     meta: dict[str, Any] | None = None) -> ArtifactRow:
+    def add_artifact(
+        self,
+        trial_id: int,
+        kind: str,
+        path: str | os.PathLike[str],
+        sha256: str,
+        meta: dict[str, Any] | None = None,
+    ) -> ArtifactRow:
         """Record a file made from a trial; kind e.g. `weights`, `tflite-int8`, `tflite-fp32`."""
         if not kind:
             raise StoreError("artifact kind: empty; e.g. weights, tflite-int8, tflite-fp32")
         with self._write() as s:
             self._trial(s, trial_id)
-            a = _Artifact(trial_id=trial_id, kind=kind, path=os.fspath(path), sha256=sha256,
-                          meta_json=_dumps(meta or {}), created_at=_now())
+            a = _Artifact(
+                trial_id=trial_id,
+                kind=kind,
+                path=os.fspath(path),
+                sha256=sha256,
+                meta_json=_dumps(meta or {}),
+                created_at=_now(),
+            )
             s.add(a)
             s.flush()
             return _artifact_row(a)
@@ -661,8 +704,9 @@ class Store:
 
     def touch_device(self, name: str, when: datetime | None = None) -> None:
         with self._write() as s:
-            n = s.execute(update(_Device).where(_Device.name == name)
-                          .values(last_seen=when or _now())).rowcount
+            n = s.execute(
+                update(_Device).where(_Device.name == name).values(last_seen=when or _now())
+            ).rowcount
             if n == 0:
                 raise StoreError(f"unknown device {name!r}; register it with add_device first")
 
@@ -670,28 +714,35 @@ class Store:
         with self._read() as s:
             return [_device_row(d) for d in s.scalars(select(_Device).order_by(_Device.name))]
 
-    def add_deployment(self, artifact_id: int, device: str, status: str,
-                       detail: dict[str, Any] | None = None) -> DeploymentRow:
+    def add_deployment(
+        self, artifact_id: int, device: str, status: str, detail: dict[str, Any] | None = None
+    ) -> DeploymentRow:
         with self._write() as s:
-            d = _Deployment(artifact_id=artifact_id, device=device, status=status,
-                            detail_json=_dumps(detail or {}), created_at=_now())
+            d = _Deployment(
+                artifact_id=artifact_id,
+                device=device,
+                status=status,
+                detail_json=_dumps(detail or {}),
+                created_at=_now(),
+            )
             s.add(d)
             s.flush()
             return _deployment_row(d)
 
-    def set_deployment_status(self, deployment_id: int, status: str,
-                              detail: dict[str, Any] | None = None) -> None:
+    def set_deployment_status(
+        self, deployment_id: int, status: str, detail: dict[str, Any] | None = None
+    ) -> None:
         values: dict[str, Any] = {"status": status}
         if detail is not None:
             values["detail_json"] = _dumps(detail)
         with self._write() as s:
-            n = s.execute(update(_Deployment).where(_Deployment.id == deployment_id)
-                          .values(**values)).rowcount
+            n = s.execute(
+                update(_Deployment).where(_Deployment.id == deployment_id).values(**values)
+            ).rowcount
             if n == 0:
                 raise StoreError(f"unknown deployment id {deployment_id}")
 
-    def deployments(self, device: str | None = None,
-                    artifact_id: int | None = None) -> list[DeploymentRow]:
+    def deployments(self, device: str | None = None, artifact_id: int | None = None) -> list[DeploymentRow]:
         q = select(_Deployment).order_by(_Deployment.id)
         if device is not None:
             q = q.where(_Deployment.device == device)
@@ -700,19 +751,31 @@ class Store:
         with self._read() as s:
             return [_deployment_row(d) for d in s.scalars(q)]
 
-    def add_device_report(self, device: str, kind: str, payload: dict[str, Any],
-                          artifact_id: int | None = None,
-                          trial_id: int | None = None) -> DeviceReportRow:
+    def add_device_report(
+        self,
+        device: str,
+        kind: str,
+        payload: dict[str, Any],
+        artifact_id: int | None = None,
+        trial_id: int | None = None,
+    ) -> DeviceReportRow:
         _check_choice("device report kind", kind, REPORT_KINDS)
         with self._write() as s:
-            r = _DeviceReport(device=device, kind=kind, payload_json=_dumps(payload),
-                              artifact_id=artifact_id, trial_id=trial_id, created_at=_now())
+            r = _DeviceReport(
+                device=device,
+                kind=kind,
+                payload_json=_dumps(payload),
+                artifact_id=artifact_id,
+                trial_id=trial_id,
+                created_at=_now(),
+            )
             s.add(r)
             s.flush()
             return _report_row(r)
 
-    def device_reports(self, device: str | None = None, kind: str | None = None,
-                       artifact_id: int | None = None) -> list[DeviceReportRow]:
+    def device_reports(
+        self, device: str | None = None, kind: str | None = None, artifact_id: int | None = None
+    ) -> list[DeviceReportRow]:
         q = select(_DeviceReport).order_by(_DeviceReport.id)
         if device is not None:
             q = q.where(_DeviceReport.device == device)
@@ -729,24 +792,35 @@ class Store:
     @staticmethod
     def _scope(q: Any, device: str | None, study_id: int | None) -> Any:
         # A model's scope is exact: device None means "the device-independent model".
-        q = q.where(_ModelVersion.device.is_(None) if device is None
-                    else _ModelVersion.device == device)
-        return q.where(_ModelVersion.study_id.is_(None) if study_id is None
-                       else _ModelVersion.study_id == study_id)
+        q = q.where(_ModelVersion.device.is_(None) if device is None else _ModelVersion.device == device)
+        return q.where(
+            _ModelVersion.study_id.is_(None) if study_id is None else _ModelVersion.study_id == study_id
+        )
 
-    def add_model_version(self, kind: str, params: dict[str, Any], metrics: dict[str, Any],
-                          device: str | None = None,
-                          study_id: int | None = None) -> ModelVersionRow:
+    def add_model_version(
+        self,
+        kind: str,
+        params: dict[str, Any],
+        metrics: dict[str, Any],
+        device: str | None = None,
+        study_id: int | None = None,
+    ) -> ModelVersionRow:
         """Store a new fit; its version is one past the latest of the same (kind, device, study)."""
         _check_choice("model kind", kind, MODEL_KINDS)
         with self._write() as s:
-            q = self._scope(select(func.max(_ModelVersion.version))
-                            .where(_ModelVersion.kind == kind), device, study_id)
+            q = self._scope(
+                select(func.max(_ModelVersion.version)).where(_ModelVersion.kind == kind), device, study_id
+            )
             top = s.scalar(q)
-            m = _ModelVersion(kind=kind, device=device, study_id=study_id,
-                              version=1 if top is None else top + 1,
-                              params_json=_dumps(params), metrics_json=_dumps(metrics),
-                              created_at=_now())
+            m = _ModelVersion(
+                kind=kind,
+                device=device,
+                study_id=study_id,
+                version=1 if top is None else top + 1,
+                params_json=_dumps(params),
+                metrics_json=_dumps(metrics),
+                created_at=_now(),
+            )
             s.add(m)
             s.flush()
             return _model_row(m)
@@ -759,8 +833,9 @@ class Store:
         with self._read() as s:
             return [_model_row(m) for m in s.scalars(q)]
 
-    def latest_model_version(self, kind: str, device: str | None = None,
-                             study_id: int | None = None) -> ModelVersionRow | None:
+    def latest_model_version(
+        self, kind: str, device: str | None = None, study_id: int | None = None
+    ) -> ModelVersionRow | None:
         _check_choice("model kind", kind, MODEL_KINDS)
         q = self._scope(select(_ModelVersion).where(_ModelVersion.kind == kind), device, study_id)
         q = q.order_by(_ModelVersion.version.desc()).limit(1)

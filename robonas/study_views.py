@@ -68,8 +68,13 @@ def ranked_trials(store: Store, name: str, n: int = 10, include_unfinished: bool
         rows.append(_row(t, i + 1, t.id in front, budget))
     if include_unfinished:
         rows += [_row(t, None, False, budget) for t in trials if t.status != "complete"]
-    return {"study": study.name, "ranked_by": f"{key} ({ranked_by})", "models": models,
-            "latency_budget_ms": budget, "rows": rows}
+    return {
+        "study": study.name,
+        "ranked_by": f"{key} ({ranked_by})",
+        "models": models,
+        "latency_budget_ms": budget,
+        "rows": rows,
+    }
 
 
 def best_within_budget(rows: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -23,8 +23,9 @@ from robonas.space import PolicyArch
 from robonas.store import Store
 
 
-def tolerance(actor: DeployableActor, profile: str, delays_ms: list[float], episodes: int,
-              max_steps: int = 1000) -> list[float]:
+def tolerance(
+    actor: DeployableActor, profile: str, delays_ms: list[float], episodes: int, max_steps: int = 1000
+) -> list[float]:
     twin = SimTwin(profile)
     try:
         means = []

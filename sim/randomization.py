@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 import gymnasium
 import gymnasium.utils
@@ -62,7 +63,9 @@ class RandomizationConfig:
             lo, hi = value
             if f.name == "action_delay":
                 if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
-                    raise SimError(f"randomization action_delay={value!r} is invalid; give whole steps (ints)")
+                    raise SimError(
+                        f"randomization action_delay={value!r} is invalid; give whole steps (ints)"
+                    )
             elif not all(isinstance(v, (int, float)) and math.isfinite(v) for v in value):
                 raise SimError(f"randomization {f.name}={value!r} is invalid; give finite numbers")
             if lo > hi:

@@ -83,12 +83,16 @@ def _load() -> dict[str, RealityProfile]:
         profile = RealityProfile(name=name, **entry)
         profile.dynamics  # noqa: B018  (validates the values)
         if not (isinstance(profile.compute_scale, (int, float)) and profile.compute_scale >= 1.0):
-            raise SimError(f"reality profile {name!r}: compute_scale={profile.compute_scale!r} "
-                           "must be a number >= 1 (times slower than this machine)")
+            raise SimError(
+                f"reality profile {name!r}: compute_scale={profile.compute_scale!r} "
+                "must be a number >= 1 (times slower than this machine)"
+            )
         rate = profile.compute_macs_per_s
         if not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate >= 0.0):
-            raise SimError(f"reality profile {name!r}: compute_macs_per_s={rate!r} must be a "
-                           "number >= 0 (0: no arithmetic cost term)")
+            raise SimError(
+                f"reality profile {name!r}: compute_macs_per_s={rate!r} must be a "
+                "number >= 0 (0: no arithmetic cost term)"
+            )
         profiles[name] = profile
     return profiles
 

@@ -29,8 +29,8 @@ class PolicyModels:
 def policy_models(tmp_path_factory: pytest.TempPathFactory) -> PolicyModels:
     """A 64x64 tanh actor (obs 17, act 6, like HalfCheetah) as fp32 and int8 TFLite."""
     torch = pytest.importorskip("torch")
-    from robonas.space import Layer, PolicyArch
     from robonas.export.tflite_convert import to_tflite_fp32, to_tflite_int8
+    from robonas.space import Layer, PolicyArch
 
     torch.manual_seed(0)
     arch = PolicyArch(obs_dim=17, act_dim=6, layers=(Layer(64, "tanh"), Layer(64, "tanh")))
@@ -44,5 +44,6 @@ def policy_models(tmp_path_factory: pytest.TempPathFactory) -> PolicyModels:
     out = tmp_path_factory.mktemp("models")
     (out / "policy_fp32.tflite").write_bytes(fp32)
     (out / "policy_int8.tflite").write_bytes(int8)
-    return PolicyModels(arch, module, calibration, holdout, fp32, int8,
-                        out / "policy_fp32.tflite", out / "policy_int8.tflite")
+    return PolicyModels(
+        arch, module, calibration, holdout, fp32, int8, out / "policy_fp32.tflite", out / "policy_int8.tflite"
+    )

@@ -17,10 +17,7 @@ LAZY_SIM_MODULES = {"device_agents.robots.sim_twin"}
 
 
 def _loaded_after(code: str) -> list[str]:
-    probe = (
-        f"{code}\nimport sys, json\n"
-        f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}})))"
-    )
+    probe = f"{code}\nimport sys, json\nprint(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}})))"
     out = subprocess.run(
         [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout

@@ -10,10 +10,12 @@ from __future__ import annotations
 from device_agents.errors import DeviceError
 from device_agents.robots.base import Robot
 
-SPEC_FORMS = ("sim:PROFILE (e.g. sim:cartpole-lab-a)",
-              "serial:URL (e.g. serial:/dev/ttyACM0?baudrate=115200, serial:socket://host:port)")
+SPEC_FORMS = (
+    "sim:PROFILE (e.g. sim:cartpole-lab-a)",
+    "serial:URL (e.g. serial:/dev/ttyACM0?baudrate=115200, serial:socket://host:port)",
+)
 
-__all__ = ["Robot", "check_spec", "make_robot", "SPEC_FORMS"]
+__all__ = ["SPEC_FORMS", "Robot", "check_spec", "make_robot"]
 
 
 def check_spec(spec: str) -> str:
@@ -22,11 +24,11 @@ def check_spec(spec: str) -> str:
         raise DeviceError(f"robot spec {spec!r} is not valid; use one of: {'; '.join(SPEC_FORMS)}")
     kind, _, rest = spec.partition(":")
     if not rest:
-        raise DeviceError(f"robot spec {spec!r} lacks its argument; use one of: "
-                          f"{'; '.join(SPEC_FORMS)}")
+        raise DeviceError(f"robot spec {spec!r} lacks its argument; use one of: {'; '.join(SPEC_FORMS)}")
     if kind not in ("sim", "serial"):
-        raise DeviceError(f"robot back end {kind!r} in {spec!r} is unknown; use one of: "
-                          f"{'; '.join(SPEC_FORMS)}")
+        raise DeviceError(
+            f"robot back end {kind!r} in {spec!r} is unknown; use one of: {'; '.join(SPEC_FORMS)}"
+        )
     return kind
 
 

@@ -7,7 +7,6 @@ line in `make_robot` and in the parametrised contract test (`tests/device_agents
 from __future__ import annotations
 
 import abc
-from typing import Optional, Tuple
 
 import numpy as np
 
@@ -36,11 +35,11 @@ class Robot(abc.ABC):
     def control_hz(self) -> float: ...
 
     @abc.abstractmethod
-    def reset(self, seed: Optional[int] = None) -> np.ndarray:
+    def reset(self, seed: int | None = None) -> np.ndarray:
         """Start an episode; the first observation (float32, observation_size)."""
 
     @abc.abstractmethod
-    def step(self, action: np.ndarray, latency_s: float = 0.0) -> Tuple[np.ndarray, float, bool]:
+    def step(self, action: np.ndarray, latency_s: float = 0.0) -> tuple[np.ndarray, float, bool]:
         """Apply `action` for one control period; (observation, reward, done)."""
 
     def bind_policy(self, policy: object) -> None:
@@ -59,10 +58,14 @@ class Robot(abc.ABC):
         """Release the robot (port, simulator). Safe to call twice."""
 
     def describe(self) -> dict:
-        return {"name": self.name, "observation_size": self.observation_size,
-                "action_size": self.action_size, "control_hz": self.control_hz}
+        return {
+            "name": self.name,
+            "observation_size": self.observation_size,
+            "action_size": self.action_size,
+            "control_hz": self.control_hz,
+        }
 
-    def __enter__(self) -> "Robot":
+    def __enter__(self) -> Robot:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -8,7 +8,6 @@ each, so it can be typed by hand on a serial console and parsed on an MCU with `
 from __future__ import annotations
 
 import time
-from typing import List, Optional, Tuple
 from urllib.parse import parse_qsl
 
 import numpy as np
@@ -31,7 +30,7 @@ def _fmt(x: float) -> str:
     return format(float(x), ".9g")
 
 
-def parse_url(url: str) -> Tuple[str, dict, float]:
+def parse_url(url: str) -> tuple[str, dict, float]:
     """(pyserial URL, kwargs, reply timeout) from `PATH?baudrate=N&timeout=S` or a pyserial URL."""
     path, _, query = url.partition("?")
     kwargs: dict = {}
@@ -40,8 +39,9 @@ def parse_url(url: str) -> Tuple[str, dict, float]:
         return url, kwargs, timeout  # pyserial URL handlers parse their own options
     for key, value in parse_qsl(query, keep_blank_values=True):
         if key not in _PARAMS:
-            raise SerialRobotError(f"serial robot {url!r}: unknown option {key!r}; valid: "
-                                   f"{', '.join(sorted(_PARAMS))}")
+            raise SerialRobotError(
+                f"serial robot {url!r}: unknown option {key!r}; valid: {', '.join(sorted(_PARAMS))}"
+            )
         try:
             parsed = _PARAMS[key](value)
         except ValueError as e:
@@ -56,13 +56,14 @@ def parse_url(url: str) -> Tuple[str, dict, float]:
 
 
 class SerialRobot(Robot):
-    def __init__(self, url: str, timeout_s: Optional[float] = None):
+    def __init__(self, url: str, timeout_s: float | None = None):
         target, kwargs, timeout = parse_url(url)
         self.timeout_s = timeout if timeout_s is None else timeout_s
         self.name = f"serial:{url}"
         try:
-            self._port = serial.serial_for_url(target, timeout=self.timeout_s,
-                                               write_timeout=self.timeout_s, **kwargs)
+            self._port = serial.serial_for_url(
+                target, timeout=self.timeout_s, write_timeout=self.timeout_s, **kwargs
+            )
         except (serial.SerialException, ValueError, OSError) as e:
             raise SerialRobotError(f"cannot open serial robot {url!r}: {e}") from e
         self._port.reset_input_buffer()
@@ -71,12 +72,14 @@ class SerialRobot(Robot):
             self._obs, self._act, self._hz = int(fields[0]), int(fields[1]), float(fields[2])
         except (IndexError, ValueError) as e:
             self.close()
-            raise SerialRobotError(f"MCU hello {' '.join(fields)!r} is not "
-                                   "'H <obs_size> <action_size> <control_hz>'") from e
+            raise SerialRobotError(
+                f"MCU hello {' '.join(fields)!r} is not 'H <obs_size> <action_size> <control_hz>'"
+            ) from e
         if self._obs < 1 or self._act < 1 or not self._hz > 0:
             self.close()
-            raise SerialRobotError(f"MCU hello gives sizes {self._obs}/{self._act} and rate "
-                                   f"{self._hz}; all must be positive")
+            raise SerialRobotError(
+                f"MCU hello gives sizes {self._obs}/{self._act} and rate {self._hz}; all must be positive"
+            )
 
     @property
     def observation_size(self) -> int:
@@ -96,8 +99,9 @@ class SerialRobot(Robot):
         while not line.endswith(b"\n"):
             left = deadline - time.monotonic()
             if left <= 0:
-                raise SerialRobotError(f"{self.name}: no reply line within {self.timeout_s:g} s "
-                                       f"(got {bytes(line[:60])!r})")
+                raise SerialRobotError(
+                    f"{self.name}: no reply line within {self.timeout_s:g} s (got {bytes(line[:60])!r})"
+                )
             self._port.timeout = left
             chunk = self._port.read_until(b"\n", MAX_LINE - len(line))
             if not chunk and len(line) == 0 and time.monotonic() >= deadline:
@@ -107,7 +111,7 @@ class SerialRobot(Robot):
                 raise SerialRobotError(f"{self.name}: reply longer than {MAX_LINE} bytes")
         return bytes(line)
 
-    def _request(self, line: str, expect: str) -> List[str]:
+    def _request(self, line: str, expect: str) -> list[str]:
         try:
             self._port.write((line + "\n").encode("ascii"))
             self._port.flush()
@@ -127,17 +131,19 @@ class SerialRobot(Robot):
             raise SerialRobotError(f"{self.name}: serial port failed: {e}") from e
         kind, *fields = text.split()
         if kind == "E":
-            raise SerialRobotError(f"{self.name}: MCU error for {line.split()[0]!r}: "
-                                   f"{' '.join(fields)}")
+            raise SerialRobotError(f"{self.name}: MCU error for {line.split()[0]!r}: {' '.join(fields)}")
         if kind != expect:
-            raise SerialRobotError(f"{self.name}: expected a '{expect} ...' reply to "
-                                   f"{line.split()[0]!r}, got {text[:80]!r}")
+            raise SerialRobotError(
+                f"{self.name}: expected a '{expect} ...' reply to {line.split()[0]!r}, got {text[:80]!r}"
+            )
         return fields
 
-    def _observation(self, fields: List[str]) -> Tuple[np.ndarray, float, bool]:
+    def _observation(self, fields: list[str]) -> tuple[np.ndarray, float, bool]:
         if len(fields) != 2 + self._obs:
-            raise SerialRobotError(f"{self.name}: observation line has {len(fields)} fields, "
-                                   f"expected 2 + {self._obs} ('O <reward> <done> <o1>...')")
+            raise SerialRobotError(
+                f"{self.name}: observation line has {len(fields)} fields, "
+                f"expected 2 + {self._obs} ('O <reward> <done> <o1>...')"
+            )
         try:
             reward = float(fields[0])
             done = fields[1] not in ("0", "0.0")
@@ -146,15 +152,14 @@ class SerialRobot(Robot):
             raise SerialRobotError(f"{self.name}: unreadable observation line: {e}") from e
         return obs, reward, done
 
-    def reset(self, seed: Optional[int] = None) -> np.ndarray:
+    def reset(self, seed: int | None = None) -> np.ndarray:
         obs, _, _ = self._observation(self._request(f"R {0 if seed is None else int(seed)}", "O"))
         return obs
 
-    def step(self, action: np.ndarray, latency_s: float = 0.0) -> Tuple[np.ndarray, float, bool]:
+    def step(self, action: np.ndarray, latency_s: float = 0.0) -> tuple[np.ndarray, float, bool]:
         a = np.asarray(action, np.float64).ravel()
         if a.size != self._act:
-            raise SerialRobotError(f"{self.name}: action has {a.size} values, the MCU takes "
-                                   f"{self._act}")
+            raise SerialRobotError(f"{self.name}: action has {a.size} values, the MCU takes {self._act}")
         latency_us = max(0, int(round(float(latency_s) * 1e6)))
         line = "A " + str(latency_us) + " " + " ".join(_fmt(x) for x in a)
         return self._observation(self._request(line, "O"))

@@ -22,7 +22,7 @@ applies the newest result. `report_extras` adds the latency the twin applied.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import numpy as np
 
@@ -52,10 +52,10 @@ class SimTwin(Robot):
         self._base_latency = float(self._profile.actuation_latency_s)
         self._compute_scale = float(getattr(self._profile, "compute_scale", 1.0))
         self._macs_per_s = float(getattr(self._profile, "compute_macs_per_s", 0.0))
-        self._macs: Optional[int] = None
-        self._pending: List[Tuple[float, int, np.ndarray]] = []  # (ready time, index, action)
+        self._macs: int | None = None
+        self._pending: list[tuple[float, int, np.ndarray]] = []  # (ready time, index, action)
         self._t = 0  # control periods since reset
-        self._applied_ms: List[float] = []
+        self._applied_ms: list[float] = []
         self._stale = 0
         self._dt = float(u.dt)
         self._hz = float(u.control_hz)
@@ -81,22 +81,24 @@ class SimTwin(Robot):
     def bind_policy(self, policy: object) -> None:
         macs = getattr(policy, "macs", None)
         if self._macs_per_s > 0 and not isinstance(macs, int):
-            raise DeviceError(f"robot {self.name} emulates a {self._macs_per_s:.3g} MAC/s computer "
-                              "and needs the policy's MAC count, which this runtime does not give")
+            raise DeviceError(
+                f"robot {self.name} emulates a {self._macs_per_s:.3g} MAC/s computer "
+                "and needs the policy's MAC count, which this runtime does not give"
+            )
         self._macs = macs if isinstance(macs, int) else None
 
     def compute_time(self, measured_s: float) -> float:
         arithmetic = (self._macs or 0) / self._macs_per_s if self._macs_per_s > 0 else 0.0
         return max(0.0, float(measured_s)) * self._compute_scale + arithmetic
 
-    def reset(self, seed: Optional[int] = None) -> np.ndarray:
+    def reset(self, seed: int | None = None) -> np.ndarray:
         obs, _ = self._env.reset(seed=None if seed is None else int(seed))
         self._pending.clear()
         self._t = 0
         self._current = np.zeros(self._act_size, np.float32)  # what the motors hold
         return np.asarray(obs, np.float32).ravel()
 
-    def step(self, action: np.ndarray, latency_s: float = 0.0) -> Tuple[np.ndarray, float, bool]:
+    def step(self, action: np.ndarray, latency_s: float = 0.0) -> tuple[np.ndarray, float, bool]:
         dt, start = self._dt, self._t * self._dt
         delay = self._base_latency + max(0.0, float(latency_s))  # latency_s: from compute_time
         self._applied_ms.append(delay * 1000.0)
@@ -120,15 +122,19 @@ class SimTwin(Robot):
         obs, reward, terminated, truncated, _ = self._env.step(env_action)
         return np.asarray(obs, np.float32).ravel(), float(reward), bool(terminated or truncated)
 
-    def report_extras(self) -> Dict[str, Any]:
+    def report_extras(self) -> dict[str, Any]:
         """The latency the twin applied (the robot computer's step + the profile's own)."""
         applied = np.asarray(self._applied_ms or [0.0])
-        out = {"compute_scale": self._compute_scale,
-               "compute_macs_per_s": self._macs_per_s,
-               "policy_macs": self._macs,
-               "applied_latency_ms": {"p50": float(np.percentile(applied, 50)),
-                                      "p99": float(np.percentile(applied, 99))},
-               "stale_periods": self._stale}
+        out = {
+            "compute_scale": self._compute_scale,
+            "compute_macs_per_s": self._macs_per_s,
+            "policy_macs": self._macs,
+            "applied_latency_ms": {
+                "p50": float(np.percentile(applied, 50)),
+                "p99": float(np.percentile(applied, 99)),
+            },
+            "stale_periods": self._stale,
+        }
         self._applied_ms, self._stale = [], 0
         return out
 

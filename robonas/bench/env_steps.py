@@ -53,5 +53,7 @@ def bench_envs(env_ids: list[str], steps: int) -> list[EnvBench]:
     results = [EnvBench(**{**reference.to_dict(), "ratio_to_reference": 1.0})]
     for env_id in env_ids:
         r = measure_env(env_id, steps)
-        results.append(EnvBench(**{**r.to_dict(), "ratio_to_reference": r.steps_per_s / reference.steps_per_s}))
+        results.append(
+            EnvBench(**{**r.to_dict(), "ratio_to_reference": r.steps_per_s / reference.steps_per_s})
+        )
     return results

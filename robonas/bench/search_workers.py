@@ -25,8 +25,9 @@ class SearchBench:
         return asdict(self)
 
 
-def bench_search(config_path: str, worker_counts: list[int], trials: int | None,
-                 steps: int | None, same_archs: bool = True) -> list[SearchBench]:
+def bench_search(
+    config_path: str, worker_counts: list[int], trials: int | None, steps: int | None, same_archs: bool = True
+) -> list[SearchBench]:
     """With `same_archs`, the strategy is random search under the config's seed: its asks do not
     depend on results, so every worker count trains the same architectures in the same order
     and the comparison is like for like (an adaptive strategy's asks depend on how tells
@@ -39,8 +40,9 @@ def bench_search(config_path: str, worker_counts: list[int], trials: int | None,
     for workers in worker_counts:
         cfg = load_config(config_path).with_overrides(trials=trials, steps=steps, workers=workers)
         if same_archs:
-            cfg = cfg.model_copy(update={"strategy": cfg.strategy.model_copy(
-                update={"name": "random", "options": {}})})
+            cfg = cfg.model_copy(
+                update={"strategy": cfg.strategy.model_copy(update={"name": "random", "options": {}})}
+            )
         plan = SearchPlan.build(cfg, "bench")
         with tempfile.TemporaryDirectory(prefix="robonas-bench-") as tmp:
             store = Store(f"sqlite:///{Path(tmp) / 'bench.db'}")
@@ -54,6 +56,16 @@ def bench_search(config_path: str, worker_counts: list[int], trials: int | None,
         rate = summary.env_steps / wall
         # speed-up in aggregate env steps/s, so that a failed trial does not flatter a run
         base = results[0].steps_per_s if results else rate
-        results.append(SearchBench(workers, summary.complete, summary.failed, wall,
-                                   summary.env_steps, rate, summary.best_objective, rate / base))
+        results.append(
+            SearchBench(
+                workers,
+                summary.complete,
+                summary.failed,
+                wall,
+                summary.env_steps,
+                rate,
+                summary.best_objective,
+                rate / base,
+            )
+        )
     return results

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -57,14 +56,13 @@ def _check_env_ids(ids: list[str]) -> None:
     for env_id in ids:
         if env_id not in sim.ENV_IDS and env_id not in gymnasium.registry:
             raise RobonasError(
-                f"unknown env id {env_id!r}; valid sim envs: {', '.join(sim.ENV_IDS)} "
-                "(or any gymnasium id)"
+                f"unknown env id {env_id!r}; valid sim envs: {', '.join(sim.ENV_IDS)} (or any gymnasium id)"
             )
 
 
 @bench_app.command("env")
 def bench_env(
-    env_ids: Optional[List[str]] = typer.Argument(
+    env_ids: list[str] | None = typer.Argument(
         None, help="Env ids to measure (default: every registered sim/ env)."
     ),
     steps: int = typer.Option(5000, "--steps", min=1, help="Random-action steps per env."),
@@ -108,11 +106,16 @@ def bench_model(
 @bench_app.command("search")
 def bench_search_cmd(
     config: str = typer.Argument("launch/cartpole.toml", help="Search config."),
-    workers: str = typer.Option("1,2", "--workers", help="Comma-separated worker counts; the first is the baseline."),
-    trials: Optional[int] = typer.Option(None, "--trials", help="Override trained trials."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Override env steps per trial."),
-    same_archs: bool = typer.Option(True, "--same-archs/--config-strategy",
-                                    help="Random search under the config's seed, so every worker count trains the same archs (default), or the config's own strategy."),
+    workers: str = typer.Option(
+        "1,2", "--workers", help="Comma-separated worker counts; the first is the baseline."
+    ),
+    trials: int | None = typer.Option(None, "--trials", help="Override trained trials."),
+    steps: int | None = typer.Option(None, "--steps", help="Override env steps per trial."),
+    same_archs: bool = typer.Option(
+        True,
+        "--same-archs/--config-strategy",
+        help="Random search under the config's seed, so every worker count trains the same archs (default), or the config's own strategy.",
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Wall time and aggregate env steps/s of a whole search at several worker counts."""
@@ -132,18 +135,37 @@ def bench_search_cmd(
     from rich.table import Table
 
     t = Table(title=f"search {config}")
-    for col in ("workers", "trials", "failed", "wall s", "env steps", "steps/s", "best objective", "speed-up"):
+    for col in (
+        "workers",
+        "trials",
+        "failed",
+        "wall s",
+        "env steps",
+        "steps/s",
+        "best objective",
+        "speed-up",
+    ):
         t.add_column(col, justify="right")
     for r in results:
         best = "-" if r.best_objective is None else f"{r.best_objective:.3f}"
-        t.add_row(str(r.workers), str(r.trials), str(r.failed), f"{r.wall_s:.1f}", f"{r.env_steps:,}",
-                  f"{r.steps_per_s:,.0f}", best, f"{r.speedup:.2f}x")
+        t.add_row(
+            str(r.workers),
+            str(r.trials),
+            str(r.failed),
+            f"{r.wall_s:.1f}",
+            f"{r.env_steps:,}",
+            f"{r.steps_per_s:,.0f}",
+            best,
+            f"{r.speedup:.2f}x",
+        )
     _console().print(t)
 
 
 _STORE_HELP = "Store URL (default: $ROBONAS_STORE or sqlite:///runs/robonas.db)."
 
-keys_app = typer.Typer(help="Ed25519 keys that sign artifacts (robots trust the public key).", no_args_is_help=True)
+keys_app = typer.Typer(
+    help="Ed25519 keys that sign artifacts (robots trust the public key).", no_args_is_help=True
+)
 app.add_typer(keys_app, name="keys")
 
 
@@ -157,18 +179,28 @@ def keys_generate(
     from device_agents.signing import generate_keypair, key_id, load_public_key
 
     private, public = generate_keypair(out, name=name, overwrite=overwrite)
-    _console().print(f"private key {private}\npublic key  {public} (key id {key_id(load_public_key(public))})")
+    _console().print(
+        f"private key {private}\npublic key  {public} (key id {key_id(load_public_key(public))})"
+    )
 
 
 @app.command()
 def export(
     study: str = typer.Argument(..., help="Study name."),
-    best: bool = typer.Option(False, "--best", help="Export the best-ranked complete trial whose p99 fits the latency budget (by the newest, possibly robot-calibrated, latency model)."),
-    trial: Optional[int] = typer.Option(None, "--trial", help="Export this trial id."),
+    best: bool = typer.Option(
+        False,
+        "--best",
+        help="Export the best-ranked complete trial whose p99 fits the latency budget (by the newest, possibly robot-calibrated, latency model).",
+    ),
+    trial: int | None = typer.Option(None, "--trial", help="Export this trial id."),
     fp32: bool = typer.Option(False, "--fp32", help="Float32 model instead of full int8."),
-    key: Optional[str] = typer.Option(None, "--key", help="Private key to sign with (default: $ROBONAS_SIGNING_KEY)."),
-    out: Optional[str] = typer.Option(None, "--out", help="Artifact directory (default: under the run directory)."),
-    store: Optional[str] = typer.Option(None, "--store", help=_STORE_HELP),
+    key: str | None = typer.Option(
+        None, "--key", help="Private key to sign with (default: $ROBONAS_SIGNING_KEY)."
+    ),
+    out: str | None = typer.Option(
+        None, "--out", help="Artifact directory (default: under the run directory)."
+    ),
+    store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Compile a trained trial to a TFLite artifact (int8 by default) with a parity check.
@@ -192,8 +224,7 @@ def export(
         print(result.path)
 
 
-
-def _open_store(url: Optional[str]):
+def _open_store(url: str | None):
     from robonas.store import Store
 
     return Store(url)
@@ -202,11 +233,15 @@ def _open_store(url: Optional[str]):
 @app.command()
 def search(
     config: str = typer.Argument(..., help="Search config, e.g. launch/cartpole.toml."),
-    study: Optional[str] = typer.Option(None, "--study", help="Study name (default: [study].name or the file name)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Parallel trial processes (default: [executor].workers or the core count)."),
-    store: Optional[str] = typer.Option(None, "--store", help=_STORE_HELP),
-    trials: Optional[int] = typer.Option(None, "--trials", help="Override the number of trained trials."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Override env steps per trial."),
+    study: str | None = typer.Option(
+        None, "--study", help="Study name (default: [study].name or the file name)."
+    ),
+    workers: int | None = typer.Option(
+        None, "--workers", help="Parallel trial processes (default: [executor].workers or the core count)."
+    ),
+    store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
+    trials: int | None = typer.Option(None, "--trials", help="Override the number of trained trials."),
+    steps: int | None = typer.Option(None, "--steps", help="Override env steps per trial."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Run (or resume) an architecture search. Ctrl-C stops cleanly; the same command resumes."""
@@ -224,7 +259,11 @@ def search(
     if as_json:
         print(json.dumps(summary.to_dict(), indent=2))
     else:
-        best = "-" if summary.best_objective is None else f"{summary.best_objective:.3f} (trial {summary.best_trial})"
+        best = (
+            "-"
+            if summary.best_objective is None
+            else f"{summary.best_objective:.3f} (trial {summary.best_trial})"
+        )
         state = "interrupted; run the same command to resume" if summary.interrupted else "done"
         _console().print(
             f"study [bold]{summary.study}[/]: {state}. complete {summary.complete}, failed {summary.failed}, "
@@ -239,17 +278,30 @@ def _search_progress(quiet: bool):
     """A rich progress bar: trials done/total, best objective, aggregate env steps/s, ETA."""
     import contextlib
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from robonas.search.loop import _Progress
 
     if quiet:
         return contextlib.nullcontext(), _Progress()
     bar = Progress(
-        TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("best {task.fields[best]}"), TextColumn("{task.fields[sps]} steps/s"),
-        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-        console=_console(), transient=False,
+        TextColumn("[bold]trials"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("best {task.fields[best]}"),
+        TextColumn("{task.fields[sps]} steps/s"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=_console(),
+        transient=False,
     )
     state: dict = {}
 
@@ -258,8 +310,12 @@ def _search_progress(quiet: bool):
 
     def on_trial(summary) -> None:
         best = "-" if summary.best_objective is None else f"{summary.best_objective:.3f}"
-        bar.update(state["task"], completed=summary.complete + summary.failed, best=best,
-                   sps=f"{summary.steps_per_s:,.0f}")
+        bar.update(
+            state["task"],
+            completed=summary.complete + summary.failed,
+            best=best,
+            sps=f"{summary.steps_per_s:,.0f}",
+        )
 
     return bar, _Progress(on_start=on_start, on_trial=on_trial)
 
@@ -267,7 +323,7 @@ def _search_progress(quiet: bool):
 @app.command()
 def status(
     study: str = typer.Argument(..., help="Study name."),
-    store: Optional[str] = typer.Option(None, "--store", help=_STORE_HELP),
+    store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Counts of trials by status, best objective, env steps, last update."""
@@ -280,14 +336,16 @@ def status(
     c = _console()
     c.print(f"study [bold]{info['study']}[/] ({info['status']}), env {info['env']}, device {info['device']}")
     c.print("  " + ", ".join(f"{k} {v}" for k, v in info["counts"].items()))
-    c.print(f"  best objective {info['best_objective']}, env steps {info['env_steps']:,}, updated {info['updated_at']}")
+    c.print(
+        f"  best objective {info['best_objective']}, env steps {info['env_steps']:,}, updated {info['updated_at']}"
+    )
 
 
 @app.command()
 def top(
     study: str = typer.Argument(..., help="Study name."),
     n: int = typer.Option(10, "--n", min=1, help="Rows to show."),
-    store: Optional[str] = typer.Option(None, "--store", help=_STORE_HELP),
+    store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
     as_json: bool = typer.Option(False, "--json"),
     all_trials: bool = typer.Option(False, "--all", help="Also list failed and rejected trials."),
 ) -> None:
@@ -303,7 +361,9 @@ def top(
         return
     from rich.table import Table
 
-    t = Table(title=f"{study}: ranked by {table['ranked_by']} ({', '.join(f'{k} {v}' for k, v in table['models'].items())})")
+    t = Table(
+        title=f"{study}: ranked by {table['ranked_by']} ({', '.join(f'{k} {v}' for k, v in table['models'].items())})"
+    )
     cols = ("rank", "trial", "arch", "auc", "asym", "pred real", "p99 ms", "params", "pareto", "status")
     for col in cols:
         t.add_column(col, justify="left" if col in ("arch", "status") else "right")
@@ -313,20 +373,25 @@ def top(
 
     for row in table["rows"]:
         t.add_row(
-            f(row["rank"], "d"), str(row["trial"]), row["arch"], f(row["auc"], ".3f"),
-            f(row["asymptotic_return"], ".1f"), f(row["predicted_real_return"], ".1f"),
-            f(row["p99_ms"], ".3f"), f(row["params"], ",d"), "*" if row["pareto"] else "",
+            f(row["rank"], "d"),
+            str(row["trial"]),
+            row["arch"],
+            f(row["auc"], ".3f"),
+            f(row["asymptotic_return"], ".1f"),
+            f(row["predicted_real_return"], ".1f"),
+            f(row["p99_ms"], ".3f"),
+            f(row["params"], ",d"),
+            "*" if row["pareto"] else "",
             row["status"] if row.get("within_budget") is not False else "over budget",
         )
     _console().print(t)
-
 
 
 @app.command()
 def report(
     study: str = typer.Argument(..., help="Study name."),
     out: str = typer.Option(..., "--out", help="Output HTML file (self-contained, images inline)."),
-    store: Optional[str] = typer.Option(None, "--store", help=_STORE_HELP),
+    store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
 ) -> None:
     """Write an HTML report: learning curves, Pareto front, latency and gap models, deployments."""
     from robonas.report import write_report
@@ -334,11 +399,12 @@ def report(
     print(write_report(_open_store(store), study, out))
 
 
-
 @app.command()
 def demo(
     quick: bool = typer.Option(False, "--quick", help="A shorter run (what the tests use)."),
-    workdir: Optional[str] = typer.Option(None, "--workdir", help="Where the demo writes (default runs/demo; wiped first)."),
+    workdir: str | None = typer.Option(
+        None, "--workdir", help="Where the demo writes (default runs/demo; wiped first)."
+    ),
     keep: bool = typer.Option(False, "--keep", help="Resume in an existing workdir instead of wiping it."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
@@ -349,8 +415,13 @@ def demo(
     say = (lambda _m: None) if as_json else console.print
     progress, hooks = _search_progress(as_json)
     with progress:
-        result = run_demo(Path(workdir) if workdir else default_workdir(), quick=quick,
-                          fresh=not keep, say=say, progress_hooks=hooks)
+        result = run_demo(
+            Path(workdir) if workdir else default_workdir(),
+            quick=quick,
+            fresh=not keep,
+            say=say,
+            progress_hooks=hooks,
+        )
     if as_json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
         return
@@ -358,17 +429,31 @@ def demo(
 
     for act in result.acts.values():
         t = Table(title=f"{act.study}: how the ranking moved once {', '.join(act.robots)} reported")
-        for col in ("trial", "arch", "rank before", "rank after", "pred real before",
-                    "pred real after", "measured real", "p99 ms after"):
+        for col in (
+            "trial",
+            "arch",
+            "rank before",
+            "rank after",
+            "pred real before",
+            "pred real after",
+            "measured real",
+            "p99 ms after",
+        ):
             t.add_column(col, justify="left" if col == "arch" else "right")
         before = {r["trial"]: r for r in act.before}
         for r in act.after:
             b = before[r["trial"]]
             real = act.measured.get(r["trial"])
-            t.add_row(str(r["trial"]), r["arch"], str(b["rank"]), str(r["rank"]),
-                      f"{b['predicted_real_return']:.1f}", f"{r['predicted_real_return']:.1f}",
-                      ", ".join(f"{k} {v:.0f}" for k, v in real.items()) if real else "-",
-                      f"{r['p99_ms']:.3f}" + (" over" if r.get("within_budget") is False else ""))
+            t.add_row(
+                str(r["trial"]),
+                r["arch"],
+                str(b["rank"]),
+                str(r["rank"]),
+                f"{b['predicted_real_return']:.1f}",
+                f"{r['predicted_real_return']:.1f}",
+                ", ".join(f"{k} {v:.0f}" for k, v in real.items()) if real else "-",
+                f"{r['p99_ms']:.3f}" + (" over" if r.get("within_budget") is False else ""),
+            )
         console.print(t)
         for line in explain(act):
             console.print(f"  {line}")

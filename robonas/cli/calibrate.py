@@ -6,16 +6,16 @@ Imports only typer at module level; the work is imported inside each command.
 from __future__ import annotations
 
 import json
-from typing import Optional
 
 import typer
 
-calibrate_app = typer.Typer(help="Refit the latency and gap models from what robots measured.",
-                            no_args_is_help=True)
+calibrate_app = typer.Typer(
+    help="Refit the latency and gap models from what robots measured.", no_args_is_help=True
+)
 _STORE_HELP = "Store URL (default: $ROBONAS_STORE or sqlite:///runs/robonas.db)."
 
 
-def _space_for(config: Optional[str], study: Optional[str], store):
+def _space_for(config: str | None, study: str | None, store):
     """The search space to draw probes from: a study's stored config, or a config file."""
     from robonas.config import load_config, parse_config
     from robonas.search.loop import EnvInfo
@@ -39,11 +39,13 @@ def calibrate_latency(
     agent: str = typer.Option(..., "--agent", help="The robot to measure on."),
     n_archs: int = typer.Option(16, "--n-archs", help="Probe architectures (a quarter held out)."),
     runs: int = typer.Option(300, "--runs", help="BENCH runs per probe."),
-    study: Optional[str] = typer.Option(None, "--study", help="Draw probes from this study's space."),
-    config: Optional[str] = typer.Option(None, "--config", help="...or from this config's space (default: the demo's cart-pole space)."),
-    rerank: Optional[str] = typer.Option(None, "--rerank", help="Re-rank this study afterwards."),
+    study: str | None = typer.Option(None, "--study", help="Draw probes from this study's space."),
+    config: str | None = typer.Option(
+        None, "--config", help="...or from this config's space (default: the demo's cart-pole space)."
+    ),
+    rerank: str | None = typer.Option(None, "--rerank", help="Re-rank this study afterwards."),
     seed: int = typer.Option(0, "--seed"),
-    store: Optional[str] = typer.Option(None, "--store", help=_STORE_HELP),
+    store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Time a representative set of architectures on a robot; fit and store a new latency model.
@@ -65,13 +67,24 @@ def calibrate_latency(
     with AgentClient(entry.link, entry.timeout_s, name=entry.name) as client, Progress(transient=True) as bar:
         task = bar.add_task(f"BENCH on {entry.name}", total=n_archs)
         model, version, m = calibrate_latency_on_agent(
-            db, client, entry.name, entry.device, space, n_archs, runs, seed,
-            progress=lambda done, total: bar.update(task, completed=done))
+            db,
+            client,
+            entry.name,
+            entry.device,
+            space,
+            n_archs,
+            runs,
+            seed,
+            progress=lambda done, total: bar.update(task, completed=done),
+        )
     out = {"device": entry.device, "version": version, **{k: v for k, v in m.items() if k != "holdout"}}
     if rerank:
         changes, models = rescore_study(db, rerank)
-        out["reranked"] = {"study": rerank, "models": models,
-                           "moved": sum(c.rank_before != c.rank_after for c in changes)}
+        out["reranked"] = {
+            "study": rerank,
+            "models": models,
+            "moved": sum(c.rank_before != c.rank_after for c in changes),
+        }
     if as_json:
         print(json.dumps(out, indent=2))
         return
@@ -85,7 +98,7 @@ def calibrate_latency(
 @calibrate_app.command("gap")
 def calibrate_gap_cmd(
     study: str = typer.Option(..., "--study", help="Study whose (trial, robot report) pairs to fit."),
-    store: Optional[str] = typer.Option(None, "--store", help=_STORE_HELP),
+    store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
     rerank: bool = typer.Option(True, "--rerank/--no-rerank", help="Re-rank the study afterwards."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -97,8 +110,14 @@ def calibrate_gap_cmd(
 
     db = Store(store)
     model, version, m = calibrate_gap(db, study)
-    out = {"study": study, "version": version, "n": m["n"], "mae": m["mae"],
-           "mae_share_of_range": m["mae_share_of_range"], "coefficients": m["coefficients"]}
+    out = {
+        "study": study,
+        "version": version,
+        "n": m["n"],
+        "mae": m["mae"],
+        "mae_share_of_range": m["mae_share_of_range"],
+        "coefficients": m["coefficients"],
+    }
     if rerank:
         changes, models = rescore_study(db, study)
         out["ranking"] = [c.to_dict() for c in changes]
@@ -106,15 +125,17 @@ def calibrate_gap_cmd(
     if as_json:
         print(json.dumps(out, indent=2))
         return
-    Console().print(f"gap model for [bold]{study}[/] version {version} from {m['n']} (trial, robot) "
-                    f"pairs: MAE {m['mae']:.1f} ({m['mae_share_of_range']:.1%} of the return range)")
+    Console().print(
+        f"gap model for [bold]{study}[/] version {version} from {m['n']} (trial, robot) "
+        f"pairs: MAE {m['mae']:.1f} ({m['mae_share_of_range']:.1%} of the return range)"
+    )
     for name, (mean, std) in m["coefficients"].items():
         Console().print(f"  {name:16s} {mean:+.4f} +- {std:.4f}")
 
 
 def rerank_command(
     study: str = typer.Argument(..., help="Study name."),
-    store: Optional[str] = typer.Option(None, "--store", help=_STORE_HELP),
+    store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Re-score a study with the newest latency and gap models and show how the ranking moved."""
@@ -136,8 +157,13 @@ def print_rank_changes(changes, models) -> None:
     for col in ("rank", "was", "trial", "arch", "pred real (was)", "p99 ms (was)", "measured real"):
         t.add_column(col, justify="left" if col == "arch" else "right")
     for c in changes:
-        t.add_row(str(c.rank_after), str(c.rank_before), str(c.trial_id), c.arch,
-                  f"{c.predicted_real_after:.1f} ({c.predicted_real_before:.1f})",
-                  f"{c.p99_after:.4f} ({c.p99_before:.4f})",
-                  "-" if c.measured_real is None else f"{c.measured_real:.1f}")
+        t.add_row(
+            str(c.rank_after),
+            str(c.rank_before),
+            str(c.trial_id),
+            c.arch,
+            f"{c.predicted_real_after:.1f} ({c.predicted_real_before:.1f})",
+            f"{c.p99_after:.4f} ({c.p99_before:.4f})",
+            "-" if c.measured_real is None else f"{c.measured_real:.1f}",
+        )
     Console(width=160).print(t)

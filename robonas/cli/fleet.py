@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
-fleet_app = typer.Typer(help="Robots in a fleet file: status, rollback, fresh runs.",
-                        no_args_is_help=True)
+fleet_app = typer.Typer(help="Robots in a fleet file: status, rollback, fresh runs.", no_args_is_help=True)
 
 _FLEET_HELP = "Fleet inventory TOML (one [[agent]] per robot), e.g. launch/fleet.toml."
 _STORE_HELP = "Store URL (default: $ROBONAS_STORE or sqlite:///runs/robonas.db)."
@@ -49,7 +48,7 @@ def _guard(fn):
         _fail(str(e))
 
 
-def _open_store(url: Optional[str]):
+def _open_store(url: str | None):
     from robonas.store import Store
 
     return Store(url)
@@ -61,31 +60,72 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
 
 # ------------------------------------------------------------------------------------ deploy
 def deploy_command(
-    artifact: str = typer.Argument(..., help="Artifact directory (policy.tflite, manifest.json, manifest.sig)."),
+    artifact: str = typer.Argument(
+        ..., help="Artifact directory (policy.tflite, manifest.json, manifest.sig)."
+    ),
     fleet: str = typer.Option(..., "--fleet", help=_FLEET_HELP),
-    agents: Optional[str] = typer.Option(None, "--agents", help=_AGENTS_HELP),
-    canary: int = typer.Option(1, "--canary", help="Robots deployed first; the rest only if all of them pass."),
+    agents: str | None = typer.Option(None, "--agents", help=_AGENTS_HELP),
+    canary: int = typer.Option(
+        1, "--canary", help="Robots deployed first; the rest only if all of them pass."
+    ),
     episodes: int = typer.Option(3, "--episodes", help="Canary episodes each agent runs before switching."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first canary episode."),
-    min_return: Optional[float] = typer.Option(None, "--min-return", help="Canary fails below this mean return."),
-    max_miss_rate: Optional[float] = typer.Option(None, "--max-miss-rate", help="Canary fails above this deadline-miss rate (0-1)."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Cap on each canary episode's steps."),
+    min_return: float | None = typer.Option(
+        None, "--min-return", help="Canary fails below this mean return."
+    ),
+    max_miss_rate: float | None = typer.Option(
+        None, "--max-miss-rate", help="Canary fails above this deadline-miss rate (0-1)."
+    ),
+    max_steps: int | None = typer.Option(
+        None, "--max-steps", min=1, help="Cap on each canary episode's steps."
+    ),
     retries: int = typer.Option(1, "--retries", help="Retries per robot after a link failure."),
-    key: Optional[str] = typer.Option(None, "--key", help="Ed25519 private key: sign the manifest now instead of sending manifest.sig."),
-    store: Optional[str] = typer.Option(None, "--store", help=_STORE_HELP),
+    key: str | None = typer.Option(
+        None, "--key", help="Ed25519 private key: sign the manifest now instead of sending manifest.sig."
+    ),
+    store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the per-robot results as JSON."),
 ) -> None:
     """Push a signed artifact to the fleet: canaries first, then the rest if every canary passed."""
-    result = _guard(lambda: _deploy(artifact, fleet, agents, canary, episodes, seed, min_return,
-                                    max_miss_rate, max_steps, retries, key, store, as_json))
+    result = _guard(
+        lambda: _deploy(
+            artifact,
+            fleet,
+            agents,
+            canary,
+            episodes,
+            seed,
+            min_return,
+            max_miss_rate,
+            max_steps,
+            retries,
+            key,
+            store,
+            as_json,
+        )
+    )
     if not result.ok:
-        bad = [f"{r.name} {r.status}" + (f" ({r.reason})" if r.reason else "")
-               for r in result.robots if not r.ok]
+        bad = [
+            f"{r.name} {r.status}" + (f" ({r.reason})" if r.reason else "") for r in result.robots if not r.ok
+        ]
         _fail(f"deploy of {artifact} did not reach every robot: {'; '.join(bad)}")
 
 
-def _deploy(artifact, fleet, agents, canary, episodes, seed, min_return, max_miss_rate, max_steps,
-            retries, key, store_url, as_json):
+def _deploy(
+    artifact,
+    fleet,
+    agents,
+    canary,
+    episodes,
+    seed,
+    min_return,
+    max_miss_rate,
+    max_steps,
+    retries,
+    key,
+    store_url,
+    as_json,
+):
     from robonas.fleet.deploy import rollout
     from robonas.fleet.inventory import load_inventory
 
@@ -94,14 +134,37 @@ def _deploy(artifact, fleet, agents, canary, episodes, seed, min_return, max_mis
     store = _open_store(store_url)
     try:
         if as_json:
-            result = rollout(artifact, inventory, agents, canary, episodes, seed=seed,
-                             min_return=min_return, max_miss_rate=max_miss_rate,
-                             max_steps=max_steps, store=store, retries=retries, key=key)
+            result = rollout(
+                artifact,
+                inventory,
+                agents,
+                canary,
+                episodes,
+                seed=seed,
+                min_return=min_return,
+                max_miss_rate=max_miss_rate,
+                max_steps=max_steps,
+                store=store,
+                retries=retries,
+                key=key,
+            )
             print(json.dumps(result.to_dict(), indent=2, default=str))
             _recalibrate(store, [_study_of(artifact)], [e.device for e in inventory.select(agents)])
             return result
-        result = _deploy_with_progress(artifact, inventory, agents, canary, episodes, seed,
-                                       min_return, max_miss_rate, max_steps, retries, key, store)
+        result = _deploy_with_progress(
+            artifact,
+            inventory,
+            agents,
+            canary,
+            episodes,
+            seed,
+            min_return,
+            max_miss_rate,
+            max_steps,
+            retries,
+            key,
+            store,
+        )
         _print_rollout(result)
         _recalibrate(store, [_study_of(artifact)], [e.device for e in inventory.select(agents)])
     finally:
@@ -109,7 +172,7 @@ def _deploy(artifact, fleet, agents, canary, episodes, seed, min_return, max_mis
     return result
 
 
-def _study_of(artifact) -> Optional[str]:
+def _study_of(artifact) -> str | None:
     from pathlib import Path
 
     try:
@@ -134,14 +197,31 @@ def _recalibrate(store, studies, profiles) -> None:
         _console(stderr=True).print(f"recalibrate: {line}")
 
 
-def _deploy_with_progress(artifact, inventory, agents, canary, episodes, seed, min_return,
-                          max_miss_rate, max_steps, retries, key, store):
+def _deploy_with_progress(
+    artifact,
+    inventory,
+    agents,
+    canary,
+    episodes,
+    seed,
+    min_return,
+    max_miss_rate,
+    max_steps,
+    retries,
+    key,
+    store,
+):
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
     from robonas.fleet.deploy import rollout
 
-    columns = (TextColumn("{task.description:<14}"), BarColumn(), DownloadColumn(),
-               TimeElapsedColumn(), TextColumn("{task.fields[note]}"))
+    columns = (
+        TextColumn("{task.description:<14}"),
+        BarColumn(),
+        DownloadColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[note]}"),
+    )
     with Progress(*columns, console=_console(stderr=True), transient=False) as bar:
         tasks: dict[str, int] = {}
 
@@ -159,30 +239,61 @@ def _deploy_with_progress(artifact, inventory, agents, canary, episodes, seed, m
                 bar.update(t, note=ev.message[:80])
                 bar.stop_task(t)
 
-        return rollout(artifact, inventory, agents, canary, episodes, seed=seed,
-                       min_return=min_return, max_miss_rate=max_miss_rate, max_steps=max_steps,
-                       store=store, retries=retries, key=key, progress=on_event)
+        return rollout(
+            artifact,
+            inventory,
+            agents,
+            canary,
+            episodes,
+            seed=seed,
+            min_return=min_return,
+            max_miss_rate=max_miss_rate,
+            max_steps=max_steps,
+            store=store,
+            retries=retries,
+            key=key,
+            progress=on_event,
+        )
 
 
 def _print_rollout(result) -> None:
     from rich.table import Table
 
     t = Table(title=f"deploy {result.artifact} (sha256 {result.sha256[:12]}, {result.size} B)")
-    for col in ("robot", "role", "status", "reason", "tries", "transfer s", "total s", "slot",
-                "canary mean return"):
+    for col in (
+        "robot",
+        "role",
+        "status",
+        "reason",
+        "tries",
+        "transfer s",
+        "total s",
+        "slot",
+        "canary mean return",
+    ):
         t.add_column(col)
     for r in result.robots:
         d = r.deploy or {}
         canary = d.get("canary") or {}
         returns = [x for x in canary.get("returns") or [] if isinstance(x, (int, float))]
         mean = sum(returns) / len(returns) if returns else None
-        t.add_row(r.name, r.role, r.status, r.reason if not r.ok else "", str(r.attempts),
-                  _fmt(d.get("transfer_s"), ".2f"), _fmt(d.get("total_s"), ".2f"),
-                  _fmt(d.get("active")), _fmt(mean, ".1f"))
+        t.add_row(
+            r.name,
+            r.role,
+            r.status,
+            r.reason if not r.ok else "",
+            str(r.attempts),
+            _fmt(d.get("transfer_s"), ".2f"),
+            _fmt(d.get("total_s"), ".2f"),
+            _fmt(d.get("active")),
+            _fmt(mean, ".1f"),
+        )
     _console().print(t)
     if result.artifact_id is None:
-        _console().print("note: the artifact is not indexed in the store (export it with "
-                         "`robonas export`): deployments were not recorded, reports were.")
+        _console().print(
+            "note: the artifact is not indexed in the store (export it with "
+            "`robonas export`): deployments were not recorded, reports were."
+        )
 
 
 # ------------------------------------------------------------------------------------ status
@@ -195,17 +306,22 @@ def _slot_summary(status: dict[str, Any]) -> dict[str, Any]:
     if summary.get("study") is not None or summary.get("trial") is not None:
         # the agent's slot summary names the policy by its study, trial and precision
         version = f"{summary.get('study')}#{summary.get('trial')} {summary.get('precision') or ''}"
-    return {"active": active, "sha256": summary.get("sha256") or status.get("active_sha256"),
-            "version": version.strip() if version else None, "arch_id": summary.get("arch_id"),
-            "verified": summary.get("verified"), "previous": status.get("previous"),
-            "uptime_s": status.get("uptime_s")}
+    return {
+        "active": active,
+        "sha256": summary.get("sha256") or status.get("active_sha256"),
+        "version": version.strip() if version else None,
+        "arch_id": summary.get("arch_id"),
+        "verified": summary.get("verified"),
+        "previous": status.get("previous"),
+        "uptime_s": status.get("uptime_s"),
+    }
 
 
 @fleet_app.command("status")
 def status_command(
     fleet: str = typer.Option(..., "--fleet", help=_FLEET_HELP),
-    agents: Optional[str] = typer.Option(None, "--agents", help=_AGENTS_HELP),
-    store: Optional[str] = typer.Option(None, "--store", help=_STORE_HELP),
+    agents: str | None = typer.Option(None, "--agents", help=_AGENTS_HELP),
+    store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Each robot's active slot, policy sha256/version and its last stored report."""
@@ -216,16 +332,33 @@ def status_command(
         from rich.table import Table
 
         t = Table(title=f"fleet {fleet}")
-        for col in ("robot", "link", "reachable", "active", "sha256", "version", "uptime s",
-                    "last report", "p99 ms", "mean return"):
+        for col in (
+            "robot",
+            "link",
+            "reachable",
+            "active",
+            "sha256",
+            "version",
+            "uptime s",
+            "last report",
+            "p99 ms",
+            "mean return",
+        ):
             t.add_column(col)
         for r in rows:
             last = r.get("last_report") or {}
-            t.add_row(r["name"], r["link"], "yes" if r["reachable"] else f"no: {r['error'][:60]}",
-                      _fmt(r.get("active")), _fmt((r.get("sha256") or "")[:12] or None),
-                      _fmt(r.get("version")), _fmt(r.get("uptime_s"), ".0f"),
-                      f"{last.get('kind')} {last.get('time')}" if last else "-",
-                      _fmt(last.get("p99_ms")), _fmt(last.get("mean_return"), ".1f"))
+            t.add_row(
+                r["name"],
+                r["link"],
+                "yes" if r["reachable"] else f"no: {r['error'][:60]}",
+                _fmt(r.get("active")),
+                _fmt((r.get("sha256") or "")[:12] or None),
+                _fmt(r.get("version")),
+                _fmt(r.get("uptime_s"), ".0f"),
+                f"{last.get('kind')} {last.get('time')}" if last else "-",
+                _fmt(last.get("p99_ms")),
+                _fmt(last.get("mean_return"), ".1f"),
+            )
         _console().print(t)
     down = [r["name"] for r in rows if not r["reachable"]]
     if down:
@@ -242,8 +375,14 @@ def _status(fleet, agents, store_url) -> list[dict[str, Any]]:
     rows = []
     try:
         for e in entries:
-            row: dict[str, Any] = {"name": e.name, "link": e.link, "device": e.device,
-                                   "robot": e.robot, "reachable": False, "error": ""}
+            row: dict[str, Any] = {
+                "name": e.name,
+                "link": e.link,
+                "device": e.device,
+                "robot": e.robot,
+                "reachable": False,
+                "error": "",
+            }
             try:
                 with AgentClient(e.link, e.timeout_s, name=e.name) as c:
                     row["hello"] = c.hello()
@@ -255,10 +394,13 @@ def _status(fleet, agents, store_url) -> list[dict[str, Any]]:
             reports = last_reports(store, e.name)
             if reports:
                 newest = max(reports.values(), key=lambda r: r.id)
-                row["last_report"] = {"kind": newest.kind, "id": newest.id,
-                                      "time": newest.created_at.isoformat(timespec="seconds"),
-                                      "artifact_id": newest.artifact_id,
-                                      **summarise_report(newest.payload)}
+                row["last_report"] = {
+                    "kind": newest.kind,
+                    "id": newest.id,
+                    "time": newest.created_at.isoformat(timespec="seconds"),
+                    "artifact_id": newest.artifact_id,
+                    **summarise_report(newest.payload),
+                }
             rows.append(row)
     finally:
         store.close()
@@ -270,7 +412,7 @@ def _status(fleet, agents, store_url) -> list[dict[str, Any]]:
 def rollback_command(
     fleet: str = typer.Option(..., "--fleet", help=_FLEET_HELP),
     agent: str = typer.Option(..., "--agent", help="The robot to roll back to its previous slot."),
-    store: Optional[str] = typer.Option(None, "--store", help=_STORE_HELP),
+    store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Switch one robot back to the policy in its other slot."""
@@ -278,9 +420,11 @@ def rollback_command(
     if as_json:
         print(json.dumps(out, indent=2, default=str))
     else:
-        _console().print(f"{agent}: active slot {out['before'].get('active')} -> "
-                         f"{out['after'].get('active')} (sha256 "
-                         f"{(out['after'].get('sha256') or '?')[:12]})")
+        _console().print(
+            f"{agent}: active slot {out['before'].get('active')} -> "
+            f"{out['after'].get('active')} (sha256 "
+            f"{(out['after'].get('sha256') or '?')[:12]})"
+        )
 
 
 def _rollback(fleet, agent, store_url) -> dict[str, Any]:
@@ -298,10 +442,19 @@ def _rollback(fleet, agent, store_url) -> dict[str, Any]:
     try:
         register_device(store, entry.name, entry.device)
         ref = artifact_for_sha(store, entry.name, after.get("sha256"))
-        dep = record_deployment(store, ref, entry.name, "rollback",
-                                {"sha256": after.get("sha256"), "active": after.get("active"),
-                                 "previous_active": before.get("active"),
-                                 "previous_sha256": before.get("sha256"), "ack": ack})
+        dep = record_deployment(
+            store,
+            ref,
+            entry.name,
+            "rollback",
+            {
+                "sha256": after.get("sha256"),
+                "active": after.get("active"),
+                "previous_active": before.get("active"),
+                "previous_sha256": before.get("sha256"),
+                "ack": ack,
+            },
+        )
     finally:
         store.close()
     return {"agent": agent, "before": before, "after": after, "ack": ack, "deployment_id": dep}
@@ -313,8 +466,8 @@ def run_command(
     fleet: str = typer.Option(..., "--fleet", help=_FLEET_HELP),
     episodes: int = typer.Option(..., "--episodes", min=1, help="Episodes each robot runs."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first episode."),
-    agents: Optional[str] = typer.Option(None, "--agents", help=_AGENTS_HELP),
-    store: Optional[str] = typer.Option(None, "--store", help=_STORE_HELP),
+    agents: str | None = typer.Option(None, "--agents", help=_AGENTS_HELP),
+    store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Run episodes on every robot's active policy and store the fresh reports."""
@@ -325,16 +478,31 @@ def run_command(
         from rich.table import Table
 
         t = Table(title=f"fleet run: {episodes} episode(s), seed {seed}")
-        for col in ("robot", "ok", "sha256", "p50 ms", "p99 ms", "misses", "mean return",
-                    "wall s", "report id"):
+        for col in (
+            "robot",
+            "ok",
+            "sha256",
+            "p50 ms",
+            "p99 ms",
+            "misses",
+            "mean return",
+            "wall s",
+            "report id",
+        ):
             t.add_column(col)
         for r in rows:
             s = r.get("summary") or {}
-            t.add_row(r["name"], "yes" if r["ok"] else f"no: {r['error'][:60]}",
-                      _fmt((r.get("report") or {}).get("sha256", "")[:12] or None),
-                      _fmt(s.get("p50_ms")), _fmt(s.get("p99_ms")), _fmt(s.get("deadline_misses")),
-                      _fmt(s.get("mean_return"), ".1f"), _fmt(r.get("wall_s"), ".2f"),
-                      _fmt(r.get("report_id")))
+            t.add_row(
+                r["name"],
+                "yes" if r["ok"] else f"no: {r['error'][:60]}",
+                _fmt((r.get("report") or {}).get("sha256", "")[:12] or None),
+                _fmt(s.get("p50_ms")),
+                _fmt(s.get("p99_ms")),
+                _fmt(s.get("deadline_misses")),
+                _fmt(s.get("mean_return"), ".1f"),
+                _fmt(r.get("wall_s"), ".2f"),
+                _fmt(r.get("report_id")),
+            )
         _console().print(t)
     bad = [r["name"] for r in rows if not r["ok"]]
     if bad:
@@ -368,15 +536,26 @@ def _run(fleet, episodes, seed, agents, store_url) -> list[dict[str, Any]]:
                 register_device(store, e.name, e.device)
                 ref = artifact_for_sha(store, e.name, report.get("sha256"))
                 row["trial_id"] = ref.trial_id
-                row["report_id"] = record_report(store, e.name, "run", report, ref, link=e.link,
-                                                 episodes=episodes, seed=seed,
-                                                 wall_s=row["wall_s"])
+                row["report_id"] = record_report(
+                    store,
+                    e.name,
+                    "run",
+                    report,
+                    ref,
+                    link=e.link,
+                    episodes=episodes,
+                    seed=seed,
+                    wall_s=row["wall_s"],
+                )
                 row.update(ok=True, report=report, summary=summarise_report(report))
             except FleetError as err:
                 row["error"] = str(err)
             rows.append(row)
-        studies = [store.get_study_by_id(store.get_trial(r["trial_id"]).study_id).name
-                   for r in rows if r.get("trial_id") is not None]
+        studies = [
+            store.get_study_by_id(store.get_trial(r["trial_id"]).study_id).name
+            for r in rows
+            if r.get("trial_id") is not None
+        ]
         if studies:
             _recalibrate(store, studies, [e.device for e in entries])
     finally:

@@ -18,9 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from datetime import datetime, timezone
+from collections.abc import Iterable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -34,14 +35,27 @@ SIGNATURE_FILE = "manifest.sig"  # model and manifest names are the runtime's (i
 
 def _tensor(spec) -> dict[str, Any]:
     scale, zero_point = spec.scale, spec.zero_point
-    return {"dtype": spec.dtype.name, "shape": list(spec.shape),
-            "scale": float(scale), "zero_point": int(zero_point)}
+    return {
+        "dtype": spec.dtype.name,
+        "shape": list(spec.shape),
+        "scale": float(scale),
+        "zero_point": int(zero_point),
+    }
 
 
-def build_manifest(*, model: bytes, study: str, trial: int, arch, spaces: dict[str, Any],
-                   frame_mean: np.ndarray, control_hz: float | None, parity: dict[str, Any],
-                   precision: str, input_normalisation: dict[str, Any] | None = None
-                   ) -> dict[str, Any]:
+def build_manifest(
+    *,
+    model: bytes,
+    study: str,
+    trial: int,
+    arch,
+    spaces: dict[str, Any],
+    frame_mean: np.ndarray,
+    control_hz: float | None,
+    parity: dict[str, Any],
+    precision: str,
+    input_normalisation: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The manifest of `model`; tensor dtypes and quantisation are read from the model itself.
 
     `input_normalisation` ({mean, std, clip}, one mean/std per element of the stacked input) is
@@ -64,7 +78,7 @@ def build_manifest(*, model: bytes, study: str, trial: int, arch, spaces: dict[s
     manifest = {
         "format_version": FORMAT_VERSION,
         "robonas_version": robonas.__version__,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "study": study,
         "trial": int(trial),
         "arch_id": arch.arch_id,
@@ -73,14 +87,19 @@ def build_manifest(*, model: bytes, study: str, trial: int, arch, spaces: dict[s
         "control_hz": control_hz,
         "history": arch.history,
         "observation": {
-            "frame_shape": list(obs["shape"]), "low": obs["low"], "high": obs["high"],
+            "frame_shape": list(obs["shape"]),
+            "low": obs["low"],
+            "high": obs["high"],
             "input_shape": [1, arch.input_dim],
-            "history": arch.history, "history_order": "oldest_first",
+            "history": arch.history,
+            "history_order": "oldest_first",
             # raw values to fill the history with after a reset (normalise to SB3's zeros)
             "history_pad": [float(v) for v in np.asarray(frame_mean, np.float64).ravel()],
-            "normalisation": ("folded into the model" if input_normalisation is None else
-                              "by the runtime: input_normalisation, fused into the input "
-                              "quantisation"),
+            "normalisation": (
+                "folded into the model"
+                if input_normalisation is None
+                else "by the runtime: input_normalisation, fused into the input quantisation"
+            ),
         },
         "action": action,
         "precision": precision,
@@ -97,8 +116,9 @@ def build_manifest(*, model: bytes, study: str, trial: int, arch, spaces: dict[s
     return manifest
 
 
-def write_artifact(directory: str | Path, model_bytes: bytes, manifest: dict[str, Any],
-                   private_key=None) -> Path:
+def write_artifact(
+    directory: str | Path, model_bytes: bytes, manifest: dict[str, Any], private_key=None
+) -> Path:
     """Write the model, the manifest and (with `private_key`, an Ed25519 key or a key path) the
     detached signature. A stale `manifest.sig` from an earlier export is removed when unsigned."""
     from device_agents.signing import SigningError, canonical_json, sign_manifest
@@ -133,8 +153,10 @@ def _read_raw(directory: str | Path) -> tuple[Path, bytes, bytes, str | None]:
         raise RobonasError(f"artifact {d}: not a directory")
     for name in (MODEL_FILE, MANIFEST_FILE):
         if not (d / name).is_file():
-            raise RobonasError(f"artifact {d}: {name} is missing (expected {MODEL_FILE}, "
-                               f"{MANIFEST_FILE} and optionally {SIGNATURE_FILE})")
+            raise RobonasError(
+                f"artifact {d}: {name} is missing (expected {MODEL_FILE}, "
+                f"{MANIFEST_FILE} and optionally {SIGNATURE_FILE})"
+            )
     sig_path = d / SIGNATURE_FILE
     signature = sig_path.read_text().strip() if sig_path.is_file() else None
     return d, (d / MANIFEST_FILE).read_bytes(), (d / MODEL_FILE).read_bytes(), signature or None
@@ -148,8 +170,10 @@ def _parse_manifest(d: Path, raw: bytes) -> dict[str, Any]:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("sha256"), str):
         raise RobonasError(f"artifact {d}: {MANIFEST_FILE} has no sha256 string")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise RobonasError(f"artifact {d}: format_version {manifest.get('format_version')!r}, "
-                           f"this robonas reads {FORMAT_VERSION}")
+        raise RobonasError(
+            f"artifact {d}: format_version {manifest.get('format_version')!r}, "
+            f"this robonas reads {FORMAT_VERSION}"
+        )
     return manifest
 
 
@@ -168,8 +192,9 @@ def load_artifact(directory: str | Path) -> tuple[dict[str, Any], bytes, str | N
         raise RobonasError(f"artifact {d}: {e}") from e
     actual = hashlib.sha256(model).hexdigest()
     if actual != manifest["sha256"]:
-        raise RobonasError(f"artifact {d}: {MODEL_FILE} has sha256 {actual}, the manifest says "
-                           f"{manifest['sha256']}")
+        raise RobonasError(
+            f"artifact {d}: {MODEL_FILE} has sha256 {actual}, the manifest says {manifest['sha256']}"
+        )
     return manifest, model, signature
 
 
@@ -190,5 +215,13 @@ def verify(directory: str | Path, trusted_public_keys: Iterable[Any]):
         raise RobonasError(f"trusted keys: {e}") from e
 
 
-__all__ = ["FORMAT_VERSION", "MANIFEST_FILE", "MODEL_FILE", "SIGNATURE_FILE", "build_manifest",
-           "load_artifact", "verify", "write_artifact"]
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST_FILE",
+    "MODEL_FILE",
+    "SIGNATURE_FILE",
+    "build_manifest",
+    "load_artifact",
+    "verify",
+    "write_artifact",
+]

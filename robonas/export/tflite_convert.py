@@ -22,7 +22,8 @@ import os
 import sys
 import tempfile
 import warnings
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -48,9 +49,7 @@ def _quiet() -> Iterator[list[str]]:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         try:
-            with contextlib.redirect_stdout(sys.__stdout__), contextlib.redirect_stderr(
-                sys.__stderr__
-            ):
+            with contextlib.redirect_stdout(sys.__stdout__), contextlib.redirect_stderr(sys.__stderr__):
                 yield tail
         finally:
             for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
@@ -115,7 +114,7 @@ def _signature_input(fp32: bytes) -> tuple[str, str]:
     signatures = Interpreter(model_content=fp32).get_signature_list()
     if len(signatures) != 1:
         raise RobonasError(f"expected one signature in the float model, found {list(signatures)}")
-    (key, sig), = signatures.items()
+    ((key, sig),) = signatures.items()
     if len(sig["inputs"]) != 1:
         raise RobonasError(f"expected one input in signature {key!r}, found {sig['inputs']}")
     return key, sig["inputs"][0]
@@ -125,8 +124,7 @@ def _check_int8_io(data: bytes) -> None:
     from ai_edge_litert.interpreter import Interpreter
 
     interp = Interpreter(model_content=data)
-    for role, details in (("input", interp.get_input_details()),
-                          ("output", interp.get_output_details())):
+    for role, details in (("input", interp.get_input_details()), ("output", interp.get_output_details())):
         dtypes = [np.dtype(d["dtype"]).name for d in details]
         if dtypes != ["int8"]:
             raise RobonasError(f"int8 quantisation left the model's {role} tensors as {dtypes}")
@@ -165,9 +163,7 @@ def to_tflite_int8(module: torch.nn.Module, calibration_inputs: np.ndarray) -> b
             # min/max; with batch size 1 that is the range of a *typical* observation, so
             # anything wider saturates (we measured 35% of the output range as error). The
             # calibrator's own min_max_update keeps the true range over all samples instead.
-            calib_run = calibrator.Calibrator(
-                fp32, num_threads=1, qsv_update_func=qsv_utils.min_max_update
-            )
+            calib_run = calibrator.Calibrator(fp32, num_threads=1, qsv_update_func=qsv_utils.min_max_update)
             # one sample per calibration step, batch size 1 like the model
             samples = [{input_name: row[None, :]} for row in calib]
             calib_run.calibrate({key: samples}, manager)

@@ -39,9 +39,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,8 +74,7 @@ class ExportRefused(RobonasError):
 class PolicyHead(nn.Module):
     """The exported graph: normalised observation (1, input_dim) -> ready action (1, output_dim)."""
 
-    def __init__(self, actor: nn.Module, transform: str, low: torch.Tensor | None,
-                 high: torch.Tensor | None):
+    def __init__(self, actor: nn.Module, transform: str, low: torch.Tensor | None, high: torch.Tensor | None):
         super().__init__()
         self.actor = actor
         self.transform = transform
@@ -95,8 +95,9 @@ class DeployableActor(nn.Module):
     """Raw observation (1, obs_dim*history) float32 -> ready action (1, act_dim) or (1, 1) index:
     normalisation (`normalise`), then `head`, the part that is exported."""
 
-    def __init__(self, arch: PolicyArch, actor: nn.Module, obs_norm: dict[str, np.ndarray],
-                 spaces: dict[str, Any]):
+    def __init__(
+        self, arch: PolicyArch, actor: nn.Module, obs_norm: dict[str, np.ndarray], spaces: dict[str, Any]
+    ):
         super().__init__()
         self.arch = arch
         self.actor = actor.eval()
@@ -104,14 +105,16 @@ class DeployableActor(nn.Module):
         action = spaces["action"]
         self.transform = action.get("transform")
         if self.transform not in TRANSFORMS:
-            raise ConfigError(f"spaces.json action.transform: {self.transform!r} is not one of "
-                              f"{', '.join(TRANSFORMS)}")
+            raise ConfigError(
+                f"spaces.json action.transform: {self.transform!r} is not one of {', '.join(TRANSFORMS)}"
+            )
         self.discrete = bool(action["discrete"])
         mean = np.asarray(obs_norm["mean"], np.float64).ravel()
         var = np.asarray(obs_norm["var"], np.float64).ravel()
         if mean.size != arch.obs_dim or var.size != arch.obs_dim:
-            raise ConfigError(f"obs_norm: mean/var have {mean.size}/{var.size} values, the arch's "
-                              f"obs_dim is {arch.obs_dim}")
+            raise ConfigError(
+                f"obs_norm: mean/var have {mean.size}/{var.size} values, the arch's obs_dim is {arch.obs_dim}"
+            )
         self.frame_mean = mean.astype(np.float32)
         self.clip_obs = float(obs_norm["clip_obs"])
         # per frame statistics, tiled over the history (VecNormalize runs before VecFrameStack)
@@ -132,8 +135,11 @@ class DeployableActor(nn.Module):
     def input_normalisation(self) -> dict[str, Any]:
         """The manifest's `input_normalisation`: per element of the stacked input (history
         expanded), what `TFLitePolicy(..., input_normalisation=...)` takes."""
-        return {"mean": [float(v) for v in self._mean], "std": [float(v) for v in self._std],
-                "clip": self.clip_obs}
+        return {
+            "mean": [float(v) for v in self._mean],
+            "std": [float(v) for v in self._std],
+            "clip": self.clip_obs,
+        }
 
     def normalise_torch(self, x: torch.Tensor) -> torch.Tensor:
         return torch.clamp((x - self.mean) * self.inv_std, -self.clip_obs, self.clip_obs)
@@ -151,8 +157,9 @@ class DeployableActor(nn.Module):
         return cls.from_files(d / "actor.pt", d / "obs_norm.npz", d / "spaces.json", arch)
 
     @classmethod
-    def from_files(cls, actor_path: str | Path, obs_norm_path: str | Path,
-                   spaces_path: str | Path, arch: PolicyArch) -> DeployableActor:
+    def from_files(
+        cls, actor_path: str | Path, obs_norm_path: str | Path, spaces_path: str | Path, arch: PolicyArch
+    ) -> DeployableActor:
         if not isinstance(arch, PolicyArch):
             raise ConfigError(f"arch: {arch!r} is not a PolicyArch (the trial's architecture)")
         for p in (actor_path, obs_norm_path, spaces_path):
@@ -186,8 +193,9 @@ def _finite_bounds(action: dict[str, Any], act_dim: int) -> tuple[np.ndarray, np
     low = [-np.inf if v is None else float(v) for v in action["low"]]
     high = [np.inf if v is None else float(v) for v in action["high"]]
     if len(low) != act_dim or len(high) != act_dim:
-        raise ConfigError(f"spaces.json action bounds have {len(low)}/{len(high)} values, the "
-                          f"arch's act_dim is {act_dim}")
+        raise ConfigError(
+            f"spaces.json action bounds have {len(low)}/{len(high)} values, the arch's act_dim is {act_dim}"
+        )
     if action["transform"] == "tanh_rescale" and not all(map(math.isfinite, low + high)):
         raise ConfigError("spaces.json: tanh_rescale needs finite action bounds")
     # An unbounded side is not clipped: a float32 limit clips nothing yet keeps the graph simple.
@@ -203,9 +211,14 @@ def _to_env_action(action: np.ndarray, spaces: dict[str, Any]):
     return np.asarray(action, np.float32).reshape(a["shape"])
 
 
-def rollouts(actor: DeployableActor, act: Callable[[np.ndarray], np.ndarray], env_id: str,
-             env_kwargs: dict[str, Any], seeds: list[int], randomization: dict[str, Any] | None = None,
-             ) -> tuple[np.ndarray, np.ndarray]:
+def rollouts(
+    actor: DeployableActor,
+    act: Callable[[np.ndarray], np.ndarray],
+    env_id: str,
+    env_kwargs: dict[str, Any],
+    seeds: list[int],
+    randomization: dict[str, Any] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """One episode per seed driven by `act` (stacked raw obs -> action); (returns, inputs seen).
 
     The history is kept the way the robot keeps it: oldest frame first, padded after a reset with
@@ -224,8 +237,7 @@ def rollouts(actor: DeployableActor, act: Callable[[np.ndarray], np.ndarray], en
             while not done:
                 frames = np.concatenate([frames[obs_dim:], np.asarray(obs, np.float32).ravel()])
                 inputs.append(frames)
-                obs, reward, terminated, truncated, _ = env.step(
-                    _to_env_action(act(frames), actor.spaces))
+                obs, reward, terminated, truncated, _ = env.step(_to_env_action(act(frames), actor.spaces))
                 total += float(reward)
                 done = terminated or truncated
             returns.append(total)
@@ -234,8 +246,13 @@ def rollouts(actor: DeployableActor, act: Callable[[np.ndarray], np.ndarray], en
     return np.asarray(returns), np.asarray(inputs, np.float32).reshape(-1, actor.arch.input_dim)
 
 
-def calibration_inputs(actor: DeployableActor, env_id: str, env_kwargs: dict[str, Any],
-                       episodes: int, randomization: dict[str, Any] | None) -> np.ndarray:
+def calibration_inputs(
+    actor: DeployableActor,
+    env_id: str,
+    env_kwargs: dict[str, Any],
+    episodes: int,
+    randomization: dict[str, Any] | None,
+) -> np.ndarray:
     """Raw stacked observations from rollouts of the torch policy under the study's robustness
     randomisation (a wider spread of states than nominal runs: the int8 ranges must cover them)."""
     if not env_id.startswith("sim/"):
@@ -247,8 +264,9 @@ def calibration_inputs(actor: DeployableActor, env_id: str, env_kwargs: dict[str
     return inputs
 
 
-def parity(actor: DeployableActor, model: bytes, env_id: str, env_kwargs: dict[str, Any],
-           episodes: int) -> dict[str, Any]:
+def parity(
+    actor: DeployableActor, model: bytes, env_id: str, env_kwargs: dict[str, Any], episodes: int
+) -> dict[str, Any]:
     """Action error on held-out observations and sim return of the TFLite model (`head`
     exported, run with the actor's input normalisation, as the robot runs it) vs torch on raw obs.
 
@@ -298,9 +316,11 @@ def _pick_trial(store, study, trial_id: int | None):
             raise RobonasError(f"study {study.name!r} has no complete trial to export")
         best = best_within_budget(rows)
         if best is None:
-            raise RobonasError(f"study {study.name!r}: no complete trial fits the latency budget "
-                               "by the newest latency model (see `robonas top`); export one "
-                               "with --trial ID to ship it anyway")
+            raise RobonasError(
+                f"study {study.name!r}: no complete trial fits the latency budget "
+                "by the newest latency model (see `robonas top`); export one "
+                "with --trial ID to ship it anyway"
+            )
         trial_id = best["trial"]
     try:
         trial = store.get_trial(trial_id)
@@ -309,8 +329,7 @@ def _pick_trial(store, study, trial_id: int | None):
     if trial.study_id != study.id:
         raise RobonasError(f"trial {trial_id} belongs to another study, not {study.name!r}")
     if trial.status != "complete":
-        raise RobonasError(f"trial {trial_id} is {trial.status}, only complete trials can be "
-                           "exported")
+        raise RobonasError(f"trial {trial_id} is {trial.status}, only complete trials can be exported")
     return trial
 
 
@@ -318,13 +337,13 @@ def trial_weights(store, trial) -> dict[str, str]:
     """The files training wrote for `trial` (actor, obs_norm, spaces), checked to exist."""
     rows = store.artifacts(trial.id, "weights")
     if not rows:
-        raise RobonasError(f"trial {trial.id} has no weights artifact (was it trained by this "
-                           "robonas?)")
+        raise RobonasError(f"trial {trial.id} has no weights artifact (was it trained by this robonas?)")
     meta = rows[-1].meta
     missing = [k for k in REQUIRED_FILES if not meta.get(k) or not Path(meta[k]).is_file()]
     if missing:
-        raise RobonasError(f"trial {trial.id}: weights file(s) {', '.join(missing)} missing under "
-                           f"{rows[-1].path}")
+        raise RobonasError(
+            f"trial {trial.id}: weights file(s) {', '.join(missing)} missing under {rows[-1].path}"
+        )
     return meta
 
 
@@ -339,7 +358,8 @@ def _check_index_range(model: bytes, n: int) -> None:
         raise RobonasError(
             f"int8 output can only express action indices up to {top:.2f}, the space has {n} "
             "actions: the calibration rollouts never took the largest; use more "
-            "export.calibration_episodes or export fp32")
+            "export.calibration_episodes or export fp32"
+        )
 
 
 def _control_hz(env_id: str, env_kwargs: dict[str, Any]) -> float | None:
@@ -353,18 +373,24 @@ def _control_hz(env_id: str, env_kwargs: dict[str, Any]) -> float | None:
         env.close()
 
 
-def export_trial(store, study_name: str, trial_id: int | None = None, *, fp32: bool = False,
-                 key_path: str | Path | None = None, out_dir: str | Path | None = None
-                 ) -> ExportResult:
+def export_trial(
+    store,
+    study_name: str,
+    trial_id: int | None = None,
+    *,
+    fp32: bool = False,
+    key_path: str | Path | None = None,
+    out_dir: str | Path | None = None,
+) -> ExportResult:
     """Convert, check and write one complete trial (the study's best when trial_id is None).
 
     Raises ExportRefused when the TFLite model's mean return falls more than
     `export.max_return_drop` x (return_hi - return_lo) below the torch policy's.
     """
-    from robonas.export.artifact import build_manifest, write_artifact
     from robonas.config import parse_config
-    from robonas.search.loop import run_dir_for
+    from robonas.export.artifact import build_manifest, write_artifact
     from robonas.export.tflite_convert import to_tflite_fp32, to_tflite_int8
+    from robonas.search.loop import run_dir_for
 
     study = store.get_study(study_name)
     trial = _pick_trial(store, study, trial_id)
@@ -372,8 +398,10 @@ def export_trial(store, study_name: str, trial_id: int | None = None, *, fp32: b
     config = parse_config(study.config.get("search") or {}, f"study {study_name!r} config")
     resolved = study.config.get("resolved") or {}
     if "return_lo" not in resolved or "return_hi" not in resolved:
-        raise RobonasError(f"study {study_name!r} has no resolved return range (return_lo, "
-                           "return_hi); has its search started?")
+        raise RobonasError(
+            f"study {study_name!r} has no resolved return range (return_lo, "
+            "return_hi); has its search started?"
+        )
     lo, hi = float(resolved["return_lo"]), float(resolved["return_hi"])
 
     arch = PolicyArch.from_json(trial.arch_json)
@@ -385,16 +413,18 @@ def export_trial(store, study_name: str, trial_id: int | None = None, *, fp32: b
     if fp32:
         model = to_tflite_fp32(actor.head, arch.input_dim)
     else:
-        calib = calibration_inputs(actor, env_id, env_kwargs, config.export.calibration_episodes,
-                                   dict(config.robustness))
+        calib = calibration_inputs(
+            actor, env_id, env_kwargs, config.export.calibration_episodes, dict(config.robustness)
+        )
         model = to_tflite_int8(actor.head, actor.normalise(calib))
         if actor.discrete:
             _check_index_range(model, actor.spaces["action"]["n"])
 
     figures = parity(actor, model, env_id, env_kwargs, config.export.parity_episodes)
     allowed = config.export.max_return_drop * (hi - lo)
-    figures.update(max_return_drop=config.export.max_return_drop, allowed_drop=allowed,
-                   return_lo=lo, return_hi=hi)
+    figures.update(
+        max_return_drop=config.export.max_return_drop, allowed_drop=allowed, return_lo=lo, return_hi=hi
+    )
     if figures["return_drop"] > allowed:
         raise ExportRefused(
             f"export of trial {trial.id} ({precision}) refused: mean return {figures['tflite_return']:.1f}"
@@ -406,12 +436,22 @@ def export_trial(store, study_name: str, trial_id: int | None = None, *, fp32: b
         )
 
     manifest = build_manifest(
-        model=model, study=study.name, trial=trial.id, arch=arch, spaces=actor.spaces,
-        frame_mean=actor.frame_mean, control_hz=_control_hz(env_id, env_kwargs), parity=figures,
-        precision=precision, input_normalisation=actor.input_normalisation(),
+        model=model,
+        study=study.name,
+        trial=trial.id,
+        arch=arch,
+        spaces=actor.spaces,
+        frame_mean=actor.frame_mean,
+        control_hz=_control_hz(env_id, env_kwargs),
+        parity=figures,
+        precision=precision,
+        input_normalisation=actor.input_normalisation(),
     )
-    dest = Path(out_dir) if out_dir is not None else (
-        run_dir_for(store.url) / "studies" / study.name / "artifacts" / f"trial-{trial.id}-{precision}")
+    dest = (
+        Path(out_dir)
+        if out_dir is not None
+        else (run_dir_for(store.url) / "studies" / study.name / "artifacts" / f"trial-{trial.id}-{precision}")
+    )
     private_key = None
     if key_path is not None:
         from device_agents.signing import SigningError, load_private_key
@@ -421,10 +461,19 @@ def export_trial(store, study_name: str, trial_id: int | None = None, *, fp32: b
         except SigningError as e:
             raise RobonasError(f"signing key: {e}") from e
     write_artifact(dest, model, manifest, private_key)
-    row = store.add_artifact(trial.id, f"tflite-{precision}", str(dest),
-                             hashlib.sha256(model).hexdigest(), meta=manifest)
+    row = store.add_artifact(
+        trial.id, f"tflite-{precision}", str(dest), hashlib.sha256(model).hexdigest(), meta=manifest
+    )
     return ExportResult(dest, manifest, row.id)
 
 
-__all__ = ["DeployableActor", "ExportRefused", "ExportResult", "PolicyHead", "calibration_inputs",
-           "export_trial", "parity", "rollouts"]
+__all__ = [
+    "DeployableActor",
+    "ExportRefused",
+    "ExportResult",
+    "PolicyHead",
+    "calibration_inputs",
+    "export_trial",
+    "parity",
+    "rollouts",
+]

@@ -11,5 +11,13 @@ from __future__ import annotations
 from robonas.fleet.client import AgentClient, AgentRefused, Canary, FleetError, LinkFailure
 from robonas.fleet.inventory import AgentEntry, Inventory, load_inventory
 
-__all__ = ["AgentClient", "AgentEntry", "AgentRefused", "Canary", "FleetError", "Inventory",
-           "LinkFailure", "load_inventory"]
+__all__ = [
+    "AgentClient",
+    "AgentEntry",
+    "AgentRefused",
+    "Canary",
+    "FleetError",
+    "Inventory",
+    "LinkFailure",
+    "load_inventory",
+]

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from device_agents.errors import DeviceError
 from device_agents.protocol import DEFAULT_CHUNK, MAX_PAYLOAD, PREFIX_SIZE, Message, MsgType
@@ -67,9 +68,9 @@ class Canary:
 
     episodes: int = 3
     seed: int = 0
-    min_return: Optional[float] = None
-    max_miss_rate: Optional[float] = None
-    max_steps: Optional[int] = None  # cap on each canary episode's length (None: until done)
+    min_return: float | None = None
+    max_miss_rate: float | None = None
+    max_steps: int | None = None  # cap on each canary episode's length (None: until done)
 
     def __post_init__(self) -> None:
         if isinstance(self.episodes, bool) or not isinstance(self.episodes, int) or self.episodes < 1:
@@ -78,9 +79,9 @@ class Canary:
             raise ConfigError(f"canary seed: {self.seed!r} must be an integer >= 0")
         if self.max_miss_rate is not None and not 0.0 <= self.max_miss_rate <= 1.0:
             raise ConfigError(f"canary max_miss_rate: {self.max_miss_rate!r} must lie in [0, 1]")
-        if self.max_steps is not None and (isinstance(self.max_steps, bool)
-                                           or not isinstance(self.max_steps, int)
-                                           or self.max_steps < 1):
+        if self.max_steps is not None and (
+            isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 1
+        ):
             raise ConfigError(f"canary max_steps: {self.max_steps!r} must be an integer >= 1")
 
     def thresholds(self) -> dict[str, float]:
@@ -112,9 +113,9 @@ class DeployResult:
     reason: str = "ok"
     detail: str = ""
     step: str = "end"  # where it stopped: begin / chunk / end
-    slot: Optional[str] = None
-    active: Optional[str] = None
-    canary: Optional[dict[str, Any]] = None
+    slot: str | None = None
+    active: str | None = None
+    canary: dict[str, Any] | None = None
     bytes_sent: int = 0
     transfer_s: float = 0.0
     total_s: float = 0.0
@@ -124,7 +125,7 @@ class DeployResult:
         return asdict(self)
 
 
-def read_artifact(artifact_dir: str | Path) -> tuple[dict[str, Any], bytes, Optional[str]]:
+def read_artifact(artifact_dir: str | Path) -> tuple[dict[str, Any], bytes, str | None]:
     """(manifest, model bytes, signature or None) of an artifact directory, checked."""
     from robonas.export.artifact import load_artifact
 
@@ -138,9 +139,15 @@ class AgentClient:
     After a LinkFailure the link is closed, and the next call opens a fresh one.
     """
 
-    def __init__(self, url: str, timeout_s: float = 5.0, name: str | None = None, *,
-                 episode_timeout_s: float = DEFAULT_EPISODE_TIMEOUT_S,
-                 bench_timeout_s: float = DEFAULT_BENCH_TIMEOUT_S):
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float = 5.0,
+        name: str | None = None,
+        *,
+        episode_timeout_s: float = DEFAULT_EPISODE_TIMEOUT_S,
+        bench_timeout_s: float = DEFAULT_BENCH_TIMEOUT_S,
+    ):
         if not timeout_s > 0:
             raise ConfigError(f"timeout_s: {timeout_s!r} must be a positive number of seconds")
         self.url = url
@@ -159,7 +166,7 @@ class AgentClient:
         self.close()
 
     @property
-    def baudrate(self) -> Optional[int]:
+    def baudrate(self) -> int | None:
         return None if self._link is None else self._link.baudrate
 
     def connect(self):
@@ -170,8 +177,9 @@ class AgentClient:
             try:
                 self._link = open_link(self.url, timeout_s=self.timeout_s)
             except DeviceError as e:
-                raise LinkFailure(f"agent {self.name}: cannot open link {self.url}: {e}",
-                                  self.name, "connect") from e
+                raise LinkFailure(
+                    f"agent {self.name}: cannot open link {self.url}: {e}", self.name, "connect"
+                ) from e
         return self._link
 
     def close(self) -> None:
@@ -179,8 +187,15 @@ class AgentClient:
             self._link.close()
             self._link = None
 
-    def _request(self, operation: str, msg_type: MsgType, header: dict | None = None,
-                 payload: bytes = b"", extra_s: float = 0.0, wire_bytes: int = 0) -> Message:
+    def _request(
+        self,
+        operation: str,
+        msg_type: MsgType,
+        header: dict | None = None,
+        payload: bytes = b"",
+        extra_s: float = 0.0,
+        wire_bytes: int = 0,
+    ) -> Message:
         link = self.connect()
         n = PREFIX_SIZE + _HEADER_ALLOWANCE + len(payload) + wire_bytes
         timeout = link.frame_timeout_s(n) + extra_s
@@ -188,8 +203,11 @@ class AgentClient:
             return link.request(Message(msg_type, header or {}, payload), timeout_s=timeout)
         except DeviceError as e:  # LinkError, LinkTimeout, LinkClosed, ProtocolError
             self.close()
-            raise LinkFailure(f"agent {self.name}: {operation} over {self.url} failed: "
-                              f"{type(e).__name__}: {e}", self.name, operation) from e
+            raise LinkFailure(
+                f"agent {self.name}: {operation} over {self.url} failed: {type(e).__name__}: {e}",
+                self.name,
+                operation,
+            ) from e
 
     def _expect(self, operation: str, reply: Message, *types: MsgType) -> dict:
         if reply.type in types:
@@ -199,12 +217,19 @@ class AgentClient:
             detail = reply.header.get("detail")
             raise AgentRefused(
                 f"agent {self.name}: {operation} refused ({reply.type.name}): {reason}"
-                + (f" - {detail}" if detail else ""), self.name, operation, reason,
-                dict(reply.header))
+                + (f" - {detail}" if detail else ""),
+                self.name,
+                operation,
+                reason,
+                dict(reply.header),
+            )
         self.close()  # out of step with the agent: start the next call on a fresh link
-        raise LinkFailure(f"agent {self.name}: {operation} got an unexpected {reply.type.name} "
-                          f"reply (expected {'/'.join(t.name for t in types)})",
-                          self.name, operation)
+        raise LinkFailure(
+            f"agent {self.name}: {operation} got an unexpected {reply.type.name} "
+            f"reply (expected {'/'.join(t.name for t in types)})",
+            self.name,
+            operation,
+        )
 
     # ------------------------------------------------------------------ simple requests
     def hello(self) -> dict[str, Any]:
@@ -212,9 +237,14 @@ class AgentClient:
         reply = self._request("hello", MsgType.HELLO, {"role": "host", "protocol": PROTOCOL_VERSION})
         header = self._expect("hello", reply, MsgType.HELLO)
         if header.get("protocol") not in (None, PROTOCOL_VERSION):
-            raise AgentRefused(f"agent {self.name}: speaks protocol {header.get('protocol')!r}, "
-                               f"this host speaks {PROTOCOL_VERSION}", self.name, "hello",
-                               "bad version", header)
+            raise AgentRefused(
+                f"agent {self.name}: speaks protocol {header.get('protocol')!r}, "
+                f"this host speaks {PROTOCOL_VERSION}",
+                self.name,
+                "hello",
+                "bad version",
+                header,
+            )
         self.agent_hello = header
         return header
 
@@ -229,16 +259,23 @@ class AgentClient:
         rtt = time.perf_counter() - t0
         for k, v in echo.items():
             if header.get(k) != v:
-                raise LinkFailure(f"agent {self.name}: PONG echoed {k}={header.get(k)!r}, "
-                                  f"sent {v!r}", self.name, "ping")
+                raise LinkFailure(
+                    f"agent {self.name}: PONG echoed {k}={header.get(k)!r}, sent {v!r}", self.name, "ping"
+                )
         return rtt
 
     def rollback(self) -> dict[str, Any]:
         """ROLLBACK to the other slot; the ACK header (with `active`)."""
         return self._expect("rollback", self._request("rollback", MsgType.ROLLBACK), MsgType.ACK)
 
-    def run(self, episodes: int, seed: int = 0, thresholds: dict[str, float] | None = None,
-            slot: str | None = None, max_steps: int | None = None) -> dict[str, Any]:
+    def run(
+        self,
+        episodes: int,
+        seed: int = 0,
+        thresholds: dict[str, float] | None = None,
+        slot: str | None = None,
+        max_steps: int | None = None,
+    ) -> dict[str, Any]:
         """RUN episodes on the active (or named) slot; the REPORT header (timings, returns)."""
         if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
             raise ConfigError(f"episodes: {episodes!r} must be an integer >= 1")
@@ -249,32 +286,44 @@ class AgentClient:
             header["slot"] = slot
         if max_steps is not None:
             header["max_steps"] = int(max_steps)
-        reply = self._request("run", MsgType.RUN, header,
-                              extra_s=episodes * self.episode_timeout_s)
+        reply = self._request("run", MsgType.RUN, header, extra_s=episodes * self.episode_timeout_s)
         return self._expect("run", reply, MsgType.REPORT, MsgType.ACK)
 
     def bench(self, slot: str = "active", runs: int = 1000) -> dict[str, Any]:
         """BENCH the model in a slot ("a", "b" or "active"); the REPORT header."""
         if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
             raise ConfigError(f"bench runs: {runs!r} must be an integer >= 1")
-        reply = self._request("bench", MsgType.BENCH, {"runs": runs, "slot": slot},
-                              extra_s=self.bench_timeout_s * (1 + runs / 1000))
+        reply = self._request(
+            "bench",
+            MsgType.BENCH,
+            {"runs": runs, "slot": slot},
+            extra_s=self.bench_timeout_s * (1 + runs / 1000),
+        )
         return self._expect("bench", reply, MsgType.REPORT, MsgType.ACK)
 
     def bench_model(self, model: bytes, runs: int = 1000) -> dict[str, Any]:
         """BENCH a model sent inline (one frame, at most MAX_PAYLOAD bytes); slots untouched."""
         if len(model) > MAX_PAYLOAD:
-            raise ConfigError(f"bench_model: {len(model)} bytes is over the inline limit of "
-                              f"{MAX_PAYLOAD}; deploy it and bench the slot instead")
+            raise ConfigError(
+                f"bench_model: {len(model)} bytes is over the inline limit of "
+                f"{MAX_PAYLOAD}; deploy it and bench the slot instead"
+            )
         header = {"runs": runs, "size": len(model), "sha256": hashlib.sha256(model).hexdigest()}
-        reply = self._request("bench", MsgType.BENCH, header, payload=model,
-                              extra_s=self.bench_timeout_s * (1 + runs / 1000))
+        reply = self._request(
+            "bench", MsgType.BENCH, header, payload=model, extra_s=self.bench_timeout_s * (1 + runs / 1000)
+        )
         return self._expect("bench", reply, MsgType.REPORT)
 
     # ------------------------------------------------------------------ deploy
-    def deploy(self, artifact_dir: str | Path, canary: Canary | dict | None = None,
-               progress: Progress | None = None, *, signature: str | None = None,
-               chunk_size: int = DEFAULT_CHUNK) -> DeployResult:
+    def deploy(
+        self,
+        artifact_dir: str | Path,
+        canary: Canary | dict | None = None,
+        progress: Progress | None = None,
+        *,
+        signature: str | None = None,
+        chunk_size: int = DEFAULT_CHUNK,
+    ) -> DeployResult:
         """Push an artifact: DEPLOY_BEGIN, chunks, DEPLOY_END (the agent's canary runs there).
 
         `signature` overrides the artifact's `manifest.sig` (e.g. signed at deploy time).
@@ -304,20 +353,29 @@ class AgentClient:
             result.total_s = time.perf_counter() - t0
             return result
 
-        begin = {"manifest": manifest, "signature": signature, "size": size, "sha256": sha,
-                 "chunk_size": chunk_size, "canary": canary.to_header()}
-        reply = self._request("deploy begin", MsgType.DEPLOY_BEGIN, begin,
-                              wire_bytes=len(str(manifest)))
+        begin = {
+            "manifest": manifest,
+            "signature": signature,
+            "size": size,
+            "sha256": sha,
+            "chunk_size": chunk_size,
+            "canary": canary.to_header(),
+        }
+        reply = self._request("deploy begin", MsgType.DEPLOY_BEGIN, begin, wire_bytes=len(str(manifest)))
         if reply.type in (MsgType.NACK, MsgType.ERROR):
             return refused("begin", reply.header, reply.type)
         header = self._expect("deploy begin", reply, MsgType.ACK)
         offset = int(header.get("next_offset", 0))
         resyncs = 0
         while offset < size:
-            chunk = model[offset: offset + chunk_size]
+            chunk = model[offset : offset + chunk_size]
             reply = self._request("deploy chunk", MsgType.DEPLOY_CHUNK, {"offset": offset}, chunk)
-            if reply.type == MsgType.NACK and reply.header.get("reason") == "offset" \
-                    and isinstance(reply.header.get("next_offset"), int) and resyncs < _MAX_RESYNCS:
+            if (
+                reply.type == MsgType.NACK
+                and reply.header.get("reason") == "offset"
+                and isinstance(reply.header.get("next_offset"), int)
+                and resyncs < _MAX_RESYNCS
+            ):
                 resyncs += 1  # the agent holds a different count: carry on from its offset
                 offset = reply.header["next_offset"]
                 continue
@@ -329,8 +387,9 @@ class AgentClient:
             if progress is not None:
                 progress(result.bytes_sent, size)
         result.transfer_s = time.perf_counter() - t0
-        reply = self._request("deploy end", MsgType.DEPLOY_END, {},
-                              extra_s=canary.episodes * self.episode_timeout_s)
+        reply = self._request(
+            "deploy end", MsgType.DEPLOY_END, {}, extra_s=canary.episodes * self.episode_timeout_s
+        )
         if reply.type in (MsgType.NACK, MsgType.ERROR):
             return refused("end", reply.header, reply.type)
         header = self._expect("deploy end", reply, MsgType.ACK)
@@ -343,5 +402,12 @@ class AgentClient:
         return result
 
 
-__all__ = ["AgentClient", "AgentRefused", "Canary", "DeployResult", "FleetError", "LinkFailure",
-           "read_artifact"]
+__all__ = [
+    "AgentClient",
+    "AgentRefused",
+    "Canary",
+    "DeployResult",
+    "FleetError",
+    "LinkFailure",
+    "read_artifact",
+]

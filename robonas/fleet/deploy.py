@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 from robonas.errors import ConfigError
 from robonas.fleet.client import AgentClient, AgentRefused, Canary, DeployResult, LinkFailure
@@ -57,10 +58,10 @@ class RobotResult:
     reason: str = ""
     detail: str = ""
     attempts: int = 0
-    deploy: Optional[dict[str, Any]] = None
-    previous: Optional[dict[str, Any]] = None  # STATUS before the deploy (active slot, slots)
-    deployment_id: Optional[int] = None
-    report_id: Optional[int] = None
+    deploy: dict[str, Any] | None = None
+    previous: dict[str, Any] | None = None  # STATUS before the deploy (active slot, slots)
+    deployment_id: int | None = None
+    report_id: int | None = None
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -73,7 +74,7 @@ class RolloutResult:
     artifact: str
     sha256: str
     size: int
-    artifact_id: Optional[int]
+    artifact_id: int | None
     canary_names: list[str]
     robots: list[RobotResult]
 
@@ -101,7 +102,7 @@ def default_client(entry: AgentEntry) -> AgentClient:
     return AgentClient(entry.link, entry.timeout_s, name=entry.name)
 
 
-def _sign(manifest: dict[str, Any], key: str | Path | None) -> Optional[str]:
+def _sign(manifest: dict[str, Any], key: str | Path | None) -> str | None:
     if key is None:
         return None
     from device_agents.signing import SigningError, sign_manifest
@@ -112,12 +113,22 @@ def _sign(manifest: dict[str, Any], key: str | Path | None) -> Optional[str]:
         raise ConfigError(f"signing key {key}: {e}") from e
 
 
-def _deploy_one(entry: AgentEntry, role: str, artifact_dir: Path, canary: Canary,
-                signature: Optional[str], retries: int, store, ref: ArtifactRef,
-                make_client: ClientFactory, emit: Listener, sha: str) -> RobotResult:
+def _deploy_one(
+    entry: AgentEntry,
+    role: str,
+    artifact_dir: Path,
+    canary: Canary,
+    signature: str | None,
+    retries: int,
+    store,
+    ref: ArtifactRef,
+    make_client: ClientFactory,
+    emit: Listener,
+    sha: str,
+) -> RobotResult:
     res = RobotResult(entry.name, role)
-    outcome: Optional[DeployResult] = None
-    refusal: Optional[AgentRefused] = None
+    outcome: DeployResult | None = None
+    refusal: AgentRefused | None = None
     for attempt in range(1, retries + 2):
         res.attempts = attempt
         if attempt > 1:
@@ -136,8 +147,11 @@ def _deploy_one(entry: AgentEntry, role: str, artifact_dir: Path, canary: Canary
             def on_bytes(sent: int, total: int, _a: int = attempt) -> None:
                 emit(RolloutEvent(entry.name, "transfer", sent, total, _a))
                 if sent >= total:
-                    emit(RolloutEvent(entry.name, "canary", sent, total, _a,
-                                      f"{canary.episodes} canary episode(s)"))
+                    emit(
+                        RolloutEvent(
+                            entry.name, "canary", sent, total, _a, f"{canary.episodes} canary episode(s)"
+                        )
+                    )
 
             outcome = client.deploy(artifact_dir, canary, on_bytes, signature=signature)
             break
@@ -157,38 +171,78 @@ def _deploy_one(entry: AgentEntry, role: str, artifact_dir: Path, canary: Canary
         res.deploy = outcome.to_dict()
         res.status = "ok" if outcome.ok else "refused"
         res.reason, res.detail = outcome.reason, outcome.detail
-    emit(RolloutEvent(entry.name, "done", attempt=res.attempts,
-                      message=res.status if res.ok else f"{res.status}: {res.reason} {res.detail}"))
+    emit(
+        RolloutEvent(
+            entry.name,
+            "done",
+            attempt=res.attempts,
+            message=res.status if res.ok else f"{res.status}: {res.reason} {res.detail}",
+        )
+    )
     if store is not None:
         _store(store, entry, res, outcome, ref, sha)
     return res
 
 
-def _store(store, entry: AgentEntry, res: RobotResult, outcome: Optional[DeployResult],
-           ref: ArtifactRef, sha: str) -> None:
-    detail = {"sha256": sha, "role": res.role, "reason": res.reason, "detail": res.detail,
-              "attempts": res.attempts, "errors": res.errors, "link": entry.link,
-              "previous_active": (res.previous or {}).get("active")}
+def _store(
+    store, entry: AgentEntry, res: RobotResult, outcome: DeployResult | None, ref: ArtifactRef, sha: str
+) -> None:
+    detail = {
+        "sha256": sha,
+        "role": res.role,
+        "reason": res.reason,
+        "detail": res.detail,
+        "attempts": res.attempts,
+        "errors": res.errors,
+        "link": entry.link,
+        "previous_active": (res.previous or {}).get("active"),
+    }
     if outcome is not None:
-        detail.update(slot=outcome.slot, active=outcome.active, step=outcome.step,
-                      bytes=outcome.size, transfer_s=outcome.transfer_s, total_s=outcome.total_s)
+        detail.update(
+            slot=outcome.slot,
+            active=outcome.active,
+            step=outcome.step,
+            bytes=outcome.size,
+            transfer_s=outcome.transfer_s,
+            total_s=outcome.total_s,
+        )
     res.deployment_id = record_deployment(store, ref, entry.name, res.status, detail)
     if outcome is not None and outcome.canary:
         report = dict(outcome.canary)
         report.setdefault("sha256", sha)
         report.setdefault("slot", outcome.slot)
         res.report_id = record_report(
-            store, entry.name, "canary", report, ref, link=entry.link, passed=outcome.ok,
-            reason=outcome.reason, transfer_s=outcome.transfer_s, total_s=outcome.total_s,
-            deployment_id=res.deployment_id)
+            store,
+            entry.name,
+            "canary",
+            report,
+            ref,
+            link=entry.link,
+            passed=outcome.ok,
+            reason=outcome.reason,
+            transfer_s=outcome.transfer_s,
+            total_s=outcome.total_s,
+            deployment_id=res.deployment_id,
+        )
 
 
-def rollout(artifact_dir: str | Path, inventory: Inventory,
-            agents: Sequence[str] | str | None = None, canary_count: int = 1, episodes: int = 3,
-            *, seed: int = 0, min_return: float | None = None, max_miss_rate: float | None = None,
-            max_steps: int | None = None, store=None, retries: int = 1, key: str | Path | None = None,
-            progress: Listener | None = None,
-            client_factory: ClientFactory | None = None) -> RolloutResult:
+def rollout(
+    artifact_dir: str | Path,
+    inventory: Inventory,
+    agents: Sequence[str] | str | None = None,
+    canary_count: int = 1,
+    episodes: int = 3,
+    *,
+    seed: int = 0,
+    min_return: float | None = None,
+    max_miss_rate: float | None = None,
+    max_steps: int | None = None,
+    store=None,
+    retries: int = 1,
+    key: str | Path | None = None,
+    progress: Listener | None = None,
+    client_factory: ClientFactory | None = None,
+) -> RolloutResult:
     """Deploy `artifact_dir` to the selected agents, canaries first; see the module docstring.
 
     `agents` selects robots by name (default: all, in file order); the first `canary_count` of
@@ -199,8 +253,9 @@ def rollout(artifact_dir: str | Path, inventory: Inventory,
         raise ConfigError(f"canary count: {canary_count!r} must be an integer >= 0")
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise ConfigError(f"retries: {retries!r} must be an integer >= 0")
-    canary = Canary(episodes=episodes, seed=seed, min_return=min_return,
-                    max_miss_rate=max_miss_rate, max_steps=max_steps)
+    canary = Canary(
+        episodes=episodes, seed=seed, min_return=min_return, max_miss_rate=max_miss_rate, max_steps=max_steps
+    )
     from robonas.fleet.client import read_artifact
 
     manifest, model, _sig = read_artifact(artifact_dir)
@@ -215,20 +270,52 @@ def rollout(artifact_dir: str | Path, inventory: Inventory,
 
     results: list[RobotResult] = []
     for entry in canaries:
-        results.append(_deploy_one(entry, "canary", Path(artifact_dir), canary, signature, retries,
-                                   store, ref, make_client, emit, sha))
+        results.append(
+            _deploy_one(
+                entry,
+                "canary",
+                Path(artifact_dir),
+                canary,
+                signature,
+                retries,
+                store,
+                ref,
+                make_client,
+                emit,
+                sha,
+            )
+        )
     failed = [r.name for r in results if not r.ok]
     for entry in rest:
         if failed:
-            res = RobotResult(entry.name, "fleet", "skipped", "canary failed",
-                              f"canary robot(s) {', '.join(failed)} did not pass")
+            res = RobotResult(
+                entry.name,
+                "fleet",
+                "skipped",
+                "canary failed",
+                f"canary robot(s) {', '.join(failed)} did not pass",
+            )
             emit(RolloutEvent(entry.name, "skipped", message=res.detail))
             results.append(res)
             continue
-        results.append(_deploy_one(entry, "fleet", Path(artifact_dir), canary, signature, retries,
-                                   store, ref, make_client, emit, sha))
-    return RolloutResult(str(artifact_dir), sha, len(model), ref.artifact_id,
-                         [e.name for e in canaries], results)
+        results.append(
+            _deploy_one(
+                entry,
+                "fleet",
+                Path(artifact_dir),
+                canary,
+                signature,
+                retries,
+                store,
+                ref,
+                make_client,
+                emit,
+                sha,
+            )
+        )
+    return RolloutResult(
+        str(artifact_dir), sha, len(model), ref.artifact_id, [e.name for e in canaries], results
+    )
 
 
-__all__ = ["RobotResult", "RolloutEvent", "RolloutResult", "STATUSES", "rollout"]
+__all__ = ["STATUSES", "RobotResult", "RolloutEvent", "RolloutResult", "rollout"]

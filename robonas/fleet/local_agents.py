@@ -32,10 +32,28 @@ class LocalAgent:
 
     def start(self, timeout_s: float = 60.0) -> LocalAgent:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "device_agents", "serve", "--state", str(self.state_dir),
-               "--trust", str(self.trust), "--robot", self.robot, "--listen", "tcp://127.0.0.1:0",
-               "--id", self.name, "--device", self.device] + (["--fast"] if self.fast else [])
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        cmd = [
+            sys.executable,
+            "-m",
+            "device_agents",
+            "serve",
+            "--state",
+            str(self.state_dir),
+            "--trust",
+            str(self.trust),
+            "--robot",
+            self.robot,
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--id",
+            self.name,
+            "--device",
+            self.device,
+        ] + (["--fast"] if self.fast else [])
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        }
         log = open(self.state_dir / "agent.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, text=True)
         deadline = time.monotonic() + timeout_s
@@ -67,7 +85,13 @@ def write_fleet(path: Path, agents: list[LocalAgent]) -> Path:
     """A fleet inventory (launch/fleet.toml format) naming the running agents."""
     lines = ["# written by robonas for local agents", ""]
     for a in agents:
-        lines += ["[[agent]]", f'name = "{a.name}"', f'link = "{a.link}"', f'device = "{a.device}"',
-                  f'robot = "{a.robot}"', ""]
+        lines += [
+            "[[agent]]",
+            f'name = "{a.name}"',
+            f'link = "{a.link}"',
+            f'device = "{a.device}"',
+            f'robot = "{a.robot}"',
+            "",
+        ]
     path.write_text("\n".join(lines))
     return path

@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from robonas.store import DeviceReportRow, Store
+
 
 @dataclass(frozen=True)
 class ArtifactRef:
     """The store's ids for an artifact: None when the artifact is not indexed."""
 
-    artifact_id: Optional[int]
-    trial_id: Optional[int]
+    artifact_id: int | None
+    trial_id: int | None
 
 
 def _same_path(a: str | Path, b: str | Path) -> bool:
@@ -49,7 +50,7 @@ def find_artifact(store: Store, artifact_dir: str | Path, manifest: dict[str, An
     return ArtifactRef(row.id, row.trial_id)
 
 
-def artifact_for_sha(store: Store, device: str, sha256: Optional[str]) -> ArtifactRef:
+def artifact_for_sha(store: Store, device: str, sha256: str | None) -> ArtifactRef:
     """The artifact last deployed to `device` with this model sha256 (None if none was)."""
     if not sha256:
         return ArtifactRef(None, None)
@@ -62,25 +63,28 @@ def artifact_for_sha(store: Store, device: str, sha256: Optional[str]) -> Artifa
 
 def register_device(store: Store, name: str, profile: str, seen: bool = True) -> None:
     """Add (or update) the robot's device row; `seen` stamps last_seen now."""
-    store.add_device(name, profile, last_seen=datetime.now(timezone.utc) if seen else None)
+    store.add_device(name, profile, last_seen=datetime.now(UTC) if seen else None)
 
 
-def record_deployment(store: Store, ref: ArtifactRef, device: str, status: str,
-                      detail: dict[str, Any]) -> Optional[int]:
+def record_deployment(
+    store: Store, ref: ArtifactRef, device: str, status: str, detail: dict[str, Any]
+) -> int | None:
     """A deployments row (None when the artifact is not in the store)."""
     if ref.artifact_id is None:
         return None
     return store.add_deployment(ref.artifact_id, device, status, detail).id
 
 
-def record_report(store: Store, device: str, kind: str, report: dict[str, Any],
-                  ref: ArtifactRef, **host: Any) -> int:
+def record_report(
+    store: Store, device: str, kind: str, report: dict[str, Any], ref: ArtifactRef, **host: Any
+) -> int:
     """A device_reports row: the agent's report as sent, plus what the host knows about it
     (`host` keyword arguments, e.g. link, episodes, seed, wall_s) and the host's clock."""
     payload = dict(report)
     payload["host"] = {**host, "received_unix": time.time()}
-    return store.add_device_report(device, kind, payload, artifact_id=ref.artifact_id,
-                                   trial_id=ref.trial_id).id
+    return store.add_device_report(
+        device, kind, payload, artifact_id=ref.artifact_id, trial_id=ref.trial_id
+    ).id
 
 
 def last_reports(store: Store, device: str) -> dict[str, DeviceReportRow]:
@@ -105,5 +109,13 @@ def summarise_report(payload: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-__all__ = ["ArtifactRef", "artifact_for_sha", "find_artifact", "last_reports", "record_deployment",
-           "record_report", "register_device", "summarise_report"]
+__all__ = [
+    "ArtifactRef",
+    "artifact_for_sha",
+    "find_artifact",
+    "last_reports",
+    "record_deployment",
+    "record_report",
+    "register_device",
+    "summarise_report",
+]

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from robonas.errors import ConfigError
 from robonas.toml_file import read_toml
@@ -53,9 +54,7 @@ class DeviceProfile:
         names = [f.name for f in fields(cls)]
         unknown = sorted(set(data) - set(names))
         if unknown:
-            raise ConfigError(
-                f"{origin}: unknown field(s) {unknown}; valid fields are {names}"
-            )
+            raise ConfigError(f"{origin}: unknown field(s) {unknown}; valid fields are {names}")
         missing = [n for n in names if n not in data]
         if missing:
             raise ConfigError(f"{origin}: missing field(s) {missing}")
@@ -129,9 +128,7 @@ def load_device(name_or_path: str | os.PathLike[str]) -> DeviceProfile:
 
     valid = list_devices()
     if text not in valid:
-        raise ConfigError(
-            f"unknown device {text!r}; valid devices are {valid} (profiles in {devices_dir()})"
-        )
+        raise ConfigError(f"unknown device {text!r}; valid devices are {valid} (profiles in {devices_dir()})")
     path = devices_dir() / f"{text}.toml"
     profile = load_device_file(path)
     if profile.name != text:

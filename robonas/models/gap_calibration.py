@@ -35,8 +35,9 @@ formulas above. Fits are stored as versioned rows of kind "gap" for a study.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -78,20 +79,20 @@ class GapObservation:
 def design_row(f: GapFeatures) -> np.ndarray:
     """The regression features of one candidate, in `FEATURES` order."""
     share = f.latency_share
-    return np.array([
-        1.0,
-        share,
-        max(0.0, share - 1.0),
-        f.robustness_drop / f.return_range,
-        math.log(max(f.params, 1) / PARAMS_REF),
-    ])
+    return np.array(
+        [
+            1.0,
+            share,
+            max(0.0, share - 1.0),
+            f.robustness_drop / f.return_range,
+            math.log(max(f.params, 1) / PARAMS_REF),
+        ]
+    )
 
 
 def _vector(label: str, values: Sequence[float], positive: bool = False) -> np.ndarray:
     arr = np.asarray(values, dtype=float)
-    if arr.shape != (len(FEATURES),) or not np.all(np.isfinite(arr)) or (
-        positive and not np.all(arr > 0)
-    ):
+    if arr.shape != (len(FEATURES),) or not np.all(np.isfinite(arr)) or (positive and not np.all(arr > 0)):
         need = "positive" if positive else "finite"
         raise ConfigError(
             f"BayesianGapModel.{label} must be {len(FEATURES)} {need} numbers for "
@@ -118,16 +119,22 @@ class BayesianGapModel(GapModel):
             h = HeuristicGapModel()
             prior_mean = (0.0, h.latency_coef, h.overrun_coef, h.robustness_coef, 0.0)
         self.prior_mean = _vector("prior_mean", prior_mean)
-        self.prior_std = _vector("prior_std", DEFAULT_PRIOR_STD if prior_std is None else prior_std,
-                                 positive=True)
-        if nu is not None and (isinstance(nu, bool) or not isinstance(nu, (int, float))
-                               or not (math.isfinite(nu) and nu > 2)):
+        self.prior_std = _vector(
+            "prior_std", DEFAULT_PRIOR_STD if prior_std is None else prior_std, positive=True
+        )
+        if nu is not None and (
+            isinstance(nu, bool) or not isinstance(nu, (int, float)) or not (math.isfinite(nu) and nu > 2)
+        ):
             raise ConfigError(f"BayesianGapModel.nu must be a number > 2 or None (Gaussian), got {nu!r}")
         self.nu = None if nu is None else float(nu)
-        for key, value in (("noise_prior_scale", noise_prior_scale),
-                           ("noise_prior_weight", noise_prior_weight)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                math.isfinite(value) and value > 0
+        for key, value in (
+            ("noise_prior_scale", noise_prior_scale),
+            ("noise_prior_weight", noise_prior_weight),
+        ):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and value > 0)
             ):
                 raise ConfigError(f"BayesianGapModel.{key} must be a number > 0, got {value!r}")
         self.noise_prior_scale = float(noise_prior_scale)
@@ -175,8 +182,9 @@ class BayesianGapModel(GapModel):
                 w = (self.nu + 1.0) / (self.nu + r**2 / s2)
             # E[r^2] under the posterior adds the coefficient uncertainty x' S x.
             expected_sq = r**2 + np.einsum("ij,jk,ik->i", X, cov, X)
-            s2 = (float(np.sum(w * expected_sq))
-                  + self.noise_prior_weight * self.noise_prior_scale**2) / (n + self.noise_prior_weight)
+            s2 = (float(np.sum(w * expected_sq)) + self.noise_prior_weight * self.noise_prior_scale**2) / (
+                n + self.noise_prior_weight
+            )
             done = np.max(np.abs(new_mean - mean)) < _EM_TOL
             mean = new_mean
             if done:
@@ -231,18 +239,26 @@ class BayesianGapModel(GapModel):
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], version: int = 0) -> BayesianGapModel:
-        if (params.get("format") != PARAMS_FORMAT or params.get("model") != cls.name
-                or list(params.get("features", [])) != list(FEATURES)
-                or params.get("params_ref") != PARAMS_REF):
+        if (
+            params.get("format") != PARAMS_FORMAT
+            or params.get("model") != cls.name
+            or list(params.get("features", [])) != list(FEATURES)
+            or params.get("params_ref") != PARAMS_REF
+        ):
             raise RobonasError(
                 f"gap params: format {params.get('format')!r}, model {params.get('model')!r}, "
                 f"features {params.get('features')!r} do not match {cls.name!r} format "
                 f"{PARAMS_FORMAT} with features {list(FEATURES)}"
             )
         try:
-            model = cls(prior_mean=params["prior_mean"], prior_std=params["prior_std"],
-                        nu=params["nu"], noise_prior_scale=params["noise_prior_scale"],
-                        noise_prior_weight=params["noise_prior_weight"], version=version)
+            model = cls(
+                prior_mean=params["prior_mean"],
+                prior_std=params["prior_std"],
+                nu=params["nu"],
+                noise_prior_scale=params["noise_prior_scale"],
+                noise_prior_weight=params["noise_prior_weight"],
+                version=version,
+            )
             model.mean = _vector("mean", params["mean"])
             cov = np.asarray(params["cov"], dtype=float)
             k = len(FEATURES)
@@ -261,8 +277,7 @@ class BayesianGapModel(GapModel):
 # ----------------------------------------------------------------------------- store
 
 
-def save_gap_model(store: Any, study_id: int, model: BayesianGapModel,
-                   metrics: Mapping[str, Any]) -> int:
+def save_gap_model(store: Any, study_id: int, model: BayesianGapModel, metrics: Mapping[str, Any]) -> int:
     """Store `model` as the next "gap" version of the study; sets and returns the version."""
     row = store.add_model_version("gap", model.to_params(), dict(metrics), study_id=study_id)
     model.version = str(row.version)

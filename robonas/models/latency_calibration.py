@@ -42,15 +42,16 @@ kind "latency" for one device.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy.optimize import least_squares
 
+from robonas.errors import ConfigError, RobonasError
 from robonas.models.costs import LayerCost
 from robonas.models.devices import DeviceProfile
-from robonas.errors import ConfigError, RobonasError
 from robonas.models.latency_model import (
     INT8_BYTES,
     AnalyticLatencyModel,
@@ -89,14 +90,14 @@ class LatencySample:
     def __post_init__(self) -> None:
         for key in ("p50_ms", "p99_ms"):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                math.isfinite(value) and value > 0
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and value > 0)
             ):
                 raise RobonasError(f"LatencySample.{key} must be a finite number > 0, got {value!r}")
         if self.p99_ms < self.p50_ms:
-            raise RobonasError(
-                f"LatencySample.p99_ms ({self.p99_ms!r}) is below p50_ms ({self.p50_ms!r})"
-            )
+            raise RobonasError(f"LatencySample.p99_ms ({self.p99_ms!r}) is below p50_ms ({self.p50_ms!r})")
 
 
 # ----------------------------------------------------------------------------- features
@@ -155,15 +156,20 @@ class CalibratedLatencyModel(LatencyModel):
     ) -> None:
         k = len(RESIDUAL_FEATURES)
         self.prior = prior
-        values = {"s_per_mac": s_per_mac, "s_per_byte": s_per_byte, "per_layer_s": per_layer_s,
-                  "per_invoke_s": per_invoke_s}
+        values = {
+            "s_per_mac": s_per_mac,
+            "s_per_byte": s_per_byte,
+            "per_layer_s": per_layer_s,
+            "per_invoke_s": per_invoke_s,
+        }
         for key, value in values.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                math.isfinite(value) and value >= 0
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and value >= 0)
             ):
                 raise RobonasError(f"CalibratedLatencyModel.{key} must be finite and >= 0, got {value!r}")
-        if not (isinstance(p99_over_p50, (int, float)) and math.isfinite(p99_over_p50)
-                and p99_over_p50 >= 1):
+        if not (isinstance(p99_over_p50, (int, float)) and math.isfinite(p99_over_p50) and p99_over_p50 >= 1):
             raise RobonasError(f"CalibratedLatencyModel.p99_over_p50 must be >= 1, got {p99_over_p50!r}")
         self.s_per_mac = float(s_per_mac)
         self.s_per_byte = float(s_per_byte)
@@ -173,8 +179,11 @@ class CalibratedLatencyModel(LatencyModel):
         self.residual_mean = np.asarray(residual_mean if residual_mean is not None else [0.0] * k, float)
         self.residual_scale = np.asarray(residual_scale if residual_scale is not None else [1.0] * k, float)
         self.residual_coef = np.asarray(residual_coef if residual_coef is not None else [0.0] * k, float)
-        for label, arr in (("residual_mean", self.residual_mean), ("residual_scale", self.residual_scale),
-                           ("residual_coef", self.residual_coef)):
+        for label, arr in (
+            ("residual_mean", self.residual_mean),
+            ("residual_scale", self.residual_scale),
+            ("residual_coef", self.residual_coef),
+        ):
             if arr.shape != (k,) or not np.all(np.isfinite(arr)):
                 raise RobonasError(
                     f"CalibratedLatencyModel.{label} must be {k} finite numbers "
@@ -222,8 +231,9 @@ class CalibratedLatencyModel(LatencyModel):
                 f"not {device.name!r}; load the calibration of {device.name!r} instead"
             )
 
-    def _predict(self, costs: Sequence[LayerCost], device: DeviceProfile,
-                 arch: PolicyArch | None) -> LatencyPrediction:
+    def _predict(
+        self, costs: Sequence[LayerCost], device: DeviceProfile, arch: PolicyArch | None
+    ) -> LatencyPrediction:
         self._check_device(device)
         base = AnalyticLatencyModel().predict_costs(costs, self.profile)
         p50 = base.p50_ms * math.exp(self.log_correction(costs, arch))
@@ -270,8 +280,7 @@ class CalibratedLatencyModel(LatencyModel):
             res = params["residual"]
             if list(res["features"]) != list(RESIDUAL_FEATURES):
                 raise RobonasError(
-                    f"latency params: residual features {res['features']!r} are not "
-                    f"{list(RESIDUAL_FEATURES)}"
+                    f"latency params: residual features {res['features']!r} are not {list(RESIDUAL_FEATURES)}"
                 )
             return cls(
                 prior=DeviceProfile.from_mapping(params["prior"], origin="latency params prior"),
@@ -328,13 +337,15 @@ def fit_roofline(
     costs = [s.arch.actor_layer_costs() for s in samples]
     design = _Design(costs)
     log_meas = np.log(np.array([s.p50_ms for s in samples]) * 1e-3)
-    prior = np.array([
-        1.0 / device_prior.compute_macs_per_s,
-        1.0 / device_prior.memory_bytes_per_s,
-        # An overhead of 0 in the prior would pin its scale at 0; 1 us is a neutral unit.
-        device_prior.per_layer_overhead_us * 1e-6 or 1e-6,
-        device_prior.per_invoke_overhead_us * 1e-6 or 1e-6,
-    ])
+    prior = np.array(
+        [
+            1.0 / device_prior.compute_macs_per_s,
+            1.0 / device_prior.memory_bytes_per_s,
+            # An overhead of 0 in the prior would pin its scale at 0; 1 us is a neutral unit.
+            device_prior.per_layer_overhead_us * 1e-6 or 1e-6,
+            device_prior.per_invoke_overhead_us * 1e-6 or 1e-6,
+        ]
+    )
 
     def residuals(x: np.ndarray) -> np.ndarray:
         t = np.maximum(design.seconds(x * prior), 1e-15)
@@ -349,8 +360,9 @@ def fit_roofline(
     for center in (True, False):
         scale = _robust_scale(residuals(x), center=center)
         fits = [
-            least_squares(residuals, start, bounds=(0.0, np.inf), loss=loss, f_scale=scale,
-                          x_scale="jac", method="trf")
+            least_squares(
+                residuals, start, bounds=(0.0, np.inf), loss=loss, f_scale=scale, x_scale="jac", method="trf"
+            )
             for start in (x, x * _BYTE_RATE_STARTS[0], x * _BYTE_RATE_STARTS[1])
         ]
         x = min(fits, key=lambda f: f.cost).x
@@ -372,8 +384,9 @@ def fit_roofline(
     )
 
 
-def _fit_residual(costs: Sequence[Sequence[LayerCost]], archs: Sequence[PolicyArch],
-                  y: np.ndarray, robust: bool) -> dict[str, Any]:
+def _fit_residual(
+    costs: Sequence[Sequence[LayerCost]], archs: Sequence[PolicyArch], y: np.ndarray, robust: bool
+) -> dict[str, Any]:
     """Ridge-shrunk (robust) linear fit of log(measured / roofline) on standardised features."""
     X = np.array([residual_features(c, a) for c, a in zip(costs, archs, strict=True)])
     mean = X.mean(axis=0)
@@ -391,8 +404,9 @@ def _fit_residual(costs: Sequence[Sequence[LayerCost]], archs: Sequence[PolicyAr
     beta = np.zeros(k + 1)
     s = _robust_scale(y, center=True)
     for _ in range(2):
-        beta = least_squares(residuals, beta, args=(s,), loss="huber" if robust else "linear",
-                             f_scale=1.0, method="trf").x
+        beta = least_squares(
+            residuals, beta, args=(s,), loss="huber" if robust else "linear", f_scale=1.0, method="trf"
+        ).x
         s = _robust_scale(y - beta[0] - Z @ beta[1:], center=False)
     return {
         "residual_mean": mean.tolist(),
@@ -421,8 +435,10 @@ def split_holdout(
         )
     order = np.random.default_rng(seed).permutation(len(samples))
     hold = set(order[:n_hold].tolist())
-    return ([s for i, s in enumerate(samples) if i not in hold],
-            [s for i, s in enumerate(samples) if i in hold])
+    return (
+        [s for i, s in enumerate(samples) if i not in hold],
+        [s for i, s in enumerate(samples) if i in hold],
+    )
 
 
 def holdout_accuracy(
@@ -440,8 +456,7 @@ def holdout_accuracy(
             raise RobonasError(f"holdout_accuracy: pass the device for a {type(model).__name__}")
         device = model.prior
     rel = np.array([abs(model.predict(s.arch, device).p50_ms - s.p50_ms) / s.p50_ms for s in samples])
-    return {"mape": float(rel.mean()), "within_10pct": float(np.mean(rel <= 0.10)),
-            "n": len(samples)}
+    return {"mape": float(rel.mean()), "within_10pct": float(np.mean(rel <= 0.10)), "n": len(samples)}
 
 
 # ----------------------------------------------------------------------------- which archs to time
@@ -469,7 +484,7 @@ def select_calibration_archs(space: SearchSpace, n: int, seed: int) -> list[Poli
     log_macs = np.log1p([sum(c.macs for c in a.actor_layer_costs()) for a in archs])
     span = max(float(log_macs.max() - log_macs.min()), 1e-12)
     feats = np.column_stack([enc, 2.0 * (log_macs - log_macs.min()) / span])
-    chosen = [int(np.argmin(log_macs)), int(np.argmax(log_macs))][: n]
+    chosen = [int(np.argmin(log_macs)), int(np.argmax(log_macs))][:n]
     dist = np.min([np.linalg.norm(feats - feats[i], axis=1) for i in chosen], axis=0)
     while len(chosen) < n:
         nxt = int(np.argmax(dist))
@@ -481,8 +496,9 @@ def select_calibration_archs(space: SearchSpace, n: int, seed: int) -> list[Poli
 # ----------------------------------------------------------------------------- store
 
 
-def save_latency_model(store: Any, device_name: str, model: CalibratedLatencyModel,
-                       metrics: Mapping[str, Any]) -> int:
+def save_latency_model(
+    store: Any, device_name: str, model: CalibratedLatencyModel, metrics: Mapping[str, Any]
+) -> int:
     """Store `model` as the next "latency" version of `device_name`; sets and returns the version."""
     row = store.add_model_version("latency", model.to_params(), dict(metrics), device=device_name)
     model.version = str(row.version)

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
+from robonas.errors import ConfigError, RobonasError
 from robonas.models.costs import LayerCost
 from robonas.models.devices import DeviceProfile
-from robonas.errors import ConfigError, RobonasError
 
 INT8_BYTES = 1
 
@@ -54,9 +55,7 @@ class LatencyPrediction:
             if not math.isfinite(value) or value < 0:
                 raise RobonasError(f"LatencyPrediction.{key} must be finite and >= 0, got {value!r}")
         if self.p99_ms < self.p50_ms:
-            raise RobonasError(
-                f"LatencyPrediction.p99_ms ({self.p99_ms}) is below p50_ms ({self.p50_ms})"
-            )
+            raise RobonasError(f"LatencyPrediction.p99_ms ({self.p99_ms}) is below p50_ms ({self.p50_ms})")
 
 
 @dataclass(frozen=True)
@@ -120,8 +119,10 @@ class AnalyticLatencyModel(LatencyModel):
 
 def budget_check(pred: LatencyPrediction, budget_ms: float) -> bool:
     """True when the predicted p99 fits the latency budget (the hard constraint uses the tail)."""
-    if isinstance(budget_ms, bool) or not isinstance(budget_ms, (int, float)) or not (
-        math.isfinite(budget_ms) and budget_ms > 0
+    if (
+        isinstance(budget_ms, bool)
+        or not isinstance(budget_ms, (int, float))
+        or not (math.isfinite(budget_ms) and budget_ms > 0)
     ):
         raise ConfigError(f"latency budget_ms must be a finite number > 0, got {budget_ms!r}")
     return pred.p99_ms <= budget_ms

@@ -13,8 +13,9 @@ leaves no partial calibration behind.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -40,14 +41,17 @@ def compile_probe(arch: PolicyArch, seed: int = 0) -> ProbeModel:
     return ProbeModel(arch, to_tflite_int8(actor, np.clip(calib, -5, 5)))
 
 
-def measure(client: Any, probes: list[ProbeModel], runs: int,
-            progress: Callable[[int, int], None] | None = None) -> list[LatencySample]:
+def measure(
+    client: Any, probes: list[ProbeModel], runs: int, progress: Callable[[int, int], None] | None = None
+) -> list[LatencySample]:
     """BENCH every probe on the agent; p50/p99 of the whole step, in ms."""
     samples = []
     for i, probe in enumerate(probes):
         report = client.bench_model(probe.model, runs=runs)
         step = report["bench"]["step_us"]
-        samples.append(LatencySample(probe.arch, step["p50"] / 1000.0, max(step["p99"], step["p50"]) / 1000.0))
+        samples.append(
+            LatencySample(probe.arch, step["p50"] / 1000.0, max(step["p99"], step["p50"]) / 1000.0)
+        )
         if progress:
             progress(i + 1, len(probes))
     return samples

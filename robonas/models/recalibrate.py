@@ -65,7 +65,9 @@ def scoring_context(store: Store, study: StudyRow, use_calibrated: bool = True) 
         device=device,
         latency_model=latency_model or AnalyticLatencyModel(),
         gap_model=gap_model or HeuristicGapModel(**(search.get("gap") or {})),
-        weights=ObjectiveWeights(auc=objective.get("auc", 0.5), real_return=objective.get("real_return", 0.5)),
+        weights=ObjectiveWeights(
+            auc=objective.get("auc", 0.5), real_return=objective.get("real_return", 0.5)
+        ),
         control_hz=float(resolved["control_hz"]),
         return_lo=float(resolved["return_lo"]),
         return_hi=float(resolved["return_hi"]),
@@ -111,7 +113,9 @@ def real_results(store: Store, study: StudyRow) -> list[RealResult]:
     return [RealResult(t, d, v) for (t, d), v in sorted(pooled.items())]
 
 
-def gap_observations(store: Store, study: StudyRow, ctx: ScoringContext) -> list[tuple[RealResult, GapObservation]]:
+def gap_observations(
+    store: Store, study: StudyRow, ctx: ScoringContext
+) -> list[tuple[RealResult, GapObservation]]:
     trials = {t.id: t for t in store.trials(study.id, status="complete")}
     out = []
     for rr in real_results(store, study):
@@ -131,17 +135,27 @@ def calibrate_gap(store: Store, study_name: str) -> tuple[BayesianGapModel, int,
             f"calibrate gap: study {study_name!r} has real reports for {len(pairs)} (trial, robot) "
             f"pair(s); at least {MIN_OBSERVATIONS} are needed (deploy and run more candidates)"
         )
-    prior = ctx.gap_model if isinstance(ctx.gap_model, HeuristicGapModel) else HeuristicGapModel(
-        **((study.config.get("search") or {}).get("gap") or {}))
+    prior = (
+        ctx.gap_model
+        if isinstance(ctx.gap_model, HeuristicGapModel)
+        else HeuristicGapModel(**((study.config.get("search") or {}).get("gap") or {}))
+    )
     model = BayesianGapModel.from_heuristic(prior).fit([obs for _, obs in pairs])
     points, errors = [], []
     for rr, obs in pairs:
         pred = model.predict(obs.features)
         mean = obs.features.asymptotic_return - pred.mean_gap
-        points.append({
-            "trial_id": rr.trial_id, "device": rr.device, "real": rr.mean, "predicted": mean,
-            "lo": mean - 2 * pred.std_gap, "hi": mean + 2 * pred.std_gap, "episodes": len(rr.returns),
-        })
+        points.append(
+            {
+                "trial_id": rr.trial_id,
+                "device": rr.device,
+                "real": rr.mean,
+                "predicted": mean,
+                "lo": mean - 2 * pred.std_gap,
+                "hi": mean + 2 * pred.std_gap,
+                "episodes": len(rr.returns),
+            }
+        )
         errors.append(abs(mean - rr.mean))
     metrics = {
         "n": len(pairs),
@@ -177,7 +191,9 @@ def rescore_study(store: Store, study_name: str) -> tuple[list[RankChange], dict
     study = store.get_study(study_name)
     ctx = scoring_context(store, study)
     key, ranking = _ranking(study.config)
-    trials = [t for t in store.trials(study.id, status="complete") if t.metrics and t.metrics.get(key) is not None]
+    trials = [
+        t for t in store.trials(study.id, status="complete") if t.metrics and t.metrics.get(key) is not None
+    ]
     before = sorted(trials, key=lambda t: (-t.metrics[key], t.seq))
     rank_before = {t.id: i + 1 for i, t in enumerate(before)}
     real = {}
@@ -195,14 +211,21 @@ def rescore_study(store: Store, study_name: str) -> tuple[list[RankChange], dict
     changes = []
     for i, t in enumerate(after):
         m0, m1 = t.metrics, new_metrics[t.id]
-        changes.append(RankChange(
-            trial_id=t.id, arch=PolicyArch.from_json(t.arch_json).describe(),
-            rank_before=rank_before[t.id], rank_after=i + 1,
-            objective_before=m0[key], objective_after=m1[key],
-            predicted_real_before=m0["predicted_real_return"], predicted_real_after=m1["predicted_real_return"],
-            p99_before=m0["p99_ms"], p99_after=m1["p99_ms"],
-            measured_real=float(np.mean(real[t.id])) if t.id in real else None,
-        ))
+        changes.append(
+            RankChange(
+                trial_id=t.id,
+                arch=PolicyArch.from_json(t.arch_json).describe(),
+                rank_before=rank_before[t.id],
+                rank_after=i + 1,
+                objective_before=m0[key],
+                objective_after=m1[key],
+                predicted_real_before=m0["predicted_real_return"],
+                predicted_real_after=m1["predicted_real_return"],
+                p99_before=m0["p99_ms"],
+                p99_after=m1["p99_ms"],
+                measured_real=float(np.mean(real[t.id])) if t.id in real else None,
+            )
+        )
     return changes, ctx.model_versions()
 
 
@@ -216,13 +239,17 @@ MIN_LATENCY_ARCHS = 2
 def _too_few_latency(samples: list, device_name: str) -> str | None:
     """Why `samples` cannot calibrate a latency model, or None when they can."""
     if len(samples) < MIN_LATENCY_SAMPLES:
-        return (f"{len(samples)} timing sample(s) for {device_name}; at least "
-                f"{MIN_LATENCY_SAMPLES} are needed (use --n-archs {MIN_LATENCY_SAMPLES} or more)")
+        return (
+            f"{len(samples)} timing sample(s) for {device_name}; at least "
+            f"{MIN_LATENCY_SAMPLES} are needed (use --n-archs {MIN_LATENCY_SAMPLES} or more)"
+        )
     archs = len({s.arch.arch_id for s in samples})
     if archs < MIN_LATENCY_ARCHS:
-        return (f"{len(samples)} timing samples for {device_name} cover {archs} architecture; at "
-                f"least {MIN_LATENCY_ARCHS} different ones are needed to tell fixed from per-MAC "
-                "costs (deploy another architecture, or run `robonas calibrate latency`)")
+        return (
+            f"{len(samples)} timing samples for {device_name} cover {archs} architecture; at "
+            f"least {MIN_LATENCY_ARCHS} different ones are needed to tell fixed from per-MAC "
+            "costs (deploy another architecture, or run `robonas calibrate latency`)"
+        )
     return None
 
 
@@ -259,8 +286,9 @@ def latency_samples_from_reports(store: Store, profile: str) -> list:
     return samples
 
 
-def fit_latency(store: Store, device_name: str, samples: list, holdout: float = 0.25,
-                seed: int = 0) -> tuple[Any, int, dict[str, Any]]:
+def fit_latency(
+    store: Store, device_name: str, samples: list, holdout: float = 0.25, seed: int = 0
+) -> tuple[Any, int, dict[str, Any]]:
     """Fit on a split, report held-out accuracy (and the uncalibrated prior's), store it."""
     from robonas.models.devices import load_device
     from robonas.models.latency_calibration import (
@@ -279,38 +307,63 @@ def fit_latency(store: Store, device_name: str, samples: list, holdout: float = 
     acc = holdout_accuracy(model, held)
     prior = holdout_accuracy(AnalyticLatencyModel(), held, device=device)
     rows = [
-        {"arch_id": s.arch.arch_id, "arch": s.arch.describe(), "measured_ms": s.p50_ms,
-         "predicted_ms": model.predict(s.arch, device).p50_ms,
-         "prior_ms": AnalyticLatencyModel().predict(s.arch, device).p50_ms}
+        {
+            "arch_id": s.arch.arch_id,
+            "arch": s.arch.describe(),
+            "measured_ms": s.p50_ms,
+            "predicted_ms": model.predict(s.arch, device).p50_ms,
+            "prior_ms": AnalyticLatencyModel().predict(s.arch, device).p50_ms,
+        }
         for s in held
     ]
-    metrics = {"n_train": len(train), "n_holdout": len(held), "holdout_mape": acc["mape"],
-               "holdout_within_10pct": acc["within_10pct"], "prior_holdout_mape": prior["mape"],
-               "prior_within_10pct": prior["within_10pct"], "holdout": rows}
+    metrics = {
+        "n_train": len(train),
+        "n_holdout": len(held),
+        "holdout_mape": acc["mape"],
+        "holdout_within_10pct": acc["within_10pct"],
+        "prior_holdout_mape": prior["mape"],
+        "prior_within_10pct": prior["within_10pct"],
+        "holdout": rows,
+    }
     version = save_latency_model(store, device.name, model, metrics)
     return model, version, metrics
 
 
-def calibrate_latency_on_agent(store: Store, client: Any, robot: str, device_name: str, space: Any,
-                               n_archs: int, runs: int, seed: int = 0,
-                               progress: Any = None) -> tuple[Any, int, dict[str, Any]]:
+def calibrate_latency_on_agent(
+    store: Store,
+    client: Any,
+    robot: str,
+    device_name: str,
+    space: Any,
+    n_archs: int,
+    runs: int,
+    seed: int = 0,
+    progress: Any = None,
+) -> tuple[Any, int, dict[str, Any]]:
     """Compile a space-covering probe set, BENCH it on the agent, fit, and only then store."""
     from robonas.models.latency_calibration import select_calibration_archs
     from robonas.models.latency_probe import compile_probe, measure
 
     if n_archs < MIN_LATENCY_SAMPLES:
-        raise RobonasError(f"--n-archs {n_archs}: at least {MIN_LATENCY_SAMPLES} are needed "
-                           "(a quarter is held out to measure accuracy)")
+        raise RobonasError(
+            f"--n-archs {n_archs}: at least {MIN_LATENCY_SAMPLES} are needed "
+            "(a quarter is held out to measure accuracy)"
+        )
     client.hello()  # an unreachable agent fails here, before any work
     archs = select_calibration_archs(space, n_archs, seed)
     probes = [compile_probe(a, seed) for a in archs]
     samples = measure(client, probes, runs, progress)  # raises before anything is stored
     store.add_device(robot, device_name)
     for s in samples:
-        store.add_device_report(robot, "bench", {
-            "arch": s.arch.to_dict(), "arch_id": s.arch.arch_id,
-            "bench": {"step_us": {"p50": s.p50_ms * 1000.0, "p99": s.p99_ms * 1000.0}},
-        })
+        store.add_device_report(
+            robot,
+            "bench",
+            {
+                "arch": s.arch.to_dict(),
+                "arch_id": s.arch.arch_id,
+                "bench": {"step_us": {"p50": s.p50_ms * 1000.0, "p99": s.p99_ms * 1000.0}},
+            },
+        )
     return fit_latency(store, device_name, samples, seed=seed)
 
 
@@ -327,8 +380,10 @@ def after_reports(store: Store, study_names: list[str], profiles: list[str]) -> 
         why = _too_few_latency(samples, device)
         if why is None:
             _, version, m = fit_latency(store, device, samples)
-            lines.append(f"latency model for {device}: version {version} from {len(samples)} timings, "
-                         f"held-out MAPE {m['holdout_mape']:.1%}")
+            lines.append(
+                f"latency model for {device}: version {version} from {len(samples)} timings, "
+                f"held-out MAPE {m['holdout_mape']:.1%}"
+            )
         else:
             lines.append(f"latency model for {device}: not refitted: {why}")
     for name in sorted(set(study_names)):
@@ -337,8 +392,10 @@ def after_reports(store: Store, study_names: list[str], profiles: list[str]) -> 
             continue
         try:
             _, version, m = calibrate_gap(store, name)
-            lines.append(f"gap model for {name}: version {version} from {m['n']} (trial, robot) pairs, "
-                         f"MAE {m['mae']:.1f}")
+            lines.append(
+                f"gap model for {name}: version {version} from {m['n']} (trial, robot) pairs, "
+                f"MAE {m['mae']:.1f}"
+            )
         except RobonasError as e:
             lines.append(str(e))
         try:
@@ -347,6 +404,8 @@ def after_reports(store: Store, study_names: list[str], profiles: list[str]) -> 
             lines.append(f"{name}: not re-ranked: {e!r}")
             continue
         moved = sum(c.rank_before != c.rank_after for c in changes)
-        lines.append(f"re-ranked {name} with {models['latency_model']}, {models['gap_model']}: "
-                     f"{moved} of {len(changes)} trials moved")
+        lines.append(
+            f"re-ranked {name} with {models['latency_model']}, {models['gap_model']}: "
+            f"{moved} of {len(changes)} trials moved"
+        )
     return lines

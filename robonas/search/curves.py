@@ -33,9 +33,7 @@ def _as_curve(steps: Sequence[float], returns: Sequence[float]) -> tuple[np.ndar
     t = np.asarray(steps, dtype=float)
     r = np.asarray(returns, dtype=float)
     if t.ndim != 1 or r.ndim != 1 or len(t) != len(r):
-        raise ConfigError(
-            f"curve: steps ({t.shape}) and returns ({r.shape}) must be 1-D and the same length"
-        )
+        raise ConfigError(f"curve: steps ({t.shape}) and returns ({r.shape}) must be 1-D and the same length")
     if len(t) == 0:
         raise ConfigError("curve: no points (need at least one (step, return) pair)")
     if not (np.all(np.isfinite(t)) and np.all(np.isfinite(r))):
@@ -45,9 +43,7 @@ def _as_curve(steps: Sequence[float], returns: Sequence[float]) -> tuple[np.ndar
     return t, r
 
 
-def auc_normalised(
-    steps: Sequence[float], returns: Sequence[float], lo: float, hi: float
-) -> float:
+def auc_normalised(steps: Sequence[float], returns: Sequence[float], lo: float, hi: float) -> float:
     """Area under the curve of returns mapped to [0, 1] by (r - lo) / (hi - lo) and clipped,
     divided by the step span (trapezoid rule). A single point gives its normalised value."""
     t, r = _as_curve(steps, returns)
@@ -69,8 +65,9 @@ def _saturating(t: np.ndarray, a: float, b: float, tau: float) -> np.ndarray:
     return a - (a - b) * np.exp(-t / tau)
 
 
-def asymptote(steps: Sequence[float], returns: Sequence[float],
-              ceiling: float | None = None) -> tuple[float, float]:
+def asymptote(
+    steps: Sequence[float], returns: Sequence[float], ceiling: float | None = None
+) -> tuple[float, float]:
     """(estimate, std) of the return the curve is heading to; see the module docstring.
 
     `ceiling` is the largest return the task allows (e.g. 500 for a 500-step balance task with

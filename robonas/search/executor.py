@@ -66,8 +66,9 @@ class Executor(abc.ABC):
     def capacity(self) -> int: ...
 
     @abc.abstractmethod
-    def submit(self, task_id: Hashable, fn_path: str, payload: dict[str, Any],
-               timeout_s: float | None = None) -> None: ...
+    def submit(
+        self, task_id: Hashable, fn_path: str, payload: dict[str, Any], timeout_s: float | None = None
+    ) -> None: ...
 
     @abc.abstractmethod
     def poll(self, timeout: float) -> list[TaskResult]: ...
@@ -88,14 +89,17 @@ class Executor(abc.ABC):
 def check_fn_path(fn_path: str) -> tuple[str, str]:
     """Split "package.module:function"; raise ConfigError naming the bad value otherwise."""
     module, sep, name = fn_path.partition(":")
-    if not sep or not module or not name.isidentifier() or not all(
-            p.isidentifier() for p in module.split(".")):
+    if (
+        not sep
+        or not module
+        or not name.isidentifier()
+        or not all(p.isidentifier() for p in module.split("."))
+    ):
         raise ConfigError(f"task function {fn_path!r} is not of the form 'package.module:function'")
     return module, name
 
 
-def _child_main(conn: Connection, fn_path: str, payload: dict[str, Any],
-                sys_path: list[str]) -> None:
+def _child_main(conn: Connection, fn_path: str, payload: dict[str, Any], sys_path: list[str]) -> None:
     """Entry point of a task's process: run the function, send ("ok", value) or ("err", text)."""
     import importlib
     import importlib.util
@@ -180,8 +184,10 @@ class LocalProcessExecutor(Executor):
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise ConfigError(f"executor workers: {workers!r} is not a positive integer")
         if start_method is not None and start_method not in ("forkserver", "spawn"):
-            raise ConfigError(f"executor start method: {start_method!r} is not one of "
-                              "forkserver, spawn (fork is unsafe with torch loaded)")
+            raise ConfigError(
+                f"executor start method: {start_method!r} is not one of "
+                "forkserver, spawn (fork is unsafe with torch loaded)"
+            )
         self._workers = workers
         self._ctx = _default_context() if start_method is None else mp.get_context(start_method)
         self._queue: deque[tuple[Hashable, str, dict[str, Any], float | None]] = deque()
@@ -198,8 +204,9 @@ class LocalProcessExecutor(Executor):
     def running(self) -> int:
         return len(self._active) + len(self._queue)
 
-    def submit(self, task_id: Hashable, fn_path: str, payload: dict[str, Any],
-               timeout_s: float | None = None) -> None:
+    def submit(
+        self, task_id: Hashable, fn_path: str, payload: dict[str, Any], timeout_s: float | None = None
+    ) -> None:
         if self._closed:
             raise ConfigError("executor is shut down; create a new one to submit tasks")
         check_fn_path(fn_path)
@@ -214,8 +221,9 @@ class LocalProcessExecutor(Executor):
         while self._queue and len(self._active) < self._workers:
             task_id, fn_path, payload, timeout_s = self._queue.popleft()
             recv, send = self._ctx.Pipe(duplex=False)
-            proc = self._ctx.Process(target=_child_main, args=(send, fn_path, payload, sys.path),
-                                     name=f"robonas-task-{task_id}")
+            proc = self._ctx.Process(
+                target=_child_main, args=(send, fn_path, payload, sys.path), name=f"robonas-task-{task_id}"
+            )
             started = time.monotonic()
             proc.start()
             send.close()  # the parent's copy; EOF on `recv` then means the child is gone
@@ -257,14 +265,14 @@ class LocalProcessExecutor(Executor):
                     continue
                 _stop(task.proc)
                 ok = task.message[0] == "ok"
-                done.append(self._finish(task, ok, task.message[1] if ok else None,
-                                         None if ok else task.message[1]))
+                done.append(
+                    self._finish(task, ok, task.message[1] if ok else None, None if ok else task.message[1])
+                )
             elif exited:
                 done.append(self._finish(task, False, None, _death_message(task.proc.exitcode)))
             elif late:
                 _stop(task.proc)
-                done.append(self._finish(task, False, None,
-                                         f"timed out after {task.timeout_s:g} s"))
+                done.append(self._finish(task, False, None, f"timed out after {task.timeout_s:g} s"))
         return done
 
     @staticmethod
@@ -285,8 +293,7 @@ class LocalProcessExecutor(Executor):
         task.conn.close()
         exit_code = task.proc.exitcode
         task.proc.close()
-        return TaskResult(task.task_id, ok, value, error, exit_code,
-                          time.monotonic() - task.started)
+        return TaskResult(task.task_id, ok, value, error, exit_code, time.monotonic() - task.started)
 
     def shutdown(self, kill: bool = True) -> None:
         """Stop: drop queued tasks; kill running children, or with kill=False wait for them."""

@@ -15,9 +15,10 @@ import logging
 import math
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from robonas.config import SearchConfig
 from robonas.errors import ConfigError
@@ -134,8 +135,8 @@ class _Progress:
 def run_dir_for(store_url: str) -> Path:
     """Artifacts live beside a SQLite store, else under ./runs."""
     prefix = "sqlite:///"
-    if store_url.startswith(prefix) and store_url[len(prefix):] not in ("", ":memory:"):
-        return Path(store_url[len(prefix):]).resolve().parent
+    if store_url.startswith(prefix) and store_url[len(prefix) :] not in ("", ":memory:"):
+        return Path(store_url[len(prefix) :]).resolve().parent
     return Path("runs").resolve()
 
 
@@ -191,8 +192,9 @@ class Search:
                 if asked != PolicyArch.from_json(t.arch_json):
                     # Strategies are deterministic, so a library changed under the study. The
                     # recorded arch is what trains; the strategy is told about its own ask.
-                    log.warning("replay: trial %d was %s, the strategy now asks %s",
-                                t.id, t.arch_id, asked.arch_id)
+                    log.warning(
+                        "replay: trial %d was %s, the strategy now asks %s", t.id, t.arch_id, asked.arch_id
+                    )
             else:
                 self.strategy.tell(self._asked[t.id], told_view(t.metrics, self.cfg.objective.ranking))
             self._event = max(self._event, index + 1)
@@ -209,9 +211,18 @@ class Search:
             if lo is None:
                 from robonas.search.training import random_returns
 
-                probe = self._spec(PolicyArch.from_dict(
-                    {"obs_dim": self.plan.env.obs_dim, "act_dim": self.plan.env.act_dim,
-                     "layers": [[8, "relu"]]}), Path("/nonexistent"), 0.0, 1.0)
+                probe = self._spec(
+                    PolicyArch.from_dict(
+                        {
+                            "obs_dim": self.plan.env.obs_dim,
+                            "act_dim": self.plan.env.act_dim,
+                            "layers": [[8, "relu"]],
+                        }
+                    ),
+                    Path("/nonexistent"),
+                    0.0,
+                    1.0,
+                )
                 lo = float(random_returns(probe).mean())
             resolved["return_lo"] = lo
             resolved["return_hi"] = self.cfg.env.return_target
@@ -234,12 +245,22 @@ class Search:
 
         c = self.cfg
         return TrainSpec(
-            env_id=c.env.id, env_kwargs=dict(c.env.kwargs), arch=arch,
-            total_steps=c.budget.steps_per_trial, out_dir=str(out_dir), return_lo=lo, return_hi=hi,
+            env_id=c.env.id,
+            env_kwargs=dict(c.env.kwargs),
+            arch=arch,
+            total_steps=c.budget.steps_per_trial,
+            out_dir=str(out_dir),
+            return_lo=lo,
+            return_hi=hi,
             return_max=c.env.return_max,
-            algo=c.training.algo, hyperparams=dict(c.training.hyperparams), n_envs=c.training.n_envs,
-            checkpoints=c.budget.checkpoints, eval_episodes=c.budget.eval_episodes,
-            eval_seed=c.budget.eval_seed, randomization=dict(c.robustness) or None, seed=seed,
+            algo=c.training.algo,
+            hyperparams=dict(c.training.hyperparams),
+            n_envs=c.training.n_envs,
+            checkpoints=c.budget.checkpoints,
+            eval_episodes=c.budget.eval_episodes,
+            eval_seed=c.budget.eval_seed,
+            randomization=dict(c.robustness) or None,
+            seed=seed,
         )
 
     def _next_event(self) -> int:
@@ -303,15 +324,27 @@ class Search:
         outcome = result.value
         arch = PolicyArch.from_json(trial.arch_json)
         try:
-            sim_figures = {k: outcome[k] for k in (
-                "auc", "asymptotic_return", "asymptotic_std", "robustness_return", "random_return",
-                "env_steps", "wall_s", "steps_per_s")}
+            sim_figures = {
+                k: outcome[k]
+                for k in (
+                    "auc",
+                    "asymptotic_return",
+                    "asymptotic_std",
+                    "robustness_return",
+                    "random_return",
+                    "env_steps",
+                    "wall_s",
+                    "steps_per_s",
+                )
+            }
             metrics = score(arch, sim_figures, self.ctx)
         except Exception as e:  # a scoring bug must not kill the search: record it
             self.store.fail_trial(trial.id, f"scoring failed: {e!r}\n{traceback.format_exc(limit=3)}")
             self._tell(trial.id, None)
             return
-        self.store.complete_trial(trial.id, metrics, outcome["curve"], outcome["wall_s"], outcome["env_steps"])
+        self.store.complete_trial(
+            trial.id, metrics, outcome["curve"], outcome["wall_s"], outcome["env_steps"]
+        )
         self._record_weights(trial.id, outcome["artifacts"])
         self._env_steps_this_run += int(outcome["env_steps"])
         self._tell(trial.id, metrics)
@@ -327,11 +360,15 @@ class Search:
         key = ranking_key(self.cfg.objective.ranking)
         best = max(by["complete"], key=lambda t: t.metrics.get(key) or -math.inf, default=None)
         return SearchSummary(
-            study=study.name, planned=self.cfg.budget.trials, complete=len(by["complete"]),
-            failed=len(by["failed"]), rejected=len(by["rejected"]),
+            study=study.name,
+            planned=self.cfg.budget.trials,
+            complete=len(by["complete"]),
+            failed=len(by["failed"]),
+            rejected=len(by["rejected"]),
             best_objective=None if best is None else best.metrics.get(key),
             best_trial=None if best is None else best.id,
-            wall_s=time.perf_counter() - self._t0, env_steps=self._env_steps_this_run,
+            wall_s=time.perf_counter() - self._t0,
+            env_steps=self._env_steps_this_run,
             interrupted=interrupted,
         )
 
@@ -345,18 +382,22 @@ class Search:
 
         latency = load_latency_model(self.store, args["device"].name)
         gap = load_gap_model(self.store, study.id)
-        return {**args, "latency_model": latency or args["latency_model"],
-                "gap_model": gap or args["gap_model"]}
+        return {
+            **args,
+            "latency_model": latency or args["latency_model"],
+            "gap_model": gap or args["gap_model"],
+        }
 
     # --- the loop -------------------------------------------------------------------------
     def run(self) -> SearchSummary:
-        from robonas.search.executor import LocalProcessExecutor
         from robonas.ranking import ScoringContext
+        from robonas.search.executor import LocalProcessExecutor
 
         study = self._open_study()
         self.lo, self.hi = self._resolve_return_range(study)
-        self.ctx = ScoringContext(return_lo=self.lo, return_hi=self.hi,
-                                  **self._newest_models(study, self.plan.scoring_context_args))
+        self.ctx = ScoringContext(
+            return_lo=self.lo, return_hi=self.hi, **self._newest_models(study, self.plan.scoring_context_args)
+        )
         queue = self._replay(study)
         trials = self.store.trials(study.id)
         self._rejections = sum(t.status == "rejected" for t in trials)

@@ -37,16 +37,25 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from device_agents.atomic import atomic_writer
-from robonas.search.curves import asymptote, auc_normalised
 from robonas.errors import ConfigError
+from robonas.search.curves import asymptote, auc_normalised
 from robonas.space import PolicyArch
 
 ALGOS = ("ppo", "sac")
 # Keys of the defaults table that are not algorithm constructor arguments.
 _EXTRA_KEYS = ("n_envs", "normalize_reward", "policy_kwargs")
 # Arguments train_trial sets itself; a hyperparameter table may not.
-_RESERVED = ("self", "policy", "env", "seed", "verbose", "device", "_init_setup_model",
-             "tensorboard_log", "policy_kwargs")
+_RESERVED = (
+    "self",
+    "policy",
+    "env",
+    "seed",
+    "verbose",
+    "device",
+    "_init_setup_model",
+    "tensorboard_log",
+    "policy_kwargs",
+)
 _SCHEDULED = ("learning_rate", "clip_range", "clip_range_vf")
 CLIP_OBS = 10.0  # VecNormalize's default, recorded in obs_norm.npz
 
@@ -161,16 +170,18 @@ def resolve_hyperparams(algo: str, env_id: str, overrides: Mapping[str, Any] | N
 
 
 # --- environments -------------------------------------------------------------------------------
-def make_env(env_id: str, env_kwargs: Mapping[str, Any] | None = None,
-             randomization: Mapping[str, Any] | None = None):
+def make_env(
+    env_id: str, env_kwargs: Mapping[str, Any] | None = None, randomization: Mapping[str, Any] | None = None
+):
     """One gymnasium env: `sim.make` for sim/* ids (the only ones that can be randomised)."""
     env_kwargs = dict(env_kwargs or {})
     if env_id.startswith("sim/"):
         import sim
 
         try:
-            return sim.make(env_id, randomization=dict(randomization) if randomization else None,
-                            **env_kwargs)
+            return sim.make(
+                env_id, randomization=dict(randomization) if randomization else None, **env_kwargs
+            )
         except sim.SimError as e:
             raise ConfigError(f"environment {env_id!r}: {e}") from e
     if randomization:
@@ -195,13 +206,26 @@ def _env_factory(env_id: str, env_kwargs: Mapping[str, Any], randomization, moni
     return make
 
 
-def _vec_env(spec: TrainSpec, n: int, randomization=None, *, training: bool,
-             normalize_reward: bool = False, gamma: float = 0.99):
+def _vec_env(
+    spec: TrainSpec,
+    n: int,
+    randomization=None,
+    *,
+    training: bool,
+    normalize_reward: bool = False,
+    gamma: float = 0.99,
+):
     from stable_baselines3.common.vec_env import DummyVecEnv, VecFrameStack, VecNormalize
 
     venv = DummyVecEnv([_env_factory(spec.env_id, spec.env_kwargs, randomization, training)] * n)
-    venv = VecNormalize(venv, training=training, norm_obs=True,
-                        norm_reward=training and normalize_reward, gamma=gamma, clip_obs=CLIP_OBS)
+    venv = VecNormalize(
+        venv,
+        training=training,
+        norm_obs=True,
+        norm_reward=training and normalize_reward,
+        gamma=gamma,
+        clip_obs=CLIP_OBS,
+    )
     if spec.arch.history > 1:
         venv = VecFrameStack(venv, spec.arch.history)
     return venv
@@ -280,15 +304,17 @@ def random_returns(spec: TrainSpec) -> np.ndarray:
         env.action_space.seed(spec.eval_seed + i)
     try:
         return _run_episodes(
-            venv, lambda obs: np.array([env.action_space.sample() for env in venv.envs]),
+            venv,
+            lambda obs: np.array([env.action_space.sample() for env in venv.envs]),
             spec.eval_seed,
         )
     finally:
         venv.close()
 
 
-def _checkpoint_callback(thresholds: list[int], evaluate: Callable[[], None],
-                         progress: Callable[[int], None] | None):
+def _checkpoint_callback(
+    thresholds: list[int], evaluate: Callable[[], None], progress: Callable[[int], None] | None
+):
     from stable_baselines3.common.callbacks import BaseCallback
 
     class Checkpoints(BaseCallback):
@@ -329,16 +355,21 @@ def _spaces_doc(spec: TrainSpec, obs_space, act_space, discrete: bool) -> dict[s
         action = {"discrete": True, "n": int(act_space.n), "transform": "argmax"}
     else:
         action = {
-            "discrete": False, "shape": list(act_space.shape),
-            "low": _bounds(act_space.low), "high": _bounds(act_space.high),
+            "discrete": False,
+            "shape": list(act_space.shape),
+            "low": _bounds(act_space.low),
+            "high": _bounds(act_space.high),
             # PPO: the head's output is the action, clipped to the bounds. SAC: tanh, then
             # rescaled from [-1, 1] to [low, high].
             "transform": "clip" if spec.algo == "ppo" else "tanh_rescale",
         }
     return {
         "env_id": spec.env_id,
-        "observation": {"shape": list(obs_space.shape), "low": _bounds(obs_space.low),
-                        "high": _bounds(obs_space.high)},
+        "observation": {
+            "shape": list(obs_space.shape),
+            "low": _bounds(obs_space.low),
+            "high": _bounds(obs_space.high),
+        },
         "action": action,
         "history": spec.arch.history,
         "history_order": "oldest_first",
@@ -353,14 +384,25 @@ def _save_artifacts(spec: TrainSpec, model, train_env, obs_space, act_space, dis
     out.mkdir(parents=True, exist_ok=True)
     rms = _find_normalize(train_env)
     paths = {
-        "actor": _atomic_write(out / "actor.pt",
-                               lambda f: torch.save(model.policy.actor_state_dict(), f)),
-        "obs_norm": _atomic_write(out / "obs_norm.npz", lambda f: np.savez(
-            f, mean=rms.obs_rms.mean, var=rms.obs_rms.var, count=rms.obs_rms.count,
-            clip_obs=np.float64(rms.clip_obs), epsilon=np.float64(rms.epsilon))),
+        "actor": _atomic_write(out / "actor.pt", lambda f: torch.save(model.policy.actor_state_dict(), f)),
+        "obs_norm": _atomic_write(
+            out / "obs_norm.npz",
+            lambda f: np.savez(
+                f,
+                mean=rms.obs_rms.mean,
+                var=rms.obs_rms.var,
+                count=rms.obs_rms.count,
+                clip_obs=np.float64(rms.clip_obs),
+                epsilon=np.float64(rms.epsilon),
+            ),
+        ),
         "sb3_model": _atomic_write(out / "sb3_model.zip", model.save),
-        "spaces": _atomic_write(out / "spaces.json", lambda f: f.write(json.dumps(
-            _spaces_doc(spec, obs_space, act_space, discrete), indent=2).encode())),
+        "spaces": _atomic_write(
+            out / "spaces.json",
+            lambda f: f.write(
+                json.dumps(_spaces_doc(spec, obs_space, act_space, discrete), indent=2).encode()
+            ),
+        ),
     }
     return paths
 
@@ -384,8 +426,9 @@ def train_trial(spec: TrainSpec, progress: Callable[[int], None] | None = None) 
     hp = {key: _schedule(key, value) if key in _SCHEDULED else value for key, value in hp.items()}
 
     with contextlib.ExitStack() as envs:  # every env is closed, whatever fails
-        train_env = _vec_env(spec, n_envs, training=True, normalize_reward=normalize_reward,
-                             gamma=float(hp.get("gamma", 0.99)))
+        train_env = _vec_env(
+            spec, n_envs, training=True, normalize_reward=normalize_reward, gamma=float(hp.get("gamma", 0.99))
+        )
         envs.callback(train_env.close)
         obs_space = _find_normalize(train_env).venv.observation_space  # before frame stacking
         act_space = train_env.action_space
@@ -399,8 +442,9 @@ def train_trial(spec: TrainSpec, progress: Callable[[int], None] | None = None) 
             envs.callback(robust_eval.close)
         policy = ArchActorCriticPolicy if spec.algo == "ppo" else ArchSACPolicy
         try:
-            model = _algo_class(spec.algo)(policy, train_env, policy_kwargs=policy_kwargs,
-                                           seed=spec.seed, device="cpu", verbose=0, **hp)
+            model = _algo_class(spec.algo)(
+                policy, train_env, policy_kwargs=policy_kwargs, seed=spec.seed, device="cpu", verbose=0, **hp
+            )
         except (TypeError, ValueError, AssertionError) as e:
             raise ConfigError(f"hyperparams for {spec.algo} on {spec.env_id}: {e}") from e
 
@@ -410,10 +454,10 @@ def train_trial(spec: TrainSpec, progress: Callable[[int], None] | None = None) 
             returns = evaluator(model)
             curve.append((int(model.num_timesteps), float(returns.mean()), float(returns.std())))
 
-        thresholds = [math.ceil(spec.total_steps * i / spec.checkpoints)
-                      for i in range(1, spec.checkpoints)]
-        model.learn(total_timesteps=spec.total_steps,
-                    callback=_checkpoint_callback(thresholds, evaluate, progress))
+        thresholds = [math.ceil(spec.total_steps * i / spec.checkpoints) for i in range(1, spec.checkpoints)]
+        model.learn(
+            total_timesteps=spec.total_steps, callback=_checkpoint_callback(thresholds, evaluate, progress)
+        )
         if curve and curve[-1][0] >= model.num_timesteps:
             curve.pop()  # evaluated mid-way through the final update: the final policy replaces it
         evaluate()
@@ -435,9 +479,18 @@ def train_trial(spec: TrainSpec, progress: Callable[[int], None] | None = None) 
     asym, asym_std = asymptote(steps, means, ceiling=spec.return_max)
     wall = time.perf_counter() - t_start
     return TrialOutcome(
-        env_id=spec.env_id, algo=spec.algo, arch_id=spec.arch.arch_id, curve=curve,
+        env_id=spec.env_id,
+        algo=spec.algo,
+        arch_id=spec.arch.arch_id,
+        curve=curve,
         auc=auc_normalised(steps, means, spec.return_lo, spec.return_hi),
-        asymptotic_return=asym, asymptotic_std=asym_std, robustness_return=robustness,
-        random_return=random_return, env_steps=env_steps, wall_s=wall,
-        steps_per_s=env_steps / wall, eval_s=eval_s, artifacts=artifacts,
+        asymptotic_return=asym,
+        asymptotic_std=asym_std,
+        robustness_return=robustness,
+        random_return=random_return,
+        env_steps=env_steps,
+        wall_s=wall,
+        steps_per_s=env_steps / wall,
+        eval_s=eval_s,
+        artifacts=artifacts,
     )

@@ -29,9 +29,7 @@ def make_strategy(name: str, space: SearchSpace, seed: int = 0, **opts: Any) -> 
     try:
         cls = STRATEGIES[name]
     except (KeyError, TypeError):
-        raise ConfigError(
-            f"strategy.name: {name!r} is not one of {', '.join(STRATEGIES)}"
-        ) from None
+        raise ConfigError(f"strategy.name: {name!r} is not one of {', '.join(STRATEGIES)}") from None
     return cls(space, seed, **opts)
 
 

@@ -58,9 +58,7 @@ class Strategy(ABC):
         try:
             return float(metrics["objective"])
         except (KeyError, TypeError, ValueError) as e:
-            raise RobonasError(
-                f"strategy.tell: metrics {metrics!r} lack a numeric 'objective'"
-            ) from e
+            raise RobonasError(f"strategy.tell: metrics {metrics!r} lack a numeric 'objective'") from e
 
 
 class Pending(Generic[T]):
@@ -76,8 +74,7 @@ class Pending(Generic[T]):
         queue = self._by_arch.get(arch)
         if not queue:
             raise RobonasError(
-                f"strategy.tell: {arch.describe()!r} ({arch.arch_id}) was not asked"
-                " or was told already"
+                f"strategy.tell: {arch.describe()!r} ({arch.arch_id}) was not asked or was told already"
             )
         item = queue.popleft()
         if not queue:

@@ -40,6 +40,7 @@ class ReinforceController(Strategy):
 
     def __init__(self, space, seed: int = 0, **options) -> None:
         super().__init__(space, seed, **options)
+
         def number(key: str) -> float:
             v = self.options[key]
             if not isinstance(v, (int, float)) or isinstance(v, bool):
@@ -49,9 +50,7 @@ class ReinforceController(Strategy):
         if number("lr") <= 0:
             raise ConfigError(f"strategy.lr: {self.options['lr']!r} is not > 0")
         if not 0 <= number("baseline_decay") < 1:
-            raise ConfigError(
-                f"strategy.baseline_decay: {self.options['baseline_decay']!r} is not in [0, 1)"
-            )
+            raise ConfigError(f"strategy.baseline_decay: {self.options['baseline_decay']!r} is not in [0, 1)")
         if number("entropy") < 0:
             raise ConfigError(f"strategy.entropy: {self.options['entropy']!r} is not >= 0")
         self.logits = [np.zeros(n) for n in space.cardinalities()]

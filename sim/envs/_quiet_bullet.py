@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 
 @contextlib.contextmanager
@@ -43,4 +43,4 @@ def direct_client() -> bullet_client.BulletClient:
         return bullet_client.BulletClient(connection_mode=pybullet.DIRECT)
 
 
-__all__ = ["pybullet", "bullet_client", "direct_client", "silenced_fds"]
+__all__ = ["bullet_client", "direct_client", "pybullet", "silenced_fds"]

@@ -137,7 +137,11 @@ class SubstepControl:
         )
         proj = self._p.computeProjectionMatrixFOV(fov=60, aspect=width / height, nearVal=0.1, farVal=100.0)
         _, _, px, _, _ = self._p.getCameraImage(
-            width=width, height=height, viewMatrix=view, projectionMatrix=proj, renderer=pybullet.ER_TINY_RENDERER
+            width=width,
+            height=height,
+            viewMatrix=view,
+            projectionMatrix=proj,
+            renderer=pybullet.ER_TINY_RENDERER,
         )
         return np.reshape(np.asarray(px, dtype=np.uint8), (height, width, 4))[:, :, :3]
 

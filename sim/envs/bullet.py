@@ -108,7 +108,9 @@ class _BulletTask(SubstepControl):
     _obs_high: np.ndarray
     _cam: tuple[float, float, float] = (3.0, 0.0, -20.0)  # distance, yaw, pitch
 
-    def _setup(self, robot: _DeferredActuation, render_mode: str | None, control_hz: float, base_init) -> None:
+    def _setup(
+        self, robot: _DeferredActuation, render_mode: str | None, control_hz: float, base_init
+    ) -> None:
         check_render_mode(render_mode)
         self._init_control(control_hz, MAX_PHYSICS_DT)
         # The upstream env classes' own __init__ build a stock robot; call the base with ours.
@@ -254,8 +256,9 @@ class ReacherEnv(_BulletTask, ReacherBulletEnv):
         self._setup(_Reacher(), render_mode, control_hz, MJCFBaseBulletEnv.__init__)
 
     def create_single_player_scene(self, bullet_client):
-        return _SubsteppedEmpty(self, bullet_client, gravity=0.0, timestep=self.physics_dt, frame_skip=self.n_substeps)
+        return _SubsteppedEmpty(
+            self, bullet_client, gravity=0.0, timestep=self.physics_dt, frame_skip=self.n_substeps
+        )
 
     def _camera_target(self):
         return (0.0, 0.0, 0.0)
-

@@ -62,7 +62,9 @@ class CartPoleEnv(SubstepControl, gymnasium.Env):
         self.x_threshold = float(x_threshold)
         self.theta_threshold = float(theta_threshold)
         self.action_space = gymnasium.spaces.Box(-1.0, 1.0, (1,), dtype=np.float32)
-        self._obs_high = np.array([2 * self.x_threshold, VEL_LIMIT, 1.0, 1.0, ANG_VEL_LIMIT], dtype=np.float32)
+        self._obs_high = np.array(
+            [2 * self.x_threshold, VEL_LIMIT, 1.0, 1.0, ANG_VEL_LIMIT], dtype=np.float32
+        )
         self.observation_space = bounded_box(self._obs_high)
 
         # One physics client per env instance, so many envs can live in one process.
@@ -109,7 +111,10 @@ class CartPoleEnv(SubstepControl, gymnasium.Env):
         # Friction motors: pybullet stores force * time step, so re-issue them when the step changes.
         for joint, friction in ((SLIDER, SLIDER_FRICTION), (HINGE, HINGE_FRICTION)):
             self._p.setJointMotorControl2(
-                self._body, joint, pybullet.VELOCITY_CONTROL, targetVelocity=0.0,
+                self._body,
+                joint,
+                pybullet.VELOCITY_CONTROL,
+                targetVelocity=0.0,
                 force=friction * self._dynamics.friction_scale,
             )
 
@@ -177,10 +182,20 @@ class CartPoleSwingUpEnv(CartPoleEnv):
     episode early by running off the rail never pays.
     """
 
-    def __init__(self, render_mode: str | None = None, control_hz: float = 50.0, max_force: float = 10.0,
-                 x_threshold: float = 2.4) -> None:
-        super().__init__(render_mode=render_mode, control_hz=control_hz, max_force=max_force,
-                         x_threshold=x_threshold, theta_threshold=math.inf)
+    def __init__(
+        self,
+        render_mode: str | None = None,
+        control_hz: float = 50.0,
+        max_force: float = 10.0,
+        x_threshold: float = 2.4,
+    ) -> None:
+        super().__init__(
+            render_mode=render_mode,
+            control_hz=control_hz,
+            max_force=max_force,
+            x_threshold=x_threshold,
+            theta_threshold=math.inf,
+        )
 
     def _initial_state(self) -> np.ndarray:
         state = self.np_random.uniform(-0.05, 0.05, size=4)

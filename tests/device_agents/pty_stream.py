@@ -26,7 +26,7 @@ class FdStream:
     def write(self, data: bytes) -> int:
         view = memoryview(data)
         while view:
-            view = view[os.write(self.fd, view):]
+            view = view[os.write(self.fd, view) :]
         return len(data)
 
     def close(self) -> None:

@@ -62,12 +62,25 @@ def robot_python(timeout: float = 600.0) -> Path:
         try:
             subprocess.run(
                 [_base_python(), "-m", "venv", str(venv)],
-                check=True, capture_output=True, text=True, timeout=timeout,
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
             )
             subprocess.run(
-                [str(_python_in(venv)), "-m", "pip", "install", "--disable-pip-version-check",
-                 "--quiet", *REQUIREMENTS],
-                check=True, capture_output=True, text=True, timeout=timeout,
+                [
+                    str(_python_in(venv)),
+                    "-m",
+                    "pip",
+                    "install",
+                    "--disable-pip-version-check",
+                    "--quiet",
+                    *REQUIREMENTS,
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
             )
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
             detail = getattr(e, "stderr", None) or str(e)

@@ -14,23 +14,23 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional
 
 import numpy as np
 import pytest
 
-from tests.device_agents.pty_stream import FdStream
 from device_agents.link import open_link
 from device_agents.protocol import Message, MsgType, iter_chunks
 from device_agents.signing import generate_keypair, load_private_key, sign_manifest
+from tests.device_agents.pty_stream import FdStream
 
 REPO = Path(__file__).resolve().parents[2]
-CACHE = Path(os.environ.get("ROBONAS_AGENT_TEST_MODELS",
-                            Path.home() / ".cache" / "robonas" / "agent-test-models-v1"))
+CACHE = Path(
+    os.environ.get("ROBONAS_AGENT_TEST_MODELS", Path.home() / ".cache" / "robonas" / "agent-test-models-v1")
+)
 PROFILE = "cartpole-lab-a"
 
 
-def test_models() -> Dict[str, bytes]:
+def test_models() -> dict[str, bytes]:
     """{"good": int8, "good2": fp32 of another net, "nan": fp32 NaN model}, cached on disk."""
     names = ("good", "good2", "nan")
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -38,8 +38,8 @@ def test_models() -> Dict[str, bytes]:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not all((CACHE / f"{n}.tflite").exists() for n in names):
             torch = pytest.importorskip("torch")
-            from robonas.space import Layer, PolicyArch
             from robonas.export.tflite_convert import to_tflite_fp32, to_tflite_int8
+            from robonas.space import Layer, PolicyArch
 
             torch.manual_seed(0)
             arch = PolicyArch(obs_dim=5, act_dim=1, layers=(Layer(16, "tanh"),))
@@ -64,11 +64,21 @@ test_models.__test__ = False  # type: ignore[attr-defined]
 
 
 def manifest_for(model: bytes, **extra) -> dict:
-    m = {"format_version": 1, "env_id": "sim/CartPole-v0", "control_hz": 50.0, "history": 1,
-         "observation": {"frame_shape": [5], "history": 1, "history_order": "oldest_first",
-                         "history_pad": [0.0] * 5},
-         "action": {"discrete": False, "shape": [1], "output": "value"},
-         "sha256": hashlib.sha256(model).hexdigest(), "model_size": len(model)}
+    m = {
+        "format_version": 1,
+        "env_id": "sim/CartPole-v0",
+        "control_hz": 50.0,
+        "history": 1,
+        "observation": {
+            "frame_shape": [5],
+            "history": 1,
+            "history_order": "oldest_first",
+            "history_pad": [0.0] * 5,
+        },
+        "action": {"discrete": False, "shape": [1], "output": "value"},
+        "sha256": hashlib.sha256(model).hexdigest(),
+        "model_size": len(model),
+    }
     m.update(extra)
     return m
 
@@ -76,14 +86,41 @@ def manifest_for(model: bytes, **extra) -> dict:
 class AgentProcess:
     """`python -m device_agents serve ...` with the given python; `url` once it is ready."""
 
-    def __init__(self, state: Path, pub: Path, robot: str = f"sim:{PROFILE}",
-                 python: str = sys.executable, extra=(), env: Optional[dict] = None):
-        cmd = [python, "-m", "device_agents", "serve", "--state", str(state), "--trust",
-               str(pub), "--robot", robot, "--listen", "tcp://127.0.0.1:0", "--fast",
-               "--id", "test-agent", *extra]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True,
-                                     env=dict(os.environ, **(env or {})))
+    def __init__(
+        self,
+        state: Path,
+        pub: Path,
+        robot: str = f"sim:{PROFILE}",
+        python: str = sys.executable,
+        extra=(),
+        env: dict | None = None,
+    ):
+        cmd = [
+            python,
+            "-m",
+            "device_agents",
+            "serve",
+            "--state",
+            str(state),
+            "--trust",
+            str(pub),
+            "--robot",
+            robot,
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--fast",
+            "--id",
+            "test-agent",
+            *extra,
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, **(env or {})),
+        )
         line = self.proc.stdout.readline()
         if not line.startswith("listening on "):
             self.proc.kill()
@@ -106,11 +143,27 @@ class AgentProcess:
                 self.proc.wait()
 
 
-def deploy(link, model: bytes, manifest: dict, signature: Optional[str], canary: dict,
-           chunk_size: int = 1024, size: Optional[int] = None) -> Message:
-    begin = link.request(Message(MsgType.DEPLOY_BEGIN, {
-        "manifest": manifest, "signature": signature, "size": len(model) if size is None else size,
-        "sha256": manifest["sha256"], "canary": canary}))
+def deploy(
+    link,
+    model: bytes,
+    manifest: dict,
+    signature: str | None,
+    canary: dict,
+    chunk_size: int = 1024,
+    size: int | None = None,
+) -> Message:
+    begin = link.request(
+        Message(
+            MsgType.DEPLOY_BEGIN,
+            {
+                "manifest": manifest,
+                "signature": signature,
+                "size": len(model) if size is None else size,
+                "sha256": manifest["sha256"],
+                "canary": canary,
+            },
+        )
+    )
     if begin.type != MsgType.ACK:
         return begin
     for offset, chunk in iter_chunks(model, chunk_size):
@@ -209,25 +262,32 @@ def test_deploy_canary_reject_rollback_and_refusals(agent, keys):
             "oversize": deploy(link, good2, mg2, sign_manifest(mg2, key), EASY, size=200000),
         }
         reasons = {k: (v.type, v.header["reason"]) for k, v in cases.items()}
-        assert reasons == {"unsigned": (MsgType.NACK, "unsigned"),
-                           "tampered": (MsgType.NACK, "sha256 mismatch"),
-                           "stranger": (MsgType.NACK, "bad signature"),
-                           "oversize": (MsgType.NACK, "size")}
+        assert reasons == {
+            "unsigned": (MsgType.NACK, "unsigned"),
+            "tampered": (MsgType.NACK, "sha256 mismatch"),
+            "stranger": (MsgType.NACK, "bad signature"),
+            "oversize": (MsgType.NACK, "size"),
+        }
         after = status(link)
         assert after["slots"] == before["slots"] and after["active"] == before["active"]
 
         # RUN and BENCH on the active slot
-        rep = link.request(Message(MsgType.RUN, {"episodes": 2, "seed": 5, "max_steps": 50,
-                                                 "thresholds": {"min_return": -1.0}}))
+        rep = link.request(
+            Message(
+                MsgType.RUN, {"episodes": 2, "seed": 5, "max_steps": 50, "thresholds": {"min_return": -1.0}}
+            )
+        )
         assert rep.type == MsgType.REPORT and rep.header["passed"]
         assert rep.header["slot"] == "a" and rep.header["sha256"] == mg["sha256"]
         assert rep.header["timings_ms"]["p99"] > 0 and len(rep.header["returns"]) == 2
         bench = link.request(Message(MsgType.BENCH, {"runs": 200}))
         assert bench.type == MsgType.REPORT and bench.header["bench"]["runs"] == 200
-        print(f"agent step p50/p99 {rep.header['timings_ms']['p50']*1000:.1f}/"
-              f"{rep.header['timings_ms']['p99']*1000:.1f} us; bench step p50/p99 "
-              f"{bench.header['bench']['step_us']['p50']:.1f}/"
-              f"{bench.header['bench']['step_us']['p99']:.1f} us")
+        print(
+            f"agent step p50/p99 {rep.header['timings_ms']['p50'] * 1000:.1f}/"
+            f"{rep.header['timings_ms']['p99'] * 1000:.1f} us; bench step p50/p99 "
+            f"{bench.header['bench']['step_us']['p50']:.1f}/"
+            f"{bench.header['bench']['step_us']['p99']:.1f} us"
+        )
 
 
 def test_protocol_misuse_is_nacked_and_a_cut_deploy_changes_nothing(agent, keys):
@@ -239,9 +299,20 @@ def test_protocol_misuse_is_nacked_and_a_cut_deploy_changes_nothing(agent, keys)
         before = status(link)
         r = link.request(Message(MsgType.DEPLOY_CHUNK, {"offset": 0}, b"x"))
         assert r.header["reason"] == "no transfer"
-        assert link.request(Message(MsgType.DEPLOY_BEGIN, {
-            "manifest": m, "signature": sign_manifest(m, key), "size": len(good2),
-            "sha256": m["sha256"]})).type == MsgType.ACK
+        assert (
+            link.request(
+                Message(
+                    MsgType.DEPLOY_BEGIN,
+                    {
+                        "manifest": m,
+                        "signature": sign_manifest(m, key),
+                        "size": len(good2),
+                        "sha256": m["sha256"],
+                    },
+                )
+            ).type
+            == MsgType.ACK
+        )
         r = link.request(Message(MsgType.DEPLOY_CHUNK, {"offset": 7}, b"abc"))
         assert r.header["reason"] == "offset" and r.header["next_offset"] == 0
         r = link.request(Message(MsgType.DEPLOY_END, {}))
@@ -257,9 +328,24 @@ def test_protocol_misuse_is_nacked_and_a_cut_deploy_changes_nothing(agent, keys)
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "device_agents", "serve", "--state",
-                          str(tmp_path), "--robot", "bogus", "--listen", "tcp://127.0.0.1:0"],
-                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "device_agents",
+            "serve",
+            "--state",
+            str(tmp_path),
+            "--robot",
+            "bogus",
+            "--listen",
+            "tcp://127.0.0.1:0",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "sim:PROFILE" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
 
@@ -276,10 +362,22 @@ def test_deploy_over_a_pty_link(tmp_path, keys):
     master, slave = os.openpty()
     tty.setraw(slave)
     path = os.ttyname(slave)
-    cmd = [sys.executable, "-m", "device_agents", "serve", "--state", str(tmp_path / "s"),
-           "--trust", str(pub), "--robot", f"sim:{PROFILE}", "--link", path, "--fast"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "device_agents",
+        "serve",
+        "--state",
+        str(tmp_path / "s"),
+        "--trust",
+        str(pub),
+        "--robot",
+        f"sim:{PROFILE}",
+        "--link",
+        path,
+        "--fast",
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().startswith("serving on ")
         link = Link(FdStream(master, timeout=None), timeout_s=30.0, baudrate=115200)
@@ -307,14 +405,24 @@ def test_agent_in_the_robot_venv_with_the_serial_robot(tmp_path, keys):
     except RobotVenvError as e:
         pytest.skip(str(e))
     key, pub, _ = keys
-    mcu = subprocess.Popen([sys.executable, "tests/e2e/fake_mcu.py", PROFILE], cwd=REPO,
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    mcu = subprocess.Popen(
+        [sys.executable, "tests/e2e/fake_mcu.py", PROFILE],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     agent = None
     try:
         port = mcu.stdout.readline().strip()
         assert port.startswith("/dev/")
-        agent = AgentProcess(tmp_path / "s", pub, robot=f"serial:{port}?baudrate=115200",
-                             python=python, env={"ROBONAS_TFLITE_RUNTIME": "tflite_runtime"})
+        agent = AgentProcess(
+            tmp_path / "s",
+            pub,
+            robot=f"serial:{port}?baudrate=115200",
+            python=python,
+            env={"ROBONAS_TFLITE_RUNTIME": "tflite_runtime"},
+        )
         with agent.link() as link:
             st = status(link)
             assert st["runtime"]["name"] == "tflite_runtime"
@@ -322,14 +430,17 @@ def test_agent_in_the_robot_venv_with_the_serial_robot(tmp_path, keys):
             m = manifest_for(good)
             r = deploy(link, good, m, sign_manifest(m, key), EASY)
             assert r.type == MsgType.ACK, r.header
-            rep = link.request(Message(MsgType.RUN, {"episodes": 2, "seed": 1, "max_steps": 60}),
-                               timeout_s=120)
+            rep = link.request(
+                Message(MsgType.RUN, {"episodes": 2, "seed": 1, "max_steps": 60}), timeout_s=120
+            )
             assert rep.type == MsgType.REPORT, rep.header
             assert rep.header["runtime"] == "tflite_runtime"
             assert rep.header["robot"].startswith("serial:") and rep.header["steps"] > 0
             assert rep.header["nonfinite_actions"] == 0
-            print(f"robot venv: step p50/p99 {rep.header['timings_ms']['p50']*1000:.1f}/"
-                  f"{rep.header['timings_ms']['p99']*1000:.1f} us over {rep.header['steps']} steps")
+            print(
+                f"robot venv: step p50/p99 {rep.header['timings_ms']['p50'] * 1000:.1f}/"
+                f"{rep.header['timings_ms']['p99'] * 1000:.1f} us over {rep.header['steps']} steps"
+            )
     finally:
         if agent is not None:
             agent.stop()
@@ -345,9 +456,13 @@ def test_bench_on_a_twin_reports_its_emulated_computer(tmp_path, keys):
     try:
         model = test_models()["good"]  # 5 -> 16 -> 1: 96 MACs
         with a.link() as link:
-            r = link.request(Message(MsgType.BENCH, {"runs": 300, "size": len(model),
-                                                     "sha256": hashlib.sha256(model).hexdigest()},
-                                     model))
+            r = link.request(
+                Message(
+                    MsgType.BENCH,
+                    {"runs": 300, "size": len(model), "sha256": hashlib.sha256(model).hexdigest()},
+                    model,
+                )
+            )
         assert r.type == MsgType.REPORT, r.header
         bench = r.header["bench"]
         assert bench["macs"] == 96

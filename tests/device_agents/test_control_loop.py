@@ -109,8 +109,7 @@ def test_the_robot_computer_time_is_reported_handed_on_and_judged():
 def test_history_stacks_oldest_first_with_pad_and_episodes_reset():
     robot = CountingRobot(obs_size=2, episode_len=3)
     policy = Policy()
-    report = run_episodes(policy, robot, episodes=2, seed=10, history=3, fast=True,
-                          history_pad=[-1.0, -2.0])
+    report = run_episodes(policy, robot, episodes=2, seed=10, history=3, fast=True, history_pad=[-1.0, -2.0])
     assert report["lengths"] == [3, 3] and robot.seeds == [10, 11]
     np.testing.assert_array_equal(policy.inputs[0], [-1, -2, -1, -2, 0, 0])
     np.testing.assert_array_equal(policy.inputs[2], [0, 0, 1, 1, 2, 2])
@@ -134,9 +133,13 @@ def test_bad_arguments_are_refused():
 
 
 def test_policy_settings_read_the_manifest():
-    s = policy_settings({"control_hz": 50.0, "history": 2,
-                         "observation": {"history_pad": [1.0, 2.0]},
-                         "action": {"output": "index"}})
-    assert s == {"control_hz": 50.0, "history": 2, "history_pad": [1.0, 2.0],
-                 "action_output": "index"}
+    s = policy_settings(
+        {
+            "control_hz": 50.0,
+            "history": 2,
+            "observation": {"history_pad": [1.0, 2.0]},
+            "action": {"output": "index"},
+        }
+    )
+    assert s == {"control_hz": 50.0, "history": 2, "history_pad": [1.0, 2.0], "action_output": "index"}
     assert policy_settings({})["history"] == 1

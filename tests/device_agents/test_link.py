@@ -9,7 +9,6 @@ import time
 
 import pytest
 
-from tests.device_agents.pty_stream import FdStream
 from device_agents.link import Link, LinkError, listen, open_link
 from device_agents.protocol import (
     DEFAULT_CHUNK,
@@ -20,6 +19,7 @@ from device_agents.protocol import (
     iter_chunks,
     wire_time_s,
 )
+from tests.device_agents.pty_stream import FdStream
 
 
 def serve(link: Link, stop_after: int | None = None) -> dict:
@@ -40,8 +40,9 @@ def serve(link: Link, stop_after: int | None = None) -> dict:
             elif msg.type == MsgType.DEPLOY_CHUNK:
                 (offset,) = msg.require()
                 if offset != len(state["model"]):
-                    link.send(msg.reply(MsgType.NACK, {"reason": "offset",
-                                                       "next_offset": len(state["model"])}))
+                    link.send(
+                        msg.reply(MsgType.NACK, {"reason": "offset", "next_offset": len(state["model"])})
+                    )
                     continue
                 state["model"] += msg.payload
                 link.send(msg.reply(MsgType.ACK, {"next_offset": len(state["model"])}))
@@ -55,12 +56,13 @@ def serve(link: Link, stop_after: int | None = None) -> dict:
 
 def deploy(link: Link, model: bytes, chunk_size: int = DEFAULT_CHUNK) -> None:
     digest = hashlib.sha256(model).hexdigest()
-    begin = {"manifest": {"sha256": digest}, "signature": None, "size": len(model),
-             "sha256": digest}
+    begin = {"manifest": {"sha256": digest}, "signature": None, "size": len(model), "sha256": digest}
     assert link.request(Message(MsgType.DEPLOY_BEGIN, begin)).type == MsgType.ACK
     for offset, chunk in iter_chunks(model, chunk_size):
-        reply = link.request(Message(MsgType.DEPLOY_CHUNK, {"offset": offset}, chunk),
-                             timeout_s=link.frame_timeout_s(len(chunk)))
+        reply = link.request(
+            Message(MsgType.DEPLOY_CHUNK, {"offset": offset}, chunk),
+            timeout_s=link.frame_timeout_s(len(chunk)),
+        )
         assert reply.type == MsgType.ACK and reply.header["next_offset"] == offset + len(chunk)
     assert link.request(Message(MsgType.DEPLOY_END, {})).type == MsgType.ACK
 
@@ -94,9 +96,7 @@ def test_request_skips_stale_replies_and_holds_unsolicited_ones():
         assert link.receive().type == MsgType.REPORT
 
 
-@pytest.mark.parametrize(
-    "url", ["ftp://x", "", "/dev/ttyUSB0?parity=Q", "/dev/ttyUSB0?baudrate=fast"]
-)
+@pytest.mark.parametrize("url", ["ftp://x", "", "/dev/ttyUSB0?parity=Q", "/dev/ttyUSB0?baudrate=fast"])
 def test_bad_urls_name_the_problem(url):
     with pytest.raises(LinkError):
         open_link(url)
@@ -134,9 +134,8 @@ def test_tcp_listener_and_socket_client(scheme):
 
 
 def test_listener_accept_times_out():
-    with listen("tcp://127.0.0.1:0") as listener:
-        with pytest.raises(LinkTimeout):
-            listener.accept(timeout_s=0.05)
+    with listen("tcp://127.0.0.1:0") as listener, pytest.raises(LinkTimeout):
+        listener.accept(timeout_s=0.05)
 
 
 def test_pty_pair_chunked_transfer_of_100_kB():
@@ -160,6 +159,8 @@ def test_pty_pair_chunked_transfer_of_100_kB():
     agent_link.close()
     assert bytes(result["model"]) == model
     # a pty does not pace bytes at the baud rate, so this measures the stack, not the wire
-    print(f"pty: 100 kB in {elapsed * 1000:.0f} ms ({len(model) / elapsed / 1e3:.0f} kB/s); "
-          f"a real 115200-baud line needs {wire_time_s(len(model), 115200):.1f} s")
+    print(
+        f"pty: 100 kB in {elapsed * 1000:.0f} ms ({len(model) / elapsed / 1e3:.0f} kB/s); "
+        f"a real 115200-baud line needs {wire_time_s(len(model), 115200):.1f} s"
+    )
     assert elapsed < 10.0

@@ -36,8 +36,12 @@ from device_agents.protocol import (
 
 SAMPLE_HEADERS = {
     MsgType.HELLO: {"role": "host", "protocol": 1, "agent": "pi-07"},
-    MsgType.DEPLOY_BEGIN: {"manifest": {"sha256": "ab" * 32, "arch": {"widths": [64, 64]}},
-                           "signature": "c2ln", "size": 100_000, "sha256": "ab" * 32},
+    MsgType.DEPLOY_BEGIN: {
+        "manifest": {"sha256": "ab" * 32, "arch": {"widths": [64, 64]}},
+        "signature": "c2ln",
+        "size": 100_000,
+        "sha256": "ab" * 32,
+    },
     MsgType.DEPLOY_CHUNK: {"offset": 16384},
     MsgType.DEPLOY_END: {},
     MsgType.ACK: {"next_offset": 32768},
@@ -53,8 +57,18 @@ SAMPLE_HEADERS = {
 }
 
 
-def _raw_frame(*, version=VERSION, mtype=int(MsgType.PING), flags=0, seq=0,
-               head=b"{}", payload=b"", hlen=None, plen=None, body_crc=None) -> bytes:
+def _raw_frame(
+    *,
+    version=VERSION,
+    mtype=int(MsgType.PING),
+    flags=0,
+    seq=0,
+    head=b"{}",
+    payload=b"",
+    hlen=None,
+    plen=None,
+    body_crc=None,
+) -> bytes:
     """A frame with any field forced, and a valid prefix CRC (so only the forced field is bad)."""
     hlen = len(head) if hlen is None else hlen
     plen = len(payload) if plen is None else plen
@@ -205,8 +219,10 @@ def test_messages_before_an_error_are_returned_first():
 
 def test_fuzz_random_bytes_flipped_bits_truncations_only_protocol_errors():
     rng = random.Random(1234)
-    frames = [encode(t, SAMPLE_HEADERS[t], rng.randbytes(rng.randrange(0, 300)), seq=i)
-              for i, t in enumerate(MsgType)]
+    frames = [
+        encode(t, SAMPLE_HEADERS[t], rng.randbytes(rng.randrange(0, 300)), seq=i)
+        for i, t in enumerate(MsgType)
+    ]
     sentinel = encode(MsgType.PONG, {"sentinel": True}, b"end")
     for trial in range(3000):
         kind = trial % 4

@@ -137,8 +137,9 @@ def test_serial_robot_times_out_on_a_silent_line():
         os.close(master)
 
 
-@pytest.mark.parametrize("spec, match", [("cartpole", "not valid"), ("sim:", "lacks"),
-                                          ("ros:robot1", "unknown")])
+@pytest.mark.parametrize(
+    "spec, match", [("cartpole", "not valid"), ("sim:", "lacks"), ("ros:robot1", "unknown")]
+)
 def test_bad_specs_name_the_valid_forms(spec, match):
     with pytest.raises(DeviceError, match=match) as e:
         make_robot(spec)

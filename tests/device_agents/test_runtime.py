@@ -60,13 +60,14 @@ def test_int8_quantize_and_dequantize_follow_the_tensor_parameters(policy_models
     raw = policy.raw_output()
     out_scale, out_zero = policy.output_quantization
     action = policy.dequantize_output(raw)
-    np.testing.assert_allclose(action, (raw.ravel().astype(np.float32) - out_zero) * out_scale,
-                               rtol=1e-6)
+    np.testing.assert_allclose(action, (raw.ravel().astype(np.float32) - out_zero) * out_scale, rtol=1e-6)
     # extreme int8 values do not overflow in the dequantisation
     extreme = np.array([[-128, 127] * 3], np.int8)
-    np.testing.assert_allclose(policy.dequantize_output(extreme),
-                               (extreme.ravel().astype(np.float64) - out_zero) * out_scale,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        policy.dequantize_output(extreme),
+        (extreme.ravel().astype(np.float64) - out_zero) * out_scale,
+        rtol=1e-6,
+    )
 
 
 def test_act_reuses_out_and_returns_fresh_arrays_otherwise(policy_models) -> None:
@@ -83,8 +84,11 @@ def test_act_reuses_out_and_returns_fresh_arrays_otherwise(policy_models) -> Non
 def _norm(size: int, seed: int = 0, clip=2.5) -> dict:
     """Per-element statistics of very different spreads (1e-3 .. 3), as a trained policy has."""
     rng = np.random.default_rng(seed)
-    return {"mean": rng.normal(0, 2, size).tolist(),
-            "std": np.exp(rng.uniform(np.log(1e-3), np.log(3.0), size)).tolist(), "clip": clip}
+    return {
+        "mean": rng.normal(0, 2, size).tolist(),
+        "std": np.exp(rng.uniform(np.log(1e-3), np.log(3.0), size)).tolist(),
+        "clip": clip,
+    }
 
 
 def _raw(norm: dict, z: np.ndarray) -> np.ndarray:
@@ -107,8 +111,9 @@ def test_int8_normalisation_is_fused_into_the_quantisation(policy_models) -> Non
             q = policy.quantize_input(raw).astype(np.int64).ravel()
             assert np.abs(q - expected).max() <= 1 and (q != expected).mean() < 0.05
             # and the step equals the plain model fed the normalised, clipped observation
-            np.testing.assert_allclose(policy.act(raw), plain.act(np.clip(zi, -2.5, 2.5)),
-                                       atol=2 * plain.output.scale)
+            np.testing.assert_allclose(
+                policy.act(raw), plain.act(np.clip(zi, -2.5, 2.5)), atol=2 * plain.output.scale
+            )
     assert policy.input_normalisation == {**norm, "clip": 2.5}
 
 
@@ -137,15 +142,18 @@ def test_fp32_normalisation_matches_torch_on_normalised_input(policy_models) -> 
     np.testing.assert_allclose(unclipped.quantize_input(_raw(norm, zi)).ravel(), zi, rtol=1e-4)
 
 
-@pytest.mark.parametrize("change, match", [
-    ({"mean": [0.0] * 3}, "mean has 3 values, the model takes 17"),
-    ({"std": [0.0] * 17}, r"std must be finite and > 0"),
-    ({"std": [float("nan")] * 17}, r"std must be finite"),
-    ({"mean": ["a"] * 17}, "mean is not a list of numbers"),
-    ({"clip": -1.0}, "clip -1.0 is not a positive number or null"),
-    ({"clip": True}, "clip True"),
-    ({"scale": 1.0}, "keys mean, std, clip"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"mean": [0.0] * 3}, "mean has 3 values, the model takes 17"),
+        ({"std": [0.0] * 17}, r"std must be finite and > 0"),
+        ({"std": [float("nan")] * 17}, r"std must be finite"),
+        ({"mean": ["a"] * 17}, "mean is not a list of numbers"),
+        ({"clip": -1.0}, "clip -1.0 is not a positive number or null"),
+        ({"clip": True}, "clip True"),
+        ({"scale": 1.0}, "keys mean, std, clip"),
+    ],
+)
 def test_bad_normalisation(policy_models, change, match) -> None:
     norm = {**_norm(policy_models.arch.input_dim), **change}
     with pytest.raises(ModelError, match=match):
@@ -274,10 +282,26 @@ def test_no_runtime_installed_is_a_device_error(fresh_runtime) -> None:
 
 # --- bench and the CLI --------------------------------------------------------------------------
 def _check_bench(result: dict, model_bytes: int) -> None:
-    for key in ("model", "model_bytes", "runtime", "runtime_version", "threads", "runs", "warmup",
-                "input_shape", "input_dtype", "input_quantization", "output_shape",
-                "output_dtype", "output_quantization", "init_us", "first_us", "warmup_mean_us",
-                "invoke_us", "step_us"):
+    for key in (
+        "model",
+        "model_bytes",
+        "runtime",
+        "runtime_version",
+        "threads",
+        "runs",
+        "warmup",
+        "input_shape",
+        "input_dtype",
+        "input_quantization",
+        "output_shape",
+        "output_dtype",
+        "output_quantization",
+        "init_us",
+        "first_us",
+        "warmup_mean_us",
+        "invoke_us",
+        "step_us",
+    ):
         assert key in result, key
     assert result["model_bytes"] == model_bytes
     for span in ("invoke_us", "step_us"):
@@ -288,8 +312,7 @@ def _check_bench(result: dict, model_bytes: int) -> None:
 
 
 def test_cli_bench_json(policy_models, capsys) -> None:
-    code = main(["bench", str(policy_models.int8_path), "--runs", "300", "--warmup", "5",
-                 "--json"])
+    code = main(["bench", str(policy_models.int8_path), "--runs", "300", "--warmup", "5", "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     _check_bench(result, len(policy_models.int8))
@@ -311,10 +334,13 @@ def test_cli_bench_table(policy_models, capsys) -> None:
     assert "invoke" in out and "p99" in out and "float32" in out
 
 
-@pytest.mark.parametrize("argv_tail, match", [
-    (["--runs", "0"], "runs: 0"),
-    (["--threads", "0"], "threads: 0"),
-])
+@pytest.mark.parametrize(
+    "argv_tail, match",
+    [
+        (["--runs", "0"], "runs: 0"),
+        (["--threads", "0"], "threads: 0"),
+    ],
+)
 def test_cli_bad_numbers(policy_models, capsys, argv_tail, match) -> None:
     assert main(["bench", str(policy_models.fp32_path), *argv_tail]) == 2
     err = capsys.readouterr().err
@@ -324,8 +350,14 @@ def test_cli_bad_numbers(policy_models, capsys, argv_tail, match) -> None:
 def test_cli_truncated_file_exits_2_with_one_line(policy_models, tmp_path: Path) -> None:
     bad = tmp_path / "cut.tflite"
     bad.write_bytes(policy_models.fp32[: len(policy_models.fp32) // 2])
-    proc = subprocess.run([sys.executable, "-m", "device_agents", "bench", str(bad)],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "device_agents", "bench", str(bad)],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "truncated or corrupt" in proc.stderr
     assert str(bad) in proc.stderr and proc.stdout == ""
@@ -333,8 +365,9 @@ def test_cli_truncated_file_exits_2_with_one_line(policy_models, tmp_path: Path)
 
 def test_cli_imports_no_numpy() -> None:
     code = "import sys, device_agents.cli; print('numpy' in sys.modules)"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60
+    )
     assert proc.stdout.strip() == "False", proc.stderr
 
 
@@ -380,7 +413,8 @@ def test_robot_venv_matches_host(policy_models, robot_python: Path, tmp_path: Pa
     z = policy_models.holdout[:50]
     norm = _norm(policy_models.arch.input_dim)
     observations = {  # bare models get normalised observations, artifacts raw ones
-        str(policy_models.fp32_path): z, str(policy_models.int8_path): z,
+        str(policy_models.fp32_path): z,
+        str(policy_models.int8_path): z,
         str(_artifact(tmp_path / "fp32", policy_models.fp32, norm)): _raw(norm, z),
         str(_artifact(tmp_path / "int8", policy_models.int8, norm)): _raw(norm, z),
     }
@@ -388,8 +422,13 @@ def test_robot_venv_matches_host(policy_models, robot_python: Path, tmp_path: Pa
     for i, (path, obs) in enumerate(observations.items()):
         np.save(tmp_path / f"obs{i}.npy", obs)
         args.append(f"{path}::{tmp_path / f'obs{i}.npy'}")
-    proc = subprocess.run([str(robot_python), "-c", _ROBOT_SCRIPT, *args],
-                          env=_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(robot_python), "-c", _ROBOT_SCRIPT, *args],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     robot = json.loads(proc.stdout)
     assert robot["runtime"] == "tflite_runtime" and robot["numpy"].startswith("1.")
@@ -413,12 +452,17 @@ def test_robot_venv_matches_host(policy_models, robot_python: Path, tmp_path: Pa
 
 @pytest.mark.parametrize("what", ["file", "artifact"])
 def test_robot_venv_cli_bench(policy_models, robot_python: Path, tmp_path: Path, what) -> None:
-    target = policy_models.int8_path if what == "file" else _artifact(
-        tmp_path / "a", policy_models.int8, _norm(policy_models.arch.input_dim))
+    target = (
+        policy_models.int8_path
+        if what == "file"
+        else _artifact(tmp_path / "a", policy_models.int8, _norm(policy_models.arch.input_dim))
+    )
     proc = subprocess.run(
-        [str(robot_python), "-m", "device_agents", "bench", str(target),
-         "--runs", "300", "--json"],
-        env=_env(), capture_output=True, text=True, timeout=120,
+        [str(robot_python), "-m", "device_agents", "bench", str(target), "--runs", "300", "--json"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
@@ -426,10 +470,16 @@ def test_robot_venv_cli_bench(policy_models, robot_python: Path, tmp_path: Path,
     assert result["runtime"] == "tflite_runtime" and result["runtime_version"].startswith("2.")
 
 
-def test_robot_venv_refuses_truncated_model_without_crashing(policy_models, robot_python: Path,
-                                                             tmp_path: Path) -> None:
+def test_robot_venv_refuses_truncated_model_without_crashing(
+    policy_models, robot_python: Path, tmp_path: Path
+) -> None:
     bad = tmp_path / "cut.tflite"
     bad.write_bytes(policy_models.int8[:100])  # tflite_runtime alone segfaults on this
-    proc = subprocess.run([str(robot_python), "-m", "device_agents", "bench", str(bad)],
-                          env=_env(), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [str(robot_python), "-m", "device_agents", "bench", str(bad)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "truncated or corrupt" in proc.stderr

@@ -63,8 +63,7 @@ def test_keypair_files_and_modes(keys, tmp_path):
 def test_public_key_formats_agree(keys):
     _, public, _, pub_path = keys
     raw = public.public_bytes_raw()
-    for source in (public, pub_path, str(pub_path), pub_path.read_bytes(), raw,
-                   base64.b64encode(raw)):
+    for source in (public, pub_path, str(pub_path), pub_path.read_bytes(), raw, base64.b64encode(raw)):
         assert key_id(load_public_key(source)) == key_id(public)
     with pytest.raises(SigningError, match="Ed25519"):
         load_public_key(b"not a key at all")
@@ -72,7 +71,7 @@ def test_public_key_formats_agree(keys):
 
 def test_canonical_json_is_byte_stable():
     a = canonical_json({"b": [1, 2.5], "a": {"z": "µ", "y": None}})
-    assert a == '{"a":{"y":null,"z":"µ"},"b":[1,2.5]}'.encode("utf-8")
+    assert a == '{"a":{"y":null,"z":"µ"},"b":[1,2.5]}'.encode()
     assert canonical_json({"a": {"y": None, "z": "µ"}, "b": [1, 2.5]}) == a
     with pytest.raises(SigningError):
         canonical_json({"x": float("inf")})

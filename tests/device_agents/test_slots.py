@@ -58,9 +58,18 @@ def test_standby_write_without_commit_leaves_active_and_forgets_previous(tmp_pat
     assert SlotStore(tmp_path / "s", [pub]).recover() == "b"
 
 
-@pytest.mark.parametrize("damage", ["model missing", "manifest missing", "sig missing",
-                                    "truncated model", "bad sig", "garbage manifest",
-                                    "slot emptied"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "model missing",
+        "manifest missing",
+        "sig missing",
+        "truncated model",
+        "bad sig",
+        "garbage manifest",
+        "slot emptied",
+    ],
+)
 def test_damaged_active_slot_falls_back_to_the_verified_other(tmp_path, keys, damage):
     key, pub = keys
     store = SlotStore(tmp_path / "s", [pub])

@@ -13,7 +13,6 @@ import os
 import sys
 import threading
 import tty
-from typing import Optional
 
 import numpy as np
 
@@ -37,7 +36,7 @@ class FakeMCU:
         self.port = os.ttyname(self.slave)
         self.lines = 0
         self.errors = 0
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._obs = np.zeros(self.obs_size)
 
     def answer(self, line: str) -> str:
@@ -84,7 +83,7 @@ class FakeMCU:
                 except OSError:
                     return
 
-    def start(self) -> "FakeMCU":
+    def start(self) -> FakeMCU:
         self._thread = threading.Thread(target=self.serve, daemon=True)
         self._thread.start()
         return self

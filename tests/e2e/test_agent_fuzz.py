@@ -23,8 +23,12 @@ CASES = 3000
 def _frame_with(rng: random.Random) -> bytes:
     """One malformed (or odd but valid) frame."""
     kind = rng.randrange(9)
-    good = encode(rng.choice(list(MsgType)), {"k": rng.random()}, rng.randbytes(rng.randrange(64)),
-                  seq=rng.randrange(65536))
+    good = encode(
+        rng.choice(list(MsgType)),
+        {"k": rng.random()},
+        rng.randbytes(rng.randrange(64)),
+        seq=rng.randrange(65536),
+    )
     if kind == 0:
         return rng.randbytes(rng.randrange(1, 200))
     if kind == 1:
@@ -39,21 +43,46 @@ def _frame_with(rng: random.Random) -> bytes:
         prefix = bytes(b[:18])
         return prefix + struct.pack(">I", zlib.crc32(prefix)) + bytes(b[22:])
     if kind == 4:  # absurd lengths, prefix CRC made to match
-        prefix = struct.pack(">2sBBHHHII", MAGIC, 1, 12, 0, 1, rng.choice([65535, 16385]),
-                             rng.choice([2**32 - 1, 65537, 10**9]), 0)
+        prefix = struct.pack(
+            ">2sBBHHHII",
+            MAGIC,
+            1,
+            12,
+            0,
+            1,
+            rng.choice([65535, 16385]),
+            rng.choice([2**32 - 1, 65537, 10**9]),
+            0,
+        )
         return prefix + struct.pack(">I", zlib.crc32(prefix))
     if kind == 5:  # valid CRCs, header not a JSON object / bad JSON
-        head = rng.choice([b"[1,2]", b"{bad", b"\xff\xfe", b"NaN", b'"x"', b"{\"a\":" * 50])
-        prefix = struct.pack(">2sBBHHHII", MAGIC, 1, rng.choice([1, 2, 7, 10]), 0, 1, len(head),
-                             0, zlib.crc32(head))
+        head = rng.choice([b"[1,2]", b"{bad", b"\xff\xfe", b"NaN", b'"x"', b'{"a":' * 50])
+        prefix = struct.pack(
+            ">2sBBHHHII", MAGIC, 1, rng.choice([1, 2, 7, 10]), 0, 1, len(head), 0, zlib.crc32(head)
+        )
         return prefix + struct.pack(">I", zlib.crc32(prefix)) + head
     if kind == 6:  # valid frames of requests with wrong field types
-        header = rng.choice([{"episodes": "x", "seed": 0}, {"runs": -1}, {"offset": None},
-                             {"manifest": 3, "signature": 1, "size": "big", "sha256": []},
-                             {"manifest": {}, "signature": None, "size": 10**12, "sha256": "0"},
-                             {"episodes": 10**9, "seed": 0, "slot": "zz"}, {}])
-        t = rng.choice([MsgType.RUN, MsgType.BENCH, MsgType.DEPLOY_CHUNK,
-                        MsgType.DEPLOY_BEGIN, MsgType.DEPLOY_END, MsgType.ROLLBACK])
+        header = rng.choice(
+            [
+                {"episodes": "x", "seed": 0},
+                {"runs": -1},
+                {"offset": None},
+                {"manifest": 3, "signature": 1, "size": "big", "sha256": []},
+                {"manifest": {}, "signature": None, "size": 10**12, "sha256": "0"},
+                {"episodes": 10**9, "seed": 0, "slot": "zz"},
+                {},
+            ]
+        )
+        t = rng.choice(
+            [
+                MsgType.RUN,
+                MsgType.BENCH,
+                MsgType.DEPLOY_CHUNK,
+                MsgType.DEPLOY_BEGIN,
+                MsgType.DEPLOY_END,
+                MsgType.ROLLBACK,
+            ]
+        )
         return encode(t, header, seq=rng.randrange(1, 65536))
     if kind == 7:  # bad version
         b = bytearray(good)
@@ -68,7 +97,7 @@ def _drain(sock: socket.socket, stop: threading.Event) -> None:
         try:
             if not sock.recv(65536):
                 return
-        except socket.timeout:
+        except TimeoutError:
             continue
         except OSError:
             return
@@ -79,7 +108,7 @@ def test_fuzz_never_kills_the_agent(tmp_path):
     _, pub = generate_keypair(tmp_path / "keys")
     agent = AgentProcess(tmp_path / "state", pub)
     rng = random.Random(99)
-    host, port = agent.url[len("tcp://"):].rsplit(":", 1)
+    host, port = agent.url[len("tcp://") :].rsplit(":", 1)
     sent = 0
     try:
         for burst in range(6):  # several connections, dropped abruptly

@@ -17,8 +17,9 @@ pytestmark = pytest.mark.e2e
 
 
 def _robonas(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "robonas.cli", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "robonas.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
 
 
 def _one_line_exit_2(proc: subprocess.CompletedProcess, needle: str) -> None:
@@ -31,8 +32,17 @@ def _one_line_exit_2(proc: subprocess.CompletedProcess, needle: str) -> None:
 def searched(tmp_path_factory) -> tuple[Path, str]:
     work = tmp_path_factory.mktemp("study")
     url = f"sqlite:///{work / 'runs' / 'robonas.db'}"
-    proc = _robonas(work, "search", str(REPO / "launch" / "cartpole.toml"), "--trials", "1",
-                    "--steps", "1500", "--store", url)
+    proc = _robonas(
+        work,
+        "search",
+        str(REPO / "launch" / "cartpole.toml"),
+        "--trials",
+        "1",
+        "--steps",
+        "1500",
+        "--store",
+        url,
+    )
     assert proc.returncode == 0, proc.stderr
     return work, url
 
@@ -52,16 +62,16 @@ def test_export_trial_without_weights(searched):
     moved = weights.with_suffix(".moved")
     weights.rename(moved)
     try:
-        _one_line_exit_2(_robonas(work, "export", "cartpole", "--trial", str(trial.id),
-                                  "--store", url), "weights file")
+        _one_line_exit_2(
+            _robonas(work, "export", "cartpole", "--trial", str(trial.id), "--store", url), "weights file"
+        )
     finally:
         moved.rename(weights)
 
 
 def test_calibrate_gap_with_too_few_reports_says_how_many(searched):
     work, url = searched
-    _one_line_exit_2(_robonas(work, "calibrate", "gap", "--study", "cartpole", "--store", url),
-                     "at least 3")
+    _one_line_exit_2(_robonas(work, "calibrate", "gap", "--study", "cartpole", "--store", url), "at least 3")
     assert not Store(url).model_versions("gap")
 
 
@@ -71,10 +81,26 @@ def test_calibrate_latency_on_an_unreachable_agent_stores_nothing(searched, tmp_
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     fleet = tmp_path / "fleet.toml"
-    fleet.write_text(f'[[agent]]\nname = "gone"\nlink = "socket://127.0.0.1:{port}"\n'
-                     'device = "x86-host"\nrobot = "sim:cartpole-lab-a"\n')
+    fleet.write_text(
+        f'[[agent]]\nname = "gone"\nlink = "socket://127.0.0.1:{port}"\n'
+        'device = "x86-host"\nrobot = "sim:cartpole-lab-a"\n'
+    )
     before = len(Store(url).device_reports())
-    _one_line_exit_2(_robonas(work, "calibrate", "latency", "--fleet", str(fleet), "--agent",
-                              "gone", "--n-archs", "6", "--store", url), "gone")
+    _one_line_exit_2(
+        _robonas(
+            work,
+            "calibrate",
+            "latency",
+            "--fleet",
+            str(fleet),
+            "--agent",
+            "gone",
+            "--n-archs",
+            "6",
+            "--store",
+            url,
+        ),
+        "gone",
+    )
     store = Store(url)
     assert not store.model_versions("latency") and len(store.device_reports()) == before

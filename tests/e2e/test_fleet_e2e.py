@@ -43,25 +43,36 @@ def _artifact(tmp: Path, store, trial_id: int, seed: int, key: Path) -> Path:
     import torch
 
     from robonas.export.artifact import build_manifest, write_artifact
-    from robonas.space import Layer, PolicyArch
     from robonas.export.tflite_convert import to_tflite_int8
+    from robonas.space import Layer, PolicyArch
 
     torch.manual_seed(seed)
     arch = PolicyArch(obs_dim=5, act_dim=1, layers=(Layer(128, "tanh"), Layer(128, "tanh")))
     module = arch.build_actor().eval()
     calib = np.random.default_rng(seed).standard_normal((256, 5)).astype(np.float32)
     model = to_tflite_int8(module, calib)
-    spaces = {"env_id": "sim/CartPole-v0",
-              "observation": {"shape": [5], "low": [-4.8, -20.0, -1.0, -1.0, -40.0],
-                              "high": [4.8, 20.0, 1.0, 1.0, 40.0]},
-              "action": {"discrete": False, "shape": [1], "low": [-1.0], "high": [1.0],
-                         "transform": "clip"}}
-    manifest = build_manifest(model=model, study="fleet-e2e", trial=trial_id, arch=arch,
-                              spaces=spaces, frame_mean=np.zeros(5), control_hz=50.0,
-                              parity={}, precision="int8")
+    spaces = {
+        "env_id": "sim/CartPole-v0",
+        "observation": {
+            "shape": [5],
+            "low": [-4.8, -20.0, -1.0, -1.0, -40.0],
+            "high": [4.8, 20.0, 1.0, 1.0, 40.0],
+        },
+        "action": {"discrete": False, "shape": [1], "low": [-1.0], "high": [1.0], "transform": "clip"},
+    }
+    manifest = build_manifest(
+        model=model,
+        study="fleet-e2e",
+        trial=trial_id,
+        arch=arch,
+        spaces=spaces,
+        frame_mean=np.zeros(5),
+        control_hz=50.0,
+        parity={},
+        precision="int8",
+    )
     d = write_artifact(tmp / f"art-{seed}", model, manifest, key)
-    store.add_artifact(trial_id, "tflite-int8", str(d), hashlib.sha256(model).hexdigest(),
-                       meta=manifest)
+    store.add_artifact(trial_id, "tflite-int8", str(d), hashlib.sha256(model).hexdigest(), meta=manifest)
     return d
 
 
@@ -78,8 +89,15 @@ def world(tmp_path_factory):
     t1 = store.add_trial(study.id, 0, "a1", {"x": 1})
     t2 = store.add_trial(study.id, 1, "a2", {"x": 2})
     arts = (_artifact(tmp, store, t1.id, 1, private), _artifact(tmp, store, t2.id, 2, private))
-    yield {"tmp": tmp, "public": public, "private": private, "store_url": url, "store": store,
-           "arts": arts, "trials": (t1.id, t2.id)}
+    yield {
+        "tmp": tmp,
+        "public": public,
+        "private": private,
+        "store_url": url,
+        "store": store,
+        "arts": arts,
+        "trials": (t1.id, t2.id),
+    }
     store.close()
 
 
@@ -87,12 +105,32 @@ class AgentProc:
     """`python -m device_agents serve ...` in its own process."""
 
     def __init__(self, state: Path, public: Path, name: str, where: list[str]):
-        cmd = [PY, "-m", "device_agents", "serve", "--state", str(state), "--trust", str(public),
-               "--robot", "sim:cartpole-lab-a", "--fast", "--id", name, "--device", "x86-host",
-               *where]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, "PYTHONPATH": str(REPO)})
+        cmd = [
+            PY,
+            "-m",
+            "device_agents",
+            "serve",
+            "--state",
+            str(state),
+            "--trust",
+            str(public),
+            "--robot",
+            "sim:cartpole-lab-a",
+            "--fast",
+            "--id",
+            name,
+            "--device",
+            "x86-host",
+            *where,
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
         line = self.proc.stdout.readline().strip()  # "listening on URL" / "serving on URL"
         if not line:
             raise RuntimeError(f"agent did not start: {self.proc.stderr.read()[-2000:]}")
@@ -118,8 +156,10 @@ class PtyPair:
             tty.setraw(s)  # no echo, no line editing, before either end opens its side
         self.paths = [os.ttyname(s) for _m, s in self.fds]
         self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._pump, args=(self.fds[a][0], self.fds[b][0]),
-                                         daemon=True) for a, b in ((0, 1), (1, 0))]
+        self.threads = [
+            threading.Thread(target=self._pump, args=(self.fds[a][0], self.fds[b][0]), daemon=True)
+            for a, b in ((0, 1), (1, 0))
+        ]
         for t in self.threads:
             t.start()
 
@@ -213,9 +253,13 @@ def _invoke(args: list[str]):
 
 def _fleet_file(tmp: Path, name: str, agents: dict[str, str]) -> Path:
     f = tmp / f"{name}.toml"
-    f.write_text("".join(f'[[agent]]\nname = "{n}"\nlink = "{u}"\ndevice = "x86-host"\n'
-                         f'robot = "sim:cartpole-lab-a"\ntimeout_s = 5.0\n\n'
-                         for n, u in agents.items()))
+    f.write_text(
+        "".join(
+            f'[[agent]]\nname = "{n}"\nlink = "{u}"\ndevice = "x86-host"\n'
+            f'robot = "sim:cartpole-lab-a"\ntimeout_s = 5.0\n\n'
+            for n, u in agents.items()
+        )
+    )
     return f
 
 
@@ -227,8 +271,10 @@ def _sha(art: Path) -> str:
 def test_tcp_deploy_canary_reports_bench_rollback_run_status(world):
     tmp, store = world["tmp"], world["store"]
     art1, art2 = world["arts"]
-    agents = {n: AgentProc(tmp / f"state-{n}", world["public"], n,
-                           ["--listen", "tcp://127.0.0.1:0"]) for n in ("twin-a", "twin-b")}
+    agents = {
+        n: AgentProc(tmp / f"state-{n}", world["public"], n, ["--listen", "tcp://127.0.0.1:0"])
+        for n in ("twin-a", "twin-b")
+    }
     try:
         fleet = _fleet_file(tmp, "tcp", {n: a.url for n, a in agents.items()})
         base = ["--fleet", str(fleet), "--store", world["store_url"]]
@@ -261,22 +307,38 @@ def test_tcp_deploy_canary_reports_bench_rollback_run_status(world):
 
         with AgentClient(agents["twin-a"].url, 10.0, name="twin-a") as c:
             agent_bench = c.bench("active", runs=2000)
-        cli = subprocess.run([PY, "-m", "device_agents", "bench", str(art1 / "policy.tflite"),
-                              "--runs", "2000", "--json"], cwd=REPO, capture_output=True,
-                             text=True, check=True)
+        cli = subprocess.run(
+            [PY, "-m", "device_agents", "bench", str(art1 / "policy.tflite"), "--runs", "2000", "--json"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         cli_p50_ms = json.loads(cli.stdout)["step_us"]["p50"] / 1000
         agent_bench_p50_ms = agent_bench["bench"]["step_us"]["p50"] / 1000
         loop_p50_ms = t["p50"]
         for name, v in (("agent BENCH", agent_bench_p50_ms), ("control loop", loop_p50_ms)):
-            assert (abs(v - cli_p50_ms) < TIMING_FLOOR_MS
-                    or 1 / TIMING_FACTOR < v / cli_p50_ms < TIMING_FACTOR), (name, v, cli_p50_ms)
+            assert (
+                abs(v - cli_p50_ms) < TIMING_FLOOR_MS or 1 / TIMING_FACTOR < v / cli_p50_ms < TIMING_FACTOR
+            ), (name, v, cli_p50_ms)
 
         # second artifact, then `fleet rollback` returns twin-a to the first one
         r = _invoke(["deploy", str(art2), *base, "--episodes", "1", "--json"])
         assert r.exit_code == 0, r.output
         slot2 = json.loads(r.stdout)["robots"][0]["deploy"]["active"]
-        r = _invoke(["fleet", "rollback", "--fleet", str(fleet), "--agent", "twin-a",
-                     "--store", world["store_url"], "--json"])
+        r = _invoke(
+            [
+                "fleet",
+                "rollback",
+                "--fleet",
+                str(fleet),
+                "--agent",
+                "twin-a",
+                "--store",
+                world["store_url"],
+                "--json",
+            ]
+        )
         assert r.exit_code == 0, r.output
         rb = json.loads(r.stdout)
         assert rb["before"]["active"] == slot2 and rb["after"]["active"] != slot2
@@ -284,8 +346,21 @@ def test_tcp_deploy_canary_reports_bench_rollback_run_status(world):
         assert store.deployments(device="twin-a")[-1].status == "rollback"
 
         # fresh run reports, stored against the artifact each robot now runs
-        r = _invoke(["fleet", "run", "--fleet", str(fleet), "--episodes", "2", "--seed", "7",
-                     "--store", world["store_url"], "--json"])
+        r = _invoke(
+            [
+                "fleet",
+                "run",
+                "--fleet",
+                str(fleet),
+                "--episodes",
+                "2",
+                "--seed",
+                "7",
+                "--store",
+                world["store_url"],
+                "--json",
+            ]
+        )
         assert r.exit_code == 0, r.output
         runs = {row["name"]: row for row in json.loads(r.stdout)}
         assert runs["twin-a"]["report"]["sha256"] == _sha(art1)
@@ -295,20 +370,23 @@ def test_tcp_deploy_canary_reports_bench_rollback_run_status(world):
         assert stored["twin-b"].payload["host"]["seed"] == 7
         assert len(stored["twin-b"].payload["returns"]) == 2
 
-        r = _invoke(["fleet", "status", "--fleet", str(fleet), "--store", world["store_url"],
-                     "--json"])
+        r = _invoke(["fleet", "status", "--fleet", str(fleet), "--store", world["store_url"], "--json"])
         assert r.exit_code == 0, r.output
         status = {row["name"]: row for row in json.loads(r.stdout)}
         assert status["twin-a"]["sha256"] == _sha(art1) and status["twin-a"]["reachable"]
         assert status["twin-b"]["last_report"]["kind"] == "run"
         # a human-readable table too, and bad input is one line and exit 2
-        assert "twin-a" in _invoke(["fleet", "status", "--fleet", str(fleet), "--store",
-                                    world["store_url"]]).stdout
+        assert (
+            "twin-a"
+            in _invoke(["fleet", "status", "--fleet", str(fleet), "--store", world["store_url"]]).stdout
+        )
         bad = _invoke(["deploy", str(art1), *base, "--agents", "nope"])
         assert bad.exit_code == 2 and "unknown agent 'nope'" in bad.output
-        print(f"\nTCP deploy of {(art1 / 'policy.tflite').stat().st_size} B + 2 canary episodes:"
-              f" {tcp_deploy_s:.3f} s; step p50 loop {loop_p50_ms:.4f} ms, agent bench "
-              f"{agent_bench_p50_ms:.4f} ms, CLI bench {cli_p50_ms:.4f} ms")
+        print(
+            f"\nTCP deploy of {(art1 / 'policy.tflite').stat().st_size} B + 2 canary episodes:"
+            f" {tcp_deploy_s:.3f} s; step p50 loop {loop_p50_ms:.4f} ms, agent bench "
+            f"{agent_bench_p50_ms:.4f} ms, CLI bench {cli_p50_ms:.4f} ms"
+        )
         print("stored canary report:", json.dumps(payload, sort_keys=True)[:1500])
     finally:
         for a in agents.values():
@@ -322,13 +400,13 @@ def test_link_cut_mid_deploy_keeps_previous_policy_and_retry_succeeds(world):
 
     tmp, store = world["tmp"], world["store"]
     art1, art2 = world["arts"]
-    agent = AgentProc(tmp / "state-cut", world["public"], "cut",
-                      ["--listen", "tcp://127.0.0.1:0"])
+    agent = AgentProc(tmp / "state-cut", world["public"], "cut", ["--listen", "tcp://127.0.0.1:0"])
     proxies = []
     try:
         direct = _fleet_file(tmp, "direct", {"cut": agent.url})
-        r = _invoke(["deploy", str(art1), "--fleet", str(direct), "--store", world["store_url"],
-                     "--episodes", "1"])  # the rich progress and table path
+        r = _invoke(
+            ["deploy", str(art1), "--fleet", str(direct), "--store", world["store_url"], "--episodes", "1"]
+        )  # the rich progress and table path
         assert r.exit_code == 0, r.output
         assert "cut" in r.stdout and "canary" in r.stdout and "ok" in r.stdout
         size = (art2 / "policy.tflite").stat().st_size
@@ -364,8 +442,9 @@ def test_pty_serial_deploy_at_115200(world):
     tmp, store = world["tmp"], world["store"]
     art1 = world["arts"][0]
     pty = PtyPair()
-    agent = AgentProc(tmp / "state-pty", world["public"], "serial",
-                      ["--link", f"{pty.paths[0]}?baudrate={BAUD}"])
+    agent = AgentProc(
+        tmp / "state-pty", world["public"], "serial", ["--link", f"{pty.paths[0]}?baudrate={BAUD}"]
+    )
     try:
         inv = load_inventory(_fleet_file(tmp, "pty", {"serial": f"{pty.paths[1]}?baudrate={BAUD}"}))
         res = rollout(art1, inv, episodes=2, store=store)
@@ -377,8 +456,10 @@ def test_pty_serial_deploy_at_115200(world):
         assert d["transfer_s"] >= size * 10 / BAUD * 0.9
         reports = store.device_reports(device="serial", kind="canary")
         assert reports and reports[-1].payload["timings_ms"]["p50"] > 0
-        print(f"\npty 115200 deploy of {size} B: transfer {d['transfer_s']:.2f} s "
-              f"(wire minimum {size * 10 / BAUD:.2f} s), total with canary {d['total_s']:.2f} s")
+        print(
+            f"\npty 115200 deploy of {size} B: transfer {d['transfer_s']:.2f} s "
+            f"(wire minimum {size * 10 / BAUD:.2f} s), total with canary {d['total_s']:.2f} s"
+        )
     finally:
         agent.stop()
         pty.close()

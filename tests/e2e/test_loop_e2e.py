@@ -23,8 +23,9 @@ pytestmark = pytest.mark.e2e
 
 
 def _robonas(cwd: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "robonas.cli", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "robonas.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_agent_on_the_ideal_twin_reproduces_the_export_parity_returns(tmp_path):
@@ -33,8 +34,10 @@ def test_agent_on_the_ideal_twin_reproduces_the_export_parity_returns(tmp_path):
     what makes the returns from the other reality profiles honest."""
     url = f"sqlite:///{tmp_path / 'runs' / 'robonas.db'}"
     cfg = REPO / "launch" / "cartpole.toml"
-    assert _robonas(tmp_path, "search", str(cfg), "--trials", "1", "--steps", "6000",
-                    "--store", url).returncode == 0
+    assert (
+        _robonas(tmp_path, "search", str(cfg), "--trials", "1", "--steps", "6000", "--store", url).returncode
+        == 0
+    )
     key, pub = generate_keypair(tmp_path / "keys")
     exported = _robonas(tmp_path, "export", "cartpole", "--best", "--key", str(key), "--store", url, "--json")
     assert exported.returncode == 0, exported.stderr
@@ -112,36 +115,81 @@ def test_a_slow_robot_computer_drops_the_wider_policy_below_a_faster_one_in_top(
     re-ranks. A 2x256 trial that ranked above a 1x256 one in simulation, with a slightly better
     simulated return, must rank below it in `robonas top` once the robot has spoken."""
     url = f"sqlite:///{tmp_path / 'runs' / 'robonas.db'}"
-    search = _robonas(tmp_path, "search", str(REPO / "launch" / "cartpole-mcu.toml"),
-                      "--workers", "2", "--store", url, "--json")
+    search = _robonas(
+        tmp_path,
+        "search",
+        str(REPO / "launch" / "cartpole-mcu.toml"),
+        "--workers",
+        "2",
+        "--store",
+        url,
+        "--json",
+    )
     assert search.returncode == 0, search.stderr
     before = json.loads(_robonas(tmp_path, "top", "cartpole-mcu", "--json", "--store", url).stdout)["rows"]
     wide = "256tanh-256tanh ln shared"
     assert {r["arch"] for r in before} == {"256tanh ln shared", wide}
     # The premise, from the search itself: a wider (slower) trial ranked above a narrower one
     # with a simulated return at least as good.
-    premise = [(s, f) for s in before if s["arch"] == wide for f in before if f["arch"] != wide
-               and s["rank"] < f["rank"] and s["asymptotic_return"] >= f["asymptotic_return"]]
+    premise = [
+        (s, f)
+        for s in before
+        if s["arch"] == wide
+        for f in before
+        if f["arch"] != wide and s["rank"] < f["rank"] and s["asymptotic_return"] >= f["asymptotic_return"]
+    ]
     assert premise, "no wider trial out-ranked a narrower one in simulation: " + ", ".join(
-        f"{r['trial']} {r['arch']} asym {r['asymptotic_return']:.0f}" for r in before)
+        f"{r['trial']} {r['arch']} asym {r['asymptotic_return']:.0f}" for r in before
+    )
 
     key, pub = generate_keypair(tmp_path / "keys")
     agent = LocalAgent("mcu", "sim:cartpole-mcu-slow", "cortex-m7", tmp_path / "agent", pub).start()
     try:
         fleet = write_fleet(tmp_path / "fleet.toml", [agent])
         for row in before:
-            exported = _robonas(tmp_path, "export", "cartpole-mcu", "--trial", str(row["trial"]),
-                                "--key", str(key), "--store", url)
+            exported = _robonas(
+                tmp_path,
+                "export",
+                "cartpole-mcu",
+                "--trial",
+                str(row["trial"]),
+                "--key",
+                str(key),
+                "--store",
+                url,
+            )
             if exported.returncode != 0:  # a half-trained policy may fail the int8 parity check
                 assert "refused" in exported.stderr
-                exported = _robonas(tmp_path, "export", "cartpole-mcu", "--trial", str(row["trial"]),
-                                    "--fp32", "--key", str(key), "--store", url)
+                exported = _robonas(
+                    tmp_path,
+                    "export",
+                    "cartpole-mcu",
+                    "--trial",
+                    str(row["trial"]),
+                    "--fp32",
+                    "--key",
+                    str(key),
+                    "--store",
+                    url,
+                )
             assert exported.returncode == 0, exported.stderr
-            deploy = _robonas(tmp_path, "deploy", exported.stdout.strip(), "--fleet", str(fleet),
-                              "--canary", "1", "--episodes", "1", "--min-return", "0", "--store", url)
+            deploy = _robonas(
+                tmp_path,
+                "deploy",
+                exported.stdout.strip(),
+                "--fleet",
+                str(fleet),
+                "--canary",
+                "1",
+                "--episodes",
+                "1",
+                "--min-return",
+                "0",
+                "--store",
+                url,
+            )
             assert deploy.returncode == 0, deploy.stderr
-            run = _robonas(tmp_path, "fleet", "run", "--fleet", str(fleet), "--episodes", "6",
-                           "--store", url)
+            run = _robonas(tmp_path, "fleet", "run", "--fleet", str(fleet), "--episodes", "6", "--store", url)
             assert run.returncode == 0, run.stderr
             assert "recalibrate: re-ranked cartpole-mcu" in run.stderr
     finally:
@@ -173,6 +221,11 @@ def test_a_slow_robot_computer_drops_the_wider_policy_below_a_faster_one_in_top(
         assert after[s["trial"]]["rank"] > after[f["trial"]]["rank"], (s, f, after)
     objectives = [r["objective"] for r in table["rows"]]
     assert objectives == sorted(objectives, reverse=True)
-    print("premise pairs (wide, narrow) before -> after: " + "; ".join(
-        f"{s['trial']}:{s['rank']}->{after[s['trial']]['rank']} vs {f['trial']}:{f['rank']}->"
-        f"{after[f['trial']]['rank']}" for s, f in premise))
+    print(
+        "premise pairs (wide, narrow) before -> after: "
+        + "; ".join(
+            f"{s['trial']}:{s['rank']}->{after[s['trial']]['rank']} vs {f['trial']}:{f['rank']}->"
+            f"{after[f['trial']]['rank']}"
+            for s, f in premise
+        )
+    )

@@ -32,8 +32,11 @@ def _config(tmp_path: Path, **replace: str) -> Path:
 
 def _robonas(tmp_path: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "robonas.cli", *args], cwd=tmp_path, capture_output=True,
-        text=True, timeout=timeout,
+        [sys.executable, "-m", "robonas.cli", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -44,8 +47,20 @@ def _store_url(tmp_path: Path) -> str:
 def test_search_fills_store_and_top_ranks(tmp_path):
     cfg = _config(tmp_path)
     url = _store_url(tmp_path)
-    proc = _robonas(tmp_path, "search", str(cfg), "--trials", "3", "--steps", "3000",
-                    "--workers", "2", "--store", url, "--json")
+    proc = _robonas(
+        tmp_path,
+        "search",
+        str(cfg),
+        "--trials",
+        "3",
+        "--steps",
+        "3000",
+        "--workers",
+        "2",
+        "--store",
+        url,
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["complete"] == 3 and summary["failed"] == 0
@@ -83,10 +98,25 @@ def test_search_fills_store_and_top_ranks(tmp_path):
 def test_sigkill_midway_then_resume_runs_every_trial_once(tmp_path):
     cfg = _config(tmp_path)
     url = _store_url(tmp_path)
-    args = [sys.executable, "-m", "robonas.cli", "search", str(cfg), "--trials", "5",
-            "--steps", "3000", "--workers", "2", "--store", url, "--json"]
-    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    args = [
+        sys.executable,
+        "-m",
+        "robonas.cli",
+        "search",
+        str(cfg),
+        "--trials",
+        "5",
+        "--steps",
+        "3000",
+        "--workers",
+        "2",
+        "--store",
+        url,
+        "--json",
+    ]
+    proc = subprocess.Popen(
+        args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     db = tmp_path / "runs" / "robonas.db"
     deadline = time.monotonic() + 300
     killed_with_running = False
@@ -114,8 +144,20 @@ def test_sigkill_midway_then_resume_runs_every_trial_once(tmp_path):
     assert killed_with_running, "the search finished or stalled before it could be killed mid-way"
 
     before = {t.seq: t for t in Store(url).trials(Store(url).get_study("cartpole").id)}
-    resumed = _robonas(tmp_path, "search", str(cfg), "--trials", "5", "--steps", "3000",
-                       "--workers", "2", "--store", url, "--json")
+    resumed = _robonas(
+        tmp_path,
+        "search",
+        str(cfg),
+        "--trials",
+        "5",
+        "--steps",
+        "3000",
+        "--workers",
+        "2",
+        "--store",
+        url,
+        "--json",
+    )
     assert resumed.returncode == 0, resumed.stderr
 
     store = Store(url)
@@ -139,8 +181,20 @@ def test_sigkill_midway_then_resume_runs_every_trial_once(tmp_path):
 def test_trials_that_raise_or_time_out_are_recorded_failed(tmp_path):
     url = _store_url(tmp_path)
     raising = _config(tmp_path, **{"hyperparams = {}": "hyperparams = { n_steps = 0 }"})
-    proc = _robonas(tmp_path, "search", str(raising), "--trials", "2", "--steps", "2000",
-                    "--store", url, "--study", "raises", "--json")
+    proc = _robonas(
+        tmp_path,
+        "search",
+        str(raising),
+        "--trials",
+        "2",
+        "--steps",
+        "2000",
+        "--store",
+        url,
+        "--study",
+        "raises",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["failed"] == 2
     store = Store(url)
@@ -148,8 +202,20 @@ def test_trials_that_raise_or_time_out_are_recorded_failed(tmp_path):
     assert len(failed) == 2 and all("n_steps" in t.error for t in failed)
 
     slow = _config(tmp_path, **{"trial_timeout_s = 600": "trial_timeout_s = 1.5"})
-    proc = _robonas(tmp_path, "search", str(slow), "--trials", "2", "--steps", "50000",
-                    "--store", url, "--study", "slow", "--json")
+    proc = _robonas(
+        tmp_path,
+        "search",
+        str(slow),
+        "--trials",
+        "2",
+        "--steps",
+        "50000",
+        "--store",
+        url,
+        "--study",
+        "slow",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     failed = store.trials(store.get_study("slow").id, status="failed")
     assert len(failed) == 2 and all("timed out" in t.error for t in failed)
@@ -158,8 +224,10 @@ def test_trials_that_raise_or_time_out_are_recorded_failed(tmp_path):
 def test_resume_with_a_different_space_is_refused(tmp_path):
     url = _store_url(tmp_path)
     cfg = _config(tmp_path)
-    assert _robonas(tmp_path, "search", str(cfg), "--trials", "1", "--steps", "1000",
-                    "--store", url).returncode == 0
+    assert (
+        _robonas(tmp_path, "search", str(cfg), "--trials", "1", "--steps", "1000", "--store", url).returncode
+        == 0
+    )
     changed = _config(tmp_path, **{"widths = [16, 32, 64, 128]": "widths = [16, 32]"})
     proc = _robonas(tmp_path, "search", str(changed), "--trials", "2", "--store", url)
     assert proc.returncode == 2 and "different config" in proc.stderr
@@ -182,18 +250,36 @@ def test_bench_env_json_reports_ratio_to_cartpole_v1(tmp_path):
 def test_results_do_not_depend_on_the_worker_count(tmp_path):
     """The n-th candidate trains under the same seed whatever the parallelism: a search is
     reproducible from its config alone (random strategy: the asks do not depend on results)."""
-    cfg = _config(tmp_path, **{'name = "evolution"': 'name = "random"',
-                               "options = { population = 4, sample = 2 }": "options = {}"})
+    cfg = _config(
+        tmp_path,
+        **{
+            'name = "evolution"': 'name = "random"',
+            "options = { population = 4, sample = 2 }": "options = {}",
+        },
+    )
     figures = {}
     for workers in ("1", "2"):
         url = f"sqlite:///{tmp_path / f'w{workers}.db'}"
-        proc = _robonas(tmp_path, "search", str(cfg), "--trials", "2", "--steps", "2000",
-                        "--workers", workers, "--store", url, "--json")
+        proc = _robonas(
+            tmp_path,
+            "search",
+            str(cfg),
+            "--trials",
+            "2",
+            "--steps",
+            "2000",
+            "--workers",
+            workers,
+            "--store",
+            url,
+            "--json",
+        )
         assert proc.returncode == 0, proc.stderr
         store = Store(url)
         trials = [t for t in store.trials(store.get_study("cartpole").id) if t.status == "complete"]
-        figures[workers] = [(t.arch_id, t.metrics["auc"], t.metrics["asymptotic_return"],
-                             store.curve(t.id)) for t in trials]
+        figures[workers] = [
+            (t.arch_id, t.metrics["auc"], t.metrics["asymptotic_return"], store.curve(t.id)) for t in trials
+        ]
     assert figures["1"] == figures["2"]
 
 
@@ -207,19 +293,26 @@ def test_after_robot_reports_the_next_candidates_are_asked_and_scored_with_the_c
 
     cfg = REPO / "launch" / "cartpole-mcu.toml"
     url = _store_url(tmp_path)
-    first = _robonas(tmp_path, "search", str(cfg), "--trials", "2", "--steps", "2000",
-                     "--workers", "1", "--store", url)
+    first = _robonas(
+        tmp_path, "search", str(cfg), "--trials", "2", "--steps", "2000", "--workers", "1", "--store", url
+    )
     assert first.returncode == 0, first.stderr
     store = Store(url)
     study = store.get_study("cartpole-mcu")
-    told_before = {t.id: (t.metrics["objective"], t.metrics["p99_ms"])
-                   for t in store.trials(study.id, status="complete")}
+    told_before = {
+        t.id: (t.metrics["objective"], t.metrics["p99_ms"]) for t in store.trials(study.id, status="complete")
+    }
 
     # a robot's BENCH timings of a slow MCU: 2 ms of overhead plus the MACs at 5e5 MAC/s
     samples = []
     for widths in ((16,), (64,), (256,), (16, 16), (64, 64), (256, 64), (256, 256), (64, 256)):
-        arch = PolicyArch(obs_dim=5, act_dim=1, layers=tuple(Layer(w, "tanh") for w in widths),
-                          layer_norm=True, shared_trunk=True)
+        arch = PolicyArch(
+            obs_dim=5,
+            act_dim=1,
+            layers=tuple(Layer(w, "tanh") for w in widths),
+            layer_norm=True,
+            shared_trunk=True,
+        )
         ms = 2.0 + arch.cost_summary()["macs"] / 5e5 * 1e3
         samples.append(LatencySample(arch, ms, ms * 1.05))
     fit_latency(store, "cortex-m7", samples)
@@ -228,8 +321,9 @@ def test_after_robot_reports_the_next_candidates_are_asked_and_scored_with_the_c
         assert t.metrics["latency_model"] == "calibrated-roofline@1"
         assert (t.metrics["told"]["objective"], t.metrics["told"]["p99_ms"]) == told_before[t.id]
 
-    more = _robonas(tmp_path, "search", str(cfg), "--trials", "4", "--steps", "2000",
-                    "--workers", "1", "--store", url)
+    more = _robonas(
+        tmp_path, "search", str(cfg), "--trials", "4", "--steps", "2000", "--workers", "1", "--store", url
+    )
     assert more.returncode == 0, more.stderr
     assert "replay:" not in more.stderr  # the recorded asks replayed as they were
     new = [t for t in store.trials(study.id) if t.id not in told_before]

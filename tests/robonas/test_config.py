@@ -119,7 +119,10 @@ def test_cli_bad_config_exit_2_one_line_and_store_untouched(tmp_path, mutate, ne
     db = tmp_path / "store.db"
     proc = subprocess.run(
         [sys.executable, "-m", "robonas.cli", "search", str(path), "--store", f"sqlite:///{db}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr.strip().splitlines()

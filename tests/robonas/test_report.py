@@ -72,9 +72,12 @@ def _parse(doc: str) -> _Checker:
 
 def _config(name: str) -> dict:
     return {
-        "search": {"study": {"name": name}, "env": {"id": "sim/CartPole-v0"},
-                   "device": {"profile": "pi4-" + EVIL, "latency_budget_ms": 2.0},
-                   "objective": {"ranking": "mean"}},
+        "search": {
+            "study": {"name": name},
+            "env": {"id": "sim/CartPole-v0"},
+            "device": {"profile": "pi4-" + EVIL, "latency_budget_ms": 2.0},
+            "objective": {"ranking": "mean"},
+        },
         "fingerprint": "abc",
         "resolved": {"return_lo": 10.0, "return_hi": 500.0},
     }
@@ -87,13 +90,29 @@ def _arch(width: int) -> PolicyArch:
 def _metrics(i: int, arch: PolicyArch) -> dict:
     asym = 100.0 + 40 * i
     return {
-        "auc": 0.1 * (i + 1), "asymptotic_return": asym, "asymptotic_std": 5.0,
-        "robustness_return": asym - 10, "random_return": 10.0, "env_steps": 2000, "wall_s": 3.0,
-        "p50_ms": 0.2 + 0.3 * i, "p99_ms": 0.3 + 0.4 * i, "params": 100 * (i + 1),
-        "macs": 90 * (i + 1), "bytes": 400 * (i + 1), "device": "pi4", "latency_share": 0.1,
-        "gap_mean": 20.0, "gap_std": 8.0, "predicted_real_return": asym - 20 - (15 if i == 1 else 0),
-        "predicted_real_std": 8.0, "objective": 0.1 + 0.15 * i, "objective_std": 0.02,
-        "objective_lcb": 0.05 + 0.15 * i, "latency_model": "analytic v1", "gap_model": "heuristic",
+        "auc": 0.1 * (i + 1),
+        "asymptotic_return": asym,
+        "asymptotic_std": 5.0,
+        "robustness_return": asym - 10,
+        "random_return": 10.0,
+        "env_steps": 2000,
+        "wall_s": 3.0,
+        "p50_ms": 0.2 + 0.3 * i,
+        "p99_ms": 0.3 + 0.4 * i,
+        "params": 100 * (i + 1),
+        "macs": 90 * (i + 1),
+        "bytes": 400 * (i + 1),
+        "device": "pi4",
+        "latency_share": 0.1,
+        "gap_mean": 20.0,
+        "gap_std": 8.0,
+        "predicted_real_return": asym - 20 - (15 if i == 1 else 0),
+        "predicted_real_std": 8.0,
+        "objective": 0.1 + 0.15 * i,
+        "objective_std": 0.02,
+        "objective_lcb": 0.05 + 0.15 * i,
+        "latency_model": "analytic v1",
+        "gap_model": "heuristic",
     }
 
 
@@ -117,9 +136,11 @@ def full_study(store: Store) -> Store:
         trials.append(t)
     big = _arch(512)
     rej = store.add_trial(study.id, 4, big.arch_id, big.to_json())
-    store.reject_trial(rej.id, "predicted p99 9.5 ms over the budget 2.0 ms",
-                       metrics={"p50_ms": 7.0, "p99_ms": 9.5, "params": 1, "macs": 1,
-                                "bytes": 1, "device": "pi4"})
+    store.reject_trial(
+        rej.id,
+        "predicted p99 9.5 ms over the budget 2.0 ms",
+        metrics={"p50_ms": 7.0, "p99_ms": 9.5, "params": 1, "macs": 1, "bytes": 1, "device": "pi4"},
+    )
     failed = store.add_trial(study.id, 5, "f" * 12, _arch(4).to_json())
     store.fail_trial(failed.id, "boom " + EVIL)
 
@@ -129,37 +150,63 @@ def full_study(store: Store) -> Store:
     store.add_deployment(art2.id, "robot-" + EVIL, "rolled_back", {"reason": "canary " + EVIL})
     store.add_deployment(art.id, "robot-" + EVIL, "active", {"slot": "B"})
     store.add_deployment(art.id, "robot-2", "active")
-    store.add_device_report("robot-" + EVIL, "canary", {"returns": [150.0, 160.0]},
-                            artifact_id=art.id)
-    store.add_device_report("robot-" + EVIL, "run",
-                            {"returns": [170.0, 180.0, 190.0], "sha256": "ab" * 32,
-                             "timings_ms": {"p50": 0.5, "p90": 0.7, "p99": 0.9},
-                             "deadline_misses": 1}, artifact_id=art.id)
+    store.add_device_report("robot-" + EVIL, "canary", {"returns": [150.0, 160.0]}, artifact_id=art.id)
+    store.add_device_report(
+        "robot-" + EVIL,
+        "run",
+        {
+            "returns": [170.0, 180.0, 190.0],
+            "sha256": "ab" * 32,
+            "timings_ms": {"p50": 0.5, "p90": 0.7, "p99": 0.9},
+            "deadline_misses": 1,
+        },
+        artifact_id=art.id,
+    )
     # Payload shapes the agent code may settle on: raw step samples, odd values, a bench.
-    store.add_device_report("robot-2", "run", {"returns": [150.0, "nan?", None],
-                                               "step_ms": [0.4, 0.5, 0.6]}, trial_id=trials[3].id)
-    store.add_device_report("robot-2", "bench", {"invoke_us": {"p50": 450.0, "p99": 800.0},
-                                                 "arch_id": trials[1].arch_id,
-                                                 "predicted_p50_ms": 0.5})
+    store.add_device_report(
+        "robot-2",
+        "run",
+        {"returns": [150.0, "nan?", None], "step_ms": [0.4, 0.5, 0.6]},
+        trial_id=trials[3].id,
+    )
+    store.add_device_report(
+        "robot-2",
+        "bench",
+        {"invoke_us": {"p50": 450.0, "p99": 800.0}, "arch_id": trials[1].arch_id, "predicted_p50_ms": 0.5},
+    )
     # A report about nothing of this study is left out.
     store.add_device_report("robot-elsewhere", "run", {"returns": [1.0]})
 
-    store.add_model_version("latency", {"scale": 1.0},
-                            {"mae_ms": 0.05, "n": 3, "holdout": [
-                                {"arch_id": "a", "predicted_ms": 0.3, "measured_ms": 0.35},
-                                {"arch_id": "b", "predicted_ms": 0.7, "measured_ms": 0.6},
-                                {"arch_id": "c", "predicted_ms": "bad", "measured_ms": 1.0}]},
-                            device="pi4-" + EVIL)  # the study's device
+    store.add_model_version(
+        "latency",
+        {"scale": 1.0},
+        {
+            "mae_ms": 0.05,
+            "n": 3,
+            "holdout": [
+                {"arch_id": "a", "predicted_ms": 0.3, "measured_ms": 0.35},
+                {"arch_id": "b", "predicted_ms": 0.7, "measured_ms": 0.6},
+                {"arch_id": "c", "predicted_ms": "bad", "measured_ms": 1.0},
+            ],
+        },
+        device="pi4-" + EVIL,
+    )  # the study's device
     # another device's latency model in the same store is not this study's
-    store.add_model_version("latency", {"scale": 2.0}, {"other_device_metric": 1.0, "holdout": []},
-                            device="cortex-m7")
-    store.add_model_version("gap", {"w": [0.1]},
-                            {"rmse": 12.0, "points": [
-                                {"trial_id": trials[3].id, "predicted": 200.0, "lo": 180.0,
-                                 "hi": 220.0, "real": 180.0},
-                                {"trial_id": trials[2].id, "predicted": 180.0, "lo": 170.0,
-                                 "hi": 195.0, "real": 185.0}]},
-                            study_id=study.id)
+    store.add_model_version(
+        "latency", {"scale": 2.0}, {"other_device_metric": 1.0, "holdout": []}, device="cortex-m7"
+    )
+    store.add_model_version(
+        "gap",
+        {"w": [0.1]},
+        {
+            "rmse": 12.0,
+            "points": [
+                {"trial_id": trials[3].id, "predicted": 200.0, "lo": 180.0, "hi": 220.0, "real": 180.0},
+                {"trial_id": trials[2].id, "predicted": 180.0, "lo": 170.0, "hi": 195.0, "real": 185.0},
+            ],
+        },
+        study_id=study.id,
+    )
     return store
 
 
@@ -264,8 +311,7 @@ def test_plots_return_png_bytes():
     assert all(f.startswith(PNG_MAGIC) and len(f) > 5000 for f in figs)
 
 
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists()
-                                         else None)
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed")
@@ -273,11 +319,23 @@ def test_renders_in_headless_chromium(full_study: Store, tmp_path: Path):
     page = write_report(full_study, "full " + EVIL, tmp_path / "r.html")
     shot = tmp_path / "shot.png"
     subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run",
-         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
-         "--window-size=1200,3000", page.resolve().as_uri()],
-        check=False, capture_output=True, timeout=60,
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1200,3000",
+            page.resolve().as_uri(),
+        ],
+        check=False,
+        capture_output=True,
+        timeout=60,
     )
     assert shot.exists()
     data = shot.read_bytes()

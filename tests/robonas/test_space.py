@@ -16,8 +16,12 @@ from robonas.errors import ConfigError
 from robonas.space import ACTIVATIONS, Layer, PolicyArch, SearchSpace
 
 SPACE = SearchSpace(
-    obs_dim=11, act_dim=3, depths=(1, 2, 3), widths=(16, 32, 64),
-    activations=ACTIVATIONS, history=(1, 2, 4),
+    obs_dim=11,
+    act_dim=3,
+    depths=(1, 2, 3),
+    widths=(16, 32, 64),
+    activations=ACTIVATIONS,
+    history=(1, 2, 4),
 )
 
 
@@ -40,8 +44,7 @@ def test_json_round_trip_and_stable_id():
 
 
 def test_describe_and_input_dim():
-    arch = PolicyArch(5, 2, (Layer(64, "relu"), Layer(64, "relu")), layer_norm=True,
-                      residual=True, history=2)
+    arch = PolicyArch(5, 2, (Layer(64, "relu"), Layer(64, "relu")), layer_norm=True, residual=True, history=2)
     assert arch.describe() == "64relu-64relu ln res sep h2"
     assert arch.input_dim == 10
     assert PolicyArch(5, 2, (Layer(16, "tanh"),), shared_trunk=True).describe() == "16tanh shared"
@@ -74,8 +77,7 @@ def test_layer_validation():
 
 # --- costs against torch --------------------------------------------------------------------
 COST_ARCHS = [
-    PolicyArch(7, 2, (Layer(16, act), Layer(16, act), Layer(8, act)), layer_norm=ln,
-               residual=res, history=h)
+    PolicyArch(7, 2, (Layer(16, act), Layer(16, act), Layer(8, act)), layer_norm=ln, residual=res, history=h)
     for act, ln, res, h in itertools.product(ACTIVATIONS, (False, True), (False, True), (1, 3))
 ]
 
@@ -96,8 +98,7 @@ def test_costs_match_torch(arch):
     assert counter.get_total_flops() == 2 * sum(c.macs for c in linear)
     # layer by layer: each Linear's weight+bias and MACs, each LayerNorm's affine params
     torch_linears = [m for m in actor.modules() if isinstance(m, torch.nn.Linear)]
-    assert [c.params for c in linear] == [sum(p.numel() for p in m.parameters())
-                                          for m in torch_linears]
+    assert [c.params for c in linear] == [sum(p.numel() for p in m.parameters()) for m in torch_linears]
     assert [c.macs for c in linear] == [m.in_features * m.out_features for m in torch_linears]
     norms = [m for m in actor.modules() if isinstance(m, torch.nn.LayerNorm)]
     assert [c.params for c in costs if c.kind == "layernorm"] == [
@@ -116,7 +117,10 @@ def test_bytes_counts_params_and_activations():
     arch = PolicyArch(3, 1, (Layer(4, "relu"),))
     # fc0: 3*4+4 params, 3 in, 4 out; act0: 4 in, 4 out; head: 4+1 params, 4 in, 1 out
     assert arch.cost_summary() == {
-        "params": 16 + 5, "macs": 12 + 4, "bytes": 4 * (16 + 7 + 8 + 5 + 5), "layers": 3
+        "params": 16 + 5,
+        "macs": 12 + 4,
+        "bytes": 4 * (16 + 7 + 8 + 5 + 5),
+        "layers": 3,
     }
 
 
@@ -172,15 +176,22 @@ def test_mutate_changes_exactly_one_decision():
 
 
 def test_mutate_in_single_arch_space_returns_arch():
-    space = SearchSpace(4, 1, depths=(1,), widths=(8,), activations=("relu",), layer_norm=(False,),
-                        residual=(False,), shared_trunk=(True,))
+    space = SearchSpace(
+        4,
+        1,
+        depths=(1,),
+        widths=(8,),
+        activations=("relu",),
+        layer_norm=(False,),
+        residual=(False,),
+        shared_trunk=(True,),
+    )
     arch = space.sample(np.random.default_rng(0))
     assert space.size() == 1 and space.mutate(arch, np.random.default_rng(0)) == arch
 
 
 def test_size_counts_distinct_archs():
-    space = SearchSpace(4, 1, depths=(1, 2), widths=(8, 16), activations=("relu", "tanh"),
-                        history=(1, 2))
+    space = SearchSpace(4, 1, depths=(1, 2), widths=(8, 16), activations=("relu", "tanh"), history=(1, 2))
     rng = np.random.default_rng(0)
     seen = {space.sample(rng) for _ in range(6000)}
     assert space.size() == (4 + 16) * 2 * 2 * 2 * 2 == len(seen)

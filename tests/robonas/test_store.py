@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from datetime import timezone
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -53,7 +53,7 @@ def test_study_round_trip_and_unknown_name(store):
     got = store.get_study("alpha")
     assert got == a
     assert got.config == {"env": "sim/Hopper-v0", "budget": {"trials": 3}}
-    assert got.status == "created" and got.created_at.tzinfo == timezone.utc
+    assert got.status == "created" and got.created_at.tzinfo == UTC
     assert [s.name for s in store.list_studies()] == ["alpha", "beta"]
     with pytest.raises(StoreError, match=r"'gamma'.*alpha, beta"):
         store.get_study("gamma")
@@ -78,8 +78,7 @@ def test_trial_lifecycle_round_trip(store):
     store.set_trial_status(t.id, "running")
     assert store.get_trial(t.id).started_at is not None
     curve = [(0, -10.0, 2.0), (1000, 5.5, 1.25), (2000, 12.0, 0.5)]
-    store.complete_trial(t.id, {"auc": 0.75, "asymptote": 12.0}, curve, wall_s=3.5,
-                         env_steps=2000)
+    store.complete_trial(t.id, {"auc": 0.75, "asymptote": 12.0}, curve, wall_s=3.5, env_steps=2000)
     done = store.get_trial(t.id)
     assert done.status == "complete" and done.error is None
     assert done.metrics == {"auc": 0.75, "asymptote": 12.0}
@@ -132,7 +131,11 @@ def test_requeue_interrupted(store):
     assert store.requeue_interrupted(sid) == 2
     rows = {t.id: t for t in store.trials(sid)}
     assert [(rows[i].status, rows[i].attempts) for i in ids] == [
-        ("pending", 1), ("pending", 1), ("complete", 0), ("pending", 0)]
+        ("pending", 1),
+        ("pending", 1),
+        ("complete", 0),
+        ("pending", 0),
+    ]
     assert store.get_trial(o.id).status == "running"  # other studies untouched
     assert store.requeue_interrupted(sid) == 0
     store.set_trial_status(ids[0], "running")
@@ -180,8 +183,7 @@ def test_artifacts_devices_deployments_reports_models(store):
 
     dep = store.add_deployment(q.id, "pi-1", "pushed", {"slot": "B"})
     store.set_deployment_status(dep.id, "active")
-    assert [(x.status, x.detail) for x in store.deployments(device="pi-1")] == [
-        ("active", {"slot": "B"})]
+    assert [(x.status, x.detail) for x in store.deployments(device="pi-1")] == [("active", {"slot": "B"})]
     assert store.deployments(artifact_id=w.id) == []
 
     store.add_device_report("pi-1", "bench", {"p50_ms": 0.4}, artifact_id=q.id)
@@ -214,8 +216,12 @@ _WRITER = textwrap.dedent("""
 
 
 def _run_writers(url: str, study: str) -> None:
-    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, url, study, str(w)], cwd=REPO,
-                              stderr=subprocess.PIPE, text=True) for w in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WRITER, url, study, str(w)], cwd=REPO, stderr=subprocess.PIPE, text=True
+        )
+        for w in range(4)
+    ]
     errs = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, errs
 

@@ -13,15 +13,26 @@ from robonas.study_views import best_within_budget, ranked_trials
 
 def _study(tmp_path, p99s_and_objectives):
     store = Store(f"sqlite:///{tmp_path / 'r.db'}")
-    study = store.create_study("s", {"search": {"device": {"profile": "cortex-m7",
-                                                           "latency_budget_ms": 20.0}}})
+    study = store.create_study(
+        "s", {"search": {"device": {"profile": "cortex-m7", "latency_budget_ms": 20.0}}}
+    )
     arch = PolicyArch(obs_dim=4, act_dim=1, layers=(Layer(8, "tanh"),))
     ids = []
     for seq, (p99, objective) in enumerate(p99s_and_objectives):
         t = store.add_trial(study.id, seq, arch.arch_id, arch.to_json())
-        store.complete_trial(t.id, {"objective": objective, "p99_ms": p99, "p50_ms": p99 / 2,
-                                    "predicted_real_return": 100.0 * objective, "params": 49},
-                             [(0, 0.0, 0.0)], 1.0, 10)
+        store.complete_trial(
+            t.id,
+            {
+                "objective": objective,
+                "p99_ms": p99,
+                "p50_ms": p99 / 2,
+                "predicted_real_return": 100.0 * objective,
+                "params": 49,
+            },
+            [(0, 0.0, 0.0)],
+            1.0,
+            10,
+        )
         ids.append(t.id)
     return store, study, ids
 
@@ -32,7 +43,10 @@ def test_a_trial_over_the_budget_is_marked_and_not_the_best_to_ship(tmp_path):
     table = ranked_trials(store, "s")
     assert table["latency_budget_ms"] == 20.0
     assert [(r["trial"], r["within_budget"]) for r in table["rows"]] == [
-        (ids[0], False), (ids[1], True), (ids[2], True)]  # the budget is inclusive
+        (ids[0], False),
+        (ids[1], True),
+        (ids[2], True),
+    ]  # the budget is inclusive
     assert best_within_budget(table["rows"])["trial"] == ids[1]
     assert _pick_trial(store, study, None).id == ids[1]
     assert _pick_trial(store, study, ids[0]).id == ids[0]  # --trial still ships it on purpose

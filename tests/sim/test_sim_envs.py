@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-import sys
 import subprocess
+import sys
 import warnings
 
 import gymnasium
@@ -61,7 +61,9 @@ def test_check_env_passes(env_id, randomization):
 def test_spaces_bounded_and_rate_exposed(env_id):
     env = sim.make(env_id)
     for space in (env.observation_space, env.action_space):
-        assert space.dtype == np.float32 and np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))
+        assert (
+            space.dtype == np.float32 and np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))
+        )
     u = env.unwrapped
     assert u.dt == pytest.approx(1.0 / u.control_hz)
     assert env.metadata["render_fps"] == pytest.approx(u.control_hz)

@@ -121,8 +121,12 @@ def test_period_jitter_changes_trajectory_but_is_seeded():
 
 def test_wrappers_compose_and_the_stack_is_deterministic():
     cfg = {
-        "mass_scale": (0.8, 1.2), "friction_scale": (0.5, 2.0), "damping": (0.0, 0.05),
-        "motor_gain": (0.8, 1.2), "obs_noise_std": (0.0, 0.02), "action_delay": (1, 2),
+        "mass_scale": (0.8, 1.2),
+        "friction_scale": (0.5, 2.0),
+        "damping": (0.0, 0.05),
+        "motor_gain": (0.8, 1.2),
+        "obs_noise_std": (0.0, 0.02),
+        "action_delay": (1, 2),
         "period_jitter": (0.0, 0.1),
     }
     env = sim.make("sim/CartPoleSwingUp-v0", randomization=cfg)

@@ -12,19 +12,25 @@ import pytest
 pytest.importorskip("torch")
 
 from device_agents.signing import canonical_json, generate_keypair  # noqa: E402
+from robonas.errors import RobonasError  # noqa: E402
 from robonas.export.artifact import (  # noqa: E402
-    MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, build_manifest, load_artifact, verify,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    SIGNATURE_FILE,
+    build_manifest,
+    load_artifact,
+    verify,
     write_artifact,
 )
-from robonas.errors import RobonasError  # noqa: E402
-from robonas.space import Layer, PolicyArch  # noqa: E402
 from robonas.export.tflite_convert import to_tflite_fp32  # noqa: E402
+from robonas.space import Layer, PolicyArch  # noqa: E402
 
 ARCH = PolicyArch(5, 1, (Layer(8, "relu"),))
-SPACES = {"env_id": "sim/CartPole-v0",
-          "observation": {"shape": [5], "low": [None] * 5, "high": [None] * 5},
-          "action": {"discrete": False, "shape": [1], "low": [-1.0], "high": [1.0],
-                     "transform": "clip"}}
+SPACES = {
+    "env_id": "sim/CartPole-v0",
+    "observation": {"shape": [5], "low": [None] * 5, "high": [None] * 5},
+    "action": {"discrete": False, "shape": [1], "low": [-1.0], "high": [1.0], "transform": "clip"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +48,18 @@ NORM = {"mean": [0.5, -1.0, 2.0, 0.0, 0.25], "std": [2.4, 0.003, 1.0, 0.5, 4.0],
 
 
 def _manifest(model: bytes, input_normalisation: dict | None = NORM) -> dict:
-    return build_manifest(model=model, study="s", trial=3, arch=ARCH, spaces=SPACES,
-                          frame_mean=np.array(NORM["mean"]), control_hz=50.0,
-                          parity={"return_drop": 0.5}, precision="fp32",
-                          input_normalisation=input_normalisation)
+    return build_manifest(
+        model=model,
+        study="s",
+        trial=3,
+        arch=ARCH,
+        spaces=SPACES,
+        frame_mean=np.array(NORM["mean"]),
+        control_hz=50.0,
+        parity={"return_drop": 0.5},
+        precision="fp32",
+        input_normalisation=input_normalisation,
+    )
 
 
 @pytest.fixture
@@ -71,8 +85,7 @@ def test_manifest_input_normalisation(model) -> None:
     raw_input = _manifest(model, None)
     assert "input_normalisation" not in raw_input
     assert raw_input["observation"]["normalisation"] == "folded into the model"
-    with pytest.raises(RobonasError, match="input_normalisation.std has 4 values, the model "
-                                           "takes 5"):
+    with pytest.raises(RobonasError, match="input_normalisation.std has 4 values, the model takes 5"):
         _manifest(model, {**NORM, "std": [1.0] * 4})
 
 
@@ -186,5 +199,14 @@ def test_write_refuses_a_manifest_of_other_bytes(tmp_path, model) -> None:
 
 def test_build_manifest_refuses_non_tflite() -> None:
     with pytest.raises(RobonasError, match="not a TFLite model"):
-        build_manifest(model=b"nonsense", study="s", trial=1, arch=ARCH, spaces=SPACES,
-                       frame_mean=np.zeros(5), control_hz=None, parity={}, precision="fp32")
+        build_manifest(
+            model=b"nonsense",
+            study="s",
+            trial=1,
+            arch=ARCH,
+            spaces=SPACES,
+            frame_mean=np.zeros(5),
+            control_hz=None,
+            parity={},
+            precision="fp32",
+        )

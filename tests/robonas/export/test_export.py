@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from device_agents.runtime import TFLitePolicy
-from robonas.export.artifact import load_artifact, verify
 from robonas.config import parse_config
 from robonas.errors import RobonasError
+from robonas.export.artifact import load_artifact, verify
+from robonas.export.tflite_convert import to_tflite_fp32, to_tflite_int8
 from robonas.export.trial_export import DeployableActor, ExportRefused, calibration_inputs, export_trial
 from robonas.space import Layer, PolicyArch
 from robonas.store import Store
-from robonas.export.tflite_convert import to_tflite_fp32, to_tflite_int8
 
 CONTINUOUS_ENV, DISCRETE_ENV = "sim/CartPole-v0", "CartPole-v1"
 
@@ -30,15 +30,36 @@ def _spaces(env_id: str, arch: PolicyArch, transform: str, low=-1.0, high=1.0) -
     if transform == "argmax":
         action = {"discrete": True, "n": arch.act_dim, "transform": "argmax"}
     else:
-        action = {"discrete": False, "shape": [arch.act_dim], "low": [low] * arch.act_dim,
-                  "high": [high] * arch.act_dim, "transform": transform}
+        action = {
+            "discrete": False,
+            "shape": [arch.act_dim],
+            "low": [low] * arch.act_dim,
+            "high": [high] * arch.act_dim,
+            "transform": transform,
+        }
     obs = {"shape": [arch.obs_dim], "low": [None] * arch.obs_dim, "high": [None] * arch.obs_dim}
-    return {"env_id": env_id, "observation": obs, "action": action, "history": arch.history,
-            "history_order": "oldest_first", "history_padding": "zeros_after_normalisation"}
+    return {
+        "env_id": env_id,
+        "observation": obs,
+        "action": action,
+        "history": arch.history,
+        "history_order": "oldest_first",
+        "history_padding": "zeros_after_normalisation",
+    }
 
 
-def make_trial_dir(path: Path, arch: PolicyArch, env_id: str, transform: str, *, seed: int = 0,
-                   mean=None, var=None, state: dict | None = None, **bounds) -> Path:
+def make_trial_dir(
+    path: Path,
+    arch: PolicyArch,
+    env_id: str,
+    transform: str,
+    *,
+    seed: int = 0,
+    mean=None,
+    var=None,
+    state: dict | None = None,
+    **bounds,
+) -> Path:
     """actor.pt, obs_norm.npz and spaces.json as robonas.search.training writes them."""
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -53,8 +74,14 @@ def make_trial_dir(path: Path, arch: PolicyArch, env_id: str, transform: str, *,
     rng = np.random.default_rng(seed)
     mean = rng.normal(0, 0.1, arch.obs_dim) if mean is None else np.asarray(mean, float)
     var = rng.uniform(0.05, 2.0, arch.obs_dim) if var is None else np.asarray(var, float)
-    np.savez(path / "obs_norm.npz", mean=mean, var=var, count=np.float64(1e4),
-             clip_obs=np.float64(10.0), epsilon=np.float64(1e-8))
+    np.savez(
+        path / "obs_norm.npz",
+        mean=mean,
+        var=var,
+        count=np.float64(1e4),
+        clip_obs=np.float64(10.0),
+        epsilon=np.float64(1e-8),
+    )
     (path / "spaces.json").write_text(json.dumps(_spaces(env_id, arch, transform, **bounds)))
     return path
 
@@ -63,12 +90,24 @@ CASES = {
     # name: (arch, env, transform, weight seed); discrete seeds are ones whose untrained policy
     # takes both actions on the calibration rollouts, so the int8 index range is exercised
     "relu-clip": (PolicyArch(5, 1, (Layer(32, "relu"), Layer(32, "relu"))), CONTINUOUS_ENV, "clip", 3),
-    "tanh-ln-tanh_rescale": (PolicyArch(5, 1, (Layer(24, "tanh"), Layer(24, "tanh")), layer_norm=True),
-                             CONTINUOUS_ENV, "tanh_rescale", 3),
-    "elu-residual-h3": (PolicyArch(5, 1, (Layer(32, "elu"),) * 3, residual=True, history=3),
-                        CONTINUOUS_ENV, "clip", 3),
-    "silu-ln-res-discrete": (PolicyArch(4, 2, (Layer(16, "silu"), Layer(16, "silu")),
-                                        layer_norm=True, residual=True), DISCRETE_ENV, "argmax", 3),
+    "tanh-ln-tanh_rescale": (
+        PolicyArch(5, 1, (Layer(24, "tanh"), Layer(24, "tanh")), layer_norm=True),
+        CONTINUOUS_ENV,
+        "tanh_rescale",
+        3,
+    ),
+    "elu-residual-h3": (
+        PolicyArch(5, 1, (Layer(32, "elu"),) * 3, residual=True, history=3),
+        CONTINUOUS_ENV,
+        "clip",
+        3,
+    ),
+    "silu-ln-res-discrete": (
+        PolicyArch(4, 2, (Layer(16, "silu"), Layer(16, "silu")), layer_norm=True, residual=True),
+        DISCRETE_ENV,
+        "argmax",
+        3,
+    ),
     "relu-discrete-h2": (PolicyArch(4, 2, (Layer(32, "relu"),), history=2), DISCRETE_ENV, "argmax", 1),
 }
 
@@ -103,8 +142,7 @@ def case(request, tmp_path_factory):
     arch, env_id, transform, seed = CASES[request.param]
     d = make_trial_dir(tmp_path_factory.mktemp(request.param), arch, env_id, transform, seed=seed)
     actor = DeployableActor.from_trial_dir(d, arch)
-    inputs = calibration_inputs(actor, env_id, {}, episodes=6,
-                                randomization={"mass_scale": [0.8, 1.2]})
+    inputs = calibration_inputs(actor, env_id, {}, episodes=6, randomization={"mass_scale": [0.8, 1.2]})
     # hold-out: every other sample is calibration, the rest checks (same distribution)
     return request.param, actor, inputs[::2], inputs[1::2]
 
@@ -134,7 +172,10 @@ def test_int8_close_to_deployable_actor(case) -> None:
         return
     steps = np.abs(got - ref) / policy.output_quantization[0]
     assert steps.max() <= INT8_MAX_STEPS and steps.mean() <= INT8_MEAN_STEPS, (
-        name, steps.max(), steps.mean())
+        name,
+        steps.max(),
+        steps.mean(),
+    )
     # the folded clip holds in the int8 model too
     assert got.min() >= -1.0 - 0.02 and got.max() <= 1.0 + 0.02
 
@@ -148,8 +189,7 @@ def test_per_feature_normalisation_beats_folded_on_mixed_ranges(tmp_path) -> Non
     torch.manual_seed(4)
     # weights x3: an untrained net's actions barely move; a trained one's do
     state = {k: 3.0 * v for k, v in arch.build_actor().state_dict().items()}
-    d = make_trial_dir(tmp_path, arch, CONTINUOUS_ENV, "clip", mean=mean, var=std ** 2,
-                       state=state)
+    d = make_trial_dir(tmp_path, arch, CONTINUOUS_ENV, "clip", mean=mean, var=std**2, state=state)
     actor = DeployableActor.from_trial_dir(d, arch)
     rng = np.random.default_rng(7)
     raw = (mean + std * rng.standard_normal((1200, 4))).astype(np.float32)
@@ -163,16 +203,23 @@ def test_per_feature_normalisation_beats_folded_on_mixed_ranges(tmp_path) -> Non
     err_per_feature = np.abs(_tflite(per_feature, holdout, actor.input_normalisation()) - ref)
     # measured: per-feature max 0.126, mean 0.015; folded max 1.43, mean 0.33 (actions in
     # [-1, 1], std 0.45): the narrow features are lost to a raw input scale of ~0.03
-    assert err_per_feature.mean() * 4 < err_folded.mean(), (err_per_feature.mean(),
-                                                             err_folded.mean())
+    assert err_per_feature.mean() * 4 < err_folded.mean(), (err_per_feature.mean(), err_folded.mean())
     assert err_per_feature.max() < err_folded.max()
     assert err_per_feature.mean() < 0.03
 
 
 def test_deployable_actor_folds_normalisation_and_transforms(tmp_path) -> None:
     arch = PolicyArch(3, 2, (Layer(8, "tanh"),), history=2)
-    d = make_trial_dir(tmp_path, arch, CONTINUOUS_ENV, "tanh_rescale", mean=[1.0, -2.0, 0.5],
-                       var=[4.0, 0.25, 1.0], low=-2.0, high=6.0)
+    d = make_trial_dir(
+        tmp_path,
+        arch,
+        CONTINUOUS_ENV,
+        "tanh_rescale",
+        mean=[1.0, -2.0, 0.5],
+        var=[4.0, 0.25, 1.0],
+        low=-2.0,
+        high=6.0,
+    )
     actor = DeployableActor.from_trial_dir(d, arch)
     raw = np.random.default_rng(0).normal(0, 30, (7, 6)).astype(np.float32)
     mean, std = np.tile([1.0, -2.0, 0.5], 2), np.sqrt(np.tile([4.0, 0.25, 1.0], 2) + 1e-8)
@@ -184,8 +231,7 @@ def test_deployable_actor_folds_normalisation_and_transforms(tmp_path) -> None:
     # the exported head takes the normalised observation; the manifest's normalisation is per
     # element of the stacked input
     with torch.no_grad():
-        np.testing.assert_allclose(actor.head(torch.from_numpy(z)).numpy(), expected, rtol=1e-5,
-                                   atol=1e-5)
+        np.testing.assert_allclose(actor.head(torch.from_numpy(z)).numpy(), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(actor.normalise(raw), z, rtol=1e-6, atol=1e-6)
     norm = actor.input_normalisation()
     assert norm["clip"] == 10.0
@@ -194,22 +240,38 @@ def test_deployable_actor_folds_normalisation_and_transforms(tmp_path) -> None:
 
 
 # --- SB3 agreement on really trained (tiny) models ----------------------------------------------
-@pytest.mark.parametrize("env_id, algo, steps", [
-    (CONTINUOUS_ENV, "ppo", 1024), (DISCRETE_ENV, "ppo", 1024), (CONTINUOUS_ENV, "sac", 300)])
+@pytest.mark.parametrize(
+    "env_id, algo, steps",
+    [(CONTINUOUS_ENV, "ppo", 1024), (DISCRETE_ENV, "ppo", 1024), (CONTINUOUS_ENV, "sac", 300)],
+)
 def test_matches_sb3_predict(tmp_path, env_id, algo, steps) -> None:
     from stable_baselines3 import PPO, SAC
 
     from robonas.search.training import TrainSpec, make_env, train_trial
 
-    arch = PolicyArch(5 if env_id.startswith("sim/") else 4, 1 if env_id.startswith("sim/") else 2,
-                      (Layer(16, "tanh"), Layer(16, "relu")))
+    arch = PolicyArch(
+        5 if env_id.startswith("sim/") else 4,
+        1 if env_id.startswith("sim/") else 2,
+        (Layer(16, "tanh"), Layer(16, "relu")),
+    )
     hp = {"learning_starts": 100, "batch_size": 32} if algo == "sac" else {"n_steps": 128}
-    spec = TrainSpec(env_id=env_id, arch=arch, total_steps=steps, out_dir=tmp_path, return_lo=0.0,
-                     return_hi=500.0, algo=algo, n_envs=2, checkpoints=2, eval_episodes=1,
-                     hyperparams=hp)
+    spec = TrainSpec(
+        env_id=env_id,
+        arch=arch,
+        total_steps=steps,
+        out_dir=tmp_path,
+        return_lo=0.0,
+        return_hi=500.0,
+        algo=algo,
+        n_envs=2,
+        checkpoints=2,
+        eval_episodes=1,
+        hyperparams=hp,
+    )
     outcome = train_trial(spec)
-    actor = DeployableActor.from_files(outcome.artifacts["actor"], outcome.artifacts["obs_norm"],
-                                       outcome.artifacts["spaces"], arch)
+    actor = DeployableActor.from_files(
+        outcome.artifacts["actor"], outcome.artifacts["obs_norm"], outcome.artifacts["spaces"], arch
+    )
     model = (PPO if algo == "ppo" else SAC).load(outcome.artifacts["sb3_model"], device="cpu")
     norm = np.load(outcome.artifacts["obs_norm"])
     env = make_env(env_id)
@@ -222,8 +284,9 @@ def test_matches_sb3_predict(tmp_path, env_id, algo, steps) -> None:
             obs, _ = env.reset()
     env.close()
     raw = np.asarray(raw, np.float32)
-    z = np.clip((raw - norm["mean"]) / np.sqrt(norm["var"] + norm["epsilon"]),
-                -norm["clip_obs"], norm["clip_obs"]).astype(np.float32)
+    z = np.clip(
+        (raw - norm["mean"]) / np.sqrt(norm["var"] + norm["epsilon"]), -norm["clip_obs"], norm["clip_obs"]
+    ).astype(np.float32)
     sb3, _ = model.predict(z, deterministic=True)
     ours = _reference(actor, raw)
     if actor.discrete:
@@ -243,30 +306,42 @@ CONTROLLER_ARCH = PolicyArch(4, 2, (Layer(2, "relu"),))
 
 def _controller_state(sign: float = 1.0) -> dict:
     v = torch.tensor(CONTROLLER, dtype=torch.float32) * sign
-    return {"trunk.blocks.0.fc.weight": torch.stack([v, -v]),
-            "trunk.blocks.0.fc.bias": torch.zeros(2),
-            "head.weight": torch.tensor([[0.0, 0.0], [1.0, -1.0]]),
-            "head.bias": torch.zeros(2)}
+    return {
+        "trunk.blocks.0.fc.weight": torch.stack([v, -v]),
+        "trunk.blocks.0.fc.bias": torch.zeros(2),
+        "head.weight": torch.tensor([[0.0, 0.0], [1.0, -1.0]]),
+        "head.bias": torch.zeros(2),
+    }
 
 
 def _study_config(env_id: str, **export) -> dict:
-    search = parse_config({
-        "env": {"id": env_id, "return_target": 500.0},
-        "budget": {"trials": 2, "steps_per_trial": 1000},
-        "device": {"profile": "rpi4", "latency_budget_ms": 1.0},
-        "export": {"calibration_episodes": 2, "parity_episodes": 2, **export},
-    }).to_dict()
+    search = parse_config(
+        {
+            "env": {"id": env_id, "return_target": 500.0},
+            "budget": {"trials": 2, "steps_per_trial": 1000},
+            "device": {"profile": "rpi4", "latency_budget_ms": 1.0},
+            "export": {"calibration_episodes": 2, "parity_episodes": 2, **export},
+        }
+    ).to_dict()
     return {"search": search, "fingerprint": "test", "resolved": {"return_lo": 10.0, "return_hi": 500.0}}
 
 
-def _add_trial(store: Store, study_id: int, seq: int, arch: PolicyArch, objective: float,
-               trial_dir: Path | None) -> int:
+def _add_trial(
+    store: Store, study_id: int, seq: int, arch: PolicyArch, objective: float, trial_dir: Path | None
+) -> int:
     t = store.add_trial(study_id, seq, arch.arch_id, arch.to_json(), status="pending")
-    store.complete_trial(t.id, {"objective": objective, "predicted_real_return": 400.0,
-                                "p99_ms": 0.1}, [(1000, 100.0, 1.0)], 1.0, 1000)
+    store.complete_trial(
+        t.id,
+        {"objective": objective, "predicted_real_return": 400.0, "p99_ms": 0.1},
+        [(1000, 100.0, 1.0)],
+        1.0,
+        1000,
+    )
     if trial_dir is not None:
-        files = {k: str(trial_dir / f) for k, f in
-                 (("actor", "actor.pt"), ("obs_norm", "obs_norm.npz"), ("spaces", "spaces.json"))}
+        files = {
+            k: str(trial_dir / f)
+            for k, f in (("actor", "actor.pt"), ("obs_norm", "obs_norm.npz"), ("spaces", "spaces.json"))
+        }
         store.add_artifact(t.id, "weights", str(trial_dir), "0" * 64, meta=files)
     return t.id
 
@@ -275,11 +350,20 @@ def _add_trial(store: Store, study_id: int, seq: int, arch: PolicyArch, objectiv
 def study(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'runs' / 'robonas.db'}")
     s = store.create_study("pole", _study_config(DISCRETE_ENV))
-    good = make_trial_dir(tmp_path / "good", CONTROLLER_ARCH, DISCRETE_ENV, "argmax",
-                          mean=np.zeros(4), var=np.ones(4) - 1e-8, state=_controller_state())
+    good = make_trial_dir(
+        tmp_path / "good",
+        CONTROLLER_ARCH,
+        DISCRETE_ENV,
+        "argmax",
+        mean=np.zeros(4),
+        var=np.ones(4) - 1e-8,
+        state=_controller_state(),
+    )
     weak = make_trial_dir(tmp_path / "weak", CONTROLLER_ARCH, DISCRETE_ENV, "argmax", seed=1)
-    ids = {"weak": _add_trial(store, s.id, 0, CONTROLLER_ARCH, 0.2, weak),
-           "good": _add_trial(store, s.id, 1, CONTROLLER_ARCH, 0.9, good)}
+    ids = {
+        "weak": _add_trial(store, s.id, 0, CONTROLLER_ARCH, 0.2, weak),
+        "good": _add_trial(store, s.id, 1, CONTROLLER_ARCH, 0.9, good),
+    }
     yield store, s, ids, tmp_path
     store.close()
 
@@ -294,8 +378,7 @@ def test_export_best_trial_int8(study) -> None:
     assert m["input"]["dtype"] == "int8" and m["input"]["scale"] > 0
     assert m["action"]["discrete"] and m["action"]["n"] == 2 and m["action"]["output"] == "index"
     assert m["observation"]["history_pad"] == [0.0] * 4
-    assert m["input_normalisation"] == {"mean": [0.0] * 4, "std": [pytest.approx(1.0)] * 4,
-                                        "clip": 10.0}
+    assert m["input_normalisation"] == {"mean": [0.0] * 4, "std": [pytest.approx(1.0)] * 4, "clip": 10.0}
     assert m["control_hz"] == 50.0
     p = m["parity"]
     assert p["torch_return"] == 500.0 and p["tflite_return"] >= 490.0, p
@@ -354,8 +437,7 @@ def test_bad_trials(study) -> None:
         export_trial(store, "nope")
     with pytest.raises(RobonasError, match="unknown trial id 9999"):
         export_trial(store, "pole", 9999)
-    pending = store.add_trial(s.id, 5, CONTROLLER_ARCH.arch_id, CONTROLLER_ARCH.to_json(),
-                              status="pending")
+    pending = store.add_trial(s.id, 5, CONTROLLER_ARCH.arch_id, CONTROLLER_ARCH.to_json(), status="pending")
     with pytest.raises(RobonasError, match=f"trial {pending.id} is pending"):
         export_trial(store, "pole", pending.id)
     bare = _add_trial(store, s.id, 6, CONTROLLER_ARCH, 0.1, None)
@@ -384,8 +466,16 @@ def test_trained_cartpole_int8_return_drop(tmp_path) -> None:
     # feature (normalisation folded into the graph, raw int8 input under one scale) the int8
     # error was max 0.3-0.55, mean ~0.09, and seed 1 was refused (drop 25.0 > 24.5).
     arch = PolicyArch(5, 1, (Layer(32, "tanh"), Layer(32, "tanh")))
-    spec = TrainSpec(env_id=CONTINUOUS_ENV, arch=arch, total_steps=24_576, checkpoints=2,
-                     eval_episodes=3, out_dir=tmp_path / "trial", return_lo=0.0, return_hi=500.0)
+    spec = TrainSpec(
+        env_id=CONTINUOUS_ENV,
+        arch=arch,
+        total_steps=24_576,
+        checkpoints=2,
+        eval_episodes=3,
+        out_dir=tmp_path / "trial",
+        return_lo=0.0,
+        return_hi=500.0,
+    )
     outcome = train_trial(spec)
     store = Store(f"sqlite:///{tmp_path / 'runs' / 'robonas.db'}")
     config = _study_config(CONTINUOUS_ENV, calibration_episodes=8, parity_episodes=5)
@@ -396,8 +486,10 @@ def test_trained_cartpole_int8_return_drop(tmp_path) -> None:
     fp32 = export_trial(store, "cartpole", tid, fp32=True)
     for r in (fp32, int8):
         p = r.manifest["parity"]
-        print(f"\n{r.manifest['precision']}: {r.manifest['model_size']} bytes, final eval "
-              f"{outcome.curve[-1][1]:.1f}, parity {p}")
+        print(
+            f"\n{r.manifest['precision']}: {r.manifest['model_size']} bytes, final eval "
+            f"{outcome.curve[-1][1]:.1f}, parity {p}"
+        )
         assert p["return_drop"] <= p["allowed_drop"] == pytest.approx(0.05 * 490.0)
     assert fp32.manifest["parity"]["action_max_abs_error"] < 1e-4
     assert int8.manifest["parity"]["torch_return"] > 200  # the policy did learn something

@@ -9,20 +9,22 @@ torch = pytest.importorskip("torch")
 
 from device_agents.runtime import TFLitePolicy  # noqa: E402  (ai_edge_litert on the host)
 from robonas.errors import ConfigError, RobonasError  # noqa: E402
-from robonas.space import Layer, PolicyArch  # noqa: E402
 from robonas.export.tflite_convert import to_tflite_fp32, to_tflite_int8  # noqa: E402
+from robonas.space import Layer, PolicyArch  # noqa: E402
 
 ARCHS = {
     "relu": PolicyArch(obs_dim=11, act_dim=3, layers=(Layer(32, "relu"), Layer(32, "relu"))),
     "tanh-layernorm": PolicyArch(
         obs_dim=8, act_dim=2, layers=(Layer(48, "tanh"), Layer(48, "tanh")), layer_norm=True
     ),
-    "elu-residual": PolicyArch(
-        obs_dim=17, act_dim=6, layers=(Layer(64, "elu"),) * 3, residual=True
-    ),
+    "elu-residual": PolicyArch(obs_dim=17, act_dim=6, layers=(Layer(64, "elu"),) * 3, residual=True),
     "silu-layernorm-residual": PolicyArch(
-        obs_dim=5, act_dim=1, layers=(Layer(24, "silu"), Layer(24, "silu")),
-        layer_norm=True, residual=True, history=3,
+        obs_dim=5,
+        act_dim=1,
+        layers=(Layer(24, "silu"), Layer(24, "silu")),
+        layer_norm=True,
+        residual=True,
+        history=3,
     ),
 }
 
@@ -93,8 +95,9 @@ def test_int8_model_has_int8_io_and_is_accurate(policy_models) -> None:
     assert policy.output_shape == (1, policy_models.arch.act_dim)
     assert policy.input_quantization[0] > 0 and policy.output_quantization[0] > 0
     assert len(policy_models.int8) < len(policy_models.fp32)
-    max_err, mean_err = _int8_error(policy_models.module, policy_models.int8,
-                                    policy_models.calibration, policy_models.holdout)
+    max_err, mean_err = _int8_error(
+        policy_models.module, policy_models.int8, policy_models.calibration, policy_models.holdout
+    )
     assert max_err <= INT8_MAX_ERR and mean_err <= INT8_MEAN_ERR, (max_err, mean_err)
 
 

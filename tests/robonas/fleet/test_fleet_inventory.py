@@ -33,23 +33,34 @@ def test_launch_fleet_file_loads():
     assert inv.select(None) == list(inv.agents) == inv.select("")
 
 
-@pytest.mark.parametrize("link", [
-    "tcp://127.0.0.1:7447", "socket://robot.local:9000", "loop://", "rfc2217://10.0.0.2:4000",
-    "/dev/ttyUSB0?baudrate=115200", "/dev/ttyACM0", "/dev/pts/3?baudrate=9600&rtscts=1",
-])
+@pytest.mark.parametrize(
+    "link",
+    [
+        "tcp://127.0.0.1:7447",
+        "socket://robot.local:9000",
+        "loop://",
+        "rfc2217://10.0.0.2:4000",
+        "/dev/ttyUSB0?baudrate=115200",
+        "/dev/ttyACM0",
+        "/dev/pts/3?baudrate=9600&rtscts=1",
+    ],
+)
 def test_valid_links(link):
     assert parse_inventory({"agent": [_agent(link=link)]}).agents[0].link == link
 
 
-@pytest.mark.parametrize("link, words", [
-    ("http://x:1", ["'link'", "http", "tcp://HOST:PORT"]),
-    ("tcp://127.0.0.1", ["needs a host and a port"]),
-    ("tcp://:7447", ["needs a host and a port"]),
-    ("ttyUSB0", ["neither a URL nor a serial device path"]),
-    ("/dev/ttyUSB0?baud=115200", ["unknown serial parameter 'baud'", "baudrate"]),
-    ("/dev/ttyUSB0?baudrate=fast", ["baudrate 'fast'"]),
-    ("", ["non-empty URL"]),
-])
+@pytest.mark.parametrize(
+    "link, words",
+    [
+        ("http://x:1", ["'link'", "http", "tcp://HOST:PORT"]),
+        ("tcp://127.0.0.1", ["needs a host and a port"]),
+        ("tcp://:7447", ["needs a host and a port"]),
+        ("ttyUSB0", ["neither a URL nor a serial device path"]),
+        ("/dev/ttyUSB0?baud=115200", ["unknown serial parameter 'baud'", "baudrate"]),
+        ("/dev/ttyUSB0?baudrate=fast", ["baudrate 'fast'"]),
+        ("", ["non-empty URL"]),
+    ],
+)
 def test_bad_links_name_agent_field_and_forms(link, words):
     with pytest.raises(ConfigError) as e:
         parse_inventory({"agent": [_agent(link=link)]}, "f.toml")
@@ -118,17 +129,30 @@ class ScriptedClient:
         self.log.append((self.entry.name, "deploy", outcome))
         if outcome == "drop":
             progress(len(MODEL) // 2, len(MODEL))
-            raise LinkFailure(f"agent {self.entry.name}: deploy chunk failed: LinkClosed",
-                              self.entry.name, "deploy chunk")
+            raise LinkFailure(
+                f"agent {self.entry.name}: deploy chunk failed: LinkClosed", self.entry.name, "deploy chunk"
+            )
         progress(len(MODEL), len(MODEL))
-        canary_report = {"returns": [120.0, 130.0], "timings_ms": {"p50": 0.05, "p99": 0.2},
-                         "deadline_misses": 0, "passed": outcome == "ok"}
-        return DeployResult(self.entry.name, outcome == "ok", SHA, len(MODEL),
-                            reason="ok" if outcome == "ok" else "canary",
-                            detail="" if outcome == "ok" else "mean return 125 < 200",
-                            slot="b", active="b" if outcome == "ok" else "a",
-                            canary=canary_report, bytes_sent=len(MODEL), transfer_s=0.01,
-                            total_s=0.02)
+        canary_report = {
+            "returns": [120.0, 130.0],
+            "timings_ms": {"p50": 0.05, "p99": 0.2},
+            "deadline_misses": 0,
+            "passed": outcome == "ok",
+        }
+        return DeployResult(
+            self.entry.name,
+            outcome == "ok",
+            SHA,
+            len(MODEL),
+            reason="ok" if outcome == "ok" else "canary",
+            detail="" if outcome == "ok" else "mean return 125 < 200",
+            slot="b",
+            active="b" if outcome == "ok" else "a",
+            canary=canary_report,
+            bytes_sent=len(MODEL),
+            transfer_s=0.01,
+            total_s=0.02,
+        )
 
     def close(self):
         pass
@@ -141,8 +165,13 @@ def fleet(tmp_path, monkeypatch):
     manifest = {"sha256": SHA, "trial": None, "format_version": 1}
     monkeypatch.setattr(client_mod, "read_artifact", lambda d: (dict(manifest), MODEL, "sig"))
     monkeypatch.setattr("robonas.fleet.deploy.RETRY_BACKOFF_S", 0.0)
-    inv = parse_inventory({"agent": [_agent(name=n, link=f"tcp://127.0.0.1:{7000 + i}")
-                                     for i, n in enumerate(["c1", "r1", "r2"])]})
+    inv = parse_inventory(
+        {
+            "agent": [
+                _agent(name=n, link=f"tcp://127.0.0.1:{7000 + i}") for i, n in enumerate(["c1", "r1", "r2"])
+            ]
+        }
+    )
     ScriptedClient.log = []
     return inv, manifest
 
@@ -151,8 +180,14 @@ def _run(inv, plan, store=None, **kw):
     from robonas.fleet.deploy import rollout
 
     events = []
-    result = rollout("art", inv, store=store, progress=events.append,
-                     client_factory=lambda e: ScriptedClient(e, plan), **kw)
+    result = rollout(
+        "art",
+        inv,
+        store=store,
+        progress=events.append,
+        client_factory=lambda e: ScriptedClient(e, plan),
+        **kw,
+    )
     return result, events
 
 
@@ -193,8 +228,9 @@ def test_rollout_records_devices_deployments_and_canary_reports(fleet, tmp_path)
     manifest["trial"] = trial.id
     assert find_artifact(store, "art", manifest).artifact_id == art.id
 
-    result, _ = _run(inv, {"c1": ["ok"], "r1": ["ok"], "r2": ["canary-fail"]}, store=store,
-                     canary_count=1, episodes=2)
+    result, _ = _run(
+        inv, {"c1": ["ok"], "r1": ["ok"], "r2": ["canary-fail"]}, store=store, canary_count=1, episodes=2
+    )
     assert result.artifact_id == art.id
     assert [d.name for d in store.devices()] == ["c1", "r1", "r2"]
     assert all(d.last_seen is not None and d.profile == "x86-host" for d in store.devices())
@@ -242,8 +278,11 @@ def _scripted_agent(listener, drop_after_chunks=None, nack_end=None):
                 except (LinkClosed, LinkTimeout):
                     return
                 if msg.type == MsgType.HELLO:
-                    link.send(msg.reply(MsgType.HELLO, {"role": "agent", "protocol": 1,
-                                                        "agent": "fake", "active": "a"}))
+                    link.send(
+                        msg.reply(
+                            MsgType.HELLO, {"role": "agent", "protocol": 1, "agent": "fake", "active": "a"}
+                        )
+                    )
                 elif msg.type == MsgType.DEPLOY_BEGIN:
                     seen["begin"] = msg.header
                     link.send(msg.reply(MsgType.ACK, {"next_offset": 0}))
@@ -256,11 +295,16 @@ def _scripted_agent(listener, drop_after_chunks=None, nack_end=None):
                 elif msg.type == MsgType.DEPLOY_END:
                     seen["model"] = bytes(received)
                     if nack_end:
-                        link.send(msg.reply(MsgType.NACK, {"reason": nack_end, "detail": "x",
-                                                           "canary": {"returns": [1.0]}}))
+                        link.send(
+                            msg.reply(
+                                MsgType.NACK,
+                                {"reason": nack_end, "detail": "x", "canary": {"returns": [1.0]}},
+                            )
+                        )
                     else:
-                        link.send(msg.reply(MsgType.ACK, {"slot": "b", "active": "b",
-                                                          "canary": {"returns": [9.0]}}))
+                        link.send(
+                            msg.reply(MsgType.ACK, {"slot": "b", "active": "b", "canary": {"returns": [9.0]}})
+                        )
                 elif msg.type == MsgType.PING:
                     link.send(msg.reply(MsgType.PONG, msg.header))
                 elif msg.type == MsgType.ROLLBACK:
@@ -293,8 +337,9 @@ def test_client_deploy_sequence_progress_and_refusal(fake_artifact):
         with AgentClient(lst.url, 5.0, name="fake") as c:
             assert c.hello()["agent"] == "fake"
             assert c.ping(n=7) < 5.0
-            res = c.deploy("art", {"episodes": 2, "seed": 3, "min_return": 50.0},
-                           lambda s, n: progress.append((s, n)))
+            res = c.deploy(
+                "art", {"episodes": 2, "seed": 3, "min_return": 50.0}, lambda s, n: progress.append((s, n))
+            )
             with pytest.raises(AgentRefused, match="agent fake: rollback refused.*no previous"):
                 c.rollback()
         t.join(5)

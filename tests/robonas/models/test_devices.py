@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from robonas.models.devices import DEVICES_DIR_ENV, DeviceProfile, devices_dir, list_devices, load_device
 from robonas.errors import ConfigError
+from robonas.models.devices import DEVICES_DIR_ENV, DeviceProfile, devices_dir, list_devices, load_device
 
 SHIPPED = ["jetson-orin-nano-cpu", "rpi4", "x86-host"]
 

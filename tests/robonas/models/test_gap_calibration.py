@@ -81,7 +81,9 @@ def test_predictive_std_includes_noise_and_mean_matches_truth() -> None:
     x = design_row(f)
     param_only = (HI - LO) * math.sqrt(float(x @ model.cov @ x))
     assert pred.std_gap > param_only  # the report noise is part of the predictive std
-    assert pred.std_gap == pytest.approx((HI - LO) * math.sqrt(model.noise_variance + (param_only / (HI - LO)) ** 2))
+    assert pred.std_gap == pytest.approx(
+        (HI - LO) * math.sqrt(model.noise_variance + (param_only / (HI - LO)) ** 2)
+    )
     assert model.predict_real_return(f) == pytest.approx(f.asymptotic_return - pred.mean_gap)
 
 
@@ -120,7 +122,9 @@ def test_too_few_observations_say_how_many_are_needed() -> None:
 def test_unfitted_model_predicts_the_prior() -> None:
     f = observations(1, seed=5)[0].features
     pred = BayesianGapModel().predict(f)
-    assert pred.mean_gap == pytest.approx(max(0.0, float(design_row(f) @ BayesianGapModel().prior_mean)) * (HI - LO))
+    assert pred.mean_gap == pytest.approx(
+        max(0.0, float(design_row(f) @ BayesianGapModel().prior_mean)) * (HI - LO)
+    )
 
 
 def test_params_round_trip_and_bad_params() -> None:

@@ -66,7 +66,9 @@ def test_latency_part_scales_with_return_range() -> None:
 
 def test_coefficients_come_from_the_constructor() -> None:
     f = feats(p99_ms=30.0, robustness_return=600.0)  # share 1.5, drop 200
-    m = HeuristicGapModel(latency_coef=0.2, overrun_coef=1.0, robustness_coef=0.5, std_floor=0.0, std_coef=0.1)
+    m = HeuristicGapModel(
+        latency_coef=0.2, overrun_coef=1.0, robustness_coef=0.5, std_floor=0.0, std_coef=0.1
+    )
     expected = 1000.0 * (0.2 * 1.5 + 1.0 * 0.5) + 0.5 * 200.0
     pred = m.predict(f)
     assert pred.mean_gap == pytest.approx(expected)

@@ -7,8 +7,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from robonas.models.devices import DeviceProfile
 from robonas.errors import ConfigError, RobonasError
+from robonas.models.devices import DeviceProfile
 from robonas.models.latency_calibration import (
     RESIDUAL_CLIP,
     CalibratedLatencyModel,
@@ -37,10 +37,17 @@ PRIOR = DeviceProfile(
 )
 # The "real" board: slower compute, faster memory, cheaper ops, costlier Invoke, tighter tail.
 # Linear layers stay compute-bound (s/MAC > 1.2 s/byte) so all four constants are identifiable.
-TRUE = replace(PRIOR, compute_macs_per_s=4e8, memory_bytes_per_s=1.2e9,
-               per_layer_overhead_us=4.0, per_invoke_overhead_us=90.0, p99_over_p50=1.5)
-SPACE = SearchSpace(obs_dim=17, act_dim=6, depths=(1, 2, 3), widths=(16, 32, 64, 128, 256),
-                    activations=("relu", "tanh"))
+TRUE = replace(
+    PRIOR,
+    compute_macs_per_s=4e8,
+    memory_bytes_per_s=1.2e9,
+    per_layer_overhead_us=4.0,
+    per_invoke_overhead_us=90.0,
+    p99_over_p50=1.5,
+)
+SPACE = SearchSpace(
+    obs_dim=17, act_dim=6, depths=(1, 2, 3), widths=(16, 32, 64, 128, 256), activations=("relu", "tanh")
+)
 ARCHS = select_calibration_archs(SPACE, 80, seed=0)
 
 
@@ -123,15 +130,19 @@ def test_residual_learns_a_costlier_activation() -> None:
         return sum(l.activation == "tanh" for l in arch.layers) / len(arch.layers)
 
     samples = [
-        LatencySample(s.arch, s.p50_ms * (1 + 0.2 * tanh_share(s.arch)),
-                      s.p99_ms * (1 + 0.2 * tanh_share(s.arch)))
+        LatencySample(
+            s.arch, s.p50_ms * (1 + 0.2 * tanh_share(s.arch)), s.p99_ms * (1 + 0.2 * tanh_share(s.arch))
+        )
         for s in measure(ARCHS, 0.002, 7)
     ]
     train, hold = split_holdout(samples, 0.25, seed=2)
     model = fit_roofline(train, PRIOR)
     roofline_only = CalibratedLatencyModel.from_params(
-        {**model.to_params(),
-         "residual": {**model.to_params()["residual"], "coef": [0.0] * 6, "intercept": 0.0}})
+        {
+            **model.to_params(),
+            "residual": {**model.to_params()["residual"], "coef": [0.0] * 6, "intercept": 0.0},
+        }
+    )
     with_residual = holdout_accuracy(model, hold)["mape"]
     assert with_residual < 0.02
     assert holdout_accuracy(roofline_only, hold)["mape"] > 2 * with_residual
@@ -192,8 +203,9 @@ def test_select_calibration_archs_is_deterministic_and_covers_the_space() -> Non
     assert {a.layer_norm for a in chosen} == {False, True}
     assert {l.activation for a in chosen for l in a.layers} == set(SPACE.activations)
     macs = [sum(c.macs for c in a.actor_layer_costs()) for a in chosen]
-    all_macs = [sum(c.macs for c in SPACE.sample(np.random.default_rng(i)).actor_layer_costs())
-                for i in range(300)]
+    all_macs = [
+        sum(c.macs for c in SPACE.sample(np.random.default_rng(i)).actor_layer_costs()) for i in range(300)
+    ]
     assert min(macs) <= min(all_macs) and max(macs) >= max(all_macs)
     with pytest.raises(ConfigError, match="0"):
         select_calibration_archs(SPACE, 0, seed=0)

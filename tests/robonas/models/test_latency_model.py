@@ -6,9 +6,9 @@ from dataclasses import replace
 
 import pytest
 
+from robonas.errors import ConfigError, RobonasError
 from robonas.models.costs import LayerCost
 from robonas.models.devices import DeviceProfile
-from robonas.errors import ConfigError, RobonasError
 from robonas.models.latency_model import (
     AnalyticLatencyModel,
     LatencyModel,
@@ -153,9 +153,11 @@ def test_real_policy_arch_if_present() -> None:
     archs = []
     for width in (16, 256):
         try:
-            archs.append(space.PolicyArch.from_dict(  # type: ignore[attr-defined]
-                {"obs_dim": 17, "act_dim": 6, "layers": [[width, space.ACTIVATIONS[0]]] * 2}
-            ))
+            archs.append(
+                space.PolicyArch.from_dict(  # type: ignore[attr-defined]
+                    {"obs_dim": 17, "act_dim": 6, "layers": [[width, space.ACTIVATIONS[0]]] * 2}
+                )
+            )
         except Exception as e:  # the space's constructor may differ; the stand-in tests cover the model
             pytest.skip(f"cannot build a PolicyArch here: {e}")
     for name in ("rpi4", "jetson-orin-nano-cpu", "x86-host"):

@@ -40,8 +40,11 @@ def window(payload: dict[str, Any]) -> tuple[float, float, int]:
 def child_env(payload: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    return {"omp": os.environ.get("OMP_NUM_THREADS"), "threads": torch.get_num_threads(),
-            "sigint": signal.getsignal(signal.SIGINT) == signal.SIG_IGN}
+    return {
+        "omp": os.environ.get("OMP_NUM_THREADS"),
+        "threads": torch.get_num_threads(),
+        "sigint": signal.getsignal(signal.SIGINT) == signal.SIG_IGN,
+    }
 
 
 def unpicklable(payload: dict[str, Any]) -> Any:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from robonas.search.curves import asymptote, auc_normalised
 from robonas.errors import ConfigError
+from robonas.search.curves import asymptote, auc_normalised
 
 STEPS = np.linspace(0, 100_000, 11)
 

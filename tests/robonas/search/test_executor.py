@@ -46,8 +46,7 @@ class ExecutorContract:
             ex2.submit(i, f"{T}:square", {"x": i + 2}, timeout_s=60)
         res = drain(ex2, 3)
         assert {i: r.value for i, r in res.items()} == {0: 4, 1: 9, 2: 16}
-        assert all(r.ok and r.error is None and r.exit_code == 0 and r.wall_s > 0
-                   for r in res.values())
+        assert all(r.ok and r.error is None and r.exit_code == 0 and r.wall_s > 0 for r in res.values())
         assert ex2.running() == 0
 
     def test_failures_are_reported_while_others_succeed(self, ex2):

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from robonas.search.curves import asymptote, auc_normalised
 from robonas.errors import ConfigError
-from robonas.space import Layer, PolicyArch
+from robonas.search.curves import asymptote, auc_normalised
 from robonas.search.training import TrainSpec, resolve_hyperparams, train_trial
+from robonas.space import Layer, PolicyArch
 
 CARTPOLE_ARCH = PolicyArch(5, 1, (Layer(32, "tanh"), Layer(32, "tanh")))
 
@@ -43,16 +43,25 @@ def _normalise(obs: np.ndarray, norm) -> np.ndarray:
 @pytest.fixture(scope="module")
 def cartpole(tmp_path_factory):
     spec = TrainSpec(
-        env_id="sim/CartPole-v0", arch=CARTPOLE_ARCH, total_steps=24_576, checkpoints=4,
-        eval_episodes=5, eval_seed=100, out_dir=tmp_path_factory.mktemp("cartpole"),
-        return_lo=0.0, return_hi=500.0, seed=1,
+        env_id="sim/CartPole-v0",
+        arch=CARTPOLE_ARCH,
+        total_steps=24_576,
+        checkpoints=4,
+        eval_episodes=5,
+        eval_seed=100,
+        out_dir=tmp_path_factory.mktemp("cartpole"),
+        return_lo=0.0,
+        return_hi=500.0,
+        seed=1,
         randomization={"mass_scale": [0.7, 1.3], "obs_noise_std": [0.0, 0.02]},
     )
     seen: list[int] = []
     outcome = train_trial(spec, progress=seen.append)
-    print(f"\nsim/CartPole-v0: {outcome.env_steps} steps in {outcome.wall_s:.1f} s "
-          f"({outcome.steps_per_s:.0f} steps/s, eval {outcome.eval_s:.1f} s), curve {outcome.curve}, "
-          f"random {outcome.random_return}, randomised {outcome.robustness_return}")
+    print(
+        f"\nsim/CartPole-v0: {outcome.env_steps} steps in {outcome.wall_s:.1f} s "
+        f"({outcome.steps_per_s:.0f} steps/s, eval {outcome.eval_s:.1f} s), curve {outcome.curve}, "
+        f"random {outcome.random_return}, randomised {outcome.robustness_return}"
+    )
     return spec, outcome, seen
 
 
@@ -114,17 +123,37 @@ def test_cartpole_artifacts_reproduce_sb3(cartpole):
     np.testing.assert_allclose(np.clip(ours, -1, 1), sb3_actions, rtol=1e-5, atol=1e-6)
 
     spaces = json.loads(Path(outcome.artifacts["spaces"]).read_text())
-    assert spaces["action"] == {"discrete": False, "shape": [1], "low": [-1.0], "high": [1.0],
-                                "transform": "clip"}
+    assert spaces["action"] == {
+        "discrete": False,
+        "shape": [1],
+        "low": [-1.0],
+        "high": [1.0],
+        "transform": "clip",
+    }
     assert spaces["observation"]["shape"] == [5] and spaces["history"] == 1
 
 
 def test_discrete_history_shared_trunk_actor_matches_sb3_logits(tmp_path):
-    arch = PolicyArch(4, 2, (Layer(16, "relu"), Layer(16, "relu")), history=3, shared_trunk=True,
-                      layer_norm=True, residual=True)
-    spec = TrainSpec(env_id="CartPole-v1", arch=arch, total_steps=512, checkpoints=2,
-                     eval_episodes=2, out_dir=tmp_path, return_lo=0, return_hi=500,
-                     hyperparams={"n_epochs": 1})
+    arch = PolicyArch(
+        4,
+        2,
+        (Layer(16, "relu"), Layer(16, "relu")),
+        history=3,
+        shared_trunk=True,
+        layer_norm=True,
+        residual=True,
+    )
+    spec = TrainSpec(
+        env_id="CartPole-v1",
+        arch=arch,
+        total_steps=512,
+        checkpoints=2,
+        eval_episodes=2,
+        out_dir=tmp_path,
+        return_lo=0,
+        return_hi=500,
+        hyperparams={"n_epochs": 1},
+    )
     outcome = train_trial(spec)
     from stable_baselines3 import PPO
 
@@ -136,8 +165,9 @@ def test_discrete_history_shared_trunk_actor_matches_sb3_logits(tmp_path):
     with torch.no_grad():
         logits = actor(torch.as_tensor(obs)).numpy()
     sb3_logp = _sb3_mean_actions(model, obs)  # normalised log-probabilities: logits - logsumexp
-    np.testing.assert_allclose(logits - np.log(np.exp(logits).sum(1, keepdims=True)), sb3_logp,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        logits - np.log(np.exp(logits).sum(1, keepdims=True)), sb3_logp, rtol=1e-5, atol=1e-5
+    )
     np.testing.assert_array_equal(logits.argmax(1), model.predict(obs, deterministic=True)[0])
     spaces = json.loads(Path(outcome.artifacts["spaces"]).read_text())
     assert spaces["action"]["discrete"] and spaces["action"]["n"] == 2 and spaces["history"] == 3
@@ -151,8 +181,7 @@ def test_separate_trunks_for_policy_and_value(tmp_path):
     from robonas.search.training import make_env
 
     arch = PolicyArch(4, 2, (Layer(8, "tanh"),))
-    model = PPO(ArchActorCriticPolicy, make_env("CartPole-v1"), policy_kwargs={"arch": arch},
-                device="cpu")
+    model = PPO(ArchActorCriticPolicy, make_env("CartPole-v1"), policy_kwargs={"arch": arch}, device="cpu")
     extractor = model.policy.mlp_extractor
     assert extractor.value_net is not extractor.policy_net
     names = {k for k, _ in model.policy.named_parameters()}
@@ -162,10 +191,18 @@ def test_separate_trunks_for_policy_and_value(tmp_path):
 
 def test_sac_actor_matches_sb3_mean_before_tanh(tmp_path):
     arch = PolicyArch(3, 1, (Layer(16, "silu"),))
-    spec = TrainSpec(env_id="Pendulum-v1", arch=arch, algo="sac", total_steps=300, checkpoints=1,
-                     eval_episodes=1, out_dir=tmp_path, return_lo=-1500, return_hi=0,
-                     hyperparams={"learning_starts": 100, "gradient_steps": 1, "train_freq": 1,
-                                  "buffer_size": 1000})
+    spec = TrainSpec(
+        env_id="Pendulum-v1",
+        arch=arch,
+        algo="sac",
+        total_steps=300,
+        checkpoints=1,
+        eval_episodes=1,
+        out_dir=tmp_path,
+        return_lo=-1500,
+        return_hi=0,
+        hyperparams={"learning_starts": 100, "gradient_steps": 1, "train_freq": 1, "buffer_size": 1000},
+    )
     outcome = train_trial(spec)
     from stable_baselines3 import SAC
 
@@ -174,8 +211,9 @@ def test_sac_actor_matches_sb3_mean_before_tanh(tmp_path):
     with torch.no_grad():
         ours = _loaded_actor(arch, outcome.artifacts["actor"])(torch.as_tensor(obs)).numpy()
     np.testing.assert_allclose(ours, _sb3_mean_actions(model, obs), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(2.0 * np.tanh(ours), model.predict(obs, deterministic=True)[0],
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        2.0 * np.tanh(ours), model.predict(obs, deterministic=True)[0], rtol=1e-4, atol=1e-5
+    )
     assert json.loads(Path(outcome.artifacts["spaces"]).read_text())["action"]["transform"] == "tanh_rescale"
 
 
@@ -190,8 +228,14 @@ def test_hyperparameters_merge_defaults_env_and_overrides():
 
 
 def test_bad_input_names_the_value(tmp_path):
-    base = dict(env_id="CartPole-v1", arch=PolicyArch(4, 2, (Layer(8, "tanh"),)), total_steps=64,
-                out_dir=tmp_path, return_lo=0, return_hi=500)
+    base = dict(
+        env_id="CartPole-v1",
+        arch=PolicyArch(4, 2, (Layer(8, "tanh"),)),
+        total_steps=64,
+        out_dir=tmp_path,
+        return_lo=0,
+        return_hi=500,
+    )
     with pytest.raises(ConfigError, match="'dqn'.*ppo, sac"):
         TrainSpec(**{**base, "algo": "dqn"})
     with pytest.raises(ConfigError, match="lo < hi"):

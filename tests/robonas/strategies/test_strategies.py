@@ -19,8 +19,11 @@ BENCH_SPACE = SearchSpace(obs_dim=8, act_dim=2)
 
 def _metrics(arch: PolicyArch) -> dict[str, float]:
     params = arch.cost_summary()["params"]
-    return {"objective": float(np.log(params)), "predicted_real_return": float(len(arch.layers)),
-            "p99_ms": params / 1000.0}
+    return {
+        "objective": float(np.log(params)),
+        "predicted_real_return": float(len(arch.layers)),
+        "p99_ms": params / 1000.0,
+    }
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
@@ -115,8 +118,16 @@ def test_evolution_mutates_good_parents_once_full():
 
 def test_reinforce_learns_the_best_choice():
     # one decision matters (width); reward = its index, so the answer is the widest layer
-    space = SearchSpace(4, 1, depths=(1,), widths=(8, 16, 32, 64), activations=("relu",),
-                        layer_norm=(False,), residual=(False,), shared_trunk=(False,))
+    space = SearchSpace(
+        4,
+        1,
+        depths=(1,),
+        widths=(8, 16, 32, 64),
+        activations=("relu",),
+        layer_norm=(False,),
+        residual=(False,),
+        shared_trunk=(False,),
+    )
     strategy = make_strategy("reinforce", space, seed=0)
     for _ in range(150):
         arch = strategy.ask()
@@ -176,8 +187,7 @@ def test_beats_random_search(name):
 
 
 def test_synthetic_optimum_is_target():
-    best = PolicyArch(8, 2, tuple(Layer(w, a) for w, a in TARGET), layer_norm=True,
-                      shared_trunk=True)
+    best = PolicyArch(8, 2, tuple(Layer(w, a) for w, a in TARGET), layer_norm=True, shared_trunk=True)
     assert BENCH_SPACE.contains(best) and synthetic(best) == 0.0
     rng = np.random.default_rng(0)
     assert all(synthetic(BENCH_SPACE.sample(rng)) < 0 for _ in range(200))
