@@ -21,21 +21,25 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from device_agents import __version__
 from device_agents.errors import DeviceError, ModelError
 from device_agents.link import Link, LinkError, listen, open_link
 from device_agents.protocol import (
     VERSION,
+    BadPrefixCRC,
     FrameReader,
     Message,
     MsgType,
     ProtocolError,
 )
-from device_agents.robots import check_spec
+from device_agents.robots import Robot, parse_spec
 from device_agents.signing import KeySource, verify_artifact, verify_manifest
 from device_agents.slots import SLOTS, SlotError, SlotStore
+
+if TYPE_CHECKING:
+    from device_agents.runtime import TFLitePolicy  # imported when a model is first loaded
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +113,7 @@ class Agent:
             raise DeviceError(f"max_model_bytes {max_model_bytes!r} is not a positive integer")
         self.slots = SlotStore(state_dir, trusted_keys)
         self.robot_spec = robot_spec
+        self._spec = parse_spec(robot_spec)  # a bad spec fails at start-up, not at the first deploy
         self.fast = fast
         self.agent_id = agent_id or "agent"
         self.device = device
@@ -116,22 +121,19 @@ class Agent:
         self.stall_s = stall_s
         self.started = time.monotonic()
         self.stop_event = threading.Event()
-        self._robot: Any = None
-        self._policies: dict[str, Any] = {}  # sha256 -> TFLitePolicy
+        self._robot: Robot | None = None
+        self._policies: dict[str, TFLitePolicy] = {}  # by sha256
         self._transfer: _Transfer | None = None
         self.last_deploy: dict[str, Any] | None = None
-        check_spec(robot_spec)  # a bad spec fails at start-up, not at the first deploy
         self.slots.recover()
 
     # --- resources -------------------------------------------------------------------------
-    def robot(self) -> Any:
+    def robot(self) -> Robot:
         if self._robot is None:
-            from device_agents.robots import make_robot
-
-            self._robot = make_robot(self.robot_spec, self.fast)
+            self._robot = self._spec.make(self.fast)
         return self._robot
 
-    def _policy(self, model: bytes, sha256: str, manifest: dict) -> Any:
+    def _policy(self, model: bytes, sha256: str, manifest: dict) -> TFLitePolicy:
         if sha256 not in self._policies:
             from device_agents.runtime import TFLitePolicy
 
@@ -143,7 +145,7 @@ class Agent:
             )
         return self._policies[sha256]
 
-    def _slot_policy(self, slot: str) -> tuple:
+    def _slot_policy(self, slot: str) -> tuple[TFLitePolicy, dict]:
         info = self.slots.inspect(slot)
         if not info.ok or info.manifest is None:
             raise Refused("no policy", f"slot {slot} holds no verified policy ({info.verdict.reason})")
@@ -202,6 +204,7 @@ class Agent:
                 "received": len(self._transfer.data),
                 "sha256": self._transfer.sha256,
             }
+        runtime: dict[str, str | None]
         try:
             from device_agents.runtime import runtime_name, runtime_version
 
@@ -342,7 +345,7 @@ class Agent:
         self.last_deploy = dict(result, promoted=True)
         return msg.reply(MsgType.ACK, {**result, "active": self.slots.active})
 
-    def _check_fits(self, policy: Any, manifest: dict) -> None:
+    def _check_fits(self, policy: TFLitePolicy, manifest: dict) -> None:
         from device_agents.control_loop import policy_settings
 
         robot = self.robot()
@@ -362,7 +365,7 @@ class Agent:
 
     def _run(
         self,
-        policy: Any,
+        policy: TFLitePolicy,
         manifest: dict,
         episodes: int,
         seed: int,
@@ -484,7 +487,7 @@ class Agent:
         mapping is increasing, so it carries every percentile); `host_step_us` keeps this
         machine's. A physical robot runs the agent itself: its figures are already the answer,
         and BENCH does not open its port."""
-        if not self.robot_spec.startswith("sim:"):
+        if not self._spec.backend.simulated:
             return result
         robot = self.robot()
         robot.bind_policy(SimpleNamespace(macs=result.get("macs")))  # all bind_policy reads
@@ -502,7 +505,7 @@ class Agent:
             raise Refused("no previous", str(e)) from e
         return msg.reply(MsgType.ACK, {"active": slot, "sha256": self.slots.state.get("active_sha256")})
 
-    _HANDLERS: dict[MsgType, Callable[[Agent, Message], Message]] = {
+    _HANDLERS: ClassVar[dict[MsgType, Callable[[Agent, Message], Message]]] = {
         MsgType.HELLO: _hello,
         MsgType.STATUS: _status,
         MsgType.PING: _ping,
@@ -532,12 +535,11 @@ class Agent:
             if data:
                 last_rx = now
                 events = reader.events(data)
-            elif reader._buf and now - last_rx > self.stall_s:
+            elif reader.buffered and now - last_rx > self.stall_s:
                 # a frame stalled half-way: give it up by one byte and rescan what is held
-                # (FrameReader keeps its buffer private; this is the one place we reach in)
-                del reader._buf[:1]
+                reader.skip_byte()
                 last_rx = now
-                events = reader.events(b"")
+                events = reader.events()
             else:
                 continue
             for ev in events:
@@ -546,7 +548,7 @@ class Agent:
                 else:
                     if now - budget_t >= 1.0:
                         budget, budget_t = _NACK_BUDGET, now
-                    if budget <= 0 or "prefix" in str(ev):
+                    if budget <= 0 or isinstance(ev, BadPrefixCRC):
                         continue  # resync noise, or a flood: drop without a reply
                     budget -= 1
                     reply = Message(MsgType.NACK, {"reason": ev.reason, "detail": str(ev)[:200]})
@@ -563,28 +565,34 @@ class Agent:
         ready: Callable[[str], None] | None = None,
     ) -> None:
         """Serve a TCP listener (one host at a time) or a link URL (reopened when it drops)."""
-        if (listen_url is None) == (link_url is None):
+        if listen_url is not None and link_url is None:
+            self._serve_listener(listen_url, ready)
+        elif link_url is not None and listen_url is None:
+            self._serve_link_url(link_url, ready)
+        else:
             raise DeviceError(
                 "serve needs exactly one of listen_url (tcp://HOST:PORT) or "
                 "link_url (serial device or pyserial URL)"
             )
-        if listen_url is not None:
-            with listen(listen_url) as listener:
-                if ready:
-                    ready(f"listening on {listener.url}")
-                while not self.stop_event.is_set():
-                    try:
-                        link = listener.accept(timeout_s=POLL_S)
-                    except LinkError:
-                        continue
-                    with link:
-                        self.serve_link(link)
-                    self._transfer = None  # a deploy cut off with the link is abandoned
-            return
+
+    def _serve_listener(self, listen_url: str, ready: Callable[[str], None] | None) -> None:
+        with listen(listen_url) as listener:
+            if ready:
+                ready(f"listening on {listener.url}")
+            while not self.stop_event.is_set():
+                try:
+                    link = listener.accept(timeout_s=POLL_S)
+                except LinkError:
+                    continue
+                with link:
+                    self.serve_link(link)
+                self._transfer = None  # a deploy cut off with the link is abandoned
+
+    def _serve_link_url(self, link_url: str, ready: Callable[[str], None] | None) -> None:
         announced = False
         while not self.stop_event.is_set():
             try:
-                link = open_link(link_url)  # type: ignore[arg-type]
+                link = open_link(link_url)
             except LinkError as e:
                 log.warning("cannot open %s (%s); retrying", link_url, e)
                 self.stop_event.wait(1.0)
@@ -596,7 +604,3 @@ class Agent:
                 self.serve_link(link)
             self._transfer = None
             self.stop_event.wait(0.2)
-
-
-def model_sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

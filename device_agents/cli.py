@@ -13,7 +13,10 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 PROG = "robonas-agent"
 
@@ -33,7 +36,7 @@ def _bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
-def _format_bench(r: dict) -> str:
+def _format_bench(r: dict[str, Any]) -> str:
     lines = [
         f"model      {r['model']} ({r['model_bytes']} bytes)",
         f"runtime    {r['runtime']} {r['runtime_version']}, {r['threads']} thread(s)",
@@ -59,6 +62,8 @@ def _bench_run(args: argparse.Namespace) -> int:
 
 # --- serve / run ---------------------------------------------------------------------------------
 def _agent_arguments(p: argparse.ArgumentParser) -> None:
+    from device_agents.robots import SPEC_FORMS  # the back-end table (standard library only)
+
     p.add_argument("--state", required=True, help="state directory (A/B slots, state.json)")
     p.add_argument(
         "--trust",
@@ -71,7 +76,7 @@ def _agent_arguments(p: argparse.ArgumentParser) -> None:
         "--robot",
         required=True,
         metavar="BACKEND",
-        help="sim:PROFILE (e.g. sim:cartpole-lab-a) or serial:URL",
+        help="robot back end: " + " or ".join(SPEC_FORMS),
     )
     p.add_argument(
         "--fast", action="store_true", help="do not sleep between control ticks (simulated robots only)"
@@ -94,10 +99,10 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
 
 
-def _trusted(args: argparse.Namespace) -> list:
+def _trusted(args: argparse.Namespace) -> list[Ed25519PublicKey]:
     from device_agents.signing import load_public_keys
 
-    keys: list = []
+    keys: list[Ed25519PublicKey] = []
     for source in args.trust:
         keys.extend(load_public_keys(source))
     return keys

@@ -34,8 +34,9 @@ PERCENTILES = (50, 90, 99)
 def policy_settings(manifest: dict | None) -> dict[str, Any]:
     """The manifest fields the loop needs: control_hz, history, history_pad, action output."""
     m = manifest or {}
-    obs = m.get("observation") if isinstance(m.get("observation"), dict) else {}
-    act = m.get("action") if isinstance(m.get("action"), dict) else {}
+    obs_raw, act_raw = m.get("observation"), m.get("action")
+    obs: dict[str, Any] = obs_raw if isinstance(obs_raw, dict) else {}
+    act: dict[str, Any] = act_raw if isinstance(act_raw, dict) else {}
     history = m.get("history", obs.get("history", 1))
     hz = m.get("control_hz")
     return {
@@ -61,7 +62,7 @@ def _timings_ms(ns: Sequence[int]) -> dict[str, float]:
     return out
 
 
-def _runtime(policy: Any) -> tuple:
+def _runtime(policy: Any) -> tuple[str, str]:
     name = getattr(policy, "runtime_name", None)
     if isinstance(name, str):
         return name, str(getattr(policy, "runtime_version", "unknown"))
@@ -135,7 +136,7 @@ def run_episodes(
             action = policy.act(frames)
             measured = clock() - t0
             host_ns.append(measured)
-            elapsed = int(round(robot.compute_time(measured / 1e9) * 1e9))
+            elapsed = round(robot.compute_time(measured / 1e9) * 1e9)
             step_ns.append(elapsed)
             if elapsed > period_ns:
                 misses += 1

@@ -13,9 +13,11 @@ so `read_message` / `write_message` and `Link` work on it unchanged.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import socket
 import time
+from typing import Any, Callable
 from urllib.parse import parse_qsl, urlsplit
 
 import serial
@@ -37,8 +39,14 @@ log = logging.getLogger(__name__)
 DEFAULT_BAUDRATE = 115200
 AGENT_URL = "tcp://127.0.0.1:7447"
 URL_SCHEMES = ("/dev/... (serial device path)", "socket://", "tcp://", "loop://", "rfc2217://")
+
+
+def _flag(value: str) -> bool:
+    return value.lower() in ("1", "true", "yes")
+
+
 # Query parameters accepted on a plain serial device path, and how to parse them.
-_SERIAL_PARAMS = {"baudrate": int, "rtscts": lambda v: v.lower() in ("1", "true", "yes")}
+_SERIAL_PARAMS: dict[str, Callable[[str], Any]] = {"baudrate": int, "rtscts": _flag}
 _PUSHBACK_LIMIT = 64  # unsolicited messages kept while a request waits for its reply
 
 
@@ -107,14 +115,14 @@ class Link:
             raise LinkClosed(f"link read failed: {e}") from e
 
     def close(self) -> None:
-        try:
-            self.stream.close()  # type: ignore[attr-defined]
-        except (OSError, AttributeError):
-            pass
+        close = getattr(self.stream, "close", None)  # `Stream` does not require one
+        if close is not None:
+            with contextlib.suppress(OSError):
+                close()
 
 
-def _serial_kwargs(query: str) -> dict:
-    kwargs = {}
+def _serial_kwargs(query: str) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
     for key, value in parse_qsl(query, keep_blank_values=True):
         if key not in _SERIAL_PARAMS:
             raise LinkError(f"unknown serial parameter {key!r}; valid: {sorted(_SERIAL_PARAMS)}")
@@ -135,7 +143,7 @@ def open_link(url: str, timeout_s: float = 5.0) -> Link:
     if not isinstance(url, str) or not url:
         raise LinkError(f"link URL {url!r} is empty; expected one of {URL_SCHEMES}")
     baudrate: int | None = None
-    kwargs: dict = {}
+    kwargs: dict[str, Any] = {}
     if url.startswith("tcp://"):
         url = "socket://" + url[len("tcp://") :]
     if "://" in url:
@@ -203,10 +211,8 @@ class SocketStream:
         """Nothing to do: sendall has handed every byte to the kernel."""
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self.sock.close()
 
 

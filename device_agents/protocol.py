@@ -86,6 +86,12 @@ class BadCRC(ProtocolError):
     reason = "bad crc"
 
 
+class BadPrefixCRC(BadCRC):
+    """The 22-byte prefix fails its own CRC: most often a chance MAGIC in line noise or in the
+    middle of a frame being resynchronised, not a frame the other end sent. The agent drops these
+    without a reply (PROTOCOL.md, Faults)."""
+
+
 class BadVersion(ProtocolError):
     reason = "bad version"
 
@@ -239,17 +245,28 @@ class FrameReader:
         msgs: list[Message] = []
         while self._events:
             ev = self._events[0]
+            if isinstance(ev, ProtocolError) and msgs:
+                break
+            self._events.pop(0)
             if isinstance(ev, ProtocolError):
-                if msgs:
-                    break
-                self._events.pop(0)
                 raise ev
-            msgs.append(self._events.pop(0))
+            msgs.append(ev)
         return msgs
 
     def pending(self) -> bool:
         """True if decoded messages or errors wait to be collected."""
         return bool(self._events)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held that are not yet a whole frame (the start of one, or a lone first byte
+        of MAGIC)."""
+        return len(self._buf)
+
+    def skip_byte(self) -> None:
+        """Give up the frame in progress by its first byte (a frame that stalled half-way); the
+        next `events()` or `feed()` rescans what is held from there."""
+        del self._buf[:1]
 
     def _decode(self) -> None:
         buf = self._buf
@@ -275,7 +292,7 @@ class FrameReader:
         _magic, version, mtype, flags, seq, hlen, plen, body_crc = _PREFIX.unpack_from(buf, 0)
         (prefix_crc,) = _PREFIX_CRC.unpack_from(buf, _PREFIX.size)
         if zlib.crc32(bytes(buf[: _PREFIX.size])) != prefix_crc:
-            return BadCRC("frame prefix CRC mismatch; resynchronising"), 1
+            return BadPrefixCRC("frame prefix CRC mismatch; resynchronising"), 1
         if version != VERSION:
             return BadVersion(f"protocol version {version}, this end speaks {VERSION}"), 1
         if hlen > MAX_HEADER or plen > MAX_PAYLOAD:

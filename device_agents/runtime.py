@@ -4,7 +4,7 @@ Leans on whichever TFLite interpreter the robot has: `tflite_runtime` (most robo
 numpy<2) or `ai_edge_litert` (its successor; numpy 2). Both expose the same `Interpreter` class.
 `ROBONAS_TFLITE_RUNTIME=tflite_runtime|ai_edge_litert` forces one.
 
-Two things are done by hand, on purpose:
+Three things are done by hand, on purpose:
 - The file check. `tflite_runtime` 2.14 does not verify a flatbuffer before using it: a
   truncated model segfaults the agent instead of raising. So before the interpreter sees the
   bytes we walk the parts of the TFLite schema the interpreter reads (model, subgraphs,
@@ -14,18 +14,30 @@ Two things are done by hand, on purpose:
 - Quantisation of the input and dequantisation of the output (int8 models have int8 input and
   output tensors), done with numpy ufuncs into buffers allocated once, so a control step
   allocates no arrays of its own.
-- Observation normalisation (`input_normalisation`: per input element mean, std and a clip, as
-  SB3's `VecNormalize` applied it in training). Exported models take the NORMALISED observation;
-  for an int8 input the affine map is fused into the quantisation, q = clip(round(obs * a + b),
-  lo, hi) with a = 1 / (std * scale), b = zero_point - mean / (std * scale) per element. That is
-  per-feature input quantisation, which TFLite does not offer for activations: folding the
-  normalisation into the graph instead leaves one int8 scale for raw features of very different
-  ranges (cart position +-2.4 next to a cos(theta) that moves by 0.003). The clip folds into the
-  integer bounds: rounding is monotone, so clipping z to +-clip before quantising equals clipping
-  q to [round(-clip / scale + zp), round(clip / scale + zp)] after.
-`TFLitePolicy.from_artifact(dir)` (or a directory given as the model) reads `manifest.json` and
-`policy.tflite` with the standard library, so agent, bench and host share one entry point,
-`act(raw_obs)`.
+- Observation normalisation; see "Observation normalisation" below.
+
+Observation normalisation (the contract of the manifest's `input_normalisation`; the robot side
+owns it, `robonas.export` writes to it). In training SB3's `VecNormalize` normalised every frame
+as clip((obs - mean) / sqrt(var + epsilon), +-clip_obs), before `VecFrameStack` stacked the
+history. That step is NOT in the exported graph: the manifest carries it as
+`input_normalisation` = {mean: [...], std: [...], clip: c or null}, one mean and std per element
+of the stacked input (std = sqrt(var + epsilon), tiled over the history), and this runtime applies
+it; exported models take the NORMALISED observation. For an int8 input the affine map is fused
+into the quantisation, q = clip(round(obs * a + b), lo, hi) with a = 1 / (std * scale),
+b = zero_point - mean / (std * scale) per element. That is per-feature input quantisation, which
+TFLite does not offer for activations: folding the normalisation into the graph instead leaves
+one int8 scale for raw features of very different ranges, and narrow features drown (cart-pole:
+cart position spans +-2.4 while cos(theta) moves by 0.003; the input rounding alone cost a mean
+action error of 0.09 in [-1, 1]). Normalised, every feature gets ~255 steps over its own spread.
+The clip folds into the integer bounds: rounding is monotone, so clipping z to +-clip before
+quantising equals clipping q to [round(-clip / scale + zp), round(clip / scale + zp)] after. fp32
+models use the same scheme ((x - mean) * inv_std, then the clip, as torch computes it), so there
+is one graph, one manifest layout and one runtime path for both. `check_normalisation` validates
+the field; `TFLitePolicy._set_normalisation` precomputes the maps.
+
+An artifact directory given as the model (`manifest.json` + `policy.tflite`, read with the
+standard library) applies its manifest's `input_normalisation`, so agent, bench and host share
+one entry point, `act(raw_obs)`.
 """
 
 from __future__ import annotations
@@ -78,7 +90,7 @@ def load_interpreter_class() -> Any:
     for name in [forced] if forced else list(RUNTIMES):
         try:
             interpreter_class = _import_runtime(name)
-        except Exception as e:  # tflite_runtime under numpy 2 fails with more than ImportError
+        except Exception as e:  # noqa: BLE001  (tflite_runtime under numpy 2 fails with more than ImportError)
             failures.append(f"{name}: {type(e).__name__}: {e}".splitlines()[0])
             continue
         _loaded = (name, interpreter_class)
@@ -396,10 +408,12 @@ class TFLitePolicy:
     `act(raw_obs)` is the whole control step: normalise and quantise, invoke, dequantise. The
     pieces are public too, so a benchmark can time the interpreter alone.
 
-    `model` is the model's bytes, a `.tflite` path, or an artifact directory (then its manifest's
-    `input_normalisation` applies, see `from_artifact`). `input_normalisation` is
-    {mean: [...], std: [...], clip: c or None}, one mean/std per input element; None feeds the
-    observation to the model as it is (a model that folds normalisation in, or a bare model).
+    `model` is the model's bytes, a `.tflite` path, or an artifact directory (`manifest.json` +
+    `policy.tflite`; then its manifest's `input_normalisation` applies, the identity if it has
+    none, and `manifest` holds it). `input_normalisation` is {mean: [...], std: [...], clip: c or
+    None}, one mean/std per input element (see "Observation normalisation" in the module
+    docstring); None feeds the observation to the model as it is (a model that folds
+    normalisation in, or a bare model).
     """
 
     def __init__(
@@ -452,14 +466,6 @@ class TFLitePolicy:
         self.input_normalisation: dict[str, Any] | None = None
         if input_normalisation is not None:
             self._set_normalisation(check_normalisation(input_normalisation, self.input.size, source))
-
-    @classmethod
-    def from_artifact(cls, directory: str | Path, threads: int = 1) -> TFLitePolicy:
-        """The policy of an artifact directory (`manifest.json` + `policy.tflite`), normalising
-        as its manifest says (no `input_normalisation` there: the identity)."""
-        if not Path(directory).is_dir():
-            raise ModelError(f"artifact {str(directory)!r}: not a directory")
-        return cls(directory, threads=threads)
 
     def _set_normalisation(self, norm: dict[str, Any]) -> None:
         """Precompute the per-element affine map (once: a step then costs what it did before)."""

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from device_agents.atomic import atomic_write, fsync_dir  # noqa: F401  (re-exported)
+from device_agents.atomic import atomic_write
 from device_agents.errors import DeviceError
 from device_agents.signing import KeySource, Verdict, load_public_key, verify_artifact
 
@@ -283,7 +283,3 @@ class SlotStore:
 
     def active_info(self) -> SlotInfo | None:
         return None if self.active is None else self.inspect(self.active)
-
-
-def list_slots() -> list[str]:
-    return list(SLOTS)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from robonas.space import PolicyArch
 
 _ACTIVATION_MODULES = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "silu": nn.SiLU}
 
@@ -11,7 +16,7 @@ _ACTIVATION_MODULES = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "silu": 
 class Block(nn.Module):
     """Linear -> (LayerNorm) -> activation, plus the input when `residual` is set."""
 
-    def __init__(self, in_dim: int, width: int, activation: str, layer_norm: bool, residual: bool):
+    def __init__(self, in_dim: int, width: int, activation: str, layer_norm: bool, residual: bool) -> None:
         super().__init__()
         self.fc = nn.Linear(in_dim, width)
         self.norm = nn.LayerNorm(width) if layer_norm else None
@@ -28,9 +33,9 @@ class Block(nn.Module):
 
 
 class Trunk(nn.Module):
-    def __init__(self, arch):
+    def __init__(self, arch: PolicyArch) -> None:
         super().__init__()
-        blocks = []
+        blocks: list[nn.Module] = []
         in_dim = arch.input_dim
         for i, layer in enumerate(arch.layers):
             # the first block never skips: its input is the observation, not a hidden state
@@ -46,7 +51,7 @@ class Trunk(nn.Module):
 
 
 class Actor(nn.Module):
-    def __init__(self, arch):
+    def __init__(self, arch: PolicyArch) -> None:
         super().__init__()
         self.trunk = Trunk(arch)
         self.head = nn.Linear(self.trunk.out_dim, arch.act_dim)

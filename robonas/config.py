@@ -25,7 +25,7 @@ class _Section(BaseModel):
 
 
 class StudySection(_Section):
-    name: str | None = Field(None, min_length=1, description="default study name")
+    name: str | None = Field(default=None, min_length=1, description="default study name")
 
 
 class EnvSection(_Section):
@@ -33,10 +33,10 @@ class EnvSection(_Section):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to sim.make")
     return_target: float = Field(description="return that counts as solved: top of the AUC range")
     return_floor: float | None = Field(
-        None, description="bottom of the AUC range; default: the random policy's measured return"
+        default=None, description="bottom of the AUC range; default: the random policy's measured return"
     )
     return_max: float | None = Field(
-        None, description="the most an episode can pay; caps the asymptotic-return estimate"
+        default=None, description="the most an episode can pay; caps the asymptotic-return estimate"
     )
 
 
@@ -49,24 +49,24 @@ class StrategySection(_Section):
 class BudgetSection(_Section):
     trials: int = Field(gt=0, description="trained trials (rejected candidates do not count)")
     steps_per_trial: int = Field(gt=0, description="env steps of training per trial")
-    checkpoints: int = Field(5, ge=2, description="evaluations along the learning curve")
-    eval_episodes: int = Field(5, gt=0)
+    checkpoints: int = Field(default=5, ge=2, description="evaluations along the learning curve")
+    eval_episodes: int = Field(default=5, gt=0)
     eval_seed: int = 1000
-    trial_timeout_s: float = Field(1800.0, gt=0)
-    max_rejections: int = Field(200, gt=0, description="stop after this many over-budget candidates")
+    trial_timeout_s: float = Field(default=1800.0, gt=0)
+    max_rejections: int = Field(default=200, gt=0, description="stop after this many over-budget candidates")
 
 
 class TrainingSection(_Section):
     algo: Literal["ppo", "sac"] = "ppo"
-    n_envs: int = Field(4, gt=0)
+    n_envs: int = Field(default=4, gt=0)
     hyperparams: dict[str, Any] = Field(default_factory=dict)
 
 
 class ObjectiveSection(_Section):
-    auc: float = Field(0.5, ge=0)
-    real_return: float = Field(0.5, ge=0)
+    auc: float = Field(default=0.5, ge=0)
+    real_return: float = Field(default=0.5, ge=0)
     ranking: Literal["mean", "lcb"] = "mean"
-    lcb_z: float = Field(1.0, ge=0)
+    lcb_z: float = Field(default=1.0, ge=0)
 
 
 class DeviceSection(_Section):
@@ -76,15 +76,15 @@ class DeviceSection(_Section):
 
 class ExecutorSection(_Section):
     kind: Literal["local"] = "local"
-    workers: int | None = Field(None, gt=0)
+    workers: int | None = Field(default=None, gt=0)
 
 
 class ExportSection(_Section):
     max_return_drop: float = Field(
-        0.05, ge=0, le=1, description="largest int8 return drop, as a share of the return range"
+        default=0.05, ge=0, le=1, description="largest int8 return drop, as a share of the return range"
     )
-    calibration_episodes: int = Field(8, gt=0)
-    parity_episodes: int = Field(5, gt=0)
+    calibration_episodes: int = Field(default=8, gt=0)
+    parity_episodes: int = Field(default=5, gt=0)
 
 
 class SearchConfig(_Section):

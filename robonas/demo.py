@@ -27,12 +27,20 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from robonas.errors import RobonasError
+from robonas.metrics import TrialMetrics
+
+if TYPE_CHECKING:
+    from robonas.config import SearchConfig
+    from robonas.fleet.inventory import Inventory
+    from robonas.search.loop import SearchPlan
+    from robonas.store import Store
+    from robonas.study_views import RankedTrial
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,25 +112,40 @@ class DemoSettings:
         )
 
 
+@dataclass(frozen=True)
+class NextCandidate:
+    """A candidate asked after the robots reported, and what became of it."""
+
+    trial: int
+    arch: str
+    status: str
+    reason: str | None
+    rank: int | None
+    p99_ms: float | None
+    latency_model: str | None
+
+
 @dataclass
 class ActResult:
     name: str
     study: str
     robots: list[str]
-    before: list[dict[str, Any]] = field(default_factory=list)
-    after: list[dict[str, Any]] = field(default_factory=list)
+    before: list[RankedTrial] = field(default_factory=list)
+    after: list[RankedTrial] = field(default_factory=list)
     measured: dict[int, dict[str, float]] = field(default_factory=dict)
     exported: list[int] = field(default_factory=list)
     refused: dict[int, str] = field(default_factory=dict)
     latency: dict[str, Any] = field(default_factory=dict)
     gap: dict[str, Any] = field(default_factory=dict)
     recalibration: list[str] = field(default_factory=list)
-    next: list[dict[str, Any]] = field(default_factory=list)  # asked after the reports
+    next: list[NextCandidate] = field(default_factory=list)  # asked after the reports
     notes: list[str] = field(default_factory=list)
     report: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
+        for key in ("before", "after", "next"):
+            d[key] = [asdict(x) for x in d[key]]
         d["report"] = str(self.report) if self.report else None
         d["explanation"] = explain(self)
         return d
@@ -144,7 +167,9 @@ class DemoResult:
         }
 
 
-def _config(data: dict[str, Any], origin: str, trials: int, steps: int, settings: DemoSettings):
+def _config(
+    data: dict[str, Any], origin: str, trials: int, steps: int, settings: DemoSettings
+) -> SearchConfig:
     from robonas.config import parse_config
 
     data["budget"].update(
@@ -156,7 +181,7 @@ def _config(data: dict[str, Any], origin: str, trials: int, steps: int, settings
     return parse_config(data, origin)
 
 
-def demo_config(settings: DemoSettings, act: str = "host", extra_trials: int = 0):
+def demo_config(settings: DemoSettings, act: str = "host", extra_trials: int = 0) -> SearchConfig:
     """The act's search config with the mode's budget (plus `extra_trials` for act 2's next
     candidates)."""
     import tomllib
@@ -176,10 +201,10 @@ def demo_config(settings: DemoSettings, act: str = "host", extra_trials: int = 0
     )
 
 
-def _ranking(store, study: str) -> list[dict[str, Any]]:
+def _ranking(store: Store, study: str) -> list[RankedTrial]:
     from robonas.study_views import ranked_trials
 
-    return ranked_trials(store, study, n=10_000)["rows"]
+    return ranked_trials(store, study, n=10_000).rows
 
 
 class _Demo:
@@ -204,7 +229,9 @@ class _Demo:
     def phase(self, name: str, t0: float) -> None:
         self.result.phases[name] = round(time.perf_counter() - t0, 2)
 
-    def search(self, cfg, act: ActResult, step: str, phase: str = "search") -> tuple[Any, list]:
+    def search(
+        self, cfg: SearchConfig, act: ActResult, step: str, phase: str = "search"
+    ) -> tuple[SearchPlan, list[RankedTrial]]:
         """Run (or extend) the act's study; (its plan, its ranking afterwards)."""
         from robonas.search.loop import Search, SearchPlan, default_workers
 
@@ -241,18 +268,18 @@ class _Demo:
             if top is not None and len(artifacts) >= top:
                 break
             try:
-                exp = export_trial(self.store, act.study, row["trial"], key_path=self.key)
+                exp = export_trial(self.store, act.study, row.trial, key_path=self.key)
             except ExportRefused as e:
-                act.refused[row["trial"]] = str(e)
-                self.say(f"      trial {row['trial']}: export refused: {e}")
+                act.refused[row.trial] = str(e)
+                self.say(f"      trial {row.trial}: export refused: {e}")
                 if top is not None:
                     continue
-                exp = export_trial(self.store, act.study, row["trial"], key_path=self.key, fp32=True)
-                self.say(f"      trial {row['trial']}: exported as fp32 instead")
-            artifacts[row["trial"]] = exp.path
+                exp = export_trial(self.store, act.study, row.trial, key_path=self.key, fp32=True)
+                self.say(f"      trial {row.trial}: exported as fp32 instead")
+            artifacts[row.trial] = exp.path
             parity = exp.manifest.get("parity") or {}
             self.say(
-                f"      trial {row['trial']} ({row['arch']}): {exp.path.name}, int8 return "
+                f"      trial {row.trial} ({row.arch}): {exp.path.name}, int8 return "
                 f"{parity.get('tflite_return', float('nan')):.1f} vs torch "
                 f"{parity.get('torch_return', float('nan')):.1f}"
             )
@@ -262,7 +289,9 @@ class _Demo:
             raise RobonasError("demo: every export was refused by the parity check")
         return artifacts
 
-    def deploy_and_run(self, inventory, artifacts: dict[int, Path], act: ActResult, step: str) -> None:
+    def deploy_and_run(
+        self, inventory: Inventory, artifacts: dict[int, Path], act: ActResult, step: str
+    ) -> None:
         from robonas.fleet.client import AgentClient
         from robonas.fleet.deploy import rollout
         from robonas.fleet.reports import artifact_for_sha, record_report, register_device
@@ -332,7 +361,7 @@ def _host_act(demo: _Demo, spec: ActSpec) -> ActResult:
 
     s, say = demo.settings, demo.say
     cfg = demo_config(s, "host")
-    act = ActResult(spec.name, cfg.study.name, [n for n, _ in spec.robots])
+    act = ActResult(spec.name, cfg.study.name or spec.name, [n for n, _ in spec.robots])
     say(f"act 1 of 2, {spec.title}")
     plan, act.before = demo.search(cfg, act, "[1/7]")
     artifacts = demo.export_top(act, "[2/7]", demo.settings.export_top)
@@ -379,10 +408,9 @@ def _mcu_act(demo: _Demo, spec: ActSpec) -> ActResult:
     """Act 2: one MCU robot; its run reports refit both models, as `robonas fleet run` does,
     and the next candidates are asked and scored with them."""
     from robonas.models.recalibrate import after_reports
-    from robonas.space import PolicyArch
 
     cfg = demo_config(demo.settings, "mcu")
-    act = ActResult(spec.name, cfg.study.name, [n for n, _ in spec.robots])
+    act = ActResult(spec.name, cfg.study.name or spec.name, [n for n, _ in spec.robots])
     demo.say(f"act 2 of 2, {spec.title}")
     _, act.before = demo.search(cfg, act, "[1/6]")
     # every trial: the robot has to time both widths before the latency model can tell them apart
@@ -421,20 +449,20 @@ def _mcu_act(demo: _Demo, spec: ActSpec) -> ActResult:
         f"[6/6] next candidates ({extra} more, asked and scored with the calibrated models):",
         phase="next_search",
     )
-    rank = {r["trial"]: r["rank"] for r in ranked}
+    rank = {r.trial: r.rank for r in ranked}
     for t in demo.store.trials(study_id):
         if t.id not in known:
-            m = t.metrics or {}
+            m = t.metrics or TrialMetrics()
             act.next.append(
-                {
-                    "trial": t.id,
-                    "arch": PolicyArch.from_json(t.arch_json).describe(),
-                    "status": t.status,
-                    "reason": t.error,
-                    "rank": rank.get(t.id),
-                    "p99_ms": m.get("p99_ms"),
-                    "latency_model": m.get("latency_model"),
-                }
+                NextCandidate(
+                    trial=t.id,
+                    arch=t.arch.describe(),
+                    status=t.status,
+                    reason=t.error,
+                    rank=rank.get(t.id),
+                    p99_ms=m.p99_ms,
+                    latency_model=m.latency_model,
+                )
             )
     for line in next_summary(act):
         demo.say(f"      {line}")
@@ -459,7 +487,7 @@ def run_demo(
     t_start = time.perf_counter()
     demo = _Demo(workdir, settings, say, progress_hooks, result)
     try:
-        for spec, run in zip(ACTS, (_host_act, _mcu_act)):
+        for spec, run in zip(ACTS, (_host_act, _mcu_act), strict=True):
             result.acts[spec.name] = run(demo, spec)
     finally:
         demo.store.close()
@@ -469,31 +497,31 @@ def run_demo(
 
 def explain(act: ActResult) -> list[str]:
     """One line per exported or moved trial: how its rank moved and what moved it."""
-    before = {r["trial"]: r for r in act.before}
+    before = {r.trial: r for r in act.before}
     lines = []
     for r in act.after:
-        b = before.get(r["trial"])
+        b = before.get(r.trial)
         if b is None:
             continue
-        moved = b["rank"] != r["rank"]
-        real = act.measured.get(r["trial"])
+        moved = b.rank != r.rank
+        real = act.measured.get(r.trial)
         if not moved and real is None:
             continue
         why = []
         if real:
             robots = ", ".join(f"{k} {v:.0f}" for k, v in real.items())
             why.append(
-                f"robots measured {robots} against a simulated asymptote of {b['asymptotic_return']:.0f}"
+                f"robots measured {robots} against a simulated asymptote of {b.asymptotic_return or 0:.0f}"
             )
-        dp = (r["p99_ms"] or 0) - (b["p99_ms"] or 0)
-        if b["p99_ms"] and abs(dp) / b["p99_ms"] > 0.1:
+        dp = (r.p99_ms or 0) - (b.p99_ms or 0)
+        if b.p99_ms and abs(dp) / b.p99_ms > 0.1:
             why.append(
-                f"p99 latency {_ms(b['p99_ms'])} -> {_ms(r['p99_ms'])} (calibrated"
-                + (", over the budget)" if r.get("within_budget") is False else ")")
+                f"p99 latency {_ms(b.p99_ms)} -> {_ms(r.p99_ms or 0)} (calibrated"
+                + (", over the budget)" if r.within_budget is False else ")")
             )
         lines.append(
-            f"trial {r['trial']} {r['arch']}: rank {b['rank']} -> {r['rank']}, predicted real return "
-            f"{b['predicted_real_return']:.0f} -> {r['predicted_real_return']:.0f}"
+            f"trial {r.trial} {r.arch}: rank {b.rank} -> {r.rank}, predicted real return "
+            f"{b.predicted_real_return or 0:.0f} -> {r.predicted_real_return or 0:.0f}"
             + (f"; {'; '.join(why)}" if why else "")
         )
     return lines
@@ -502,17 +530,18 @@ def explain(act: ActResult) -> list[str]:
 def next_summary(act: ActResult) -> list[str]:
     """The candidates asked after the reports: the trained ones one per line, the rejected ones
     counted per architecture (a search may ask the same over-budget network many times)."""
-    lines, rejected = [], {}
+    lines: list[str] = []
+    rejected: dict[str, list[NextCandidate]] = {}
     for n in act.next:
-        if n["status"] == "rejected":
-            rejected.setdefault(n["arch"], []).append(n)
+        if n.status == "rejected":
+            rejected.setdefault(n.arch, []).append(n)
         else:
             lines.append(
-                f"trial {n['trial']} {n['arch']}: {n['status']}, p99 {_ms(n['p99_ms'])} "
-                f"by {n['latency_model']}, rank {n['rank']}"
+                f"trial {n.trial} {n.arch}: {n.status}, p99 {_ms(n.p99_ms or 0)} "
+                f"by {n.latency_model}, rank {n.rank}"
             )
     for arch, rows in rejected.items():
-        lines.append(f"{arch}: asked {len(rows)} time(s), rejected untrained: {rows[0]['reason']}")
+        lines.append(f"{arch}: asked {len(rows)} time(s), rejected untrained: {rows[0].reason}")
     return lines
 
 

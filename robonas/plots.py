@@ -11,8 +11,12 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 # Inches and dots per inch: about 800x450 pixels, readable inline in a report column.
 FIGSIZE = (8.0, 4.5)
@@ -41,7 +45,7 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def _new(title: str, xlabel: str, ylabel: str) -> tuple[Figure, object]:
+def _new(title: str, xlabel: str, ylabel: str) -> tuple[Figure, Axes]:
     fig = Figure(figsize=FIGSIZE)
     ax = fig.add_subplot()
     ax.set_title(title)

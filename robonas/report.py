@@ -28,6 +28,7 @@ import numpy as np
 from device_agents.atomic import atomic_write
 from robonas import plots
 from robonas.errors import RobonasError
+from robonas.metrics import TrialMetrics
 from robonas.scoring import pareto_front
 from robonas.store import DeploymentRow, DeviceReportRow, ModelVersionRow, Store, TrialRow
 from robonas.study_views import ranked_trials, study_status
@@ -101,17 +102,10 @@ def _section(sid: str, title: str, body: str) -> str:
 
 
 def _timings(payload: Mapping[str, Any]) -> dict[str, float]:
-    """p50/p90/p99 ms from `timings_ms` {p50,...}, or from `step_ms` as a dict or raw samples."""
+    """p50/p90/p99 ms from a report's `timings_ms` {p50, p90, p99}."""
     raw = payload.get("timings_ms")
-    if not isinstance(raw, Mapping):
-        raw = payload.get("step_ms")
     if isinstance(raw, Mapping):
         return {k: v for k in ("p50", "p90", "p99") if (v := _float(raw.get(k))) is not None}
-    if isinstance(raw, list):
-        samples = [v for v in map(_float, raw) if v is not None]
-        if samples:
-            q = np.percentile(samples, [50, 90, 99])
-            return {"p50": float(q[0]), "p90": float(q[1]), "p99": float(q[2])}
     return {}
 
 
@@ -144,7 +138,7 @@ class _StudyData:
         self.trials = store.trials(self.study.id)
         self.by_id: dict[int, TrialRow] = {t.id: t for t in self.trials}
         self.arch_ids = {t.arch_id for t in self.trials}
-        self.curves = {r["trial"]: store.curve(r["trial"]) for r in self.ranked["rows"][:TOP_CURVES]}
+        self.curves = {r.trial: store.curve(r.trial) for r in self.ranked.rows[:TOP_CURVES]}
         # artifact id -> trial id, for every artifact made from this study's trials
         self.artifact_trial: dict[int, int] = {a.id: t.id for t in self.trials for a in store.artifacts(t.id)}
         self.deployments: list[DeploymentRow] = [
@@ -174,7 +168,9 @@ class _StudyData:
 
     def report_trial(self, r: DeviceReportRow) -> TrialRow | None:
         """The study trial a device report is about, through its trial id or its artifact."""
-        tid = r.trial_id if r.trial_id in self.by_id else self.artifact_trial.get(r.artifact_id)
+        tid = r.trial_id
+        if tid not in self.by_id and r.artifact_id is not None:
+            tid = self.artifact_trial.get(r.artifact_id)
         return self.by_id.get(tid) if tid is not None else None
 
     def section(self, key: str) -> Mapping[str, Any]:
@@ -207,12 +203,12 @@ def _summary(d: _StudyData) -> str:
         ("trials", ", ".join(f"{_e(k)} {n}" for k, n in s["counts"].items())),
         ("env steps", _fmt(s["env_steps"])),
         ("wall time", f"{_fmt(s['wall_s'])} s"),
-        ("ranked by", _e(d.ranked["ranked_by"])),
-        ("models", _e(", ".join(f"{k} {v}" for k, v in d.ranked["models"].items()))),
+        ("ranked by", _e(d.ranked.ranked_by)),
+        ("models", _e(", ".join(f"{k} {v}" for k, v in d.ranked.models.items()))),
         ("updated", _e(_time(s["updated_at"]))),
     ]
     body = _table(("field", "value"), ((f"<b>{_e(k)}</b>", v) for k, v in facts), text_cols=2)
-    rows = d.ranked["rows"]
+    rows = d.ranked.rows
     if not rows:
         return body + _empty("no complete trials yet")
     head = (
@@ -232,12 +228,12 @@ def _summary(d: _StudyData) -> str:
     )
     cells = (
         [
-            _e(r["rank"]),
-            _e(r["trial"]),
-            _e(r["arch"]),
-            "&#9733;" if r["pareto"] else "",
+            _e(r.rank),
+            _e(r.trial),
+            _e(r.arch),
+            "&#9733;" if r.pareto else "",
             *(
-                _fmt(r[k])
+                _fmt(getattr(r, k))
                 for k in (
                     "objective",
                     "objective_lcb",
@@ -257,7 +253,7 @@ def _summary(d: _StudyData) -> str:
 
 
 def _learning_curves(d: _StudyData) -> str:
-    labels = {r["trial"]: f"#{r['rank']} trial {r['trial']} {r['arch']}" for r in d.ranked["rows"]}
+    labels = {r.trial: f"#{r.rank} trial {r.trial} {r.arch}" for r in d.ranked.rows}
     curves = {labels[tid]: pts for tid, pts in d.curves.items() if pts}
     if not curves:
         return _empty("no learning curves yet")
@@ -267,15 +263,15 @@ def _learning_curves(d: _StudyData) -> str:
 def _pareto(d: _StudyData) -> str:
     pts = []
     for t in d.trials:
-        m = t.metrics or {}
-        ret, p99 = _float(m.get("predicted_real_return")), _float(m.get("p99_ms"))
+        m = t.metrics or TrialMetrics()
+        ret, p99 = _float(m.predicted_real_return), _float(m.p99_ms)
         if t.status == "complete" and ret is not None and p99 is not None:
             pts.append((t, ret, p99))
     rejected = [
         p99
         for t in d.trials
         if t.status == "rejected"
-        if (p99 := _float((t.metrics or {}).get("p99_ms"))) is not None
+        if (p99 := _float((t.metrics or TrialMetrics()).p99_ms)) is not None
     ]
     if not pts and not rejected:
         return _empty("no complete trials yet")
@@ -315,7 +311,7 @@ def _latency_points(d: _StudyData) -> dict[str, list[tuple[float, float]]]:
         pred = _float(r.payload.get("predicted_p50_ms"))
         trial = d.report_trial(r)
         if pred is None and trial is not None:
-            pred = _float((trial.metrics or {}).get("p50_ms"))
+            pred = _float((trial.metrics or TrialMetrics()).p50_ms)
         if measured is not None and pred is not None:
             series.setdefault("bench reports (p50)", []).append((pred, measured / 1000.0))
     return series
@@ -366,8 +362,8 @@ def _gap_points(d: _StudyData) -> tuple[list[plots.GapPoint], str]:
         trial, returns = d.report_trial(r), _returns(r.payload)
         if r.kind != "run" or trial is None or not returns:
             continue
-        m = trial.metrics or {}
-        pred, std = _float(m.get("predicted_real_return")), _float(m.get("predicted_real_std"))
+        m = trial.metrics or TrialMetrics()
+        pred, std = _float(m.predicted_real_return), _float(m.predicted_real_std)
         if pred is not None:
             lo, hi = (pred - std, pred + std) if std is not None else (None, None)
             pts.append(plots.GapPoint(pred, float(np.mean(returns)), lo, hi))

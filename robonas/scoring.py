@@ -1,9 +1,14 @@
-"""Scoring of trained candidates: predicted real return, the objective, Pareto front, ranking.
+"""Scoring: how a trained candidate is judged, and the one way a study is ranked.
 
-DESIGN.md step 5: predicted real return = asymptotic return - gap; the objective is a weighted
-mean of normalised learning-curve AUC and normalised predicted real return; the latency budget is
-a hard constraint applied elsewhere (`robonas.models.latency_model.budget_check`); the Pareto front over
-(predicted real return up, p99 latency down) is kept for the report.
+- `score`: a trial's simulation figures -> its latency on the study's device, its sim-to-real
+  gap, its predicted real return and the objective. Run when a trial finishes and again whenever
+  a robot report recalibrates the latency or gap model, so every trial's metrics name the model
+  versions that scored it.
+- predicted real return = asymptotic return - gap; the objective is a weighted mean of the
+  normalised learning-curve AUC and the normalised predicted real return.
+- `within_budget`: the latency budget is a hard constraint on the predicted p99.
+- `rank`: a study's complete trials best first, by the objective or its lower confidence bound.
+- `pareto_front`: (predicted real return up, p99 latency down), kept for the report.
 
 AUC convention: `auc` arrives already normalised to [0, 1], as `robonas.search.curves.auc_normalised`
 computes it (returns mapped by the same range, area divided by the step span); only the predicted
@@ -17,11 +22,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from robonas.errors import ConfigError, RobonasError
-from robonas.models.gap_model import GapPrediction
+from robonas.metrics import StrategyView, TrialMetrics
+from robonas.models.devices import DeviceProfile
+from robonas.models.gap_model import GapFeatures, GapModel, GapPrediction
+from robonas.models.latency_model import LatencyModel
+from robonas.space import PolicyArch
+
+if TYPE_CHECKING:
+    from robonas.store import TrialRow
+
+RANKINGS = ("mean", "lcb")
 
 
 def predicted_real_return(asymptotic_return: float, gap_pred: GapPrediction) -> tuple[float, float]:
@@ -95,7 +111,8 @@ def objective(
             raise RobonasError(f"objective: {key} must be finite, got {value!r}")
     if not -_AUC_TOLERANCE <= auc <= 1.0 + _AUC_TOLERANCE:
         raise RobonasError(
-            f"objective: auc={auc!r} is outside [0, 1]; pass the normalised AUC (robonas.search.curves.auc_normalised)"
+            f"objective: auc={auc!r} is outside [0, 1]; pass the normalised AUC "
+            "(robonas.search.curves.auc_normalised)"
         )
     score = weights.auc * min(1.0, max(0.0, auc))
     score += weights.real_return * _normalise(predicted_real_return, return_lo, return_hi)
@@ -108,35 +125,6 @@ def objective_std(
     """Standard deviation the gap's uncertainty puts on `objective` (ignoring clipping)."""
     _check_range(return_lo, return_hi)
     return (weights.real_return / weights.total) * real_return_std / (return_hi - return_lo)
-
-
-def ranking_key(ranking: str) -> str:
-    """The metric a study ranks by: the objective's mean, or its lower confidence bound."""
-    return "objective_lcb" if ranking == "lcb" else "objective"
-
-
-# Trial metrics key: what the strategy was told when the trial finished. Re-scoring with
-# calibrated models changes a trial's figures; a resumed search replays the strategy with what it
-# was told then, so its asks come out as recorded (new figures reach it through new trials).
-TOLD = "told"
-
-
-def strategy_view(metrics: Mapping[str, Any] | None, ranking: str) -> dict[str, float] | None:
-    """What a strategy is told about a finished trial (None: it failed or was rejected)."""
-    if metrics is None or metrics.get("objective") is None:
-        return None
-    return {
-        "objective": float(metrics[ranking_key(ranking)]),
-        "predicted_real_return": float(metrics["predicted_real_return"]),
-        "p99_ms": float(metrics["p99_ms"]),
-    }
-
-
-def told_view(metrics: Mapping[str, Any] | None, ranking: str) -> dict[str, float] | None:
-    """What the strategy was told about this trial: the kept figures if it was re-scored since."""
-    if metrics is not None and isinstance(metrics.get(TOLD), Mapping):
-        return {k: float(v) for k, v in metrics[TOLD].items()}
-    return strategy_view(metrics, ranking)
 
 
 def pareto_front(points: Iterable[tuple[Hashable, float, float]]) -> list[Hashable]:
@@ -158,33 +146,179 @@ def pareto_front(points: Iterable[tuple[Hashable, float, float]]) -> list[Hashab
     return front
 
 
-def rank(
-    rows: Sequence[Mapping[str, Any]], key: str = "objective", lcb: float | None = None
-) -> list[Mapping[str, Any]]:
-    """Rows sorted best first by `row[key]`; ties keep their input order.
+def ranking_key(ranking: str) -> str:
+    """The metric a study ranks by: the objective's mean, or its lower confidence bound."""
+    if ranking not in RANKINGS:
+        raise ConfigError(f"ranking {ranking!r} is not one of {', '.join(RANKINGS)}")
+    return "objective_lcb" if ranking == "lcb" else "objective"
 
-    With `lcb=k`, rows are ranked by the lower confidence bound `row[key] - k * row[key + "_std"]`,
-    which prefers candidates whose predicted score is also certain.
-    """
-    if lcb is not None and (
-        isinstance(lcb, bool) or not isinstance(lcb, (int, float)) or not math.isfinite(lcb) or lcb < 0
+
+def rank(trials: Iterable[TrialRow], ranking: str = "mean") -> list[TrialRow]:
+    """A study's complete, scored trials, best first by `ranking_key(ranking)`; ties keep ask
+    order. The one ranking of a study: search summaries, views, re-ranking and the demo use it."""
+    key = ranking_key(ranking)
+
+    def value(t: TrialRow) -> float | None:
+        return None if t.status != "complete" or t.metrics is None else t.metrics.value(key)
+
+    scored = [(v, t) for t in trials if (v := value(t)) is not None]
+    for v, t in scored:
+        if math.isnan(v):
+            raise RobonasError(f"rank: trial {t.id} scores NaN on {key!r}")
+    return [t for _, t in sorted(scored, key=lambda vt: (-vt[0], vt[1].seq))]
+
+
+def within_budget(p99_ms: float, budget_ms: float) -> bool:
+    """True when a predicted p99 fits the latency budget (the hard constraint uses the tail)."""
+    if (
+        isinstance(budget_ms, bool)
+        or not isinstance(budget_ms, (int, float))
+        or not (math.isfinite(budget_ms) and budget_ms > 0)
     ):
-        raise ConfigError(f"rank: lcb must be a finite number >= 0 or None, got {lcb!r}")
-    std_key = f"{key}_std"
+        raise ConfigError(f"latency budget_ms must be a finite number > 0, got {budget_ms!r}")
+    return p99_ms <= budget_ms
 
-    def score(i_row: tuple[int, Mapping[str, Any]]) -> float:
-        i, row = i_row
-        if key not in row:
-            raise ConfigError(f"rank: row {i} has no field {key!r}; its fields are {sorted(row)}")
-        value = float(row[key])
-        if lcb is not None:
-            if std_key not in row:
-                raise ConfigError(f"rank: lcb={lcb} needs field {std_key!r}, row {i} has only {sorted(row)}")
-            value -= lcb * float(row[std_key])
-        if math.isnan(value):
-            raise RobonasError(f"rank: row {i} scores NaN on {key!r}")
-        return value
 
-    scored = [(score(item), item[1]) for item in enumerate(rows)]
-    # sorted() stays stable with reverse=True, so equal scores keep their input order.
-    return [row for _, row in sorted(scored, key=lambda s_row: s_row[0], reverse=True)]
+def strategy_view(metrics: TrialMetrics | None, ranking: str) -> StrategyView | None:
+    """What a strategy is told about a finished trial (None: it failed or was rejected)."""
+    return None if metrics is None else metrics.strategy_view(ranking_key(ranking))
+
+
+def told_view(metrics: TrialMetrics | None, ranking: str) -> StrategyView | None:
+    """What the strategy was told about this trial: the kept figures if it was re-scored since."""
+    if metrics is not None and metrics.told is not None:
+        return dict(metrics.told)
+    return strategy_view(metrics, ranking)
+
+
+# ----------------------------------------------------------------------------- score a trial
+
+
+@dataclass(frozen=True)
+class ScoringContext:
+    """Everything besides the trial itself that a score depends on."""
+
+    device: DeviceProfile
+    latency_model: LatencyModel
+    gap_model: GapModel
+    weights: ObjectiveWeights
+    control_hz: float
+    return_lo: float
+    return_hi: float
+    lcb_z: float = 1.0
+
+    def model_versions(self) -> dict[str, str]:
+        return {
+            "latency_model": f"{self.latency_model.name}@{self.latency_model.version}",
+            "gap_model": f"{self.gap_model.name}@{self.gap_model.version}",
+        }
+
+
+def latency_metrics(arch: PolicyArch, ctx: ScoringContext) -> TrialMetrics:
+    """The latency figures of an architecture on the context's device (no training needed)."""
+    pred = ctx.latency_model.predict(arch, ctx.device)
+    costs = arch.cost_summary()
+    return TrialMetrics(
+        p50_ms=pred.p50_ms,
+        p99_ms=pred.p99_ms,
+        params=costs["params"],
+        macs=costs["macs"],
+        bytes=costs["bytes"],
+        device=ctx.device.name,
+    )
+
+
+def with_measurements(
+    prior_mean: float, prior_std: float, returns: Sequence[float], return_range: float
+) -> tuple[float, float]:
+    """Combine the model's predicted real return with the trial's own real episodes.
+
+    A Gaussian update: the model's prediction is the prior, the measured episodes the data
+    (their spread as the noise, floored at 1% of the return range so a few identical episodes
+    do not claim certainty). Once a robot has run a candidate, what it measured outweighs what
+    the regression says about candidates like it; the regression still ranks the others.
+    """
+    x = np.asarray(returns, dtype=float)
+    noise = max(float(x.std(ddof=1)) if x.size > 1 else 0.0, 0.01 * return_range)
+    prior_var = max(prior_std, 0.01 * return_range) ** 2
+    precision = 1.0 / prior_var + x.size / noise**2
+    mean = (prior_mean / prior_var + x.sum() / noise**2) / precision
+    return float(mean), float(math.sqrt(1.0 / precision))
+
+
+def gap_features(arch: PolicyArch, sim: TrialMetrics, ctx: ScoringContext) -> GapFeatures:
+    """What the gap model sees of a trained trial, with latency by the context's model."""
+    if sim.asymptotic_return is None:
+        raise RobonasError("score: the trial has no asymptotic return to score")
+    asym = float(sim.asymptotic_return)
+    return GapFeatures(
+        asymptotic_return=asym,
+        robustness_return=asym if sim.robustness_return is None else float(sim.robustness_return),
+        p99_ms=ctx.latency_model.predict(arch, ctx.device).p99_ms,
+        control_period_ms=1000.0 / ctx.control_hz,
+        params=int(arch.cost_summary()["params"]),
+        return_lo=ctx.return_lo,
+        return_hi=ctx.return_hi,
+    )
+
+
+# What scoring recomputes; everything else of a trial's metrics (its simulation figures and
+# what the strategy was told) is carried over.
+_SCORED = {f.name for f in fields(TrialMetrics)} - {
+    "auc", "asymptotic_return", "asymptotic_std", "robustness_return", "random_return",
+    "env_steps", "wall_s", "steps_per_s", "told", "extra",
+}  # fmt: skip
+
+
+def score(
+    arch: PolicyArch,
+    sim: TrialMetrics,
+    ctx: ScoringContext,
+    measured_returns: Sequence[float] | None = None,
+) -> TrialMetrics:
+    """Metrics of a trained trial: its simulation figures plus latency, gap and objective.
+
+    `measured_returns`: the trial's real episodes from robots, if any; they update the
+    predicted real return (see `with_measurements`).
+    """
+    if sim.asymptotic_return is None or sim.auc is None:
+        raise RobonasError("score: the trial has no asymptotic return or AUC to score")
+    cleared: dict[str, Any] = dict.fromkeys(_SCORED)
+    base = replace(sim, **cleared)
+    lat = latency_metrics(arch, ctx)
+    features = gap_features(arch, sim, ctx)
+    gap = ctx.gap_model.predict(features)
+    real_mean, real_std = predicted_real_return(features.asymptotic_return, gap)
+    measured: dict[str, Any] = {}
+    if measured_returns:
+        measured = {
+            "model_real_return": real_mean,
+            "model_real_std": real_std,
+            "measured_real_return": float(np.mean(measured_returns)),
+            "measured_episodes": len(measured_returns),
+        }
+        real_mean, real_std = with_measurements(
+            real_mean, real_std, measured_returns, ctx.return_hi - ctx.return_lo
+        )
+    obj = objective(float(sim.auc), real_mean, ctx.return_lo, ctx.return_hi, ctx.weights)
+    obj_std = objective_std(real_std, ctx.return_lo, ctx.return_hi, ctx.weights)
+    return replace(
+        base,
+        p50_ms=lat.p50_ms,
+        p99_ms=lat.p99_ms,
+        params=lat.params,
+        macs=lat.macs,
+        bytes=lat.bytes,
+        device=lat.device,
+        latency_share=features.latency_share,
+        gap_mean=gap.mean_gap,
+        gap_std=gap.std_gap,
+        predicted_real_return=real_mean,
+        predicted_real_std=real_std,
+        objective=obj,
+        objective_std=obj_std,
+        objective_lcb=obj - ctx.lcb_z * obj_std,
+        latency_model=ctx.model_versions()["latency_model"],
+        gap_model=ctx.model_versions()["gap_model"],
+        **measured,
+    ).with_finite()

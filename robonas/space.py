@@ -18,19 +18,22 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from robonas.errors import ConfigError
 from robonas.models.costs import LayerCost, totals
 
+if TYPE_CHECKING:
+    from robonas._torch_modules import Actor, Trunk
+
 ACTIVATIONS = ("relu", "tanh", "elu", "silu")
 
 
 def _is_pos_int(value: Any) -> bool:
     # bool is an int subclass; True must not pass as a width of 1
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and bool(value > 0)
 
 
 @dataclass(frozen=True)
@@ -178,13 +181,13 @@ class PolicyArch:
         return totals(self.actor_layer_costs())
 
     # --- torch ----------------------------------------------------------------------------
-    def build_trunk(self):  # -> torch.nn.Module
+    def build_trunk(self) -> Trunk:
         """Hidden stack: input_dim -> layers[-1].width."""
         from robonas._torch_modules import Trunk
 
         return Trunk(self)
 
-    def build_actor(self):  # -> torch.nn.Module
+    def build_actor(self) -> Actor:
         """Trunk + Linear head with raw outputs (mean or logits); attributes `.trunk`, `.head`."""
         from robonas._torch_modules import Actor
 
@@ -286,7 +289,7 @@ class SearchSpace:
             arch.obs_dim == self.obs_dim
             and arch.act_dim == self.act_dim
             and len(arch.layers) in self.depths
-            and all(l.width in self.widths and l.activation in self.activations for l in arch.layers)
+            and all(x.width in self.widths and x.activation in self.activations for x in arch.layers)
             and arch.layer_norm in self.layer_norm
             and arch.residual in self.residual
             and arch.shared_trunk in self.shared_trunk

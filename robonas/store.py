@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast, overload
 
 from sqlalchemy import (
     DateTime,
@@ -43,11 +43,13 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import CursorResult, Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from robonas.errors import StoreError
+from robonas.errors import RobonasError, StoreError
+from robonas.metrics import TrialMetrics
+from robonas.space import PolicyArch
 
 SCHEMA_VERSION = 1
 DEFAULT_URL = "sqlite:///runs/robonas.db"
@@ -68,6 +70,10 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+@overload
+def _utc(t: datetime) -> datetime: ...
+@overload
+def _utc(t: None) -> None: ...
 def _utc(t: datetime | None) -> datetime | None:
     # SQLite drops the zone on the way back; every time we write is UTC.
     if t is None or t.tzinfo is not None:
@@ -81,6 +87,11 @@ def _dumps(obj: Any) -> str:
 
 def _loads(s: str | None) -> Any:
     return None if s is None else json.loads(s)
+
+
+def _rowcount(s: Session, statement: Any) -> int:
+    """Rows an UPDATE changed (execute() is typed as a plain Result; an UPDATE's is a cursor's)."""
+    return cast(CursorResult[Any], s.execute(statement)).rowcount
 
 
 def _check_choice(what: str, value: str, choices: Sequence[str]) -> None:
@@ -217,10 +228,10 @@ class TrialRow:
     study_id: int
     seq: int
     arch_id: str
-    arch_json: str
+    arch: PolicyArch
     status: str
     error: str | None
-    metrics: dict[str, Any] | None
+    metrics: TrialMetrics | None
     tell_seq: int | None
     attempts: int
     started_at: datetime | None
@@ -284,16 +295,23 @@ def _study_row(s: _Study) -> StudyRow:
     return StudyRow(s.id, s.name, _loads(s.config_json), _utc(s.created_at), _utc(s.updated_at), s.status)
 
 
+def _arch(t: _Trial) -> PolicyArch:
+    try:
+        return PolicyArch.from_json(t.arch_json)
+    except (ValueError, TypeError, KeyError, RobonasError) as e:
+        raise StoreError(f"trial {t.id}: stored architecture is not a PolicyArch: {e}") from e
+
+
 def _trial_row(t: _Trial) -> TrialRow:
     return TrialRow(
         id=t.id,
         study_id=t.study_id,
         seq=t.seq,
         arch_id=t.arch_id,
-        arch_json=t.arch_json,
+        arch=_arch(t),
         status=t.status,
         error=t.error,
-        metrics=_loads(t.metrics_json),
+        metrics=None if t.metrics_json is None else TrialMetrics.from_dict(_loads(t.metrics_json)),
         tell_seq=t.tell_seq,
         attempts=t.attempts,
         started_at=_utc(t.started_at),
@@ -481,20 +499,21 @@ class Store:
     def set_study_status(self, study_id: int, status: str) -> None:
         _check_choice("study status", status, STUDY_STATUSES)
         with self._write() as s:
-            n = s.execute(
-                update(_Study).where(_Study.id == study_id).values(status=status, updated_at=_now())
-            ).rowcount
+            n = _rowcount(
+                s, update(_Study).where(_Study.id == study_id).values(status=status, updated_at=_now())
+            )
             if n == 0:
                 raise StoreError(f"unknown study id {study_id}")
 
     def update_study_config(self, study_id: int, config: dict[str, Any]) -> None:
         """Replace a study's config (e.g. to record values resolved on the first run)."""
         with self._write() as s:
-            n = s.execute(
+            n = _rowcount(
+                s,
                 update(_Study)
                 .where(_Study.id == study_id)
-                .values(config_json=_dumps(config), updated_at=_now())
-            ).rowcount
+                .values(config_json=_dumps(config), updated_at=_now()),
+            )
             if n == 0:
                 raise StoreError(f"unknown study id {study_id}")
 
@@ -511,20 +530,16 @@ class Store:
             raise StoreError(f"unknown trial id {trial_id}")
         return t
 
-    def add_trial(
-        self, study_id: int, seq: int, arch_id: str, arch_json: str | dict[str, Any], status: str = "pending"
-    ) -> TrialRow:
+    def add_trial(self, study_id: int, seq: int, arch: PolicyArch, status: str = "pending") -> TrialRow:
         _check_choice("trial status", status, TRIAL_STATUSES)
-        if not isinstance(arch_json, str):
-            arch_json = _dumps(arch_json)
         with self._write() as s:
             if s.get(_Study, study_id) is None:
                 raise StoreError(f"unknown study id {study_id}")
             t = _Trial(
                 study_id=study_id,
                 seq=seq,
-                arch_id=arch_id,
-                arch_json=arch_json,
+                arch_id=arch.arch_id,
+                arch_json=arch.to_json(),
                 status=status,
                 attempts=0,
                 started_at=_now() if status == "running" else None,
@@ -556,7 +571,7 @@ class Store:
     def complete_trial(
         self,
         trial_id: int,
-        metrics: dict[str, Any],
+        metrics: TrialMetrics,
         curve: Sequence[tuple[int, float, float]],
         wall_s: float,
         env_steps: int,
@@ -576,7 +591,7 @@ class Store:
             )
             t.status = "complete"
             t.error = None
-            t.metrics_json = _dumps(metrics)
+            t.metrics_json = _dumps(metrics.to_dict())
             t.wall_s = float(wall_s)
             t.env_steps = int(env_steps)
             t.finished_at = _now()
@@ -590,20 +605,20 @@ class Store:
                 t.wall_s = float(wall_s)
             self._touch(s, t.study_id)
 
-    def reject_trial(self, trial_id: int, reason: str, metrics: dict[str, Any] | None = None) -> None:
+    def reject_trial(self, trial_id: int, reason: str, metrics: TrialMetrics | None = None) -> None:
         """A candidate refused before training (e.g. predicted latency over budget)."""
         with self._write() as s:
             t = self._trial(s, trial_id)
             t.status, t.error, t.finished_at = "rejected", reason, _now()
             if metrics is not None:
-                t.metrics_json = _dumps(metrics)
+                t.metrics_json = _dumps(metrics.to_dict())
             self._touch(s, t.study_id)
 
-    def update_trial_metrics(self, trial_id: int, metrics: dict[str, Any]) -> None:
+    def update_trial_metrics(self, trial_id: int, metrics: TrialMetrics) -> None:
         """Replace a finished trial's metrics (re-scoring after a model recalibration)."""
         with self._write() as s:
             t = self._trial(s, trial_id)
-            t.metrics_json = _dumps(metrics)
+            t.metrics_json = _dumps(metrics.to_dict())
             self._touch(s, t.study_id)
 
     def record_tell(self, trial_id: int, tell_seq: int) -> None:
@@ -636,11 +651,12 @@ class Store:
     def requeue_interrupted(self, study_id: int) -> int:
         """Put trials left `running` by a killed search back to `pending`; returns how many."""
         with self._write() as s:
-            n = s.execute(
+            n = _rowcount(
+                s,
                 update(_Trial)
                 .where(_Trial.study_id == study_id, _Trial.status == "running")
-                .values(status="pending", attempts=_Trial.attempts + 1, started_at=None)
-            ).rowcount
+                .values(status="pending", attempts=_Trial.attempts + 1, started_at=None),
+            )
             if n:
                 self._touch(s, study_id)
             return n
@@ -704,9 +720,7 @@ class Store:
 
     def touch_device(self, name: str, when: datetime | None = None) -> None:
         with self._write() as s:
-            n = s.execute(
-                update(_Device).where(_Device.name == name).values(last_seen=when or _now())
-            ).rowcount
+            n = _rowcount(s, update(_Device).where(_Device.name == name).values(last_seen=when or _now()))
             if n == 0:
                 raise StoreError(f"unknown device {name!r}; register it with add_device first")
 
@@ -736,9 +750,7 @@ class Store:
         if detail is not None:
             values["detail_json"] = _dumps(detail)
         with self._write() as s:
-            n = s.execute(
-                update(_Deployment).where(_Deployment.id == deployment_id).values(**values)
-            ).rowcount
+            n = _rowcount(s, update(_Deployment).where(_Deployment.id == deployment_id).values(**values))
             if n == 0:
                 raise StoreError(f"unknown deployment id {deployment_id}")
 

@@ -1,34 +1,42 @@
-"""Read-only views of a study for the CLI: status counts and the ranked table."""
+"""Read-only views of a study for the CLI, the demo and export: status counts and the ranked table.
+
+Rows are dataclasses (`RankedTrial`, `RankedTable`); `to_dict()` gives the JSON that
+`robonas top --json` prints. The ranking itself is `robonas.scoring.rank`.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from robonas.scoring import pareto_front, ranking_key
-from robonas.space import PolicyArch
-from robonas.store import Store
+from robonas.metrics import TrialMetrics
+from robonas.scoring import pareto_front, rank, ranking_key, within_budget
+from robonas.store import Store, StudyRow, TrialRow
 
 STATUSES = ("complete", "running", "pending", "failed", "rejected")
 
 
-def _ranking(study_config: dict[str, Any]) -> tuple[str, str]:
-    """(metric, "mean" | "lcb") a study ranks by, from its stored config."""
-    ranking = ((study_config.get("search") or {}).get("objective") or {}).get("ranking", "mean")
-    return ranking_key(ranking), ranking
+def study_ranking(study: StudyRow) -> str:
+    """ "mean" or "lcb": what a study ranks by, from its stored config."""
+    search = study.config.get("search") or {}
+    return str((search.get("objective") or {}).get("ranking", "mean"))
 
 
-def _latency_budget_ms(study_config: dict[str, Any]) -> float | None:
-    budget = ((study_config.get("search") or {}).get("device") or {}).get("latency_budget_ms")
+def latency_budget_ms(study: StudyRow) -> float | None:
+    budget = ((study.config.get("search") or {}).get("device") or {}).get("latency_budget_ms")
     return float(budget) if isinstance(budget, (int, float)) else None
 
 
 def study_status(store: Store, name: str) -> dict[str, Any]:
     study = store.get_study(name)
     trials = store.trials(study.id)
-    key, _ = _ranking(study.config)
-    complete = [t for t in trials if t.status == "complete"]
-    best = max((t.metrics.get(key) for t in complete if t.metrics.get(key) is not None), default=None)
+    ranked = rank(trials, study_ranking(study))
+    best = (
+        None
+        if not ranked or ranked[0].metrics is None
+        else ranked[0].metrics.value(ranking_key(study_ranking(study)))
+    )
     search = study.config.get("search") or {}
     return {
         "study": study.name,
@@ -43,72 +51,124 @@ def study_status(store: Store, name: str) -> dict[str, Any]:
     }
 
 
-def ranked_trials(store: Store, name: str, n: int = 10, include_unfinished: bool = False) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RankedTrial:
+    """One row of `robonas top`: a trial's rank, architecture and figures."""
+
+    rank: int | None
+    trial: int
+    seq: int
+    arch_id: str
+    arch: str
+    objective: float | None
+    objective_lcb: float | None
+    auc: float | None
+    asymptotic_return: float | None
+    robustness_return: float | None
+    predicted_real_return: float | None
+    measured_real_return: float | None
+    measured_episodes: int | None
+    model_real_return: float | None
+    p50_ms: float | None
+    p99_ms: float | None
+    params: int | None
+    pareto: bool
+    # None when the trial has no latency figure or the study no budget
+    within_budget: bool | None
+    status: str
+    error: str | None
+    latency_model: str | None
+    gap_model: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RankedTable:
+    study: str
+    ranked_by: str
+    models: dict[str, str]
+    latency_budget_ms: float | None
+    rows: list[RankedTrial]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "study": self.study,
+            "ranked_by": self.ranked_by,
+            "models": self.models,
+            "latency_budget_ms": self.latency_budget_ms,
+            "rows": [r.to_dict() for r in self.rows],
+        }
+
+    def best_within_budget(self) -> RankedTrial | None:
+        """The best ranked row whose p99 (by the newest latency model) fits the budget.
+        Trials pass the budget when they are asked; a latency model refitted on a robot's reports
+        can later put one over it, and then it is no longer what `export --best` ships."""
+        return next((r for r in self.rows if r.rank is not None and r.within_budget), None)
+
+
+def ranked_trials(store: Store, name: str, n: int = 10, include_unfinished: bool = False) -> RankedTable:
     """Complete trials best first by the study's ranking, with the Pareto front marked."""
     study = store.get_study(name)
-    key, ranked_by = _ranking(study.config)
+    ranking = study_ranking(study)
     trials = store.trials(study.id)
-    complete = [t for t in trials if t.status == "complete" and t.metrics and t.metrics.get(key) is not None]
-    complete.sort(key=lambda t: (-t.metrics[key], t.seq))
+    complete = rank(trials, ranking)
     front = set(
         pareto_front(
-            (t.id, t.metrics["predicted_real_return"], t.metrics["p99_ms"])
+            (t.id, m.predicted_real_return, m.p99_ms)
             for t in complete
-            if math.isfinite(t.metrics["predicted_real_return"]) and math.isfinite(t.metrics["p99_ms"])
+            if (m := t.metrics) is not None
+            and m.predicted_real_return is not None
+            and m.p99_ms is not None
+            and math.isfinite(m.predicted_real_return)
+            and math.isfinite(m.p99_ms)
         )
     )
     models: dict[str, str] = {}
     for t in complete:
-        for m in ("latency_model", "gap_model"):
-            if t.metrics.get(m):
-                models.setdefault(m, t.metrics[m])
-    budget = _latency_budget_ms(study.config)
-    rows = []
-    for i, t in enumerate(complete[:n]):
-        rows.append(_row(t, i + 1, t.id in front, budget))
+        assert t.metrics is not None  # rank() keeps scored trials only
+        for key, version in (("latency_model", t.metrics.latency_model), ("gap_model", t.metrics.gap_model)):
+            if version:
+                models.setdefault(key, version)
+    budget = latency_budget_ms(study)
+    rows = [_row(t, i + 1, t.id in front, budget) for i, t in enumerate(complete[:n])]
     if include_unfinished:
         rows += [_row(t, None, False, budget) for t in trials if t.status != "complete"]
-    return {
-        "study": study.name,
-        "ranked_by": f"{key} ({ranked_by})",
-        "models": models,
-        "latency_budget_ms": budget,
-        "rows": rows,
-    }
+    return RankedTable(
+        study=study.name,
+        ranked_by=f"{ranking_key(ranking)} ({ranking})",
+        models=models,
+        latency_budget_ms=budget,
+        rows=rows,
+    )
 
 
-def best_within_budget(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Of `ranked_trials` rows, the best whose p99 (by the newest latency model) fits the budget.
-    Trials pass the budget when they are asked; a latency model refitted on a robot's reports can
-    later put one over it, and then it is no longer what `export --best` ships."""
-    return next((r for r in rows if r["within_budget"]), None)
-
-
-def _row(t, rank: int | None, pareto: bool, budget_ms: float | None = None) -> dict[str, Any]:
-    m = t.metrics or {}
-    p99 = m.get("p99_ms")
-    return {
-        "rank": rank,
-        "trial": t.id,
-        "seq": t.seq,
-        "arch_id": t.arch_id,
-        "arch": PolicyArch.from_json(t.arch_json).describe(),
-        "objective": m.get("objective"),
-        "objective_lcb": m.get("objective_lcb"),
-        "auc": m.get("auc"),
-        "asymptotic_return": m.get("asymptotic_return"),
-        "robustness_return": m.get("robustness_return"),
-        "predicted_real_return": m.get("predicted_real_return"),
-        "measured_real_return": m.get("measured_real_return"),
-        "measured_episodes": m.get("measured_episodes"),
-        "model_real_return": m.get("model_real_return"),
-        "p50_ms": m.get("p50_ms"),
-        "p99_ms": m.get("p99_ms"),
-        "params": m.get("params"),
-        "pareto": pareto,
-        "within_budget": None if p99 is None or budget_ms is None else bool(p99 <= budget_ms),
-        "status": t.status,
-        "error": t.error,
-        "latency_model": m.get("latency_model"),
-        "gap_model": m.get("gap_model"),
-    }
+def _row(t: TrialRow, rank: int | None, pareto: bool, budget_ms: float | None) -> RankedTrial:
+    m = t.metrics or TrialMetrics()
+    fits = None if m.p99_ms is None or budget_ms is None else within_budget(m.p99_ms, budget_ms)
+    return RankedTrial(
+        rank=rank,
+        trial=t.id,
+        seq=t.seq,
+        arch_id=t.arch_id,
+        arch=t.arch.describe(),
+        objective=m.objective,
+        objective_lcb=m.objective_lcb,
+        auc=m.auc,
+        asymptotic_return=m.asymptotic_return,
+        robustness_return=m.robustness_return,
+        predicted_real_return=m.predicted_real_return,
+        measured_real_return=m.measured_real_return,
+        measured_episodes=m.measured_episodes,
+        model_real_return=m.model_real_return,
+        p50_ms=m.p50_ms,
+        p99_ms=m.p99_ms,
+        params=m.params,
+        pareto=pareto,
+        within_budget=fits,
+        status=t.status,
+        error=t.error,
+        latency_model=m.latency_model,
+        gap_model=m.gap_model,
+    )

@@ -19,7 +19,6 @@ import numpy as np
 
 from device_agents.robots.sim_twin import SimTwin
 from robonas.export.trial_export import DeployableActor, trial_weights
-from robonas.space import PolicyArch
 from robonas.store import Store
 
 
@@ -56,7 +55,7 @@ def main() -> None:
     study = store.get_study(a.study)
     print("trial  arch" + " " * 30 + "".join(f"{d:>7.0f}ms" for d in delays))
     for trial in store.trials(study.id, status="complete"):
-        arch = PolicyArch.from_json(trial.arch_json)
+        arch = trial.arch
         if arch.history != 1:
             print(f"{trial.id:5d}  {arch.describe():32s}  skipped: history {arch.history} > 1")
             continue

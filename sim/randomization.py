@@ -13,13 +13,14 @@ import math
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, SupportsFloat
 
 import gymnasium
 import gymnasium.utils
 import numpy as np
 
 from sim.dynamics import Dynamics
+from sim.envs.base import substep_control
 from sim.errors import SimError
 
 Range = tuple[float, float]
@@ -94,6 +95,12 @@ def _uniform(rng: np.random.Generator, r: Range) -> float:
     return float(lo) if lo == hi else float(rng.uniform(lo, hi))
 
 
+def _box(space: gymnasium.spaces.Space[Any], what: str) -> gymnasium.spaces.Box:
+    if not isinstance(space, gymnasium.spaces.Box):
+        raise SimError(f"{what} needs a Box space, got {space}")
+    return space
+
+
 class DynamicsRandomization(gymnasium.Wrapper, gymnasium.utils.RecordConstructorArgs):
     """Draws a `sim.Dynamics` per episode and sets it on the env (takes effect from the first step)."""
 
@@ -102,12 +109,15 @@ class DynamicsRandomization(gymnasium.Wrapper, gymnasium.utils.RecordConstructor
         gymnasium.utils.RecordConstructorArgs.__init__(self, config=config)
         super().__init__(env)
         self._ranges = {name: getattr(config, name) for name in _DYNAMICS_FIELDS}
+        self._control = substep_control(env)
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[Any, dict[str, Any]]:
         obs, info = self.env.reset(seed=seed, options=options)
         rng = self.env.unwrapped.np_random
         dynamics = Dynamics(**{name: _uniform(rng, r) for name, r in self._ranges.items()})
-        self.env.unwrapped.set_dynamics(dynamics)
+        self._control.set_dynamics(dynamics)
         return obs, {**info, "dynamics": dynamics}
 
 
@@ -120,14 +130,17 @@ class ObservationNoise(gymnasium.ObservationWrapper, gymnasium.utils.RecordConst
         super().__init__(env)
         self._std_range = std
         self._std = 0.0
+        self._space = _box(env.observation_space, "ObservationNoise")
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         obs, info = self.env.reset(seed=seed, options=options)
         self._std = _uniform(self.env.unwrapped.np_random, self._std_range)
         return self.observation(obs), info
 
     def observation(self, observation: np.ndarray) -> np.ndarray:
-        space = self.observation_space
+        space = self._space
         noise = self.env.unwrapped.np_random.normal(0.0, self._std, size=np.shape(observation))
         return np.clip(observation + noise, space.low, space.high).astype(space.dtype)
 
@@ -142,11 +155,13 @@ class ActionDelay(gymnasium.ActionWrapper, gymnasium.utils.RecordConstructorArgs
         super().__init__(env)
         self._steps_range = steps
         self.delay_steps = 0
-        space = env.action_space
+        space = _box(env.action_space, "ActionDelay")
         self._neutral = ((space.low + space.high) / 2).astype(space.dtype)
         self._queue: deque[np.ndarray] = deque()
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[Any, dict[str, Any]]:
         obs, info = self.env.reset(seed=seed, options=options)
         lo, hi = self._steps_range
         self.delay_steps = lo if lo == hi else int(self.env.unwrapped.np_random.integers(lo, hi + 1))
@@ -168,15 +183,18 @@ class ControlPeriodJitter(gymnasium.Wrapper, gymnasium.utils.RecordConstructorAr
         super().__init__(env)
         self._jitter_range = jitter
         self._jitter = 0.0
+        self._control = substep_control(env)
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[Any, dict[str, Any]]:
         obs, info = self.env.reset(seed=seed, options=options)
         self._jitter = _uniform(self.env.unwrapped.np_random, self._jitter_range)
         return obs, info
 
-    def step(self, action):
+    def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
         if self._jitter > 0:
-            self.env.unwrapped.period_scale = 1.0 + float(
+            self._control.period_scale = 1.0 + float(
                 self.env.unwrapped.np_random.uniform(-self._jitter, self._jitter)
             )
         return self.env.step(action)

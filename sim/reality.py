@@ -23,6 +23,7 @@ from typing import Any
 import gymnasium
 
 from sim.dynamics import Dynamics
+from sim.envs.base import substep_control
 from sim.errors import SimError
 from sim.registry import check_env_id, make
 
@@ -119,5 +120,5 @@ def make_reality(name: str, **kwargs: Any) -> gymnasium.Env:
     if "randomization" in kwargs:
         raise SimError("make_reality does not take randomization=; a reality profile fixes every parameter")
     env = make(profile.env_id, randomization=profile.randomization(), **kwargs)
-    env.unwrapped.actuation_latency_s = profile.actuation_latency_s
+    substep_control(env).actuation_latency_s = profile.actuation_latency_s
     return env

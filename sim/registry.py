@@ -6,11 +6,14 @@ registering imports neither pybullet nor the env modules; they load on first `gy
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium
 
 from sim.errors import SimError
+
+if TYPE_CHECKING:
+    from sim.randomization import RandomizationConfig
 
 BULLET_HZ = 1.0 / 0.0165  # upstream Bullet tasks' control rate (kept equal to sim.envs.bullet)
 
@@ -41,7 +44,9 @@ def check_env_id(env_id: str) -> str:
     return env_id
 
 
-def make(env_id: str, *, randomization: Any = None, **kwargs: Any) -> gymnasium.Env:
+def make(
+    env_id: str, *, randomization: RandomizationConfig | dict[str, Any] | None = None, **kwargs: Any
+) -> gymnasium.Env:
     """Build a sim env by id, optionally wrapped in domain randomisation.
 
     randomization: None, a `RandomizationConfig`, or a dict for `RandomizationConfig.from_dict`.
@@ -51,13 +56,14 @@ def make(env_id: str, *, randomization: Any = None, **kwargs: Any) -> gymnasium.
     register_all()
     env = gymnasium.make(env_id, **kwargs)
     if randomization is not None:
-        from sim.randomization import RandomizationConfig, randomize  # noqa: PLC0415
+        from sim.randomization import RandomizationConfig, randomize  # here: loaded when used
 
         if isinstance(randomization, dict):
             randomization = RandomizationConfig.from_dict(randomization)
         elif not isinstance(randomization, RandomizationConfig):
             raise SimError(
-                f"randomization={randomization!r} is invalid; give a dict or a sim.randomization.RandomizationConfig"
+                f"randomization={randomization!r} is invalid; "
+                "give a dict or a sim.randomization.RandomizationConfig"
             )
         env = randomize(env, randomization)
     return env

@@ -47,3 +47,38 @@ def test_robonas_help_imports_no_torch():
         "try:\n    cli.main()\nexcept SystemExit:\n    pass"
     )
     assert "torch" not in loaded and "pybullet" not in loaded
+
+
+def _modules_of(package: str) -> list[str]:
+    pkg = __import__(package, fromlist=["__path__"])
+    return [package] + [m.name for m in pkgutil.walk_packages(pkg.__path__, f"{package}.")]
+
+
+def test_sim_imports_nothing_of_robonas_or_the_robot_side():
+    modules = _modules_of("sim")
+    loaded = set(_loaded_after("\n".join(f"import {m}" for m in modules)))
+    assert not {"robonas", "device_agents"} & loaded, f"sim modules {modules} pulled in {sorted(loaded)}"
+
+
+# The host subpackages that rank, store and model candidates run without the training stack:
+# `robonas top`, `report`, `calibrate` and the strategies' asks never import torch or pybullet.
+LIGHT_HOST_PACKAGES = ("robonas.models", "robonas.strategies", "robonas.fleet", "robonas.cli")
+LIGHT_HOST_MODULES = (
+    "robonas.space",
+    "robonas.metrics",
+    "robonas.scoring",
+    "robonas.store",
+    "robonas.study_views",
+    "robonas.config",
+    "robonas.search.loop",
+    "robonas.search.executor",
+    "robonas.search.curves",
+)
+
+
+def test_host_ranking_storing_and_modelling_import_no_training_stack():
+    modules = [m for p in LIGHT_HOST_PACKAGES for m in _modules_of(p) if not m.endswith("__main__")]
+    modules += LIGHT_HOST_MODULES
+    loaded = set(_loaded_after("\n".join(f"import {m}" for m in modules)))
+    heavy = {"torch", "pybullet", "stable_baselines3", "litert_torch", "ai_edge_quantizer"} & loaded
+    assert not heavy, f"{sorted(heavy)} imported by {modules}"

@@ -1,14 +1,18 @@
 """The robot back-end contract: what the control loop drives, whatever sits behind it.
 
 A small ABC (standard library `abc` only), like optuna's samplers: a back end is one file plus a
-line in `make_robot` and in the parametrised contract test (`tests/device_agents/test_robots.py`).
+row in `device_agents.robots.BACKENDS` and a line in the parametrised contract test
+(`tests/device_agents/test_robots.py`). numpy is named in annotations only, so importing the
+contract (and the back-end table) stays standard library.
 """
 
 from __future__ import annotations
 
 import abc
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class Robot(abc.ABC):
@@ -42,7 +46,7 @@ class Robot(abc.ABC):
     def step(self, action: np.ndarray, latency_s: float = 0.0) -> tuple[np.ndarray, float, bool]:
         """Apply `action` for one control period; (observation, reward, done)."""
 
-    def bind_policy(self, policy: object) -> None:
+    def bind_policy(self, policy: object) -> None:  # noqa: B027  (an optional hook, empty by design)
         """Called once before a run with the policy about to drive the robot (a TFLitePolicy or
         alike). Most robots need nothing from it; a twin emulating its own computer reads the
         policy's cost (`policy.macs`)."""
@@ -54,7 +58,7 @@ class Robot(abc.ABC):
         what that computer would take."""
         return measured_s
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (an optional hook, empty by design)
         """Release the robot (port, simulator). Safe to call twice."""
 
     def describe(self) -> dict:

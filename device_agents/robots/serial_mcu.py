@@ -7,7 +7,9 @@ each, so it can be typed by hand on a serial console and parsed on an MCU with `
 
 from __future__ import annotations
 
+import contextlib
 import time
+from typing import Any, Callable
 from urllib.parse import parse_qsl
 
 import numpy as np
@@ -19,7 +21,7 @@ from device_agents.robots.base import Robot
 DEFAULT_BAUDRATE = 115200
 DEFAULT_TIMEOUT_S = 2.0
 MAX_LINE = 4096  # bytes; a longer reply is a fault, not an observation
-_PARAMS = {"baudrate": int, "timeout": float}
+_PARAMS: dict[str, Callable[[str], float]] = {"baudrate": int, "timeout": float}
 
 
 class SerialRobotError(DeviceError):
@@ -30,10 +32,10 @@ def _fmt(x: float) -> str:
     return format(float(x), ".9g")
 
 
-def parse_url(url: str) -> tuple[str, dict, float]:
+def parse_url(url: str) -> tuple[str, dict[str, Any], float]:
     """(pyserial URL, kwargs, reply timeout) from `PATH?baudrate=N&timeout=S` or a pyserial URL."""
     path, _, query = url.partition("?")
-    kwargs: dict = {}
+    kwargs: dict[str, Any] = {}
     timeout = DEFAULT_TIMEOUT_S
     if "://" in path and query:
         return url, kwargs, timeout  # pyserial URL handlers parse their own options
@@ -160,14 +162,12 @@ class SerialRobot(Robot):
         a = np.asarray(action, np.float64).ravel()
         if a.size != self._act:
             raise SerialRobotError(f"{self.name}: action has {a.size} values, the MCU takes {self._act}")
-        latency_us = max(0, int(round(float(latency_s) * 1e6)))
+        latency_us = max(0, round(float(latency_s) * 1e6))
         line = "A " + str(latency_us) + " " + " ".join(_fmt(x) for x in a)
         return self._observation(self._request(line, "O"))
 
     def close(self) -> None:
         port = getattr(self, "_port", None)
         if port is not None:
-            try:
+            with contextlib.suppress(serial.SerialException, OSError):
                 port.close()
-            except (serial.SerialException, OSError):
-                pass

@@ -1,7 +1,8 @@
 """The sim-backed robot twin: a reality profile (`sim.reality.make_reality`) driven as a robot.
 
 The only device_agents module allowed to import `sim` (and through it gymnasium and pybullet),
-and only inside `SimTwin.__init__`, so choosing another back end never loads them.
+and only inside `SimTwin.__init__`, so choosing another back end never loads them. Where they
+are not installed (a robot), choosing this back end is one DeviceError saying what to install.
 
 The twin stands in for the robot's computer too (`compute_time`): a step measured at t on this
 machine takes `t * compute_scale + macs / compute_macs_per_s` there. The first term scales what
@@ -35,11 +36,15 @@ _CAP = 0.999  # of one period: the env takes latencies in [0, dt)
 class SimTwin(Robot):
     def __init__(self, profile: str, fast: bool = False, **env_kwargs: Any):
         try:
+            from gymnasium import spaces
+
+            from sim.envs.base import substep_control
             from sim.errors import SimError
             from sim.reality import get_profile, make_reality
-        except ImportError as e:
+        except ModuleNotFoundError as e:  # not installed; an ImportError inside `sim` speaks for itself
             raise DeviceError(
-                f"robot sim:{profile} needs the host packages (sim, gymnasium, pybullet): {e}"
+                f"robot sim:{profile} needs robonas's host side (Python 3.11+, "
+                f"pip install 'robonas[host]'): no module named {e.name!r}"
             ) from e
         try:
             self._profile = get_profile(profile)
@@ -48,22 +53,29 @@ class SimTwin(Robot):
             raise DeviceError(f"robot sim:{profile}: {e}") from e
         self.name = f"sim:{profile}"
         self.fast = fast  # the twin never sleeps itself; the control loop keeps the time
-        u = self._env.unwrapped
+        self._control = substep_control(self._env)
         self._base_latency = float(self._profile.actuation_latency_s)
-        self._compute_scale = float(getattr(self._profile, "compute_scale", 1.0))
-        self._macs_per_s = float(getattr(self._profile, "compute_macs_per_s", 0.0))
+        self._compute_scale = float(self._profile.compute_scale)
+        self._macs_per_s = float(self._profile.compute_macs_per_s)
         self._macs: int | None = None
         self._pending: list[tuple[float, int, np.ndarray]] = []  # (ready time, index, action)
         self._t = 0  # control periods since reset
         self._applied_ms: list[float] = []
         self._stale = 0
-        self._dt = float(u.dt)
-        self._hz = float(u.control_hz)
-        space = self._env.action_space
-        self._discrete = hasattr(space, "n") and not hasattr(space, "low")
-        self._n = int(getattr(space, "n", 0))
-        self._act_size = 1 if self._discrete else int(np.prod(space.shape))
-        self._obs_size = int(np.prod(self._env.observation_space.shape))
+        self._dt = float(self._control.dt)
+        self._hz = float(self._control.control_hz)
+        action_space, obs_space = self._env.action_space, self._env.observation_space
+        self._act_shape: tuple[int, ...]
+        if isinstance(action_space, spaces.Discrete):  # one action value: the index
+            self._discrete, self._n, self._act_shape = True, int(action_space.n), (1,)
+        elif isinstance(action_space, spaces.Box):
+            self._discrete, self._n, self._act_shape = False, 0, action_space.shape
+        else:
+            raise DeviceError(f"robot sim:{profile}: action space {action_space} is not a Box or Discrete")
+        if not isinstance(obs_space, spaces.Box):
+            raise DeviceError(f"robot sim:{profile}: observation space {obs_space} is not a Box")
+        self._act_size = int(np.prod(self._act_shape))
+        self._obs_size = int(np.prod(obs_space.shape))
         self._closed = False
 
     @property
@@ -112,13 +124,13 @@ class SimTwin(Robot):
         else:
             chosen, hold = self._current, 0.0  # nothing new: the motors keep the last action
             self._stale += 1
-        self._env.unwrapped.actuation_latency_s = hold
+        self._control.actuation_latency_s = hold
         self._current = chosen
         self._t += 1
         if self._discrete:
             env_action: Any = int(np.clip(np.rint(chosen[0]), 0, self._n - 1))
         else:
-            env_action = chosen.reshape(self._env.action_space.shape)
+            env_action = chosen.reshape(self._act_shape)
         obs, reward, terminated, truncated, _ = self._env.step(env_action)
         return np.asarray(obs, np.float32).ravel(), float(reward), bool(terminated or truncated)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 REFERENCE_ENV = "CartPole-v1"
 
@@ -20,7 +21,7 @@ class EnvBench:
     steps_per_s: float
     ratio_to_reference: float | None = None
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 

@@ -6,8 +6,15 @@ Imports only typer at module level; the work is imported inside each command.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    from robonas.models.recalibrate import RankChange
+    from robonas.space import SearchSpace
+    from robonas.store import Store
 
 calibrate_app = typer.Typer(
     help="Refit the latency and gap models from what robots measured.", no_args_is_help=True
@@ -15,7 +22,7 @@ calibrate_app = typer.Typer(
 _STORE_HELP = "Store URL (default: $ROBONAS_STORE or sqlite:///runs/robonas.db)."
 
 
-def _space_for(config: str | None, study: str | None, store):
+def _space_for(config: str | None, study: str | None, store: Store) -> SearchSpace:
     """The search space to draw probes from: a study's stored config, or a config file."""
     from robonas.config import load_config, parse_config
     from robonas.search.loop import EnvInfo
@@ -66,7 +73,7 @@ def calibrate_latency(
     space = _space_for(config, study, db)
     with AgentClient(entry.link, entry.timeout_s, name=entry.name) as client, Progress(transient=True) as bar:
         task = bar.add_task(f"BENCH on {entry.name}", total=n_archs)
-        model, version, m = calibrate_latency_on_agent(
+        _model, version, m = calibrate_latency_on_agent(
             db,
             client,
             entry.name,
@@ -109,7 +116,7 @@ def calibrate_gap_cmd(
     from robonas.store import Store
 
     db = Store(store)
-    model, version, m = calibrate_gap(db, study)
+    _model, version, m = calibrate_gap(db, study)
     out = {
         "study": study,
         "version": version,
@@ -149,7 +156,7 @@ def rerank_command(
     print_rank_changes(changes, models)
 
 
-def print_rank_changes(changes, models) -> None:
+def print_rank_changes(changes: Sequence[RankChange], models: dict[str, str]) -> None:
     from rich.console import Console
     from rich.table import Table
 

@@ -14,9 +14,18 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import typer
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import TaskID
+
+    from robonas.fleet.deploy import RolloutEvent, RolloutResult
+    from robonas.fleet.inventory import Inventory
+    from robonas.store import Store
 
 fleet_app = typer.Typer(help="Robots in a fleet file: status, rollback, fresh runs.", no_args_is_help=True)
 
@@ -24,20 +33,22 @@ _FLEET_HELP = "Fleet inventory TOML (one [[agent]] per robot), e.g. launch/fleet
 _STORE_HELP = "Store URL (default: $ROBONAS_STORE or sqlite:///runs/robonas.db)."
 _AGENTS_HELP = "Comma-separated agent names (default: every agent in the fleet file)."
 
+T = TypeVar("T")
 
-def _console(stderr: bool = False):
+
+def _console(stderr: bool = False) -> Console:
     from rich.console import Console
 
     return Console(stderr=stderr) if sys.stdout.isatty() else Console(width=160, stderr=stderr)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     """One line on stderr, exit 2 (the same form as robonas.cli.app.main's handler)."""
     print(f"robonas: error: {' '.join(message.split())}", file=sys.stderr)
     raise typer.Exit(2)
 
 
-def _guard(fn):
+def _guard(fn: Callable[[], T]) -> T:
     """Run fn(); RobonasError/DeviceError -> one line and exit 2 (also when mounted elsewhere)."""
     from device_agents.errors import DeviceError
     from robonas.errors import RobonasError
@@ -48,7 +59,7 @@ def _guard(fn):
         _fail(str(e))
 
 
-def _open_store(url: str | None):
+def _open_store(url: str | None) -> Store:
     from robonas.store import Store
 
     return Store(url)
@@ -112,20 +123,20 @@ def deploy_command(
 
 
 def _deploy(
-    artifact,
-    fleet,
-    agents,
-    canary,
-    episodes,
-    seed,
-    min_return,
-    max_miss_rate,
-    max_steps,
-    retries,
-    key,
-    store_url,
-    as_json,
-):
+    artifact: str,
+    fleet: str,
+    agents: str | None,
+    canary: int,
+    episodes: int,
+    seed: int,
+    min_return: float | None,
+    max_miss_rate: float | None,
+    max_steps: int | None,
+    retries: int,
+    key: str | None,
+    store_url: str | None,
+    as_json: bool,
+) -> RolloutResult:
     from robonas.fleet.deploy import rollout
     from robonas.fleet.inventory import load_inventory
 
@@ -172,7 +183,7 @@ def _deploy(
     return result
 
 
-def _study_of(artifact) -> str | None:
+def _study_of(artifact: str) -> str | None:
     from pathlib import Path
 
     try:
@@ -181,12 +192,12 @@ def _study_of(artifact) -> str | None:
         return None
 
 
-def _recalibrate(store, studies, profiles) -> None:
+def _recalibrate(store: Store, studies: Iterable[str | None], profiles: list[str]) -> None:
     """New reports: refit the latency and gap models where they allow it and re-rank."""
     from robonas.errors import StoreError
     from robonas.models.recalibrate import after_reports
 
-    known = []
+    known: list[str] = []
     for name in filter(None, studies):
         try:
             store.get_study(name)
@@ -198,19 +209,19 @@ def _recalibrate(store, studies, profiles) -> None:
 
 
 def _deploy_with_progress(
-    artifact,
-    inventory,
-    agents,
-    canary,
-    episodes,
-    seed,
-    min_return,
-    max_miss_rate,
-    max_steps,
-    retries,
-    key,
-    store,
-):
+    artifact: str,
+    inventory: Inventory,
+    agents: str | None,
+    canary: int,
+    episodes: int,
+    seed: int,
+    min_return: float | None,
+    max_miss_rate: float | None,
+    max_steps: int | None,
+    retries: int,
+    key: str | None,
+    store: Store,
+) -> RolloutResult:
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
     from robonas.fleet.deploy import rollout
@@ -223,9 +234,9 @@ def _deploy_with_progress(
         TextColumn("{task.fields[note]}"),
     )
     with Progress(*columns, console=_console(stderr=True), transient=False) as bar:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, TaskID] = {}
 
-        def on_event(ev) -> None:
+        def on_event(ev: RolloutEvent) -> None:
             if ev.agent not in tasks:
                 tasks[ev.agent] = bar.add_task(ev.agent, total=None, note="")
             t = tasks[ev.agent]
@@ -256,7 +267,7 @@ def _deploy_with_progress(
         )
 
 
-def _print_rollout(result) -> None:
+def _print_rollout(result: RolloutResult) -> None:
     from rich.table import Table
 
     t = Table(title=f"deploy {result.artifact} (sha256 {result.sha256[:12]}, {result.size} B)")
@@ -365,7 +376,7 @@ def status_command(
         _fail(f"unreachable robot(s): {', '.join(down)}")
 
 
-def _status(fleet, agents, store_url) -> list[dict[str, Any]]:
+def _status(fleet: str, agents: str | None, store_url: str | None) -> list[dict[str, Any]]:
     from robonas.fleet.client import AgentClient, FleetError
     from robonas.fleet.inventory import load_inventory
     from robonas.fleet.reports import last_reports, register_device, summarise_report
@@ -427,7 +438,7 @@ def rollback_command(
         )
 
 
-def _rollback(fleet, agent, store_url) -> dict[str, Any]:
+def _rollback(fleet: str, agent: str, store_url: str | None) -> dict[str, Any]:
     from robonas.fleet.client import AgentClient
     from robonas.fleet.inventory import load_inventory
     from robonas.fleet.reports import artifact_for_sha, record_deployment, register_device
@@ -509,7 +520,9 @@ def run_command(
         _fail(f"run failed on robot(s): {', '.join(bad)}")
 
 
-def _run(fleet, episodes, seed, agents, store_url) -> list[dict[str, Any]]:
+def _run(
+    fleet: str, episodes: int, seed: int, agents: str | None, store_url: str | None
+) -> list[dict[str, Any]]:
     import time
 
     from robonas.fleet.client import AgentClient, FleetError

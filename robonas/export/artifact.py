@@ -3,7 +3,7 @@
 Leans on `device_agents.signing` for canonical JSON, Ed25519 signatures and the verdict (the
 robot runs the same code, so host and agent agree byte for byte) and on
 `device_agents.runtime` for the TFLite file check, the tensors' dtypes and quantisation and the
-check of `input_normalisation` (the robot reads the artifact with `TFLitePolicy.from_artifact`).
+check of `input_normalisation` (the robot reads the artifact directory with `TFLitePolicy(directory)`).
 
 Layout, chosen to be the simplest thing to verify:
 - `manifest.json` is written as exactly the canonical JSON that gets signed, so its bytes are the
@@ -21,7 +21,7 @@ import os
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,11 +29,18 @@ from device_agents.atomic import atomic_write
 from device_agents.runtime import MANIFEST_FILE, MODEL_FILE
 from robonas.errors import RobonasError
 
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from device_agents.runtime import _TensorSpec
+    from device_agents.signing import Verdict
+    from robonas.space import PolicyArch
+
 FORMAT_VERSION = 1
 SIGNATURE_FILE = "manifest.sig"  # model and manifest names are the runtime's (it reads them)
 
 
-def _tensor(spec) -> dict[str, Any]:
+def _tensor(spec: _TensorSpec) -> dict[str, Any]:
     scale, zero_point = spec.scale, spec.zero_point
     return {
         "dtype": spec.dtype.name,
@@ -48,7 +55,7 @@ def build_manifest(
     model: bytes,
     study: str,
     trial: int,
-    arch,
+    arch: PolicyArch,
     spaces: dict[str, Any],
     frame_mean: np.ndarray,
     control_hz: float | None,
@@ -117,7 +124,10 @@ def build_manifest(
 
 
 def write_artifact(
-    directory: str | Path, model_bytes: bytes, manifest: dict[str, Any], private_key=None
+    directory: str | Path,
+    model_bytes: bytes,
+    manifest: dict[str, Any],
+    private_key: Ed25519PrivateKey | str | os.PathLike[str] | None = None,
 ) -> Path:
     """Write the model, the manifest and (with `private_key`, an Ed25519 key or a key path) the
     detached signature. A stale `manifest.sig` from an earlier export is removed when unsigned."""
@@ -198,7 +208,7 @@ def load_artifact(directory: str | Path) -> tuple[dict[str, Any], bytes, str | N
     return manifest, model, signature
 
 
-def verify(directory: str | Path, trusted_public_keys: Iterable[Any]):
+def verify(directory: str | Path, trusted_public_keys: Iterable[Any]) -> Verdict:
     """The agent's verdict on this artifact (`device_agents.signing.Verdict`): ok only when the
     model matches the manifest's sha256 and a trusted key signed the manifest; an unsigned
     artifact gets reason "unsigned". Missing files raise RobonasError (not an artifact at all)."""

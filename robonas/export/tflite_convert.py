@@ -53,6 +53,8 @@ def _quiet() -> Iterator[list[str]]:
                 yield tail
         finally:
             for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+                if stream is None:  # sys.__stdout__/__stderr__ are None without a console
+                    continue
                 with contextlib.suppress(Exception):
                     stream.flush()
             os.dup2(saved_fds[0], 1)

@@ -6,15 +6,10 @@ those of the shipped bytes) and `robonas.export.artifact` (manifest, atomic file
 
 `DeployableActor` is the torch reference of one control step, raw sensor values in, ready action
 out. It is two pieces:
-- observation normalisation exactly as SB3's `VecNormalize` applied it during training:
-  (obs - mean) / sqrt(var + epsilon), clipped to +-clip_obs, per frame of the history. This is
-  NOT in the exported graph: the manifest carries it (`input_normalisation`, per element of the
-  stacked input) and the robot's `TFLitePolicy` applies it, fused into the int8 input
-  quantisation. Folded into the graph, the int8 input would hold raw observations under ONE
-  scale, and narrow features drown (cartpole: cart position spans +-2.4, cos(theta) moves by
-  0.003; the input rounding alone cost a mean action error of 0.09 in [-1, 1]). Normalised, every
-  feature gets ~255 steps over its own spread. fp32 artifacts use the same scheme, so there is
-  one graph, one manifest layout and one runtime path for both;
+- observation normalisation as SB3's `VecNormalize` applied it in training, kept out of the
+  exported graph: the manifest carries it (`input_normalisation`) and the robot applies it, as
+  `device_agents.runtime` explains ("Observation normalisation", the contract `TFLitePolicy`'s
+  `input_normalisation` follows);
 - `PolicyHead`, the exported graph: the actor and the action post-processing of SB3's
   deterministic `predict`: PPO on a Box clips the Gaussian mean to the bounds; SAC squashes with
   tanh and rescales [-1, 1] to [low, high]; a Discrete space takes the argmax of the logits.
@@ -42,7 +37,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -50,6 +45,9 @@ from torch import nn
 
 from robonas.errors import ConfigError, RobonasError, StoreError
 from robonas.space import PolicyArch
+
+if TYPE_CHECKING:
+    from robonas.store import Store, StudyRow, TrialRow
 
 TRANSFORMS = ("clip", "tanh_rescale", "argmax")
 # Seeds of the rollouts: calibration and parity use disjoint ranges, away from the training
@@ -74,6 +72,10 @@ class ExportRefused(RobonasError):
 class PolicyHead(nn.Module):
     """The exported graph: normalised observation (1, input_dim) -> ready action (1, output_dim)."""
 
+    # buffers (registered for continuous actions only)
+    low: torch.Tensor
+    high: torch.Tensor
+
     def __init__(self, actor: nn.Module, transform: str, low: torch.Tensor | None, high: torch.Tensor | None):
         super().__init__()
         self.actor = actor
@@ -94,6 +96,10 @@ class PolicyHead(nn.Module):
 class DeployableActor(nn.Module):
     """Raw observation (1, obs_dim*history) float32 -> ready action (1, act_dim) or (1, 1) index:
     normalisation (`normalise`), then `head`, the part that is exported."""
+
+    # buffers
+    mean: torch.Tensor
+    inv_std: torch.Tensor
 
     def __init__(
         self, arch: PolicyArch, actor: nn.Module, obs_norm: dict[str, np.ndarray], spaces: dict[str, Any]
@@ -151,15 +157,10 @@ class DeployableActor(nn.Module):
             return self.normalise_torch(x).numpy()
 
     @classmethod
-    def from_trial_dir(cls, trial_dir: str | Path, arch: PolicyArch) -> DeployableActor:
-        """From the files training wrote (actor.pt, obs_norm.npz, spaces.json)."""
-        d = Path(trial_dir)
-        return cls.from_files(d / "actor.pt", d / "obs_norm.npz", d / "spaces.json", arch)
-
-    @classmethod
     def from_files(
         cls, actor_path: str | Path, obs_norm_path: str | Path, spaces_path: str | Path, arch: PolicyArch
     ) -> DeployableActor:
+        """From the files training wrote (actor.pt, obs_norm.npz, spaces.json: `trial_weights`)."""
         if not isinstance(arch, PolicyArch):
             raise ConfigError(f"arch: {arch!r} is not a PolicyArch (the trial's architecture)")
         for p in (actor_path, obs_norm_path, spaces_path):
@@ -204,7 +205,7 @@ def _finite_bounds(action: dict[str, Any], act_dim: int) -> tuple[np.ndarray, np
 
 
 # --- rollouts -----------------------------------------------------------------------------------
-def _to_env_action(action: np.ndarray, spaces: dict[str, Any]):
+def _to_env_action(action: np.ndarray, spaces: dict[str, Any]) -> int | np.ndarray:
     a = spaces["action"]
     if a["discrete"]:
         return int(np.clip(np.rint(action[0]), 0, a["n"] - 1))
@@ -287,7 +288,7 @@ def parity(
     figures: dict[str, Any] = {
         "episodes": episodes,
         "seeds": [seeds[0], seeds[-1]],
-        "held_out_observations": int(len(held_out)),
+        "held_out_observations": len(held_out),
         "action_max_abs_error": float(err.max()),
         "action_mean_abs_error": float(err.mean()),
         "torch_return": float(torch_returns.mean()),
@@ -307,21 +308,21 @@ class ExportResult:
     artifact_id: int
 
 
-def _pick_trial(store, study, trial_id: int | None):
+def _pick_trial(store: Store, study: StudyRow, trial_id: int | None) -> TrialRow:
     if trial_id is None:
-        from robonas.study_views import best_within_budget, ranked_trials
+        from robonas.study_views import ranked_trials
 
-        rows = ranked_trials(store, study.name, n=10**9)["rows"]
-        if not rows:
+        table = ranked_trials(store, study.name, n=10**9)
+        if not table.rows:
             raise RobonasError(f"study {study.name!r} has no complete trial to export")
-        best = best_within_budget(rows)
+        best = table.best_within_budget()
         if best is None:
             raise RobonasError(
                 f"study {study.name!r}: no complete trial fits the latency budget "
                 "by the newest latency model (see `robonas top`); export one "
                 "with --trial ID to ship it anyway"
             )
-        trial_id = best["trial"]
+        trial_id = best.trial
     try:
         trial = store.get_trial(trial_id)
     except StoreError as e:
@@ -333,7 +334,7 @@ def _pick_trial(store, study, trial_id: int | None):
     return trial
 
 
-def trial_weights(store, trial) -> dict[str, str]:
+def trial_weights(store: Store, trial: TrialRow) -> dict[str, str]:
     """The files training wrote for `trial` (actor, obs_norm, spaces), checked to exist."""
     rows = store.artifacts(trial.id, "weights")
     if not rows:
@@ -374,7 +375,7 @@ def _control_hz(env_id: str, env_kwargs: dict[str, Any]) -> float | None:
 
 
 def export_trial(
-    store,
+    store: Store,
     study_name: str,
     trial_id: int | None = None,
     *,
@@ -404,7 +405,7 @@ def export_trial(
         )
     lo, hi = float(resolved["return_lo"]), float(resolved["return_hi"])
 
-    arch = PolicyArch.from_json(trial.arch_json)
+    arch = trial.arch
     actor = DeployableActor.from_files(files["actor"], files["obs_norm"], files["spaces"], arch)
     env_id = actor.spaces.get("env_id") or config.env.id
     env_kwargs = dict(config.env.kwargs)

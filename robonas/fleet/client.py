@@ -25,11 +25,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from device_agents.errors import DeviceError
 from device_agents.protocol import DEFAULT_CHUNK, MAX_PAYLOAD, PREFIX_SIZE, Message, MsgType
 from robonas.errors import ConfigError, RobonasError
+
+if TYPE_CHECKING:
+    from device_agents.link import Link
 
 PROTOCOL_VERSION = 1
 DEFAULT_EPISODE_TIMEOUT_S = 60.0  # one canary/run episode; a 1000-step episode at 20 Hz is 50 s
@@ -56,7 +59,7 @@ class LinkFailure(FleetError):
 class AgentRefused(FleetError):
     """The agent answered NACK or ERROR; `reason` is its reason code, `header` the whole reply."""
 
-    def __init__(self, message: str, agent: str, operation: str, reason: str, header: dict):
+    def __init__(self, message: str, agent: str, operation: str, reason: str, header: dict[str, Any]):
         super().__init__(message, agent, operation)
         self.reason = reason
         self.header = header
@@ -155,7 +158,7 @@ class AgentClient:
         self.timeout_s = float(timeout_s)
         self.episode_timeout_s = float(episode_timeout_s)
         self.bench_timeout_s = float(bench_timeout_s)
-        self._link = None
+        self._link: Link | None = None
         self.agent_hello: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ link handling
@@ -169,7 +172,7 @@ class AgentClient:
     def baudrate(self) -> int | None:
         return None if self._link is None else self._link.baudrate
 
-    def connect(self):
+    def connect(self) -> Link:
         """Open the link if it is not open (no HELLO is sent); returns the `Link`."""
         if self._link is None:
             from device_agents.link import open_link
@@ -191,7 +194,7 @@ class AgentClient:
         self,
         operation: str,
         msg_type: MsgType,
-        header: dict | None = None,
+        header: dict[str, Any] | None = None,
         payload: bytes = b"",
         extra_s: float = 0.0,
         wire_bytes: int = 0,
@@ -209,7 +212,7 @@ class AgentClient:
                 operation,
             ) from e
 
-    def _expect(self, operation: str, reply: Message, *types: MsgType) -> dict:
+    def _expect(self, operation: str, reply: Message, *types: MsgType) -> dict[str, Any]:
         if reply.type in types:
             return dict(reply.header)
         if reply.type in (MsgType.NACK, MsgType.ERROR):
@@ -318,7 +321,7 @@ class AgentClient:
     def deploy(
         self,
         artifact_dir: str | Path,
-        canary: Canary | dict | None = None,
+        canary: Canary | dict[str, Any] | None = None,
         progress: Progress | None = None,
         *,
         signature: str | None = None,
@@ -342,7 +345,7 @@ class AgentClient:
         result = DeployResult(agent=self.name, ok=False, sha256=sha, size=size)
         t0 = time.perf_counter()
 
-        def refused(step: str, header: dict, msg_type: MsgType) -> DeployResult:
+        def refused(step: str, header: dict[str, Any], msg_type: MsgType) -> DeployResult:
             result.step = step
             result.reason = str(header.get("reason", "?"))
             if msg_type == MsgType.ERROR:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from robonas.errors import ConfigError
 from robonas.fleet.client import AgentClient, AgentRefused, Canary, DeployResult, LinkFailure
@@ -33,6 +33,9 @@ from robonas.fleet.reports import (
     record_report,
     register_device,
 )
+
+if TYPE_CHECKING:
+    from robonas.store import Store
 
 STATUSES = ("ok", "refused", "link-failure", "skipped")
 RETRY_BACKOFF_S = 0.5  # wait before retry n: n x this (an agent re-listens after a dropped link)
@@ -120,7 +123,7 @@ def _deploy_one(
     canary: Canary,
     signature: str | None,
     retries: int,
-    store,
+    store: Store | None,
     ref: ArtifactRef,
     make_client: ClientFactory,
     emit: Listener,
@@ -185,7 +188,12 @@ def _deploy_one(
 
 
 def _store(
-    store, entry: AgentEntry, res: RobotResult, outcome: DeployResult | None, ref: ArtifactRef, sha: str
+    store: Store,
+    entry: AgentEntry,
+    res: RobotResult,
+    outcome: DeployResult | None,
+    ref: ArtifactRef,
+    sha: str,
 ) -> None:
     detail = {
         "sha256": sha,
@@ -237,7 +245,7 @@ def rollout(
     min_return: float | None = None,
     max_miss_rate: float | None = None,
     max_steps: int | None = None,
-    store=None,
+    store: Store | None = None,
     retries: int = 1,
     key: str | Path | None = None,
     progress: Listener | None = None,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from robonas.errors import RobonasError
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[2]  # the checkout: robonas/fleet/local_agents.py -> ../..
 
 
 @dataclass
@@ -28,7 +28,7 @@ class LocalAgent:
     trust: Path
     fast: bool = True
     url: str = ""
-    proc: subprocess.Popen | None = field(default=None, repr=False)
+    proc: subprocess.Popen[str] | None = field(default=None, repr=False)
 
     def start(self, timeout_s: float = 60.0) -> LocalAgent:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -54,11 +54,14 @@ class LocalAgent:
             **os.environ,
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         }
-        log = open(self.state_dir / "agent.log", "ab")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, text=True)
+        # the child writes its log through its own copy of the descriptor; ours can close
+        with open(self.state_dir / "agent.log", "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, text=True)
+        stdout = self.proc.stdout
+        assert stdout is not None  # stdout=PIPE
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
+            line = stdout.readline()
             if not line:
                 break
             if line.startswith("listening on "):

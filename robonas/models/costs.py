@@ -1,12 +1,13 @@
 """Cost figures of one network layer: parameters, multiply-accumulates and memory traffic.
 
 `PolicyArch` (robonas/space.py) reports a list of these for its actor, layer by layer; the
-latency models (robonas/latency_model.py) turn them into milliseconds for a device.
+latency models (robonas/models/latency_model.py) turn them into milliseconds for a device.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class LayerCost:
         """Bytes read and written: parameters plus input and output activations."""
         return elem_bytes * (self.params + self.act_in + self.act_out)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 

@@ -1,6 +1,6 @@
 """Device profiles: the figures the latency model needs about one kind of robot computer.
 
-A profile is data, not code (DESIGN.md "Conventions"): one TOML file per device in
+A profile is data, not code (README.md, "Data, not code"): one TOML file per device in
 `launch/devices/`, each figure commented with where it comes from. This module only finds,
 parses (standard-library `tomllib`) and validates those files into a frozen `DeviceProfile`.
 The figures are priors; the calibrated latency model refits them from what the agents report.

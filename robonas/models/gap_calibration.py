@@ -37,12 +37,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from robonas.errors import ConfigError, RobonasError
 from robonas.models.gap_model import GapFeatures, GapModel, GapPrediction, HeuristicGapModel
+
+if TYPE_CHECKING:
+    from robonas.store import Store
 
 PARAMS_FORMAT = 1
 FEATURES = ("bias", "latency_share", "latency_overrun", "robustness_drop", "log_params")
@@ -76,7 +80,7 @@ class GapObservation:
         return (f.asymptotic_return - self.real_return) / f.return_range
 
 
-def design_row(f: GapFeatures) -> np.ndarray:
+def design_row(f: GapFeatures) -> NDArray[np.float64]:
     """The regression features of one candidate, in `FEATURES` order."""
     share = f.latency_share
     return np.array(
@@ -90,7 +94,7 @@ def design_row(f: GapFeatures) -> np.ndarray:
     )
 
 
-def _vector(label: str, values: Sequence[float], positive: bool = False) -> np.ndarray:
+def _vector(label: str, values: Sequence[float], positive: bool = False) -> NDArray[np.float64]:
     arr = np.asarray(values, dtype=float)
     if arr.shape != (len(FEATURES),) or not np.all(np.isfinite(arr)) or (positive and not np.all(arr > 0)):
         need = "positive" if positive else "finite"
@@ -143,7 +147,7 @@ class BayesianGapModel(GapModel):
         self.mean = self.prior_mean.copy()
         self.cov = np.diag(self.prior_std**2)
         self.noise_scale = self.noise_prior_scale
-        self.weights: np.ndarray = np.zeros(0)
+        self.weights: NDArray[np.float64] = np.zeros(0)
         self.n_observations = 0
         self.version = str(int(version))
 
@@ -277,14 +281,14 @@ class BayesianGapModel(GapModel):
 # ----------------------------------------------------------------------------- store
 
 
-def save_gap_model(store: Any, study_id: int, model: BayesianGapModel, metrics: Mapping[str, Any]) -> int:
+def save_gap_model(store: Store, study_id: int, model: BayesianGapModel, metrics: Mapping[str, Any]) -> int:
     """Store `model` as the next "gap" version of the study; sets and returns the version."""
     row = store.add_model_version("gap", model.to_params(), dict(metrics), study_id=study_id)
     model.version = str(row.version)
     return int(row.version)
 
 
-def load_gap_model(store: Any, study_id: int) -> BayesianGapModel | None:
+def load_gap_model(store: Store, study_id: int) -> BayesianGapModel | None:
     """The latest gap calibration of the study, or None when it has never been calibrated."""
     row = store.latest_model_version("gap", study_id=study_id)
     if row is None:

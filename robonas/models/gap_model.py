@@ -1,8 +1,8 @@
 """Sim-to-real gap models: how much return a policy is expected to lose on the robot.
 
 `GapModel` is the interface the scorer calls; `HeuristicGapModel` is the default used before any
-robot has reported. The calibrated Bayesian regression (a later issue) implements the same
-`predict(features) -> GapPrediction` and is stored as a versioned row.
+robot has reported. The calibrated Bayesian regression (`robonas.models.gap_calibration`)
+implements the same `predict(features) -> GapPrediction` and is stored as a versioned row.
 
 The heuristic encodes two effects, each with a coefficient given to the constructor:
 

@@ -44,9 +44,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import NDArray
 from scipy.optimize import least_squares
 
 from robonas.errors import ConfigError, RobonasError
@@ -60,6 +61,9 @@ from robonas.models.latency_model import (
     LatencyPrediction,
 )
 from robonas.space import PolicyArch, SearchSpace
+
+if TYPE_CHECKING:
+    from robonas.store import Store
 
 PARAMS_FORMAT = 1
 # Residual features, in order; the activation shares need the architecture, not only its costs.
@@ -103,7 +107,7 @@ class LatencySample:
 # ----------------------------------------------------------------------------- features
 
 
-def residual_features(costs: Sequence[LayerCost], arch: PolicyArch | None = None) -> np.ndarray:
+def residual_features(costs: Sequence[LayerCost], arch: PolicyArch | None = None) -> NDArray[np.float64]:
     """Raw residual features (order `RESIDUAL_FEATURES`); activation shares NaN without `arch`."""
     macs = sum(c.macs for c in costs)
     n_linear = sum(1 for c in costs if c.kind == "linear")
@@ -118,7 +122,7 @@ def residual_features(costs: Sequence[LayerCost], arch: PolicyArch | None = None
     return np.asarray(row, dtype=float)
 
 
-def _robust_scale(r: np.ndarray, center: bool) -> float:
+def _robust_scale(r: NDArray[np.float64], center: bool) -> float:
     r = np.asarray(r, dtype=float)
     if center:
         r = r - np.median(r)
@@ -309,11 +313,11 @@ class _Design:
     def __init__(self, costs: Sequence[Sequence[LayerCost]]) -> None:
         self.n = len(costs)
         self.owner = np.concatenate([np.full(len(c), i) for i, c in enumerate(costs)])
-        self.macs = np.array([l.macs for c in costs for l in c], dtype=float)
-        self.bytes = np.array([l.bytes_moved(INT8_BYTES) for c in costs for l in c], dtype=float)
+        self.macs = np.array([layer.macs for c in costs for layer in c], dtype=float)
+        self.bytes = np.array([layer.bytes_moved(INT8_BYTES) for c in costs for layer in c], dtype=float)
         self.layers = np.array([len(c) for c in costs], dtype=float)
 
-    def seconds(self, theta: np.ndarray) -> np.ndarray:
+    def seconds(self, theta: NDArray[np.float64]) -> NDArray[np.float64]:
         a, b, c, d = theta
         per_layer = np.maximum(a * self.macs, b * self.bytes)
         return d + c * self.layers + np.bincount(self.owner, weights=per_layer, minlength=self.n)
@@ -347,7 +351,7 @@ def fit_roofline(
         ]
     )
 
-    def residuals(x: np.ndarray) -> np.ndarray:
+    def residuals(x: NDArray[np.float64]) -> NDArray[np.float64]:
         t = np.maximum(design.seconds(x * prior), 1e-15)
         return np.log(t) - log_meas
 
@@ -385,7 +389,7 @@ def fit_roofline(
 
 
 def _fit_residual(
-    costs: Sequence[Sequence[LayerCost]], archs: Sequence[PolicyArch], y: np.ndarray, robust: bool
+    costs: Sequence[Sequence[LayerCost]], archs: Sequence[PolicyArch], y: NDArray[np.float64], robust: bool
 ) -> dict[str, Any]:
     """Ridge-shrunk (robust) linear fit of log(measured / roofline) on standardised features."""
     X = np.array([residual_features(c, a) for c, a in zip(costs, archs, strict=True)])
@@ -395,7 +399,7 @@ def _fit_residual(
     Z = (X - mean) / scale
     k = Z.shape[1]
 
-    def residuals(beta: np.ndarray, s: float) -> np.ndarray:
+    def residuals(beta: NDArray[np.float64], s: float) -> NDArray[np.float64]:
         data = (y - beta[0] - Z @ beta[1:]) / s
         return np.concatenate([data, beta[1:] / RESIDUAL_PRIOR_STD])
 
@@ -426,7 +430,7 @@ def split_holdout(
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
         raise ConfigError(f"holdout fraction must be a number in (0, 1), got {fraction!r}")
     samples = list(samples)
-    n_hold = int(round(len(samples) * fraction))
+    n_hold = round(len(samples) * fraction)
     if n_hold < 1 or n_hold >= len(samples):
         raise ConfigError(
             f"holdout fraction {fraction!r} of {len(samples)} samples leaves an empty side; "
@@ -497,7 +501,7 @@ def select_calibration_archs(space: SearchSpace, n: int, seed: int) -> list[Poli
 
 
 def save_latency_model(
-    store: Any, device_name: str, model: CalibratedLatencyModel, metrics: Mapping[str, Any]
+    store: Store, device_name: str, model: CalibratedLatencyModel, metrics: Mapping[str, Any]
 ) -> int:
     """Store `model` as the next "latency" version of `device_name`; sets and returns the version."""
     row = store.add_model_version("latency", model.to_params(), dict(metrics), device=device_name)
@@ -505,7 +509,7 @@ def save_latency_model(
     return int(row.version)
 
 
-def load_latency_model(store: Any, device_name: str) -> CalibratedLatencyModel | None:
+def load_latency_model(store: Store, device_name: str) -> CalibratedLatencyModel | None:
     """The latest calibration of `device_name`, or None when it has never been calibrated."""
     row = store.latest_model_version("latency", device=device_name)
     if row is None:

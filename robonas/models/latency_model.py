@@ -1,9 +1,9 @@
 """Latency models: predicted int8 inference time of a policy's actor on a device.
 
 The interface (`LatencyModel`) is what the strategies use to reject a candidate before any
-training, and what the calibrated model (a robust residual fit on agents' reports, later issue)
-implements as well. Each model has a `name` and a `version` so a stored score says which model
-produced it.
+training, and what the calibrated model (a robust residual fit on agents' reports, in
+`robonas.models.latency_calibration`) implements as well. Each model has a `name` and a
+`version` so a stored score says which model produced it.
 
 `AnalyticLatencyModel` is a roofline model. A layer can go no faster than its arithmetic allows
 (MACs / the device's MAC rate) and no faster than its memory traffic allows (bytes moved / the
@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from robonas.errors import ConfigError, RobonasError
+from robonas.errors import RobonasError
 from robonas.models.costs import LayerCost
 from robonas.models.devices import DeviceProfile
 
@@ -115,14 +115,3 @@ class AnalyticLatencyModel(LatencyModel):
         total_s += sum(t.total_s for t in self.layer_times(costs, device))
         p50_ms = total_s * 1e3
         return LatencyPrediction(p50_ms=p50_ms, p99_ms=p50_ms * device.p99_over_p50)
-
-
-def budget_check(pred: LatencyPrediction, budget_ms: float) -> bool:
-    """True when the predicted p99 fits the latency budget (the hard constraint uses the tail)."""
-    if (
-        isinstance(budget_ms, bool)
-        or not isinstance(budget_ms, (int, float))
-        or not (math.isfinite(budget_ms) and budget_ms > 0)
-    ):
-        raise ConfigError(f"latency budget_ms must be a finite number > 0, got {budget_ms!r}")
-    return pred.p99_ms <= budget_ms

@@ -15,12 +15,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from robonas.models.latency_calibration import LatencySample
 from robonas.space import PolicyArch
+
+
+class BenchClient(Protocol):
+    """What `measure` needs of an agent connection (robonas.fleet.client.AgentClient has it)."""
+
+    def bench_model(self, model: bytes, runs: int) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,10 @@ def compile_probe(arch: PolicyArch, seed: int = 0) -> ProbeModel:
 
 
 def measure(
-    client: Any, probes: list[ProbeModel], runs: int, progress: Callable[[int, int], None] | None = None
+    client: BenchClient,
+    probes: list[ProbeModel],
+    runs: int,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[LatencySample]:
     """BENCH every probe on the agent; p50/p99 of the whole step, in ms."""
     samples = []

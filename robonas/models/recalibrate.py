@@ -14,7 +14,7 @@ rows to them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -28,14 +28,21 @@ from robonas.models.gap_calibration import (
     load_gap_model,
     save_gap_model,
 )
-from robonas.models.gap_model import GapFeatures, HeuristicGapModel
+from robonas.models.gap_model import HeuristicGapModel
 from robonas.models.latency_calibration import load_latency_model
 from robonas.models.latency_model import AnalyticLatencyModel
-from robonas.ranking import ScoringContext, score
-from robonas.scoring import TOLD, ObjectiveWeights, strategy_view
+from robonas.scoring import (
+    ObjectiveWeights,
+    ScoringContext,
+    gap_features,
+    rank,
+    ranking_key,
+    score,
+    strategy_view,
+)
 from robonas.space import PolicyArch
 from robonas.store import Store, StudyRow
-from robonas.study_views import _ranking
+from robonas.study_views import study_ranking
 
 REAL_REPORT_KINDS = ("run", "canary")
 
@@ -75,21 +82,6 @@ def scoring_context(store: Store, study: StudyRow, use_calibrated: bool = True) 
     )
 
 
-def _features(arch: PolicyArch, metrics: dict[str, Any], ctx: ScoringContext) -> GapFeatures:
-    p99 = ctx.latency_model.predict(arch, ctx.device).p99_ms
-    asym = float(metrics["asymptotic_return"])
-    robust = metrics.get("robustness_return")
-    return GapFeatures(
-        asymptotic_return=asym,
-        robustness_return=asym if robust is None else float(robust),
-        p99_ms=p99,
-        control_period_ms=1000.0 / ctx.control_hz,
-        params=int(metrics["params"]),
-        return_lo=ctx.return_lo,
-        return_hi=ctx.return_hi,
-    )
-
-
 @dataclass(frozen=True)
 class RealResult:
     trial_id: int
@@ -120,7 +112,8 @@ def gap_observations(
     out = []
     for rr in real_results(store, study):
         t = trials[rr.trial_id]
-        features = _features(PolicyArch.from_json(t.arch_json), t.metrics, ctx)
+        assert t.metrics is not None  # complete trials are scored
+        features = gap_features(t.arch, t.metrics, ctx)
         out.append((rr, GapObservation(features, rr.mean)))
     return out
 
@@ -190,39 +183,38 @@ def rescore_study(store: Store, study_name: str) -> tuple[list[RankChange], dict
     """Re-score every complete trial with the newest models; returns rank changes, best first."""
     study = store.get_study(study_name)
     ctx = scoring_context(store, study)
-    key, ranking = _ranking(study.config)
-    trials = [
-        t for t in store.trials(study.id, status="complete") if t.metrics and t.metrics.get(key) is not None
-    ]
-    before = sorted(trials, key=lambda t: (-t.metrics[key], t.seq))
+    ranking = study_ranking(study)
+    key = ranking_key(ranking)
+    before = rank(store.trials(study.id, status="complete"), ranking)
     rank_before = {t.id: i + 1 for i, t in enumerate(before)}
-    real = {}
+    real: dict[int, list[float]] = {}
     for rr in real_results(store, study):
         real.setdefault(rr.trial_id, []).extend(rr.returns)
-    new_metrics = {}
-    for t in trials:
-        arch = PolicyArch.from_json(t.arch_json)
-        m = score(arch, dict(t.metrics), ctx, measured_returns=real.get(t.id))
-        # keep what the strategy was told, so a resumed search replays it as recorded
-        m.setdefault(TOLD, strategy_view(t.metrics, ranking))
-        new_metrics[t.id] = m
+    old = {t.id: t.metrics for t in before if t.metrics is not None}
+    for t in before:
+        assert t.metrics is not None  # rank() keeps scored trials only
+        m = score(t.arch, t.metrics, ctx, measured_returns=real.get(t.id))
+        if m.told is None:
+            # keep what the strategy was told, so a resumed search replays it as recorded
+            m = replace(m, told=strategy_view(t.metrics, ranking))
         store.update_trial_metrics(t.id, m)
-    after = sorted(trials, key=lambda t: (-new_metrics[t.id][key], t.seq))
+    after = rank(store.trials(study.id, status="complete"), ranking)
     changes = []
     for i, t in enumerate(after):
-        m0, m1 = t.metrics, new_metrics[t.id]
+        m0, m1 = old[t.id], t.metrics
+        assert m1 is not None
         changes.append(
             RankChange(
                 trial_id=t.id,
-                arch=PolicyArch.from_json(t.arch_json).describe(),
+                arch=t.arch.describe(),
                 rank_before=rank_before[t.id],
                 rank_after=i + 1,
-                objective_before=m0[key],
-                objective_after=m1[key],
-                predicted_real_before=m0["predicted_real_return"],
-                predicted_real_after=m1["predicted_real_return"],
-                p99_before=m0["p99_ms"],
-                p99_after=m1["p99_ms"],
+                objective_before=float(m0.value(key) or 0.0),
+                objective_after=float(m1.value(key) or 0.0),
+                predicted_real_before=float(m0.predicted_real_return or 0.0),
+                predicted_real_after=float(m1.predicted_real_return or 0.0),
+                p99_before=float(m0.p99_ms or 0.0),
+                p99_after=float(m1.p99_ms or 0.0),
                 measured_real=float(np.mean(real[t.id])) if t.id in real else None,
             )
         )
@@ -277,7 +269,7 @@ def latency_samples_from_reports(store: Store, profile: str) -> list:
             p50, p99 = (None if p50 is None else p50 / 1000.0), (None if p99 is None else p99 / 1000.0)
         elif r.kind in REAL_REPORT_KINDS and r.trial_id is not None:
             if r.trial_id not in arch_of:
-                arch_of[r.trial_id] = PolicyArch.from_json(store.get_trial(r.trial_id).arch_json)
+                arch_of[r.trial_id] = store.get_trial(r.trial_id).arch
             arch = arch_of[r.trial_id]
             timings = p.get("timings_ms") or {}
             p50, p99 = timings.get("p50"), timings.get("p99")

@@ -23,13 +23,16 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
+from numpy.typing import NDArray
 
 from robonas.errors import ConfigError
 
 MIN_POINTS_FOR_FIT = 4
 
 
-def _as_curve(steps: Sequence[float], returns: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def _as_curve(
+    steps: Sequence[float], returns: Sequence[float]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     t = np.asarray(steps, dtype=float)
     r = np.asarray(returns, dtype=float)
     if t.ndim != 1 or r.ndim != 1 or len(t) != len(r):
@@ -55,13 +58,13 @@ def auc_normalised(steps: Sequence[float], returns: Sequence[float], lo: float, 
     return float(np.trapezoid(y, t) / (t[-1] - t[0]))
 
 
-def _tail(r: np.ndarray) -> tuple[float, float]:
+def _tail(r: NDArray[np.float64]) -> tuple[float, float]:
     k = min(len(r), max(2, math.ceil(len(r) / 3)))
     tail = r[-k:]
     return float(np.mean(tail)), float(np.std(tail))
 
 
-def _saturating(t: np.ndarray, a: float, b: float, tau: float) -> np.ndarray:
+def _saturating(t: NDArray[np.float64], a: float, b: float, tau: float) -> NDArray[np.float64]:
     return a - (a - b) * np.exp(-t / tau)
 
 

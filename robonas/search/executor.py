@@ -25,9 +25,14 @@ from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from robonas.errors import ConfigError
+
+if TYPE_CHECKING:
+    # ForkServerContext exists only where fork does (not on Windows): annotations only
+    from multiprocessing.context import ForkServerContext, SpawnContext
+    from multiprocessing.process import BaseProcess
 
 # How many trailing traceback lines a failed task reports (the exception and where it was raised).
 TRACEBACK_LINES = 12
@@ -118,12 +123,12 @@ def _child_main(conn: Connection, fn_path: str, payload: dict[str, Any], sys_pat
             torch.set_num_threads(1)
         fn = getattr(importlib.import_module(module), name)
         msg: tuple[str, Any] = ("ok", fn(payload))
-    except BaseException:
+    except BaseException:  # noqa: BLE001  (whatever the task raised goes back to the parent as text)
         lines = traceback.format_exc().rstrip().splitlines()
         msg = ("err", "\n".join(lines[-TRACEBACK_LINES:]))
     try:
         conn.send(msg)
-    except Exception as e:  # the value could not be pickled
+    except Exception as e:  # noqa: BLE001  (the value could not be pickled; pickle raises many kinds)
         conn.send(("err", f"task result could not be sent back: {type(e).__name__}: {e}"))
     conn.close()
 
@@ -138,7 +143,7 @@ def _death_message(exit_code: int | None) -> str:
     return f"exited with code {exit_code} without a result"
 
 
-def _stop(proc: mp.process.BaseProcess) -> None:
+def _stop(proc: BaseProcess) -> None:
     if proc.is_alive():
         proc.terminate()
         proc.join(TERMINATE_GRACE_S)
@@ -147,7 +152,7 @@ def _stop(proc: mp.process.BaseProcess) -> None:
     proc.join()
 
 
-def _stop_all(procs: dict[Hashable, Any]) -> None:
+def _stop_all(procs: dict[Hashable, _Running]) -> None:
     for task in list(procs.values()):
         _stop(task.proc)
         task.conn.close()
@@ -157,7 +162,7 @@ def _stop_all(procs: dict[Hashable, Any]) -> None:
 @dataclass
 class _Running:
     task_id: Hashable
-    proc: Any
+    proc: BaseProcess
     conn: Connection
     started: float
     deadline: float | None
@@ -166,7 +171,7 @@ class _Running:
     eof: bool = False
 
 
-def _default_context() -> mp.context.BaseContext:
+def _default_context() -> ForkServerContext | SpawnContext:
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
         # Import torch once in the (clean, single-threaded) fork server; children inherit it.
@@ -189,7 +194,13 @@ class LocalProcessExecutor(Executor):
                 "forkserver, spawn (fork is unsafe with torch loaded)"
             )
         self._workers = workers
-        self._ctx = _default_context() if start_method is None else mp.get_context(start_method)
+        self._ctx: ForkServerContext | SpawnContext
+        if start_method is None:
+            self._ctx = _default_context()
+        elif start_method == "forkserver":
+            self._ctx = mp.get_context("forkserver")
+        else:
+            self._ctx = mp.get_context("spawn")
         self._queue: deque[tuple[Hashable, str, dict[str, Any], float | None]] = deque()
         self._active: dict[Hashable, _Running] = {}
         self._closed = False

@@ -18,13 +18,19 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from robonas.config import SearchConfig
 from robonas.errors import ConfigError
-from robonas.scoring import ranking_key, strategy_view, told_view
+from robonas.metrics import TrialMetrics
+from robonas.scoring import ScoringContext, rank, ranking_key, strategy_view, told_view, within_budget
 from robonas.space import PolicyArch, SearchSpace
 from robonas.store import Store, StudyRow, TrialRow
+
+if TYPE_CHECKING:
+    from robonas.search.executor import Executor, TaskResult
+    from robonas.search.training import TrainSpec
+    from robonas.strategies.base import Strategy
 
 TRIAL_FN = "robonas.search.trial_worker:run_trial"
 log = logging.getLogger(__name__)
@@ -51,8 +57,13 @@ class EnvInfo:
             if len(obs_space.shape or ()) != 1:
                 raise ConfigError(f"env.id: {env_id} has a non-flat observation space {obs_space}")
             discrete = isinstance(act_space, gymnasium.spaces.Discrete)
-            act_dim = int(act_space.n) if discrete else int(act_space.shape[0])
-            return cls(int(obs_space.shape[0]), act_dim, discrete, float(env.unwrapped.control_hz))
+            if isinstance(act_space, gymnasium.spaces.Discrete):
+                act_dim = int(act_space.n)
+            else:
+                act_dim = int((act_space.shape or (0,))[0])
+            obs_dim = int((obs_space.shape or (0,))[0])
+            # every sim env states its control rate (sim/envs/base.py)
+            return cls(obs_dim, act_dim, discrete, float(env.unwrapped.control_hz))  # type: ignore[attr-defined]
         finally:
             env.close()
 
@@ -84,17 +95,17 @@ class SearchPlan:
         except TypeError as e:
             raise ConfigError(f"gap: {e}") from e
         weights = ObjectiveWeights(auc=config.objective.auc, real_return=config.objective.real_return)
-        ctx_args = dict(
-            device=load_device(config.device.profile),
-            latency_model=AnalyticLatencyModel(),
-            gap_model=gap_model,
-            weights=weights,
-            control_hz=env.control_hz,
-            lcb_z=config.objective.lcb_z,
-        )
+        ctx_args = {
+            "device": load_device(config.device.profile),
+            "latency_model": AnalyticLatencyModel(),
+            "gap_model": gap_model,
+            "weights": weights,
+            "control_hz": env.control_hz,
+            "lcb_z": config.objective.lcb_z,
+        }
         return cls(config, study_name, env, space, ctx_args)
 
-    def new_strategy(self):
+    def new_strategy(self) -> Strategy:
         from robonas.strategies import make_strategy
 
         s = self.config.strategy
@@ -125,7 +136,7 @@ class SearchSummary:
 
 
 @dataclass
-class _Progress:
+class SearchProgress:
     """Callbacks the CLI hooks a display onto; all optional."""
 
     on_start: Callable[[int, int], None] = lambda planned, done: None
@@ -143,18 +154,29 @@ def run_dir_for(store_url: str) -> Path:
 class Search:
     """One run of the loop over one study; construct, then `run()`."""
 
-    def __init__(self, plan: SearchPlan, store: Store, workers: int, progress: _Progress | None = None):
+    def __init__(self, plan: SearchPlan, store: Store, workers: int, progress: SearchProgress | None = None):
         self.plan = plan
         self.cfg = plan.config
         self.store = store
         self.workers = workers
-        self.progress = progress or _Progress()
+        self.progress = progress or SearchProgress()
         self.run_dir = run_dir_for(store.url) / "studies" / plan.study_name
         self.strategy = plan.new_strategy()
         self._asked: dict[int, PolicyArch] = {}  # trial id -> arch as the strategy asked it
         self._event = 0
         self._t0 = time.perf_counter()
         self._env_steps_this_run = 0
+        # Known once run() has opened the study: its return range, the context that scores new
+        # trials (the newest calibrated models) and how many asks were rejected so far.
+        self.lo = self.hi = math.nan
+        self._scoring: ScoringContext | None = None
+        self._rejections = 0
+
+    @property
+    def ctx(self) -> ScoringContext:
+        if self._scoring is None:
+            raise RuntimeError("Search.ctx is set by run(); call run() first")
+        return self._scoring
 
     # --- study set-up and replay ----------------------------------------------------------
     def _open_study(self) -> StudyRow:
@@ -189,7 +211,7 @@ class Search:
             if kind == 0:
                 asked = self.strategy.ask()
                 self._asked[t.id] = asked
-                if asked != PolicyArch.from_json(t.arch_json):
+                if asked != t.arch:
                     # Strategies are deterministic, so a library changed under the study. The
                     # recorded arch is what trains; the strategy is told about its own ask.
                     log.warning(
@@ -240,7 +262,7 @@ class Search:
         return float(resolved["return_lo"]), float(resolved["return_hi"])
 
     # --- trials ---------------------------------------------------------------------------
-    def _spec(self, arch: PolicyArch, out_dir: Path, lo: float, hi: float, seed: int = 0):
+    def _spec(self, arch: PolicyArch, out_dir: Path, lo: float, hi: float, seed: int = 0) -> TrainSpec:
         from robonas.search.training import TrainSpec
 
         c = self.cfg
@@ -268,7 +290,7 @@ class Search:
         self._event += 1
         return e
 
-    def _tell(self, trial_id: int, metrics: dict[str, Any] | None) -> None:
+    def _tell(self, trial_id: int, metrics: TrialMetrics | None) -> None:
         self.strategy.tell(self._asked[trial_id], strategy_view(metrics, self.cfg.objective.ranking))
         self.store.record_tell(trial_id, self._next_event())
 
@@ -279,8 +301,8 @@ class Search:
         digest = hashlib.sha256(f"{self.cfg.strategy.seed}:{ordinal}".encode()).digest()
         return int.from_bytes(digest[:4], "little")
 
-    def _submit(self, executor, trial: TrialRow) -> None:
-        arch = PolicyArch.from_json(trial.arch_json)
+    def _submit(self, executor: Executor, trial: TrialRow) -> None:
+        arch = trial.arch
         out_dir = self.run_dir / f"trial-{trial.seq:04d}-{arch.arch_id}"
         spec = self._spec(arch, out_dir, self.lo, self.hi, seed=self._trial_seed(trial))
         self.store.set_trial_status(trial.id, "running")
@@ -288,7 +310,7 @@ class Search:
 
     def _ask_new(self, study: StudyRow) -> TrialRow | None:
         """Ask until a candidate fits the latency budget; rejected ones are recorded and told."""
-        from robonas.ranking import latency_metrics
+        from robonas.scoring import latency_metrics
 
         while True:
             if self._rejections >= self.cfg.budget.max_rejections:
@@ -296,49 +318,47 @@ class Search:
             arch = self.strategy.ask()
             seq = self._next_event()
             lat = latency_metrics(arch, self.ctx)
-            if lat["p99_ms"] > self.cfg.device.latency_budget_ms:
-                t = self.store.add_trial(study.id, seq, arch.arch_id, arch.to_json(), status="pending")
+            p99 = float(lat.p99_ms or 0.0)
+            if not within_budget(p99, self.cfg.device.latency_budget_ms):
+                t = self.store.add_trial(study.id, seq, arch, status="pending")
                 self._asked[t.id] = arch
                 self.store.reject_trial(
                     t.id,
-                    f"predicted p99 {lat['p99_ms']:.3f} ms over the budget "
-                    f"{self.cfg.device.latency_budget_ms} ms on {lat['device']} "
+                    f"predicted p99 {p99:.3f} ms over the budget "
+                    f"{self.cfg.device.latency_budget_ms} ms on {lat.device} "
                     f"({self.ctx.model_versions()['latency_model']})",
                     metrics=lat,
                 )
                 self._tell(t.id, None)
                 self._rejections += 1
                 continue
-            t = self.store.add_trial(study.id, seq, arch.arch_id, arch.to_json(), status="pending")
+            t = self.store.add_trial(study.id, seq, arch, status="pending")
             self._asked[t.id] = arch
             return t
 
-    def _finish(self, result) -> None:
-        from robonas.ranking import score
+    def _finish(self, result: TaskResult) -> None:
+        from robonas.scoring import score
 
+        assert isinstance(result.task_id, int)  # the loop submits trial ids
         trial = self.store.get_trial(result.task_id)
         if not result.ok:
             self.store.fail_trial(trial.id, result.error or "unknown error", wall_s=result.wall_s)
             self._tell(trial.id, None)
             return
-        outcome = result.value
-        arch = PolicyArch.from_json(trial.arch_json)
+        outcome: dict[str, Any] = result.value or {}
         try:
-            sim_figures = {
-                k: outcome[k]
-                for k in (
-                    "auc",
-                    "asymptotic_return",
-                    "asymptotic_std",
-                    "robustness_return",
-                    "random_return",
-                    "env_steps",
-                    "wall_s",
-                    "steps_per_s",
-                )
-            }
-            metrics = score(arch, sim_figures, self.ctx)
-        except Exception as e:  # a scoring bug must not kill the search: record it
+            sim = TrialMetrics(
+                auc=outcome["auc"],
+                asymptotic_return=outcome["asymptotic_return"],
+                asymptotic_std=outcome["asymptotic_std"],
+                robustness_return=outcome["robustness_return"],
+                random_return=outcome["random_return"],
+                env_steps=outcome["env_steps"],
+                wall_s=outcome["wall_s"],
+                steps_per_s=outcome["steps_per_s"],
+            )
+            metrics = score(trial.arch, sim, self.ctx)
+        except Exception as e:  # noqa: BLE001  (a scoring bug must not kill the search: record it)
             self.store.fail_trial(trial.id, f"scoring failed: {e!r}\n{traceback.format_exc(limit=3)}")
             self._tell(trial.id, None)
             return
@@ -358,14 +378,15 @@ class Search:
         trials = self.store.trials(study.id)
         by = {s: [t for t in trials if t.status == s] for s in ("complete", "failed", "rejected")}
         key = ranking_key(self.cfg.objective.ranking)
-        best = max(by["complete"], key=lambda t: t.metrics.get(key) or -math.inf, default=None)
+        ranked = rank(by["complete"], self.cfg.objective.ranking)
+        best = ranked[0] if ranked and ranked[0].metrics is not None else None
         return SearchSummary(
             study=study.name,
             planned=self.cfg.budget.trials,
             complete=len(by["complete"]),
             failed=len(by["failed"]),
             rejected=len(by["rejected"]),
-            best_objective=None if best is None else best.metrics.get(key),
+            best_objective=None if best is None or best.metrics is None else best.metrics.value(key),
             best_trial=None if best is None else best.id,
             wall_s=time.perf_counter() - self._t0,
             env_steps=self._env_steps_this_run,
@@ -390,12 +411,11 @@ class Search:
 
     # --- the loop -------------------------------------------------------------------------
     def run(self) -> SearchSummary:
-        from robonas.ranking import ScoringContext
         from robonas.search.executor import LocalProcessExecutor
 
         study = self._open_study()
         self.lo, self.hi = self._resolve_return_range(study)
-        self.ctx = ScoringContext(
+        self._scoring = ScoringContext(
             return_lo=self.lo, return_hi=self.hi, **self._newest_models(study, self.plan.scoring_context_args)
         )
         queue = self._replay(study)

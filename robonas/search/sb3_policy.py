@@ -29,7 +29,9 @@ from typing import Any
 
 import torch
 from stable_baselines3.common.policies import ActorCriticPolicy
-from stable_baselines3.sac.policies import SACPolicy
+from stable_baselines3.common.preprocessing import get_action_dim
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from stable_baselines3.sac.policies import Actor, ContinuousCritic, SACPolicy
 from torch import nn
 
 from robonas.errors import ConfigError
@@ -58,7 +60,7 @@ def _check_arch(arch: Any, features_dim: int) -> PolicyArch:
 class ArchExtractor(nn.Module):
     """The `mlp_extractor` SB3 expects: features -> (latent_pi, latent_vf)."""
 
-    def __init__(self, arch: PolicyArch):
+    def __init__(self, arch: PolicyArch) -> None:
         super().__init__()
         self.policy_net = arch.build_trunk()
         # One module registered under two names when shared: its parameters get both gradients.
@@ -81,7 +83,7 @@ class ArchExtractor(nn.Module):
 class ArchActorCriticPolicy(ActorCriticPolicy):
     """PPO/A2C policy: trunk(s) from the arch, SB3's action_net as the head."""
 
-    def __init__(self, *args: Any, arch: PolicyArch, **kwargs: Any):
+    def __init__(self, *args: Any, arch: PolicyArch, **kwargs: Any) -> None:
         if "net_arch" in kwargs or "activation_fn" in kwargs:
             raise ConfigError("policy_kwargs: net_arch/activation_fn are set by the arch; remove them")
         self.arch = arch  # needed by _build_mlp_extractor, which SB3 calls from super().__init__
@@ -89,7 +91,9 @@ class ArchActorCriticPolicy(ActorCriticPolicy):
 
     def _build_mlp_extractor(self) -> None:
         _check_arch(self.arch, self.features_dim)
-        self.mlp_extractor = ArchExtractor(self.arch)
+        # SB3 annotates the attribute as its own MlpExtractor; its custom-network docs ask only
+        # for a module with the same forward methods and latent_dim_pi/latent_dim_vf.
+        self.mlp_extractor = ArchExtractor(self.arch)  # type: ignore[assignment]  # duck-typed MlpExtractor
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         return _arch_constructor_parameters(super()._get_constructor_parameters(), self.arch)
@@ -102,7 +106,7 @@ class ArchActorCriticPolicy(ActorCriticPolicy):
 class ArchSACPolicy(SACPolicy):
     """SAC policy: actor trunk and each Q network's trunk built from the arch."""
 
-    def __init__(self, *args: Any, arch: PolicyArch, **kwargs: Any):
+    def __init__(self, *args: Any, arch: PolicyArch, **kwargs: Any) -> None:
         if "net_arch" in kwargs or "activation_fn" in kwargs:
             raise ConfigError("policy_kwargs: net_arch/activation_fn are set by the arch; remove them")
         self.arch = arch
@@ -110,15 +114,15 @@ class ArchSACPolicy(SACPolicy):
         kwargs["net_arch"] = [layer.width for layer in arch.layers]
         super().__init__(*args, **kwargs)
 
-    def make_actor(self, features_extractor=None):
+    def make_actor(self, features_extractor: BaseFeaturesExtractor | None = None) -> Actor:
         actor = super().make_actor(features_extractor)
         _check_arch(self.arch, actor.features_dim)
-        actor.latent_pi = self.arch.build_trunk().to(self.device)
+        actor.latent_pi = self.arch.build_trunk().to(self.device)  # type: ignore[assignment]  # SB3 types latent_pi as nn.Sequential; any features->latent module works
         return actor
 
-    def make_critic(self, features_extractor=None):
+    def make_critic(self, features_extractor: BaseFeaturesExtractor | None = None) -> ContinuousCritic:
         critic = super().make_critic(features_extractor)
-        act_dim = int(self.action_space.shape[0])
+        act_dim = get_action_dim(self.action_space)
         q_arch = dataclasses.replace(self.arch, obs_dim=self.arch.input_dim + act_dim, history=1)
         for idx in range(len(critic.q_networks)):
             trunk = q_arch.build_trunk()

@@ -23,6 +23,7 @@ import contextlib
 import copy
 import dataclasses
 import inspect
+import io
 import json
 import math
 import time
@@ -32,14 +33,22 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 import numpy as np
+from numpy.typing import NDArray
 
 from device_agents.atomic import atomic_writer
 from robonas.errors import ConfigError
 from robonas.search.curves import asymptote, auc_normalised
 from robonas.space import PolicyArch
+
+if TYPE_CHECKING:
+    import gymnasium as gym
+    from stable_baselines3.common.base_class import BaseAlgorithm
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.vec_env import VecEnv, VecNormalize
+    from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs
 
 ALGOS = ("ppo", "sac")
 # Keys of the defaults table that are not algorithm constructor arguments.
@@ -128,10 +137,11 @@ def _defaults_table() -> dict[str, Any]:
     return tomllib.loads(text)
 
 
-def _algo_class(algo: str):
+def _algo_class(algo: str) -> type[BaseAlgorithm]:
     from stable_baselines3 import PPO, SAC
 
-    return {"ppo": PPO, "sac": SAC}[algo]
+    classes: dict[str, type[BaseAlgorithm]] = {"ppo": PPO, "sac": SAC}
+    return classes[algo]
 
 
 def _schedule(key: str, value: Any) -> Any:
@@ -146,7 +156,7 @@ def _schedule(key: str, value: Any) -> Any:
     return value
 
 
-def resolve_hyperparams(algo: str, env_id: str, overrides: Mapping[str, Any] | None = None) -> dict:
+def resolve_hyperparams(algo: str, env_id: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Defaults table ([algo.default] <- [algo."env_id"]) <- overrides, checked against the
     algorithm's constructor; 'lin_<x>' strings are still strings here (see `_schedule`)."""
     if algo not in ALGOS:
@@ -172,7 +182,7 @@ def resolve_hyperparams(algo: str, env_id: str, overrides: Mapping[str, Any] | N
 # --- environments -------------------------------------------------------------------------------
 def make_env(
     env_id: str, env_kwargs: Mapping[str, Any] | None = None, randomization: Mapping[str, Any] | None = None
-):
+) -> gym.Env[Any, Any]:
     """One gymnasium env: `sim.make` for sim/* ids (the only ones that can be randomised)."""
     env_kwargs = dict(env_kwargs or {})
     if env_id.startswith("sim/"):
@@ -194,8 +204,10 @@ def make_env(
         raise ConfigError(f"env_id: cannot make {env_id!r}: {e}") from e
 
 
-def _env_factory(env_id: str, env_kwargs: Mapping[str, Any], randomization, monitor: bool):
-    def make():
+def _env_factory(
+    env_id: str, env_kwargs: Mapping[str, Any], randomization: Mapping[str, Any] | None, monitor: bool
+) -> Callable[[], gym.Env[Any, Any]]:
+    def make() -> gym.Env[Any, Any]:
         env = make_env(env_id, env_kwargs, randomization)
         if monitor:
             from stable_baselines3.common.monitor import Monitor
@@ -209,15 +221,15 @@ def _env_factory(env_id: str, env_kwargs: Mapping[str, Any], randomization, moni
 def _vec_env(
     spec: TrainSpec,
     n: int,
-    randomization=None,
+    randomization: Mapping[str, Any] | None = None,
     *,
     training: bool,
     normalize_reward: bool = False,
     gamma: float = 0.99,
-):
+) -> VecEnv:
     from stable_baselines3.common.vec_env import DummyVecEnv, VecFrameStack, VecNormalize
 
-    venv = DummyVecEnv([_env_factory(spec.env_id, spec.env_kwargs, randomization, training)] * n)
+    venv: VecEnv = DummyVecEnv([_env_factory(spec.env_id, spec.env_kwargs, randomization, training)] * n)
     venv = VecNormalize(
         venv,
         training=training,
@@ -231,15 +243,16 @@ def _vec_env(
     return venv
 
 
-def _find_normalize(venv):
-    from stable_baselines3.common.vec_env import VecNormalize
+def _find_normalize(venv: VecEnv) -> VecNormalize:
+    from stable_baselines3.common.vec_env import VecEnvWrapper, VecNormalize
 
     while not isinstance(venv, VecNormalize):
+        assert isinstance(venv, VecEnvWrapper), "every env here is built by _vec_env, with a VecNormalize"
         venv = venv.venv
     return venv
 
 
-def _check_spaces(arch: PolicyArch, obs_space, act_space, algo: str) -> bool:
+def _check_spaces(arch: PolicyArch, obs_space: gym.Space[Any], act_space: gym.Space[Any], algo: str) -> bool:
     """True when the action space is discrete; raises if the arch does not fit the env."""
     from gymnasium import spaces
 
@@ -261,14 +274,23 @@ def _check_spaces(arch: PolicyArch, obs_space, act_space, algo: str) -> bool:
 
 
 # --- evaluation ---------------------------------------------------------------------------------
-def _run_episodes(venv, act: Callable[[np.ndarray], np.ndarray], seed: int) -> np.ndarray:
+def _flat(obs: VecEnvObs) -> NDArray[Any]:
+    # _check_spaces admits only flat Box observations: never a dict or tuple of arrays
+    assert isinstance(obs, np.ndarray), f"observation batch is a {type(obs).__name__}, not an array"
+    return obs
+
+
+def _run_episodes(
+    venv: VecEnv, act: Callable[[NDArray[Any]], NDArray[Any]], seed: int
+) -> NDArray[np.float64]:
     """First episode of each sub-env (seeded seed, seed+1, ...); their undiscounted returns."""
     venv.seed(seed)
-    obs = venv.reset()
+    obs = _flat(venv.reset())
     n = venv.num_envs
     returns, done = np.zeros(n), np.zeros(n, dtype=bool)
     while not done.all():
-        obs, rewards, dones, _ = venv.step(act(obs))
+        next_obs, rewards, dones, _ = venv.step(act(obs))
+        obs = _flat(next_obs)
         returns += np.where(done, 0.0, rewards)  # eval VecNormalize leaves rewards raw
         done |= dones
     return returns
@@ -277,12 +299,14 @@ def _run_episodes(venv, act: Callable[[np.ndarray], np.ndarray], seed: int) -> n
 class _Evaluator:
     """Deterministic policy on fixed seeds, with the training statistics frozen at call time."""
 
-    def __init__(self, spec: TrainSpec, train_env, randomization=None):
+    def __init__(
+        self, spec: TrainSpec, train_env: VecEnv, randomization: Mapping[str, Any] | None = None
+    ) -> None:
         self.spec, self.train_env = spec, train_env
         self.venv = _vec_env(spec, spec.eval_episodes, randomization, training=False)
         self.seconds = 0.0
 
-    def __call__(self, model) -> np.ndarray:
+    def __call__(self, model: BaseAlgorithm) -> NDArray[np.float64]:
         t0 = time.perf_counter()
         _find_normalize(self.venv).obs_rms = copy.deepcopy(_find_normalize(self.train_env).obs_rms)
         returns = _run_episodes(
@@ -295,7 +319,7 @@ class _Evaluator:
         self.venv.close()
 
 
-def random_returns(spec: TrainSpec) -> np.ndarray:
+def random_returns(spec: TrainSpec) -> NDArray[np.float64]:
     """Uniform random actions on the evaluation seeds (the action space seeded per episode)."""
     from stable_baselines3.common.vec_env import DummyVecEnv
 
@@ -314,7 +338,7 @@ def random_returns(spec: TrainSpec) -> np.ndarray:
 
 def _checkpoint_callback(
     thresholds: list[int], evaluate: Callable[[], None], progress: Callable[[int], None] | None
-):
+) -> BaseCallback:
     from stable_baselines3.common.callbacks import BaseCallback
 
     class Checkpoints(BaseCallback):
@@ -338,20 +362,25 @@ def _checkpoint_callback(
 
 
 # --- artifacts ----------------------------------------------------------------------------------
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> str:
+def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> str:
     """Never a half-written artifact: see device_agents.atomic."""
     with atomic_writer(path) as f:
         write(f)
     return str(path)
 
 
-def _bounds(values: np.ndarray) -> list[float | None]:
+def _bounds(values: NDArray[Any]) -> list[float | None]:
     # JSON has no infinity: an unbounded side is null
     return [float(v) if math.isfinite(v) else None for v in np.asarray(values, dtype=float).ravel()]
 
 
-def _spaces_doc(spec: TrainSpec, obs_space, act_space, discrete: bool) -> dict[str, Any]:
-    if discrete:
+def _spaces_doc(spec: TrainSpec, obs_space: gym.Space[Any], act_space: gym.Space[Any]) -> dict[str, Any]:
+    from gymnasium import spaces
+
+    # _check_spaces let through only a flat Box observation and a Discrete or flat Box action
+    assert isinstance(obs_space, spaces.Box) and isinstance(act_space, (spaces.Discrete, spaces.Box))
+    action: dict[str, Any]
+    if isinstance(act_space, spaces.Discrete):
         action = {"discrete": True, "n": int(act_space.n), "transform": "argmax"}
     else:
         action = {
@@ -377,31 +406,44 @@ def _spaces_doc(spec: TrainSpec, obs_space, act_space, discrete: bool) -> dict[s
     }
 
 
-def _save_artifacts(spec: TrainSpec, model, train_env, obs_space, act_space, discrete: bool):
+def _save_artifacts(
+    spec: TrainSpec,
+    model: BaseAlgorithm,
+    train_env: VecEnv,
+    obs_space: gym.Space[Any],
+    act_space: gym.Space[Any],
+) -> dict[str, str]:
     import torch
+    from stable_baselines3.common.running_mean_std import RunningMeanStd
+
+    from robonas.search.sb3_policy import ArchActorCriticPolicy, ArchSACPolicy
+
+    policy = model.policy
+    assert isinstance(policy, (ArchActorCriticPolicy, ArchSACPolicy)), "train_trial builds only these"
 
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rms = _find_normalize(train_env)
+    obs_rms = rms.obs_rms
+    assert isinstance(obs_rms, RunningMeanStd), "a Box observation has one set of statistics"
     paths = {
-        "actor": _atomic_write(out / "actor.pt", lambda f: torch.save(model.policy.actor_state_dict(), f)),
+        "actor": _atomic_write(out / "actor.pt", lambda f: torch.save(policy.actor_state_dict(), f)),
         "obs_norm": _atomic_write(
             out / "obs_norm.npz",
             lambda f: np.savez(
                 f,
-                mean=rms.obs_rms.mean,
-                var=rms.obs_rms.var,
-                count=rms.obs_rms.count,
+                mean=obs_rms.mean,
+                var=obs_rms.var,
+                count=obs_rms.count,
                 clip_obs=np.float64(rms.clip_obs),
                 epsilon=np.float64(rms.epsilon),
             ),
         ),
-        "sb3_model": _atomic_write(out / "sb3_model.zip", model.save),
+        # atomic_writer's file is an os.fdopen(..., "wb"), a BufferedWriter, which SB3 takes
+        "sb3_model": _atomic_write(out / "sb3_model.zip", lambda f: model.save(cast(io.BufferedIOBase, f))),
         "spaces": _atomic_write(
             out / "spaces.json",
-            lambda f: f.write(
-                json.dumps(_spaces_doc(spec, obs_space, act_space, discrete), indent=2).encode()
-            ),
+            lambda f: f.write(json.dumps(_spaces_doc(spec, obs_space, act_space), indent=2).encode()),
         ),
     }
     return paths
@@ -432,7 +474,7 @@ def train_trial(spec: TrainSpec, progress: Callable[[int], None] | None = None) 
         envs.callback(train_env.close)
         obs_space = _find_normalize(train_env).venv.observation_space  # before frame stacking
         act_space = train_env.action_space
-        discrete = _check_spaces(spec.arch, obs_space, act_space, spec.algo)
+        _check_spaces(spec.arch, obs_space, act_space, spec.algo)
         evaluator = _Evaluator(spec, train_env)
         envs.callback(evaluator.close)
         # built before training so that a bad randomization fails the trial before it costs anything
@@ -472,7 +514,7 @@ def train_trial(spec: TrainSpec, progress: Callable[[int], None] | None = None) 
         random_return = float(random_returns(spec).mean())
         eval_s += time.perf_counter() - t_random
 
-        artifacts = _save_artifacts(spec, model, train_env, obs_space, act_space, discrete)
+        artifacts = _save_artifacts(spec, model, train_env, obs_space, act_space)
 
     steps = [point[0] for point in curve]
     means = [point[1] for point in curve]

@@ -12,17 +12,18 @@ asked (e.g. a warm start from an earlier study) joins like any other.
 from __future__ import annotations
 
 from collections import deque
+from typing import Any, ClassVar
 
 from robonas.errors import ConfigError
-from robonas.space import PolicyArch
+from robonas.space import PolicyArch, SearchSpace
 from robonas.strategies.base import Strategy
 
 
 class RegularizedEvolution(Strategy):
     name = "evolution"
-    defaults = {"population": 20, "sample": 5}
+    defaults: ClassVar[dict[str, Any]] = {"population": 20, "sample": 5}
 
-    def __init__(self, space, seed: int = 0, **options) -> None:
+    def __init__(self, space: SearchSpace, seed: int = 0, **options: Any) -> None:
         super().__init__(space, seed, **options)
         population, sample = self.options["population"], self.options["sample"]
         if not isinstance(population, int) or population < 2:

@@ -15,35 +15,39 @@ A tell finishes the matching trial; metrics None marks it FAIL, which both sampl
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from robonas.errors import ConfigError
-from robonas.space import Layer, PolicyArch
+from robonas.space import Layer, PolicyArch, SearchSpace
 from robonas.strategies.base import Pending, Strategy
+
+if TYPE_CHECKING:
+    from optuna import Study
+    from optuna.trial import Trial
 
 
 class _OptunaStrategy(Strategy):
-    def __init__(self, space, seed: int = 0, **options) -> None:
+    def __init__(self, space: SearchSpace, seed: int = 0, **options: Any) -> None:
         super().__init__(space, seed, **options)
         import optuna
 
-        self._optuna = optuna
         # An in-memory study per search: optuna's "study created" INFO lines would only clutter
         # the search's progress display.
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         with warnings.catch_warnings():
             # `group` and friends are flagged experimental; the flag is not news to a user
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            self.study = self._make_study(optuna)
-        self._pending: Pending[Any] = Pending()
+            self.study = self._make_study()
+        self._pending: Pending[Trial] = Pending()
 
-    def _make_study(self, optuna):  # -> optuna.Study
+    def _make_study(self) -> Study:
+        """The seeded in-memory study (called once, from __init__, with optuna imported)."""
         raise NotImplementedError
 
     def _values(self, metrics: dict[str, float]) -> float | list[float]:
         raise NotImplementedError
 
-    def _suggest(self, trial) -> PolicyArch:
+    def _suggest(self, trial: Trial) -> PolicyArch:
         s = self.space
         depth = trial.suggest_categorical("depth", list(s.depths))
         layers = tuple(
@@ -70,9 +74,11 @@ class _OptunaStrategy(Strategy):
         return arch
 
     def tell(self, arch: PolicyArch, metrics: dict[str, float] | None) -> None:
+        from optuna.trial import TrialState
+
         trial = self._pending.pop(arch)
         if metrics is None:
-            self.study.tell(trial, state=self._optuna.trial.TrialState.FAIL)
+            self.study.tell(trial, state=TrialState.FAIL)
         else:
             self.study.tell(trial, self._values(metrics))
 
@@ -84,12 +90,15 @@ def _check_int(key: str, value: Any, low: int) -> None:
 
 class TPEStrategy(_OptunaStrategy):
     name = "tpe"
-    defaults = {"n_startup_trials": 10, "n_ei_candidates": 24}
+    defaults: ClassVar[dict[str, Any]] = {"n_startup_trials": 10, "n_ei_candidates": 24}
 
-    def _make_study(self, optuna):
+    def _make_study(self) -> Study:
+        from optuna import create_study
+        from optuna.samplers import TPESampler
+
         _check_int("n_startup_trials", self.options["n_startup_trials"], 0)
         _check_int("n_ei_candidates", self.options["n_ei_candidates"], 1)
-        sampler = optuna.samplers.TPESampler(
+        sampler = TPESampler(
             seed=self.seed,
             n_startup_trials=self.options["n_startup_trials"],
             n_ei_candidates=self.options["n_ei_candidates"],
@@ -97,7 +106,7 @@ class TPEStrategy(_OptunaStrategy):
             group=True,
             constant_liar=True,
         )
-        return optuna.create_study(direction="maximize", sampler=sampler)
+        return create_study(direction="maximize", sampler=sampler)
 
     def _values(self, metrics: dict[str, float]) -> float:
         return self.objective(metrics)
@@ -105,17 +114,20 @@ class TPEStrategy(_OptunaStrategy):
 
 class NSGA2Strategy(_OptunaStrategy):
     name = "nsga2"
-    defaults = {"population_size": 20, "mutation_prob": None, "crossover_prob": 0.9}
+    defaults: ClassVar[dict[str, Any]] = {"population_size": 20, "mutation_prob": None, "crossover_prob": 0.9}
 
-    def _make_study(self, optuna):
+    def _make_study(self) -> Study:
+        from optuna import create_study
+        from optuna.samplers import NSGAIISampler
+
         _check_int("population_size", self.options["population_size"], 2)
-        sampler = optuna.samplers.NSGAIISampler(
+        sampler = NSGAIISampler(
             seed=self.seed,
             population_size=self.options["population_size"],
             mutation_prob=self.options["mutation_prob"],
             crossover_prob=self.options["crossover_prob"],
         )
-        return optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+        return create_study(directions=["maximize", "minimize"], sampler=sampler)
 
     def _values(self, metrics: dict[str, float]) -> list[float]:
         ret = metrics.get("predicted_real_return")

@@ -17,28 +17,31 @@ under parallel workers, as in the original asynchronous controller).
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import numpy as np
+from numpy.typing import NDArray
 
 from robonas.errors import ConfigError
-from robonas.space import PolicyArch
+from robonas.space import PolicyArch, SearchSpace
 from robonas.strategies.base import Pending, Strategy
 
 
-def _log_softmax(z: np.ndarray) -> np.ndarray:
+def _log_softmax(z: NDArray[np.float64]) -> NDArray[np.float64]:
     # log-space, so a saturated choice gives p = 0 with a finite log p (no 0 * -inf = nan)
     shifted = z - z.max()
     return shifted - np.log(np.exp(shifted).sum())
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
+def _softmax(z: NDArray[np.float64]) -> NDArray[np.float64]:
     return np.exp(_log_softmax(z))
 
 
 class ReinforceController(Strategy):
     name = "reinforce"
-    defaults = {"lr": 0.3, "baseline_decay": 0.9, "entropy": 0.05}
+    defaults: ClassVar[dict[str, Any]] = {"lr": 0.3, "baseline_decay": 0.9, "entropy": 0.05}
 
-    def __init__(self, space, seed: int = 0, **options) -> None:
+    def __init__(self, space: SearchSpace, seed: int = 0, **options: Any) -> None:
         super().__init__(space, seed, **options)
 
         def number(key: str) -> float:
@@ -59,7 +62,7 @@ class ReinforceController(Strategy):
         self._n, self._mean, self._m2 = 0, 0.0, 0.0
         self._worst: float | None = None
 
-    def probabilities(self) -> list[np.ndarray]:
+    def probabilities(self) -> list[NDArray[np.float64]]:
         return [_softmax(z) for z in self.logits]
 
     def ask(self) -> PolicyArch:

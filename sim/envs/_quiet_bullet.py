@@ -33,8 +33,8 @@ def silenced_fds() -> Iterator[None]:
 
 
 with silenced_fds():
-    import pybullet  # noqa: E402
-    from pybullet_utils import bullet_client  # noqa: E402
+    import pybullet
+    from pybullet_utils import bullet_client  # type: ignore[import-untyped]  # pybullet_utils has no types
 
 
 def direct_client() -> bullet_client.BulletClient:

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sim.dynamics import Dynamics
 from sim.errors import SimError
+
+if TYPE_CHECKING:
+    import gymnasium
 
 
 class SubstepControl:
@@ -118,7 +121,7 @@ class SubstepControl:
         self.period_scale = 1.0
         self._set_engine_dt(sub_dt)
         # Latency is quantised to whole substeps (nearest), never more than the whole period.
-        n_hold = min(self.n_substeps, int(round(self._actuation_latency_s / sub_dt)))
+        n_hold = min(self.n_substeps, round(self._actuation_latency_s / sub_dt))
         prev = self._prev_action if self._prev_action is not None else np.zeros_like(action)
         for k in range(self.n_substeps):
             self._actuate(prev if k < n_hold else action)
@@ -130,7 +133,7 @@ class SubstepControl:
     def _render_rgb(
         self, target: Any, distance: float, yaw: float, pitch: float, width: int = 320, height: int = 240
     ) -> np.ndarray:
-        import pybullet  # noqa: PLC0415  (only the env modules import pybullet)
+        import pybullet  # here: only the env modules import pybullet
 
         view = self._p.computeViewMatrixFromYawPitchRoll(
             cameraTargetPosition=list(target), distance=distance, yaw=yaw, pitch=pitch, roll=0, upAxisIndex=2
@@ -148,7 +151,7 @@ class SubstepControl:
 
 def bounded_box(high: np.ndarray) -> Any:
     """A float32 Box symmetric about zero with finite limits."""
-    import gymnasium.spaces  # noqa: PLC0415
+    import gymnasium.spaces
 
     high = np.asarray(high, dtype=np.float32)
     return gymnasium.spaces.Box(-high, high, dtype=np.float32)
@@ -157,3 +160,12 @@ def bounded_box(high: np.ndarray) -> Any:
 def check_render_mode(render_mode: str | None) -> None:
     if render_mode not in (None, "rgb_array"):
         raise SimError(f"render_mode={render_mode!r} is not supported; valid: None, 'rgb_array'")
+
+
+def substep_control(env: gymnasium.Env) -> SubstepControl:
+    """The sim env under `env`'s wrappers, typed for its control knobs (`dt`, `control_hz`,
+    `actuation_latency_s`, `period_scale`, `set_dynamics`); SimError if it is not a sim env."""
+    inner = env.unwrapped
+    if not isinstance(inner, SubstepControl):
+        raise SimError(f"{type(inner).__name__} is not a sim env (it has no SubstepControl)")
+    return inner

@@ -26,8 +26,10 @@ What is done by hand, and why:
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
+import gymnasium
 import numpy as np
 
 # Before anything else loads pybullet, so that its banner is silenced.
@@ -41,6 +43,7 @@ from pybullet_envs_gymnasium.scene_abstract import SingleRobotEmptyScene
 from pybullet_envs_gymnasium.scene_stadium import SinglePlayerStadiumScene
 
 from sim.envs.base import SubstepControl, bounded_box, check_render_mode
+from sim.errors import SimError
 
 BULLET_PERIOD = 0.0165  # upstream control period of all three tasks
 BULLET_HZ = 1.0 / BULLET_PERIOD
@@ -51,7 +54,11 @@ MAX_PHYSICS_DT = BULLET_PERIOD / 4  # upstream locomotion substep
 
 
 class _DeferredActuation:
-    command: np.ndarray | None = None
+    """Mixed in before an upstream robot class. The attributes annotated without a value are the
+    upstream robot's, which the env layer reads."""
+
+    command: np.ndarray  # set by apply_action, and to zeros by the env at every reset
+    objects: list[Any]  # the robot's pybullet body ids
 
     def apply_action(self, a: np.ndarray) -> None:
         assert np.isfinite(a).all()
@@ -63,7 +70,17 @@ class _DeferredActuation:
 
 
 class _Walker(_DeferredActuation):
-    def torque_coefficients(self):
+    power: float
+    ordered_joints: Any  # upstream Joint objects, in action order (upstream: None until loaded)
+    body_real_xyz: Sequence[float]
+
+    if TYPE_CHECKING:  # upstream's methods (below this mixin in the MRO), named for the checker
+
+        def calc_state(self) -> np.ndarray: ...
+
+        def calc_potential(self) -> float: ...
+
+    def torque_coefficients(self) -> list[tuple[Any, float]]:
         return [(j, self.power * j.power_coef) for j in self.ordered_joints]
 
 
@@ -76,12 +93,12 @@ class _HalfCheetah(_Walker, HalfCheetah):
 
 
 class _Reacher(_DeferredActuation, Reacher):
-    def torque_coefficients(self):
+    def torque_coefficients(self) -> list[tuple[Any, float]]:
         return [(self.central_joint, 0.05), (self.elbow_joint, 0.05)]
 
 
 class _SubsteppedStadium(SinglePlayerStadiumScene):
-    def __init__(self, env: SubstepControl, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, env: _BulletTask, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._env = env
 
@@ -90,7 +107,7 @@ class _SubsteppedStadium(SinglePlayerStadiumScene):
 
 
 class _SubsteppedEmpty(SingleRobotEmptyScene):
-    def __init__(self, env: SubstepControl, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, env: _BulletTask, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._env = env
 
@@ -101,30 +118,44 @@ class _SubsteppedEmpty(SingleRobotEmptyScene):
 # -- the shared layer over the upstream envs --------------------------------------------------
 
 
-class _BulletTask(SubstepControl):
-    """Mixed in before an upstream Bullet env class; see the module docstring."""
+class _BulletTask(SubstepControl, MJCFBaseBulletEnv):
+    """The layer over an upstream Bullet env class (the subclass names which); see the module
+    docstring."""
 
-    metadata = {"render_modes": ["rgb_array"], "render_fps": BULLET_HZ}
+    # gymnasium's Env declares metadata an instance attribute, upstream's env a ClassVar; gymnasium
+    # reads this one before building an env, and each instance replaces it with its own render_fps
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["rgb_array"], "render_fps": BULLET_HZ}  # type: ignore[misc]
+    robot: _DeferredActuation
     _obs_high: np.ndarray
     _cam: tuple[float, float, float] = (3.0, 0.0, -20.0)  # distance, yaw, pitch
 
     def _setup(
-        self, robot: _DeferredActuation, render_mode: str | None, control_hz: float, base_init
+        self,
+        robot: _DeferredActuation,
+        render_mode: str | None,
+        control_hz: float,
+        base_init: Callable[..., None],
     ) -> None:
         check_render_mode(render_mode)
         self._init_control(control_hz, MAX_PHYSICS_DT)
         # The upstream env classes' own __init__ build a stock robot; call the base with ours.
         base_init(self, robot, render_mode=None)  # never the GUI
         self.render_mode = render_mode
-        self.metadata = {**type(self).metadata, "render_fps": self.control_hz}
+        self.metadata = {**type(self).metadata, "render_fps": self.control_hz}  # type: ignore[misc]  # see above
         self.observation_space = bounded_box(self._obs_high)
-        self._links: list[tuple[int, int, tuple]] | None = None  # nominal (body, link, dynamics info)
-        self._actuation: list[tuple[int, list[int], np.ndarray, list[int]]] | None = None
+        if not isinstance(self.action_space, gymnasium.spaces.Box):
+            raise SimError(f"{type(self).__name__}: the robot's action space is not a Box")
+        self._action_shape: tuple[int, ...] = self.action_space.shape
+        # Captured from the simulation at the first reset (the bodies exist from then on).
+        self._nominal_captured = False
+        self._links: list[tuple[int, int, tuple[Any, ...]]] = []  # nominal (body, link, dynamics info)
+        self._robot_bodies: set[int] = set()
+        self._actuation: list[tuple[int, list[int], np.ndarray, list[int]]] = []
 
     # SubstepControl hooks
 
     def _sim_ready(self) -> bool:
-        return self._links is not None
+        return self._nominal_captured
 
     def _actuate(self, action: np.ndarray) -> None:
         gain = self._dynamics.motor_gain
@@ -136,7 +167,7 @@ class _BulletTask(SubstepControl):
         return ()
 
     def _capture_nominal(self) -> None:
-        links = []
+        links: list[tuple[int, int, tuple[Any, ...]]] = []
         for body in list(self.robot.objects) + list(self._contact_bodies()):
             for link in range(-1, self._p.getNumJoints(body)):
                 links.append((body, link, self._p.getDynamicsInfo(body, link)))
@@ -149,9 +180,10 @@ class _BulletTask(SubstepControl):
             coefs.append(coef)
             dims.append(dim)
         self._actuation = [(b, j, np.array(c), d) for b, (j, c, d) in grouped.items()]
+        self._nominal_captured = True
 
     def _apply_dynamics(self) -> None:
-        if self._links is None:
+        if not self._nominal_captured:
             self._capture_nominal()
         d = self._dynamics
         for body, link, info in self._links:
@@ -167,7 +199,10 @@ class _BulletTask(SubstepControl):
 
     # gymnasium API
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+    # positional seed/options allowed, as upstream's reset allows them
+    def reset(
+        self, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         if self.physicsClientId < 0:
             # Our own DIRECT client: upstream's default first tries shared memory, which would
             # attach to any GUI server running on the machine.
@@ -177,41 +212,47 @@ class _BulletTask(SubstepControl):
             self.physicsClientId = self._p._client
             self.ownsPhysicsClient = True
         obs, info = super().reset(seed=seed, options=options)
-        self.robot.command = np.zeros(self.action_space.shape, dtype=np.float64)
-        self._reset_control(self.action_space.shape[0])
+        self.robot.command = np.zeros(self._action_shape, dtype=np.float64)
+        self._reset_control(self._action_shape[0])
         return self._clip(obs), info
 
-    def step(self, action):
-        a = np.clip(np.asarray(action, dtype=np.float64).reshape(self.action_space.shape), -1.0, 1.0)
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        a = np.clip(np.asarray(action, dtype=np.float64).reshape(self._action_shape), -1.0, 1.0)
         obs, reward, terminated, truncated, info = super().step(a)
         return self._clip(obs), float(reward), bool(terminated), bool(truncated), info
 
     def _clip(self, obs: np.ndarray) -> np.ndarray:
         return np.clip(np.asarray(obs, dtype=np.float32), -self._obs_high, self._obs_high)
 
-    def render(self):
+    def render(self) -> np.ndarray | None:
         if self.render_mode != "rgb_array" or self.physicsClientId < 0:
             return None
         distance, yaw, pitch = self._cam
         return self._render_rgb(self._camera_target(), distance, yaw, pitch)
 
-    def _camera_target(self):
-        return self.robot.body_real_xyz
+    def _camera_target(self) -> Sequence[float]:
+        raise NotImplementedError
 
 
-class _WalkerTask(_BulletTask):
+class _WalkerTask(_BulletTask, WalkerBaseBulletEnv):
+    robot: _Walker
     _obs_high_value = 5.0  # calc_state clips to +-5
 
-    def create_single_player_scene(self, bullet_client):
+    def _camera_target(self) -> Sequence[float]:
+        return self.robot.body_real_xyz
+
+    def create_single_player_scene(self, bullet_client: Any) -> _SubsteppedStadium:
         self.stadium_scene = _SubsteppedStadium(
             self, bullet_client, gravity=9.8, timestep=self.physics_dt, frame_skip=self.n_substeps
         )
         return self.stadium_scene
 
-    def _contact_bodies(self):
+    def _contact_bodies(self) -> tuple[int, ...]:
         return tuple(self.stadium_scene.ground_plane_mjcf)
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+    def reset(
+        self, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed, options=options)
         # Upstream computes the reset state and potential before re-adding the floor to the
         # robot's parts, which every later calc_state includes in its mean position; in the
@@ -222,7 +263,7 @@ class _WalkerTask(_BulletTask):
         return self._clip(state), {}
 
 
-class HopperEnv(_WalkerTask, WalkerBaseBulletEnv):
+class HopperEnv(_WalkerTask):
     """pybullet_envs_gymnasium's HopperBulletEnv (same reward and termination) with our additions."""
 
     def __init__(self, render_mode: str | None = None, control_hz: float = BULLET_HZ) -> None:
@@ -230,14 +271,14 @@ class HopperEnv(_WalkerTask, WalkerBaseBulletEnv):
         self._setup(_Hopper(), render_mode, control_hz, WalkerBaseBulletEnv.__init__)
 
 
-class HalfCheetahEnv(_WalkerTask, WalkerBaseBulletEnv):
+class HalfCheetahEnv(_WalkerTask):
     """pybullet_envs_gymnasium's HalfCheetahBulletEnv (same reward, never terminates) with our additions."""
 
     def __init__(self, render_mode: str | None = None, control_hz: float = BULLET_HZ) -> None:
         self._obs_high = np.full(26, 5.0, dtype=np.float32)
         self._setup(_HalfCheetah(), render_mode, control_hz, WalkerBaseBulletEnv.__init__)
 
-    def _isDone(self) -> bool:  # noqa: N802 (upstream's name)
+    def _isDone(self) -> bool:  # upstream's name
         return False
 
 
@@ -255,10 +296,10 @@ class ReacherEnv(_BulletTask, ReacherBulletEnv):
         self._obs_high = np.array([0.27, 0.27, 1.0, 1.0, 1.0, 1.0, 10.0, 1.5, 10.0], dtype=np.float32)
         self._setup(_Reacher(), render_mode, control_hz, MJCFBaseBulletEnv.__init__)
 
-    def create_single_player_scene(self, bullet_client):
+    def create_single_player_scene(self, bullet_client: Any) -> _SubsteppedEmpty:
         return _SubsteppedEmpty(
             self, bullet_client, gravity=0.0, timestep=self.physics_dt, frame_skip=self.n_substeps
         )
 
-    def _camera_target(self):
+    def _camera_target(self) -> Sequence[float]:
         return (0.0, 0.0, 0.0)

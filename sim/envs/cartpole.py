@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
+from typing import Any, SupportsFloat
 
 import gymnasium
 import numpy as np
@@ -44,7 +44,8 @@ ANG_VEL_LIMIT = 40.0  # rad/s, bound of theta_dot in the observation
 class CartPoleEnv(SubstepControl, gymnasium.Env):
     """Balance the pole: +1 per step alive; ends when |theta| > theta_threshold or |x| > x_threshold."""
 
-    metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
+    # each instance replaces it with its own render_fps; gymnasium declares it an instance dict
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 50}  # noqa: RUF012
 
     def __init__(
         self,
@@ -124,7 +125,9 @@ class CartPoleEnv(SubstepControl, gymnasium.Env):
         """x, x_dot, theta, theta_dot at reset, drawn from the env's seeded RNG."""
         return self.np_random.uniform(-0.05, 0.05, size=4)
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)
         x, x_dot, theta, theta_dot = self._initial_state()
         self._build_world()
@@ -133,16 +136,16 @@ class CartPoleEnv(SubstepControl, gymnasium.Env):
         self._reset_control(action_dim=1)
         return self._observe(), {}
 
-    def step(self, action):
+    def step(self, action: Any) -> tuple[np.ndarray, SupportsFloat, bool, bool, dict[str, Any]]:
         a = np.clip(np.asarray(action, dtype=np.float64).reshape(1), -1.0, 1.0)
         self._run_control_period(a)
-        x, x_dot, theta, theta_dot = self._state()
+        x, _, theta, _ = self._state()
         obs = self._observe()
         terminated = self._terminated(x, theta)
         reward = self._reward(x, theta, a)
         return obs, reward, terminated, False, {"theta": theta, "x": x}
 
-    def render(self):
+    def render(self) -> np.ndarray | None:
         if self.render_mode != "rgb_array":
             return None
         x = self._state()[0]

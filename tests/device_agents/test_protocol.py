@@ -19,6 +19,7 @@ from device_agents.protocol import (
     VERSION,
     BadCRC,
     BadHeader,
+    BadPrefixCRC,
     BadVersion,
     FrameReader,
     FrameTooLarge,
@@ -198,6 +199,25 @@ def test_each_bad_frame_gives_its_error_then_the_next_frame_decodes(bad, error):
     msgs, errors = _drain(FrameReader(), bad + good)
     assert [type(e) for e in errors][:1] == [error]
     assert [m.type for m in msgs] == [MsgType.PONG]
+
+
+def test_a_bad_prefix_crc_is_its_own_kind_of_bad_crc():
+    frame = bytearray(encode(MsgType.PING, {"n": 1}))
+    frame[PREFIX_SIZE - 1] ^= 1  # the prefix CRC itself
+    errors = FrameReader().events(bytes(frame))
+    assert isinstance(errors[0], BadPrefixCRC) and errors[0].reason == BadCRC.reason
+    body = _raw_frame(body_crc=1)  # a body CRC failure is a plain BadCRC
+    assert [type(e) for e in FrameReader().events(body)][:1] == [BadCRC]
+
+
+def test_a_stalled_frame_is_given_up_byte_by_byte():
+    good = encode(MsgType.PING, {"n": 2, "pad": "x" * 100})
+    reader = FrameReader()
+    assert reader.events(good[:30]) == [] and reader.buffered == 30
+    reader.skip_byte()  # the agent does this after stall_s of silence
+    assert reader.events() == [] and reader.buffered < 30
+    msgs = [e for e in reader.events(good) if isinstance(e, Message)]
+    assert [m.header["n"] for m in msgs] == [2] and reader.buffered == 0
 
 
 def test_absurd_length_is_refused_at_once_without_waiting_for_the_body():

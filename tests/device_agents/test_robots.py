@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from device_agents.errors import DeviceError
-from device_agents.robots import make_robot
+from device_agents.robots import BACKENDS, make_robot, parse_spec
 from device_agents.robots.serial_mcu import SerialRobot, SerialRobotError
 
 pytest.importorskip("sim")
@@ -130,7 +130,7 @@ def test_serial_robot_times_out_on_a_silent_line():
     master, slave = os.openpty()
     tty.setraw(slave)
     try:
-        with pytest.raises(SerialRobotError, match="no reply line within 0.3"):
+        with pytest.raises(SerialRobotError, match=r"no reply line within 0.3"):
             SerialRobot(f"{os.ttyname(slave)}?timeout=0.3")
     finally:
         os.close(slave)
@@ -144,6 +144,13 @@ def test_bad_specs_name_the_valid_forms(spec, match):
     with pytest.raises(DeviceError, match=match) as e:
         make_robot(spec)
     assert "sim:PROFILE" in str(e.value) and "serial:URL" in str(e.value)
+
+
+def test_an_unknown_back_end_lists_the_table():
+    with pytest.raises(DeviceError, match="known back ends: sim, serial"):
+        make_robot("ros:robot1")
+    assert parse_spec("serial:/dev/ttyACM0?baudrate=9600").argument == "/dev/ttyACM0?baudrate=9600"
+    assert parse_spec("sim:cartpole-lab-a").backend is BACKENDS["sim"]
 
 
 def test_unknown_profile_is_a_device_error():

@@ -1,6 +1,6 @@
 """device_agents.runtime, .bench and .cli: on the host (ai_edge_litert) and in a robot-style venv
 (tflite_runtime, numpy<2, no torch); input normalisation fused into the int8 quantisation, and
-artifact directories (`from_artifact`, bench on a directory)."""
+artifact directories (`TFLitePolicy(directory)`, bench on a directory)."""
 
 from __future__ import annotations
 
@@ -172,38 +172,36 @@ def _artifact(directory: Path, model: bytes, norm: dict | None) -> Path:
     return directory
 
 
-def test_from_artifact_reads_the_manifest(policy_models, tmp_path: Path) -> None:
+def test_artifact_dir_reads_the_manifest(policy_models, tmp_path: Path) -> None:
     norm = _norm(policy_models.arch.input_dim)
     d = _artifact(tmp_path / "a", policy_models.int8, norm)
-    policy = TFLitePolicy.from_artifact(d)
+    policy = TFLitePolicy(d)
     direct = TFLitePolicy(policy_models.int8, input_normalisation=norm)
     assert policy.manifest["input_normalisation"] == norm and policy.source.endswith("policy.tflite")
     raw = _raw(norm, policy_models.holdout[0])
     np.testing.assert_array_equal(policy.act(raw), direct.act(raw))
     # no input_normalisation in the manifest: the identity
-    bare = TFLitePolicy.from_artifact(_artifact(tmp_path / "b", policy_models.int8, None))
+    bare = TFLitePolicy(_artifact(tmp_path / "b", policy_models.int8, None))
     assert bare.input_normalisation is None
     np.testing.assert_array_equal(bare.act(raw), TFLitePolicy(policy_models.int8).act(raw))
     with pytest.raises(ModelError, match="comes from the artifact's manifest"):
         TFLitePolicy(d, input_normalisation=norm)
 
 
-def test_from_artifact_bad_directories(policy_models, tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match="not a directory"):
-        TFLitePolicy.from_artifact(tmp_path / "nowhere")
+def test_artifact_dir_bad_directories(policy_models, tmp_path: Path) -> None:
     d = _artifact(tmp_path / "a", policy_models.int8, None)
     (d / "policy.tflite").write_bytes(policy_models.fp32)
     with pytest.raises(ModelError, match="does not match the manifest's sha256"):
-        TFLitePolicy.from_artifact(d)
+        TFLitePolicy(d)
     (d / "manifest.json").write_text("[1, 2")
-    with pytest.raises(ModelError, match="manifest.json is not valid JSON"):
-        TFLitePolicy.from_artifact(d)
+    with pytest.raises(ModelError, match=r"manifest.json is not valid JSON"):
+        TFLitePolicy(d)
     (d / "manifest.json").write_text(json.dumps({"model_file": "../policy.tflite"}))
-    with pytest.raises(ModelError, match="model_file '../policy.tflite' is not a file name"):
-        TFLitePolicy.from_artifact(d)
+    with pytest.raises(ModelError, match=r"model_file '../policy.tflite' is not a file name"):
+        TFLitePolicy(d)
     (d / "manifest.json").unlink()
-    with pytest.raises(ModelError, match="cannot read manifest.json"):
-        TFLitePolicy.from_artifact(d)
+    with pytest.raises(ModelError, match=r"cannot read manifest.json"):
+        TFLitePolicy(d)
 
 
 def test_wrong_observation_size(policy_models) -> None:
@@ -238,7 +236,7 @@ def test_every_truncation_is_a_model_error(policy_models, which: str) -> None:
     # tflite_runtime segfaults on most of these if it gets them: the check must catch them all
     data = getattr(policy_models, which)
     for cut in range(0, len(data), 7):
-        with pytest.raises(ModelError, match="not a TFLite model|truncated or corrupt"):
+        with pytest.raises(ModelError, match=r"not a TFLite model|truncated or corrupt"):
             check_tflite(data[:cut])
     with pytest.raises(ModelError, match="truncated"):
         TFLitePolicy(data[:-1])
@@ -258,7 +256,7 @@ def fresh_runtime(monkeypatch: pytest.MonkeyPatch):
 
 def test_env_var_rejects_unknown_runtime(fresh_runtime) -> None:
     fresh_runtime.setenv(runtime.ENV_VAR, "tensorflow")
-    with pytest.raises(DeviceError, match="'tensorflow' is not a TFLite runtime.*tflite_runtime"):
+    with pytest.raises(DeviceError, match=r"'tensorflow' is not a TFLite runtime.*tflite_runtime"):
         runtime.load_interpreter_class()
 
 
@@ -276,7 +274,7 @@ def test_no_runtime_installed_is_a_device_error(fresh_runtime) -> None:
         raise ImportError(f"No module named {name!r}")
 
     fresh_runtime.setattr(runtime, "_import_runtime", missing)
-    with pytest.raises(DeviceError, match="no usable TFLite interpreter.*tflite_runtime.*ai_edge"):
+    with pytest.raises(DeviceError, match=r"no usable TFLite interpreter.*tflite_runtime.*ai_edge"):
         runtime.load_interpreter_class()
 
 
@@ -356,6 +354,7 @@ def test_cli_truncated_file_exits_2_with_one_line(policy_models, tmp_path: Path)
         env=_env(),
         capture_output=True,
         text=True,
+        check=False,
         timeout=60,
     )
     assert proc.returncode == 2
@@ -366,7 +365,13 @@ def test_cli_truncated_file_exits_2_with_one_line(policy_models, tmp_path: Path)
 def test_cli_imports_no_numpy() -> None:
     code = "import sys, device_agents.cli; print('numpy' in sys.modules)"
     proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
     )
     assert proc.stdout.strip() == "False", proc.stderr
 
@@ -427,6 +432,7 @@ def test_robot_venv_matches_host(policy_models, robot_python: Path, tmp_path: Pa
         env=_env(),
         capture_output=True,
         text=True,
+        check=False,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
@@ -462,6 +468,7 @@ def test_robot_venv_cli_bench(policy_models, robot_python: Path, tmp_path: Path,
         env=_env(),
         capture_output=True,
         text=True,
+        check=False,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
@@ -480,6 +487,7 @@ def test_robot_venv_refuses_truncated_model_without_crashing(
         env=_env(),
         capture_output=True,
         text=True,
+        check=False,
         timeout=60,
     )
     assert proc.returncode == 2 and "truncated or corrupt" in proc.stderr

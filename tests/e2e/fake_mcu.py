@@ -9,6 +9,7 @@ latency on top of the profile's own, like the sim twin does.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -90,10 +91,8 @@ class FakeMCU:
 
     def close(self) -> None:
         for fd in (self.slave, self.master):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         self.env.close()
 
 

@@ -111,7 +111,7 @@ def test_fuzz_never_kills_the_agent(tmp_path):
     host, port = agent.url[len("tcp://") :].rsplit(":", 1)
     sent = 0
     try:
-        for burst in range(6):  # several connections, dropped abruptly
+        for _burst in range(6):  # several connections, dropped abruptly
             sock = socket.create_connection((host, int(port)))
             stop = threading.Event()
             drain = threading.Thread(target=_drain, args=(sock, stop), daemon=True)

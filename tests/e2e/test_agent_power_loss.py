@@ -3,6 +3,7 @@ verified policy (the old one or the new one), never a partial file."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import signal
 import threading
@@ -47,19 +48,17 @@ def test_sigkill_during_deploy_always_leaves_a_verified_policy(tmp_path):
     rng = random.Random(1234)
     outcomes = {"old": 0, "new": 0}
     t_start = time.monotonic()
-    for run in range(RUNS):
+    for _run in range(RUNS):
         agent = AgentProcess(state, pub)
         with agent.link(timeout_s=10) as link:
             st = status(link)
             current = st["active_sha256"]
             target = arts[1] if current == arts[0][1]["sha256"] else arts[0]
             delay = rng.uniform(0.0, 0.25)
-            killer = threading.Timer(delay, lambda: agent.proc.send_signal(signal.SIGKILL))
+            killer = threading.Timer(delay, agent.proc.send_signal, args=(signal.SIGKILL,))
             killer.start()
-            try:
+            with contextlib.suppress(LinkError, ProtocolError, AssertionError):  # the agent died under us
                 deploy(link, *target, canary, chunk_size=256)
-            except (LinkError, ProtocolError, AssertionError):
-                pass  # the agent died under us
             killer.join()
         agent.proc.wait(10)
         # restart: the state must hold a complete, verified policy

@@ -10,6 +10,7 @@ still real interpreter timings on this CPU.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -79,6 +80,7 @@ def _artifact(tmp: Path, store, trial_id: int, seed: int, key: Path) -> Path:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     from device_agents.signing import generate_keypair
+    from robonas.space import Layer, PolicyArch
     from robonas.store import Store
 
     tmp = tmp_path_factory.mktemp("fleet")
@@ -86,8 +88,8 @@ def world(tmp_path_factory):
     url = f"sqlite:///{tmp / 'store.db'}"
     store = Store(url)
     study = store.create_study("fleet-e2e", {})
-    t1 = store.add_trial(study.id, 0, "a1", {"x": 1})
-    t2 = store.add_trial(study.id, 1, "a2", {"x": 2})
+    t1 = store.add_trial(study.id, 0, PolicyArch(4, 1, (Layer(8, "tanh"),)))
+    t2 = store.add_trial(study.id, 1, PolicyArch(4, 1, (Layer(16, "tanh"),)))
     arts = (_artifact(tmp, store, t1.id, 1, private), _artifact(tmp, store, t2.id, 2, private))
     yield {
         "tmp": tmp,
@@ -224,10 +226,8 @@ class CuttingProxy:
         except OSError:
             pass
         for s in (a, b):
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             s.close()
 
     def close(self) -> None:

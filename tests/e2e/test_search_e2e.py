@@ -12,12 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from robonas.store import Store
+from robonas.errors import StoreError
+from robonas.metrics import TrialMetrics
+from robonas.store import Store, TrialRow
 
 REPO = Path(__file__).resolve().parents[2]
 CARTPOLE = (REPO / "launch" / "cartpole.toml").read_text()
 
 pytestmark = pytest.mark.e2e
+
+
+def _m(t: TrialRow) -> TrialMetrics:
+    assert t.metrics is not None, f"trial {t.id} has no metrics"
+    return t.metrics
 
 
 def _config(tmp_path: Path, **replace: str) -> Path:
@@ -36,6 +43,7 @@ def _robonas(tmp_path: Path, *args: str, timeout: float = 600) -> subprocess.Com
         cwd=tmp_path,
         capture_output=True,
         text=True,
+        check=False,
         timeout=timeout,
     )
 
@@ -81,14 +89,17 @@ def test_search_fills_store_and_top_ranks(tmp_path):
         curve = store.curve(t.id)
         assert len(curve) >= 2 and curve[-1][0] >= 3000
         m = t.metrics
-        assert 0.0 <= m["auc"] <= 1.0
-        assert m["p99_ms"] <= 0.25  # the config's latency budget
-        assert m["predicted_real_return"] <= m["asymptotic_return"]
+        assert m is not None and m.auc is not None and m.p99_ms is not None
+        assert 0.0 <= m.auc <= 1.0
+        assert m.p99_ms <= 0.25  # the config's latency budget
+        assert m.predicted_real_return is not None and m.asymptotic_return is not None
+        assert m.predicted_real_return <= m.asymptotic_return
         (weights,) = store.artifacts(t.id, kind="weights")
         assert Path(weights.meta["actor"]).is_file() and Path(weights.meta["obs_norm"]).is_file()
     # candidates over the budget were recorded as rejected, never trained
     for t in store.trials(study.id, status="rejected"):
-        assert t.metrics["p99_ms"] > 0.25 and t.env_steps is None
+        assert t.metrics is not None and t.metrics.p99_ms is not None
+        assert t.metrics.p99_ms > 0.25 and t.env_steps is None
         assert not store.curve(t.id)
 
     status = _robonas(tmp_path, "status", "cartpole", "--json", "--store", url)
@@ -128,7 +139,7 @@ def test_sigkill_midway_then_resume_runs_every_trial_once(tmp_path):
             store = Store(url)
             try:
                 study = store.get_study("cartpole")
-            except Exception:
+            except StoreError:  # the search has not created the study yet
                 continue
             trials = store.trials(study.id)
             done = sum(t.status == "complete" for t in trials)
@@ -278,7 +289,7 @@ def test_results_do_not_depend_on_the_worker_count(tmp_path):
         store = Store(url)
         trials = [t for t in store.trials(store.get_study("cartpole").id) if t.status == "complete"]
         figures[workers] = [
-            (t.arch_id, t.metrics["auc"], t.metrics["asymptotic_return"], store.curve(t.id)) for t in trials
+            (t.arch_id, _m(t).auc, _m(t).asymptotic_return, store.curve(t.id)) for t in trials
         ]
     assert figures["1"] == figures["2"]
 
@@ -299,9 +310,7 @@ def test_after_robot_reports_the_next_candidates_are_asked_and_scored_with_the_c
     assert first.returncode == 0, first.stderr
     store = Store(url)
     study = store.get_study("cartpole-mcu")
-    told_before = {
-        t.id: (t.metrics["objective"], t.metrics["p99_ms"]) for t in store.trials(study.id, status="complete")
-    }
+    told_before = {t.id: (_m(t).objective, _m(t).p99_ms) for t in store.trials(study.id, status="complete")}
 
     # a robot's BENCH timings of a slow MCU: 2 ms of overhead plus the MACs at 5e5 MAC/s
     samples = []
@@ -318,8 +327,9 @@ def test_after_robot_reports_the_next_candidates_are_asked_and_scored_with_the_c
     fit_latency(store, "cortex-m7", samples)
     rescore_study(store, "cartpole-mcu")
     for t in store.trials(study.id, status="complete"):  # re-scored, but what was told is kept
-        assert t.metrics["latency_model"] == "calibrated-roofline@1"
-        assert (t.metrics["told"]["objective"], t.metrics["told"]["p99_ms"]) == told_before[t.id]
+        assert _m(t).latency_model == "calibrated-roofline@1"
+        told = _m(t).told
+        assert told is not None and (told["objective"], told["p99_ms"]) == told_before[t.id]
 
     more = _robonas(
         tmp_path, "search", str(cfg), "--trials", "4", "--steps", "2000", "--workers", "1", "--store", url
@@ -330,9 +340,9 @@ def test_after_robot_reports_the_next_candidates_are_asked_and_scored_with_the_c
     complete = [t for t in new if t.status == "complete"]
     assert len(complete) == 2 and any(t.status == "rejected" for t in new)
     for t in new:
-        wide = len(PolicyArch.from_json(t.arch_json).layers) == 2  # 2x256: about 136 ms now
+        wide = len(t.arch.layers) == 2  # 2x256: about 136 ms now
         if t.status == "rejected":
             assert wide and "calibrated-roofline@1" in t.error, t.error
         else:
-            assert not wide and t.metrics["latency_model"] == "calibrated-roofline@1"
-            assert t.metrics["p99_ms"] < 20.0
+            assert not wide and _m(t).latency_model == "calibrated-roofline@1"
+            assert (_m(t).p99_ms or 0.0) < 20.0

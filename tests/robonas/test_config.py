@@ -123,6 +123,7 @@ def test_cli_bad_config_exit_2_one_line_and_store_untouched(tmp_path, mutate, ne
         capture_output=True,
         text=True,
         timeout=120,
+        check=False,  # the exit code is what is tested
     )
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr.strip().splitlines()

@@ -13,6 +13,7 @@ import pytest
 
 from robonas import plots
 from robonas.errors import StoreError
+from robonas.metrics import TrialMetrics
 from robonas.report import SECTIONS, render_report, write_report
 from robonas.space import Layer, PolicyArch
 from robonas.store import Store
@@ -130,18 +131,20 @@ def full_study(store: Store) -> Store:
     trials = []
     for i, width in enumerate((8, 16, 32, 64)):
         arch = _arch(width)
-        t = store.add_trial(study.id, i, arch.arch_id, arch.to_json())
+        t = store.add_trial(study.id, i, arch)
         curve = [(s, 20.0 + i * 10 + s / 100, 3.0) for s in (0, 500, 1000, 1500, 2000)]
-        store.complete_trial(t.id, _metrics(i, arch), curve, wall_s=3.0, env_steps=2000)
+        store.complete_trial(
+            t.id, TrialMetrics.from_dict(_metrics(i, arch)), curve, wall_s=3.0, env_steps=2000
+        )
         trials.append(t)
     big = _arch(512)
-    rej = store.add_trial(study.id, 4, big.arch_id, big.to_json())
+    rej = store.add_trial(study.id, 4, big)
     store.reject_trial(
         rej.id,
         "predicted p99 9.5 ms over the budget 2.0 ms",
-        metrics={"p50_ms": 7.0, "p99_ms": 9.5, "params": 1, "macs": 1, "bytes": 1, "device": "pi4"},
+        metrics=TrialMetrics(p50_ms=7.0, p99_ms=9.5, params=1, macs=1, bytes=1, device="pi4"),
     )
-    failed = store.add_trial(study.id, 5, "f" * 12, _arch(4).to_json())
+    failed = store.add_trial(study.id, 5, _arch(4))
     store.fail_trial(failed.id, "boom " + EVIL)
 
     art = store.add_artifact(trials[3].id, "tflite-int8", "/tmp/a.tflite", "ab" * 32)
@@ -166,7 +169,7 @@ def full_study(store: Store) -> Store:
     store.add_device_report(
         "robot-2",
         "run",
-        {"returns": [150.0, "nan?", None], "step_ms": [0.4, 0.5, 0.6]},
+        {"returns": [150.0, "nan?", None], "timings_ms": {"p50": 0.5, "p90": 0.58, "p99": 0.598}},
         trial_id=trials[3].id,
     )
     store.add_device_report(
@@ -239,7 +242,7 @@ def test_full_report_has_every_section_with_figures(full_study: Store, tmp_path:
     assert "abababababab" in deploy  # short sha of the run report
     assert "profile pi4" in deploy  # the registered robot's profile
     assert "0.450" in deploy  # bench invoke p50 450 us shown in ms
-    assert "0.598" in deploy  # p99 of raw step_ms samples [0.4, 0.5, 0.6]
+    assert "0.598" in deploy  # p99 of the run report's timings_ms
     latency_text = " ".join(c.sections["latency-model"]["text"])
     assert "mae_ms" in latency_text
     assert "other_device_metric" not in latency_text and "cortex-m7" not in latency_text
@@ -260,9 +263,9 @@ def test_pareto_dominated_trial_is_not_on_front(store: Store):
     ids = []
     for i, (ret, p99) in enumerate(((100.0, 1.0), (90.0, 1.5), (150.0, 1.2))):
         arch = _arch(8 * (i + 1))
-        t = store.add_trial(study.id, i, arch.arch_id, arch.to_json())
+        t = store.add_trial(study.id, i, arch)
         m = _metrics(i, arch) | {"predicted_real_return": ret, "p99_ms": p99}
-        store.complete_trial(t.id, m, [(0, 1.0, 0.0), (10, 2.0, 0.0)], 1.0, 10)
+        store.complete_trial(t.id, TrialMetrics.from_dict(m), [(0, 1.0, 0.0), (10, 2.0, 0.0)], 1.0, 10)
         ids.append(t.id)
     c = _parse(render_report(store, "dom"))
     front_table = " ".join(c.sections["pareto"]["text"])
@@ -285,8 +288,8 @@ def test_empty_study_renders_with_placeholders(store: Store, tmp_path: Path):
 def test_gap_falls_back_to_run_reports_and_latency_to_bench(store: Store):
     study = store.create_study("fallback", _config("fallback"))
     arch = _arch(16)
-    t = store.add_trial(study.id, 0, arch.arch_id, arch.to_json())
-    store.complete_trial(t.id, _metrics(0, arch), [(0, 1.0, 0.5)], 1.0, 10)
+    t = store.add_trial(study.id, 0, arch)
+    store.complete_trial(t.id, TrialMetrics.from_dict(_metrics(0, arch)), [(0, 1.0, 0.5)], 1.0, 10)
     store.add_device_report("r1", "run", {"returns": [70.0, 90.0]}, trial_id=t.id)
     store.add_device_report("r1", "bench", {"invoke_us": {"p50": 300.0}}, trial_id=t.id)
     c = _parse(render_report(store, "fallback"))

@@ -7,7 +7,9 @@ import itertools
 import pytest
 
 from robonas.errors import ConfigError, RobonasError
+from robonas.metrics import TrialMetrics
 from robonas.models.gap_model import GapPrediction
+from robonas.models.latency_model import LatencyPrediction
 from robonas.scoring import (
     ObjectiveWeights,
     objective,
@@ -15,7 +17,10 @@ from robonas.scoring import (
     pareto_front,
     predicted_real_return,
     rank,
+    within_budget,
 )
+from robonas.space import Layer, PolicyArch
+from robonas.store import TrialRow
 
 
 def test_predicted_real_return_subtracts_gap() -> None:
@@ -66,11 +71,11 @@ def test_objective_refuses_unnormalised_auc() -> None:
 def test_objective_monotone_in_both_inputs() -> None:
     aucs = [0.0, 0.1, 0.4, 0.7, 1.0]
     returns = [0.0, 100.0, 400.0, 700.0, 1000.0]
-    for a_fixed, r_fixed in zip(aucs, returns):
+    for a_fixed, r_fixed in zip(aucs, returns, strict=True):
         by_auc = [objective(a, r_fixed, 0.0, 1000.0) for a in aucs]
         by_ret = [objective(a_fixed, r, 0.0, 1000.0) for r in returns]
-        assert all(b > a for a, b in zip(by_auc, by_auc[1:]))
-        assert all(b > a for a, b in zip(by_ret, by_ret[1:]))
+        assert all(b > a for a, b in itertools.pairwise(by_auc))
+        assert all(b > a for a, b in itertools.pairwise(by_ret))
 
 
 def test_objective_rejects_bad_range() -> None:
@@ -99,27 +104,39 @@ def test_pareto_front_known_set() -> None:
     assert pareto_front([("only", 1.0, 1.0)]) == ["only"]
 
 
+def _trial(tid: int, objective: float, std: float, status: str = "complete") -> TrialRow:
+    # lower confidence bound with k=1, as ScoringContext(lcb_z=1.0) stores it
+    metrics = TrialMetrics(objective=objective, objective_std=std, objective_lcb=objective - std)
+    arch = PolicyArch(obs_dim=4, act_dim=1, layers=(Layer(8, "tanh"),))
+    return TrialRow(
+        id=tid, study_id=1, seq=tid, arch_id=arch.arch_id, arch=arch, status=status, error=None,
+        metrics=metrics, tell_seq=None, attempts=0, started_at=None, finished_at=None, wall_s=None,
+        env_steps=None,
+    )  # fmt: skip
+
+
 def test_rank_by_key_stable_and_lcb() -> None:
-    rows = [
-        {"id": 1, "objective": 0.6, "objective_std": 0.30},
-        {"id": 2, "objective": 0.7, "objective_std": 0.01},
-        {"id": 3, "objective": 0.6, "objective_std": 0.00},
-        {"id": 4, "objective": 0.8, "objective_std": 0.60},
-    ]
-    assert [r["id"] for r in rank(rows)] == [4, 2, 1, 3]  # ties (1, 3) keep input order
+    rows = [_trial(1, 0.6, 0.30), _trial(2, 0.7, 0.01), _trial(3, 0.6, 0.00), _trial(4, 0.8, 0.60)]
+    assert [r.id for r in rank(rows)] == [4, 2, 1, 3]  # ties (1, 3) keep ask order
     # lower confidence bound with k=1: 0.3, 0.69, 0.6, 0.2 -> the certain candidates rise
-    assert [r["id"] for r in rank(rows, lcb=1.0)] == [2, 3, 1, 4]
-    assert [r["id"] for r in rank(rows, key="objective_std")] == [4, 1, 2, 3]
+    assert [r.id for r in rank(rows, "lcb")] == [2, 3, 1, 4]
+    # only complete trials with the figure are ranked
+    assert [r.id for r in rank([*rows, _trial(5, 0.9, 0.0, status="failed")])] == [4, 2, 1, 3]
     with pytest.raises(ConfigError, match="real_return"):
-        rank(rows, key="real_return")
-    with pytest.raises(ConfigError, match="objective_std"):
-        rank([{"objective": 1.0}], lcb=1.0)
-    with pytest.raises(ConfigError, match="lcb"):
-        rank(rows, lcb=-1.0)
+        rank(rows, "real_return")
+
+
+def test_budget_check_uses_p99() -> None:
+    pred = LatencyPrediction(p50_ms=1.0, p99_ms=3.0)
+    assert within_budget(pred.p99_ms, 3.0)
+    assert not within_budget(pred.p99_ms, 2.0)  # the median fits, the tail does not
+    for bad in (0, -1.0, float("nan"), "5"):
+        with pytest.raises(ConfigError, match="budget_ms"):
+            within_budget(pred.p99_ms, bad)  # type: ignore[arg-type]
 
 
 def test_measured_episodes_outweigh_the_model_once_a_robot_has_spoken():
-    from robonas.ranking import with_measurements
+    from robonas.scoring import with_measurements
 
     # the model expected 400 +- 50; six real episodes averaged 53
     mean, std = with_measurements(400.0, 50.0, [40, 60, 55, 50, 48, 65], return_range=500.0)

@@ -71,7 +71,7 @@ def test_layer_validation():
         Layer(0, "relu")
     with pytest.raises(ConfigError, match="width"):
         Layer(True, "relu")
-    with pytest.raises(ConfigError, match="gelu.*relu, tanh, elu, silu"):
+    with pytest.raises(ConfigError, match=r"gelu.*relu, tanh, elu, silu"):
         Layer(8, "gelu")
 
 
@@ -126,7 +126,7 @@ def test_bytes_counts_params_and_activations():
 
 def test_space_module_does_not_import_torch():
     code = "import sys, robonas.space; sys.exit('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], cwd=".").returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], cwd=".", check=False).returncode == 0
 
 
 # --- SearchSpace ----------------------------------------------------------------------------
@@ -171,7 +171,7 @@ def test_mutate_changes_exactly_one_decision():
             assert child.layers[:common] == arch.layers[:common]
             assert a[-4:] == c[-4:]
             if len(child.layers) > len(arch.layers):  # deepening copies the last layer
-                assert all(l == arch.layers[-1] for l in child.layers[common:])
+                assert all(x == arch.layers[-1] for x in child.layers[common:])
     assert depth_changes > 10
 
 

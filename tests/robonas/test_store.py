@@ -12,9 +12,15 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from robonas.errors import StoreError
+from robonas.metrics import TrialMetrics
+from robonas.space import Layer, PolicyArch
 from robonas.store import SCHEMA_VERSION, Store, default_store_url
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def _arch(width: int = 8) -> PolicyArch:
+    return PolicyArch(obs_dim=4, act_dim=1, layers=(Layer(width, "tanh"),))
 
 
 @pytest.fixture
@@ -72,28 +78,29 @@ def test_study_round_trip_and_unknown_name(store):
 
 def test_trial_lifecycle_round_trip(store):
     sid = store.create_study("s", {}).id
-    t = store.add_trial(sid, 0, "arch-0", '{"layers": [64]}')
+    t = store.add_trial(sid, 0, _arch(64))
     assert (t.status, t.attempts, t.metrics, t.tell_seq) == ("pending", 0, None, None)
     assert store.next_seq(sid) == 1
     store.set_trial_status(t.id, "running")
     assert store.get_trial(t.id).started_at is not None
     curve = [(0, -10.0, 2.0), (1000, 5.5, 1.25), (2000, 12.0, 0.5)]
-    store.complete_trial(t.id, {"auc": 0.75, "asymptote": 12.0}, curve, wall_s=3.5, env_steps=2000)
+    metrics = TrialMetrics.from_dict({"auc": 0.75, "asymptote": 12.0})  # an unknown key is kept
+    store.complete_trial(t.id, metrics, curve, wall_s=3.5, env_steps=2000)
     done = store.get_trial(t.id)
     assert done.status == "complete" and done.error is None
-    assert done.metrics == {"auc": 0.75, "asymptote": 12.0}
+    assert done.metrics is not None and done.metrics.to_dict() == {"auc": 0.75, "asymptote": 12.0}
     assert (done.wall_s, done.env_steps) == (3.5, 2000)
     assert done.finished_at is not None
     assert store.curve(t.id) == curve
     store.record_tell(t.id, 0)
     assert store.get_trial(t.id).tell_seq == 0
 
-    f = store.add_trial(sid, 1, "arch-1", {"layers": [8]})
-    assert f.arch_json == '{"layers": [8]}'
+    f = store.add_trial(sid, 1, _arch(8))
+    assert f.arch == _arch(8) and f.arch_id == _arch(8).arch_id
     store.fail_trial(f.id, "Traceback ...\nValueError: nan loss", wall_s=1.0)
-    r = store.add_trial(sid, 2, "arch-2", "{}")
-    store.reject_trial(r.id, "predicted 3.1 ms > budget 2.0 ms", {"latency_ms": 3.1})
-    assert store.get_trial(r.id).metrics == {"latency_ms": 3.1}
+    r = store.add_trial(sid, 2, _arch())
+    store.reject_trial(r.id, "predicted 3.1 ms > budget 2.0 ms", TrialMetrics(p99_ms=3.1))
+    assert store.get_trial(r.id).metrics == TrialMetrics(p99_ms=3.1)
     assert [x.status for x in store.trials(sid)] == ["complete", "failed", "rejected"]
     assert [x.seq for x in store.trials(sid, status="failed")] == [1]
     assert "nan loss" in store.get_trial(f.id).error
@@ -103,19 +110,19 @@ def test_trial_lifecycle_round_trip(store):
 
 def test_bad_writes_raise_store_error_and_leave_nothing(store):
     sid = store.create_study("s", {}).id
-    store.add_trial(sid, 0, "a", "{}")
+    store.add_trial(sid, 0, _arch())
     with pytest.raises(StoreError, match="refused"):
-        store.add_trial(sid, 0, "b", "{}")  # seq is unique per study
+        store.add_trial(sid, 0, _arch())  # seq is unique per study
     with pytest.raises(StoreError, match="unknown study id 999"):
-        store.add_trial(999, 0, "a", "{}")
+        store.add_trial(999, 0, _arch())
     with pytest.raises(StoreError, match="unknown trial id 12345"):
         store.get_trial(12345)
     t = store.trials(sid)[0]
     with pytest.raises(StoreError, match="not \\(step, mean_return, std_return\\)"):
-        store.complete_trial(t.id, {"auc": 1}, [(0, 1.0)], 1.0, 10)
+        store.complete_trial(t.id, TrialMetrics(auc=1.0), [(0, 1.0)], 1.0, 10)
     assert store.get_trial(t.id).status == "pending" and store.curve(t.id) == []
     store.record_tell(t.id, 0)
-    t2 = store.add_trial(sid, 1, "c", "{}")
+    t2 = store.add_trial(sid, 1, _arch())
     with pytest.raises(StoreError, match="refused"):
         store.record_tell(t2.id, 0)  # tell order is unique per study
 
@@ -123,11 +130,11 @@ def test_bad_writes_raise_store_error_and_leave_nothing(store):
 def test_requeue_interrupted(store):
     sid = store.create_study("s", {}).id
     other = store.create_study("other", {}).id
-    ids = [store.add_trial(sid, i, f"a{i}", "{}").id for i in range(4)]
+    ids = [store.add_trial(sid, i, _arch()).id for i in range(4)]
     store.set_trial_status(ids[0], "running")
     store.set_trial_status(ids[1], "running")
-    store.complete_trial(ids[2], {}, [], 1.0, 1)
-    o = store.add_trial(other, 0, "x", "{}", status="running")
+    store.complete_trial(ids[2], TrialMetrics(), [], 1.0, 1)
+    o = store.add_trial(other, 0, _arch(), status="running")
     assert store.requeue_interrupted(sid) == 2
     rows = {t.id: t for t in store.trials(sid)}
     assert [(rows[i].status, rows[i].attempts) for i in ids] == [
@@ -165,7 +172,7 @@ def test_foreign_tables_without_version_refused(tmp_path):
 
 def test_artifacts_devices_deployments_reports_models(store):
     sid = store.create_study("s", {}).id
-    tid = store.add_trial(sid, 0, "a", "{}").id
+    tid = store.add_trial(sid, 0, _arch()).id
     w = store.add_artifact(tid, "weights", Path("/tmp/w.pt"), "ab" * 32, {"bytes": 10})
     q = store.add_artifact(tid, "tflite-int8", "/tmp/m.tflite", "cd" * 32)
     assert w.path == "/tmp/w.pt" and w.meta == {"bytes": 10}
@@ -205,12 +212,14 @@ def test_artifacts_devices_deployments_reports_models(store):
 
 _WRITER = textwrap.dedent("""
     import sys
+    from robonas.space import Layer, PolicyArch
     from robonas.store import Store
     url, study, worker = sys.argv[1], sys.argv[2], int(sys.argv[3])
     s = Store(url)
     sid = s.get_study(study).id if study != "-" else s.create_study(f"w{worker}", {}).id
     for i in range(50):
-        t = s.add_trial(sid, worker * 1000 + i, f"arch-{worker}-{i}", "{}")
+        arch = PolicyArch(obs_dim=4, act_dim=1, layers=(Layer(worker * 50 + i + 1, "tanh"),))
+        t = s.add_trial(sid, worker * 1000 + i, arch)
         s.set_trial_status(t.id, "running")
 """)
 
@@ -233,7 +242,9 @@ def test_concurrent_writers_from_four_processes(url):
     with Store(url) as s:
         trials = s.trials(sid)
         assert len(trials) == 200
-        assert {t.arch_id for t in trials} == {f"arch-{w}-{i}" for w in range(4) for i in range(50)}
+        assert {t.arch_id for t in trials} == {
+            _arch(w * 50 + i + 1).arch_id for w in range(4) for i in range(50)
+        }
         assert all(t.status == "running" for t in trials)
         assert s.requeue_interrupted(sid) == 200
 

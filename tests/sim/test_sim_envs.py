@@ -99,9 +99,9 @@ def test_many_instances_in_one_process_are_independent():
 
 def test_balancing_pole_falls_under_zero_force():
     env = sim.make("sim/CartPole-v0")
-    obs, _ = env.reset(seed=3)
-    for step in range(200):
-        obs, reward, terminated, truncated, info = env.step(np.zeros(1, dtype=np.float32))
+    env.reset(seed=3)
+    for step in range(200):  # noqa: B007  (read after the loop: the step it ended on)
+        _, reward, terminated, _, info = env.step(np.zeros(1, dtype=np.float32))
         assert reward == 1.0
         if terminated:
             break
@@ -135,7 +135,7 @@ def test_swingup_starts_hanging_and_does_not_end_on_angle():
 def test_hopper_with_zero_torque_falls():
     env = sim.make("sim/Hopper-v0")
     env.reset(seed=0)
-    for step in range(1000):
+    for step in range(1000):  # noqa: B007  (read after the loop: the step it ended on)
         _, _, terminated, truncated, _ = env.step(np.zeros(3, dtype=np.float32))
         if terminated or truncated:
             break
@@ -201,6 +201,9 @@ def test_unknown_env_id_names_valid_ids():
 
 
 def test_import_sim_is_cheap_and_registers_ids():
-    code = "import sys, sim, gymnasium; assert 'pybullet' not in sys.modules; print(all(i in gymnasium.registry for i in sim.ENV_IDS))"
+    code = (
+        "import sys, sim, gymnasium; assert 'pybullet' not in sys.modules; "
+        "print(all(i in gymnasium.registry for i in sim.ENV_IDS))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"

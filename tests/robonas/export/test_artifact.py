@@ -1,5 +1,5 @@
 """robonas.export.artifact: files written, loaded and verified; tampering, wrong keys, bad files; the
-input normalisation in the manifest, read back by the robot's `TFLitePolicy.from_artifact`."""
+input normalisation in the manifest, read back by the robot's `TFLitePolicy(directory)`."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from device_agents.signing import canonical_json, generate_keypair  # noqa: E402
-from robonas.errors import RobonasError  # noqa: E402
-from robonas.export.artifact import (  # noqa: E402
+from device_agents.signing import canonical_json, generate_keypair
+from robonas.errors import RobonasError
+from robonas.export.artifact import (
     MANIFEST_FILE,
     MODEL_FILE,
     SIGNATURE_FILE,
@@ -22,8 +22,8 @@ from robonas.export.artifact import (  # noqa: E402
     verify,
     write_artifact,
 )
-from robonas.export.tflite_convert import to_tflite_fp32  # noqa: E402
-from robonas.space import Layer, PolicyArch  # noqa: E402
+from robonas.export.tflite_convert import to_tflite_fp32
+from robonas.space import Layer, PolicyArch
 
 ARCH = PolicyArch(5, 1, (Layer(8, "relu"),))
 SPACES = {
@@ -85,7 +85,7 @@ def test_manifest_input_normalisation(model) -> None:
     raw_input = _manifest(model, None)
     assert "input_normalisation" not in raw_input
     assert raw_input["observation"]["normalisation"] == "folded into the model"
-    with pytest.raises(RobonasError, match="input_normalisation.std has 4 values, the model takes 5"):
+    with pytest.raises(RobonasError, match=r"input_normalisation\.std has 4 values, the model takes 5"):
         _manifest(model, {**NORM, "std": [1.0] * 4})
 
 
@@ -93,7 +93,7 @@ def test_robot_reads_the_written_artifact(signed, model) -> None:
     """The robot's entry point on what write_artifact wrote: raw obs in, normalised inside."""
     from device_agents.runtime import TFLitePolicy
 
-    policy = TFLitePolicy.from_artifact(signed)
+    policy = TFLitePolicy(signed)
     assert policy.input_normalisation == NORM
     raw = np.array([1.0, -0.99, 3.0, 100.0, 0.25], np.float32)  # feature 3 is clipped
     z = np.clip((raw - np.array(NORM["mean"])) / np.array(NORM["std"]), -10, 10)
@@ -185,9 +185,9 @@ def test_missing_files(tmp_path, signed) -> None:
     with pytest.raises(RobonasError, match="not a directory"):
         load_artifact(tmp_path / "nowhere")
     (signed / MANIFEST_FILE).unlink()
-    with pytest.raises(RobonasError, match="manifest.json is missing"):
+    with pytest.raises(RobonasError, match=r"manifest\.json is missing"):
         load_artifact(signed)
-    with pytest.raises(RobonasError, match="manifest.json is missing"):
+    with pytest.raises(RobonasError, match=r"manifest\.json is missing"):
         verify(signed, [])
 
 

@@ -19,6 +19,7 @@ from robonas.errors import RobonasError
 from robonas.export.artifact import load_artifact, verify
 from robonas.export.tflite_convert import to_tflite_fp32, to_tflite_int8
 from robonas.export.trial_export import DeployableActor, ExportRefused, calibration_inputs, export_trial
+from robonas.metrics import TrialMetrics
 from robonas.space import Layer, PolicyArch
 from robonas.store import Store
 
@@ -86,6 +87,18 @@ def make_trial_dir(
     return path
 
 
+def weight_files(path: Path) -> dict[str, str]:
+    """The meta of a trial's "weights" artifact as training records it: {actor, obs_norm, spaces}."""
+    names = (("actor", "actor.pt"), ("obs_norm", "obs_norm.npz"), ("spaces", "spaces.json"))
+    return {k: str(path / f) for k, f in names}
+
+
+def load_actor(path: Path, arch: PolicyArch) -> DeployableActor:
+    """The actor of a trial directory, built from its weight files the way export_trial does."""
+    files = weight_files(path)
+    return DeployableActor.from_files(files["actor"], files["obs_norm"], files["spaces"], arch)
+
+
 CASES = {
     # name: (arch, env, transform, weight seed); discrete seeds are ones whose untrained policy
     # takes both actions on the calibration rollouts, so the int8 index range is exercised
@@ -141,14 +154,14 @@ DISCRETE_MISMATCH = 0.1
 def case(request, tmp_path_factory):
     arch, env_id, transform, seed = CASES[request.param]
     d = make_trial_dir(tmp_path_factory.mktemp(request.param), arch, env_id, transform, seed=seed)
-    actor = DeployableActor.from_trial_dir(d, arch)
+    actor = load_actor(d, arch)
     inputs = calibration_inputs(actor, env_id, {}, episodes=6, randomization={"mass_scale": [0.8, 1.2]})
     # hold-out: every other sample is calibration, the rest checks (same distribution)
     return request.param, actor, inputs[::2], inputs[1::2]
 
 
 def test_fp32_matches_deployable_actor(case) -> None:
-    name, actor, calib, holdout = case
+    name, actor, _calib, holdout = case
     model = to_tflite_fp32(actor.head, actor.arch.input_dim)
     ref, got = _reference(actor, holdout), _tflite(model, holdout, actor.input_normalisation())
     assert got.shape == ref.shape == (len(holdout), actor.output_dim)
@@ -190,7 +203,7 @@ def test_per_feature_normalisation_beats_folded_on_mixed_ranges(tmp_path) -> Non
     # weights x3: an untrained net's actions barely move; a trained one's do
     state = {k: 3.0 * v for k, v in arch.build_actor().state_dict().items()}
     d = make_trial_dir(tmp_path, arch, CONTINUOUS_ENV, "clip", mean=mean, var=std**2, state=state)
-    actor = DeployableActor.from_trial_dir(d, arch)
+    actor = load_actor(d, arch)
     rng = np.random.default_rng(7)
     raw = (mean + std * rng.standard_normal((1200, 4))).astype(np.float32)
     calib, holdout = raw[:800], raw[800:]
@@ -220,7 +233,7 @@ def test_deployable_actor_folds_normalisation_and_transforms(tmp_path) -> None:
         low=-2.0,
         high=6.0,
     )
-    actor = DeployableActor.from_trial_dir(d, arch)
+    actor = load_actor(d, arch)
     raw = np.random.default_rng(0).normal(0, 30, (7, 6)).astype(np.float32)
     mean, std = np.tile([1.0, -2.0, 0.5], 2), np.sqrt(np.tile([4.0, 0.25, 1.0], 2) + 1e-8)
     z = np.clip((raw - mean) / std, -10, 10).astype(np.float32)
@@ -329,20 +342,16 @@ def _study_config(env_id: str, **export) -> dict:
 def _add_trial(
     store: Store, study_id: int, seq: int, arch: PolicyArch, objective: float, trial_dir: Path | None
 ) -> int:
-    t = store.add_trial(study_id, seq, arch.arch_id, arch.to_json(), status="pending")
+    t = store.add_trial(study_id, seq, arch, status="pending")
     store.complete_trial(
         t.id,
-        {"objective": objective, "predicted_real_return": 400.0, "p99_ms": 0.1},
+        TrialMetrics(objective=objective, predicted_real_return=400.0, p99_ms=0.1),
         [(1000, 100.0, 1.0)],
         1.0,
         1000,
     )
     if trial_dir is not None:
-        files = {
-            k: str(trial_dir / f)
-            for k, f in (("actor", "actor.pt"), ("obs_norm", "obs_norm.npz"), ("spaces", "spaces.json"))
-        }
-        store.add_artifact(t.id, "weights", str(trial_dir), "0" * 64, meta=files)
+        store.add_artifact(t.id, "weights", str(trial_dir), "0" * 64, meta=weight_files(trial_dir))
     return t.id
 
 
@@ -369,7 +378,7 @@ def study(tmp_path):
 
 
 def test_export_best_trial_int8(study) -> None:
-    store, s, ids, tmp = study
+    store, _s, ids, tmp = study
     result = export_trial(store, "pole")
     assert result.path == tmp / "runs" / "studies" / "pole" / "artifacts" / f"trial-{ids['good']}-int8"
     assert sorted(p.name for p in result.path.iterdir()) == ["manifest.json", "policy.tflite"]
@@ -392,7 +401,7 @@ def test_export_best_trial_int8(study) -> None:
     assert row.id == result.artifact_id and row.meta == m and row.sha256 == m["sha256"]
     assert row.path == str(result.path)
     # the robot's entry point reads the same directory and acts as the parity check did
-    policy = TFLitePolicy.from_artifact(result.path)
+    policy = TFLitePolicy(result.path)
     assert policy.input_normalisation == m["input_normalisation"]
     obs = np.array([0.01, 0.1, 0.02, -0.3], np.float32)
     assert np.rint(policy.act(obs))[0] == float(CONTROLLER @ obs > 0)
@@ -401,7 +410,7 @@ def test_export_best_trial_int8(study) -> None:
 def test_export_fp32_signed_into_out_dir(study) -> None:
     from device_agents.signing import generate_keypair
 
-    store, s, ids, tmp = study
+    store, _s, ids, tmp = study
     key, pub = generate_keypair(tmp / "keys")
     result = export_trial(store, "pole", ids["weak"], fp32=True, key_path=key, out_dir=tmp / "out")
     assert result.path == tmp / "out" and (tmp / "out" / "manifest.sig").is_file()
@@ -415,7 +424,7 @@ def test_export_refused_when_return_drops(study, monkeypatch) -> None:
     """A converter that flips the controller's sign loses nearly all the return: refused."""
     import robonas.export.tflite_convert as tc
 
-    store, s, ids, tmp = study
+    store, _s, ids, tmp = study
     real = tc.to_tflite_fp32
 
     def flipped(module, input_dim):
@@ -437,7 +446,7 @@ def test_bad_trials(study) -> None:
         export_trial(store, "nope")
     with pytest.raises(RobonasError, match="unknown trial id 9999"):
         export_trial(store, "pole", 9999)
-    pending = store.add_trial(s.id, 5, CONTROLLER_ARCH.arch_id, CONTROLLER_ARCH.to_json(), status="pending")
+    pending = store.add_trial(s.id, 5, CONTROLLER_ARCH, status="pending")
     with pytest.raises(RobonasError, match=f"trial {pending.id} is pending"):
         export_trial(store, "pole", pending.id)
     bare = _add_trial(store, s.id, 6, CONTROLLER_ARCH, 0.1, None)

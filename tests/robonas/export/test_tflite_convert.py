@@ -140,7 +140,7 @@ def test_bad_calibration(calibration, match) -> None:
 
 
 def test_not_a_module() -> None:
-    with pytest.raises(RobonasError, match="torch.nn.Module"):
+    with pytest.raises(RobonasError, match=r"torch\.nn\.Module"):
         to_tflite_fp32(lambda x: x, 4)  # type: ignore[arg-type]
 
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 import hashlib
 import threading
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 
 from robonas.errors import ConfigError
 from robonas.fleet.client import AgentClient, DeployResult, LinkFailure
 from robonas.fleet.inventory import load_inventory, parse_inventory
+from robonas.space import Layer, PolicyArch
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -112,7 +114,7 @@ SHA = hashlib.sha256(MODEL).hexdigest()
 class ScriptedClient:
     """Plays one agent: `plan[name]` is a list of outcomes, one per connection attempt."""
 
-    log: list = []
+    log: ClassVar[list[tuple[Any, ...]]] = []
 
     def __init__(self, entry, plan):
         self.entry, self.plan = entry, plan
@@ -223,7 +225,7 @@ def test_rollout_records_devices_deployments_and_canary_reports(fleet, tmp_path)
     inv, manifest = fleet
     store = Store(f"sqlite:///{tmp_path / 'fleet.db'}")
     study = store.create_study("s", {})
-    trial = store.add_trial(study.id, 0, "arch", {"x": 1})
+    trial = store.add_trial(study.id, 0, PolicyArch(4, 2, (Layer(8, "relu"),)))
     art = store.add_artifact(trial.id, "tflite-int8", str(tmp_path / "art"), SHA)
     manifest["trial"] = trial.id
     assert find_artifact(store, "art", manifest).artifact_id == art.id
@@ -340,7 +342,7 @@ def test_client_deploy_sequence_progress_and_refusal(fake_artifact):
             res = c.deploy(
                 "art", {"episodes": 2, "seed": 3, "min_return": 50.0}, lambda s, n: progress.append((s, n))
             )
-            with pytest.raises(AgentRefused, match="agent fake: rollback refused.*no previous"):
+            with pytest.raises(AgentRefused, match=r"agent fake: rollback refused.*no previous"):
                 c.rollback()
         t.join(5)
     assert res.ok and res.active == "b" and res.canary == {"returns": [9.0]}

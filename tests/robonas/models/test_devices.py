@@ -10,7 +10,7 @@ import pytest
 from robonas.errors import ConfigError
 from robonas.models.devices import DEVICES_DIR_ENV, DeviceProfile, devices_dir, list_devices, load_device
 
-SHIPPED = ["jetson-orin-nano-cpu", "rpi4", "x86-host"]
+SHIPPED = ["cortex-m7", "jetson-orin-nano-cpu", "rpi4", "x86-host"]
 
 GOOD = """\
 name = "{name}"

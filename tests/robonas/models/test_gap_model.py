@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
 import pytest
@@ -11,15 +12,15 @@ from robonas.models.gap_model import GapFeatures, GapModel, GapPrediction, Heuri
 
 
 def feats(**kw: float) -> GapFeatures:
-    base = dict(
-        asymptotic_return=800.0,
-        robustness_return=800.0,
-        p99_ms=0.0,
-        control_period_ms=20.0,
-        params=5000,
-        return_lo=0.0,
-        return_hi=1000.0,
-    )
+    base: dict[str, float] = {
+        "asymptotic_return": 800.0,
+        "robustness_return": 800.0,
+        "p99_ms": 0.0,
+        "control_period_ms": 20.0,
+        "params": 5000,
+        "return_lo": 0.0,
+        "return_hi": 1000.0,
+    }
     base.update(kw)
     return GapFeatures(**base)  # type: ignore[arg-type]
 
@@ -45,7 +46,7 @@ def test_zero_gap_at_zero_share_and_drop() -> None:
 def test_gap_grows_with_latency_share_and_is_steeper_past_one_period() -> None:
     shares = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
     gaps = [MODEL.predict(feats(p99_ms=s * 20.0)).mean_gap for s in shares]
-    assert all(b > a for a, b in zip(gaps, gaps[1:]))
+    assert all(b > a for a, b in itertools.pairwise(gaps))
     slope_before = (gaps[4] - gaps[2]) / 0.5  # shares 0.5 -> 1.0
     slope_after = (gaps[6] - gaps[4]) / 0.5  # shares 1.0 -> 1.5
     assert slope_after > 2 * slope_before
@@ -54,7 +55,7 @@ def test_gap_grows_with_latency_share_and_is_steeper_past_one_period() -> None:
 def test_gap_grows_with_robustness_drop() -> None:
     gaps = [MODEL.predict(feats(robustness_return=800.0 - d)).mean_gap for d in (0, 50, 100, 400)]
     assert gaps[0] == 0.0
-    assert all(b > a for a, b in zip(gaps, gaps[1:]))
+    assert all(b > a for a, b in itertools.pairwise(gaps))
     assert gaps[2] == pytest.approx(100.0)  # robustness_coef=1 passes the drop straight through
 
 

@@ -64,7 +64,7 @@ def spike(samples: list[LatencySample], share: float, seed: int) -> list[Latency
     """Scheduler hiccups: `share` of the samples 3x-10x too slow."""
     rng = np.random.default_rng(seed)
     out = list(samples)
-    for i in rng.choice(len(out), int(round(share * len(out))), replace=False):
+    for i in rng.choice(len(out), round(share * len(out)), replace=False):
         f = float(rng.uniform(3, 10))
         out[i] = LatencySample(out[i].arch, out[i].p50_ms * f, out[i].p99_ms * f)
     return out
@@ -127,7 +127,7 @@ def test_residual_does_not_explode_with_five_samples() -> None:
 def test_residual_learns_a_costlier_activation() -> None:
     # every tanh layer makes the net slower than the roofline says: +20% for an all-tanh net
     def tanh_share(arch) -> float:
-        return sum(l.activation == "tanh" for l in arch.layers) / len(arch.layers)
+        return sum(layer.activation == "tanh" for layer in arch.layers) / len(arch.layers)
 
     samples = [
         LatencySample(
@@ -152,14 +152,14 @@ def test_residual_learns_a_costlier_activation() -> None:
 
 def test_predict_costs_refuses_another_device() -> None:
     model = fit_roofline(measure(ARCHS[:10], 0.01, 8), PRIOR)
-    with pytest.raises(RobonasError, match="'testboard'.*'other'"):
+    with pytest.raises(RobonasError, match=r"'testboard'.*'other'"):
         model.predict(ARCHS[0], replace(PRIOR, name="other"))
     pred = model.predict_costs(ARCHS[0].actor_layer_costs(), PRIOR)
     assert pred.p99_ms == pytest.approx(pred.p50_ms * model.p99_over_p50)
 
 
 def test_too_few_samples_and_bad_samples() -> None:
-    with pytest.raises(RobonasError, match="at least 4 samples.*got 3"):
+    with pytest.raises(RobonasError, match=r"at least 4 samples.*got 3"):
         fit_roofline(measure(ARCHS[:3], 0.01, 9), PRIOR)
     with pytest.raises(RobonasError, match="p50_ms"):
         LatencySample(ARCHS[0], -1.0, 2.0)
@@ -201,7 +201,7 @@ def test_select_calibration_archs_is_deterministic_and_covers_the_space() -> Non
     assert all(SPACE.contains(a) for a in chosen)
     assert {len(a.layers) for a in chosen} == set(SPACE.depths)
     assert {a.layer_norm for a in chosen} == {False, True}
-    assert {l.activation for a in chosen for l in a.layers} == set(SPACE.activations)
+    assert {layer.activation for a in chosen for layer in a.layers} == set(SPACE.activations)
     macs = [sum(c.macs for c in a.actor_layer_costs()) for a in chosen]
     all_macs = [
         sum(c.macs for c in SPACE.sample(np.random.default_rng(i)).actor_layer_costs()) for i in range(300)
@@ -235,6 +235,6 @@ def test_timings_of_one_architecture_do_not_calibrate_a_latency_model(tmp_path) 
     with pytest.raises(RobonasError, match="cover 1 architecture; at least 2 different"):
         fit_latency(store, "cortex-m7", same)
     assert store.latest_model_version("latency", device="cortex-m7") is None
-    both = same[:4] + [LatencySample(narrow, 5.2, 5.7), LatencySample(narrow, 5.3, 5.8)]
+    both = [*same[:4], LatencySample(narrow, 5.2, 5.7), LatencySample(narrow, 5.3, 5.8)]
     _, version, _ = fit_latency(store, "cortex-m7", both)
     assert version == 1

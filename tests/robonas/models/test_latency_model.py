@@ -6,14 +6,13 @@ from dataclasses import replace
 
 import pytest
 
-from robonas.errors import ConfigError, RobonasError
+from robonas.errors import RobonasError
 from robonas.models.costs import LayerCost
 from robonas.models.devices import DeviceProfile
 from robonas.models.latency_model import (
     AnalyticLatencyModel,
     LatencyModel,
     LatencyPrediction,
-    budget_check,
 )
 
 # Round numbers so every expectation can be computed by hand: 1e9 MAC/s, 1e9 B/s.
@@ -136,30 +135,15 @@ def test_prediction_rejects_inconsistent_values() -> None:
         LatencyPrediction(p50_ms=-1.0, p99_ms=1.0)
 
 
-def test_budget_check_uses_p99() -> None:
-    pred = LatencyPrediction(p50_ms=1.0, p99_ms=3.0)
-    assert budget_check(pred, 3.0)
-    assert not budget_check(pred, 2.0)  # the median fits, the tail does not
-    for bad in (0, -1.0, float("nan"), "5"):
-        with pytest.raises(ConfigError, match="budget_ms"):
-            budget_check(pred, bad)  # type: ignore[arg-type]
-
-
-def test_real_policy_arch_if_present() -> None:
-    """Integration with robonas.space when it exists: wider nets are slower on every profile."""
-    space = pytest.importorskip("robonas.space")
+def test_real_policy_arch() -> None:
+    """Integration with robonas.space: wider nets are slower on every profile."""
     from robonas.models.devices import load_device
+    from robonas.space import ACTIVATIONS, PolicyArch
 
-    archs = []
-    for width in (16, 256):
-        try:
-            archs.append(
-                space.PolicyArch.from_dict(  # type: ignore[attr-defined]
-                    {"obs_dim": 17, "act_dim": 6, "layers": [[width, space.ACTIVATIONS[0]]] * 2}
-                )
-            )
-        except Exception as e:  # the space's constructor may differ; the stand-in tests cover the model
-            pytest.skip(f"cannot build a PolicyArch here: {e}")
+    archs = [
+        PolicyArch.from_dict({"obs_dim": 17, "act_dim": 6, "layers": [[width, ACTIVATIONS[0]]] * 2})
+        for width in (16, 256)
+    ]
     for name in ("rpi4", "jetson-orin-nano-cpu", "x86-host"):
         small, big = (MODEL.predict(a, load_device(name)) for a in archs)
         assert big.p50_ms > small.p50_ms > 0

@@ -50,7 +50,7 @@ def test_asymptote_recovers_a_known_exponential():
 def test_asymptote_extrapolates_a_curve_that_has_not_yet_saturated():
     t = np.linspace(1, 10, 10)
     r = 100 - 100 * np.exp(-t / 6.0)  # ends at ~81, heading to 100
-    est, std = asymptote(t, r)
+    est, _ = asymptote(t, r)
     assert est == pytest.approx(100, abs=1)
     assert r[-1] < est
 

@@ -103,7 +103,7 @@ class ExecutorContract:
             ex.submit("d", f"{T}:square", {"x": 1})
 
     def test_bad_submissions_rejected(self, ex2):
-        with pytest.raises(ConfigError, match="'executor_tasks.square'.*module:function"):
+        with pytest.raises(ConfigError, match=r"'executor_tasks.square'.*module:function"):
             ex2.submit(1, "executor_tasks.square", {})
         with pytest.raises(ConfigError, match="timeout"):
             ex2.submit(1, f"{T}:square", {"x": 1}, timeout_s=0)

@@ -83,7 +83,7 @@ def test_cartpole_learns_well_above_random(cartpole):
 
 @pytest.mark.slow
 def test_cartpole_figures_come_from_the_curve(cartpole):
-    spec, outcome, _ = cartpole
+    _, outcome, _ = cartpole
     steps = [p[0] for p in outcome.curve]
     means = [p[1] for p in outcome.curve]
     assert outcome.auc == pytest.approx(auc_normalised(steps, means, 0.0, 500.0))
@@ -228,15 +228,15 @@ def test_hyperparameters_merge_defaults_env_and_overrides():
 
 
 def test_bad_input_names_the_value(tmp_path):
-    base = dict(
-        env_id="CartPole-v1",
-        arch=PolicyArch(4, 2, (Layer(8, "tanh"),)),
-        total_steps=64,
-        out_dir=tmp_path,
-        return_lo=0,
-        return_hi=500,
-    )
-    with pytest.raises(ConfigError, match="'dqn'.*ppo, sac"):
+    base = {
+        "env_id": "CartPole-v1",
+        "arch": PolicyArch(4, 2, (Layer(8, "tanh"),)),
+        "total_steps": 64,
+        "out_dir": tmp_path,
+        "return_lo": 0,
+        "return_hi": 500,
+    }
+    with pytest.raises(ConfigError, match=r"'dqn'.*ppo, sac"):
         TrainSpec(**{**base, "algo": "dqn"})
     with pytest.raises(ConfigError, match="lo < hi"):
         TrainSpec(**{**base, "return_hi": 0})

@@ -87,9 +87,9 @@ def test_tell_of_unasked_arch_is_refused(name):
 
 
 def test_bad_options_are_config_errors():
-    with pytest.raises(ConfigError, match="strategy.sample"):
+    with pytest.raises(ConfigError, match=r"strategy.sample"):
         make_strategy("evolution", SPACE, population=4, sample=5)
-    with pytest.raises(ConfigError, match="strategy.lr"):
+    with pytest.raises(ConfigError, match=r"strategy.lr"):
         make_strategy("reinforce", SPACE, lr=-1.0)
 
 

@@ -1,0 +1,74 @@
+"""What the command modules share: the console, the store option, the search progress bar."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from robonas.search.loop import SearchProgress, SearchSummary
+    from robonas.store import Store
+
+STORE_HELP = "Store URL (default: $ROBONAS_STORE or sqlite:///runs/robonas.db)."
+
+
+def console() -> Console:
+    from rich.console import Console
+
+    # Tables are wide; when piped (no terminal to measure) do not squeeze them into 80 columns.
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
+def open_store(url: str | None) -> Store:
+    from robonas.store import Store
+
+    return Store(url)
+
+
+def search_progress(quiet: bool) -> tuple[AbstractContextManager[Any], SearchProgress]:
+    """A rich progress bar: trials done/total, best objective, aggregate env steps/s, ETA."""
+    import contextlib
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from robonas.search.loop import SearchProgress
+
+    if quiet:
+        return contextlib.nullcontext(), SearchProgress()
+    bar = Progress(
+        TextColumn("[bold]trials"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("best {task.fields[best]}"),
+        TextColumn("{task.fields[sps]} steps/s"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console(),
+        transient=False,
+    )
+    state: dict[str, Any] = {}
+
+    def on_start(planned: int, done: int) -> None:
+        state["task"] = bar.add_task("search", total=planned, completed=done, best="-", sps="-")
+
+    def on_trial(summary: SearchSummary) -> None:
+        best = "-" if summary.best_objective is None else f"{summary.best_objective:.3f}"
+        bar.update(
+            state["task"],
+            completed=summary.complete + summary.failed,
+            best=best,
+            sps=f"{summary.steps_per_s:,.0f}",
+        )
+
+    return bar, SearchProgress(on_start=on_start, on_trial=on_trial)

@@ -1,0 +1,172 @@
+"""The researcher's commands on one study: search, status, top, report, export.
+
+Registered on the root app by `robonas.cli.app`, in the order `robonas --help` lists them.
+"""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from robonas.cli.common import STORE_HELP, console, open_store, search_progress
+
+
+def export(
+    study: str = typer.Argument(..., help="Study name."),
+    best: bool = typer.Option(
+        False,
+        "--best",
+        help="Export the best-ranked complete trial whose p99 fits the latency budget "
+        "(by the newest, possibly robot-calibrated, latency model).",
+    ),
+    trial: int | None = typer.Option(None, "--trial", help="Export this trial id."),
+    fp32: bool = typer.Option(False, "--fp32", help="Float32 model instead of full int8."),
+    key: str | None = typer.Option(
+        None, "--key", help="Private key to sign with (default: $ROBONAS_SIGNING_KEY)."
+    ),
+    out: str | None = typer.Option(
+        None, "--out", help="Artifact directory (default: under the run directory)."
+    ),
+    store: str | None = typer.Option(None, "--store", help=STORE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Compile a trained trial to a TFLite artifact (int8 by default) with a parity check.
+
+    The artifact is policy.tflite + manifest.json (+ manifest.sig when signed). The export is
+    refused, with the figures, when the TFLite model loses more return in simulation than the
+    config's [export].max_return_drop allows.
+    """
+    import os
+
+    from robonas.errors import ConfigError
+    from robonas.export.trial_export import export_trial
+
+    if best == (trial is not None):
+        raise ConfigError("export: give exactly one of --best or --trial ID")
+    key = key or os.environ.get("ROBONAS_SIGNING_KEY")
+    result = export_trial(open_store(store), study, trial, fp32=fp32, key_path=key, out_dir=out)
+    if as_json:
+        print(json.dumps(result.manifest, indent=2, sort_keys=True))
+    else:
+        print(result.path)
+
+
+def search(
+    config: str = typer.Argument(..., help="Search config, e.g. launch/cartpole.toml."),
+    study: str | None = typer.Option(
+        None, "--study", help="Study name (default: [study].name or the file name)."
+    ),
+    workers: int | None = typer.Option(
+        None, "--workers", help="Parallel trial processes (default: [executor].workers or the core count)."
+    ),
+    store: str | None = typer.Option(None, "--store", help=STORE_HELP),
+    trials: int | None = typer.Option(None, "--trials", help="Override the number of trained trials."),
+    steps: int | None = typer.Option(None, "--steps", help="Override env steps per trial."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Run (or resume) an architecture search. Ctrl-C stops cleanly; the same command resumes."""
+    from robonas.config import load_config
+    from robonas.search.loop import Search, SearchPlan, default_workers, study_name_for
+
+    cfg = load_config(config).with_overrides(trials=trials, steps=steps, workers=workers)
+    name = study_name_for(config, cfg, study)
+    plan = SearchPlan.build(cfg, name)  # every check runs before the store is touched
+    n_workers = cfg.executor.workers or default_workers()
+    db = open_store(store)
+    progress, hooks = search_progress(as_json)
+    with progress:
+        summary = Search(plan, db, n_workers, hooks).run()
+    if as_json:
+        print(json.dumps(summary.to_dict(), indent=2))
+    else:
+        best = (
+            "-"
+            if summary.best_objective is None
+            else f"{summary.best_objective:.3f} (trial {summary.best_trial})"
+        )
+        state = "interrupted; run the same command to resume" if summary.interrupted else "done"
+        console().print(
+            f"study [bold]{summary.study}[/]: {state}. complete {summary.complete}, failed {summary.failed}, "
+            f"rejected {summary.rejected}; best objective {best}; {summary.wall_s:.1f} s, "
+            f"{summary.steps_per_s:,.0f} env steps/s"
+        )
+    if summary.interrupted:
+        raise typer.Exit(130)
+
+
+def status(
+    study: str = typer.Argument(..., help="Study name."),
+    store: str | None = typer.Option(None, "--store", help=STORE_HELP),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Counts of trials by status, best objective, env steps, last update."""
+    from robonas.study_views import study_status
+
+    info = study_status(open_store(store), study)
+    if as_json:
+        print(json.dumps(info, indent=2, default=str))
+        return
+    c = console()
+    c.print(f"study [bold]{info['study']}[/] ({info['status']}), env {info['env']}, device {info['device']}")
+    c.print("  " + ", ".join(f"{k} {v}" for k, v in info["counts"].items()))
+    c.print(
+        f"  best objective {info['best_objective']}, env steps {info['env_steps']:,}, "
+        f"updated {info['updated_at']}"
+    )
+
+
+def top(
+    study: str = typer.Argument(..., help="Study name."),
+    n: int = typer.Option(10, "--n", min=1, help="Rows to show."),
+    store: str | None = typer.Option(None, "--store", help=STORE_HELP),
+    as_json: bool = typer.Option(False, "--json"),
+    all_trials: bool = typer.Option(False, "--all", help="Also list failed and rejected trials."),
+) -> None:
+    """Ranked trials: arch, AUC, asymptotic and predicted real return, p99 latency, params.
+
+    The title names the latency and gap model versions that scored them; a trial whose p99 by the newest latency model is over the study's budget shows "over budget" as its status."""  # noqa: E501  (typer prints a docstring's line breaks as they are)
+    from robonas.study_views import ranked_trials
+
+    table = ranked_trials(open_store(store), study, n=n, include_unfinished=all_trials)
+    if as_json:
+        print(json.dumps(table.to_dict(), indent=2, default=str))
+        return
+    from rich.table import Table
+
+    t = Table(
+        title=f"{study}: ranked by {table.ranked_by} "
+        f"({', '.join(f'{k} {v}' for k, v in table.models.items())})"
+    )
+    cols = ("rank", "trial", "arch", "auc", "asym", "pred real", "p99 ms", "params", "pareto", "status")
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("arch", "status") else "right")
+
+    def f(v: float | None, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    for row in table.rows:
+        t.add_row(
+            f(row.rank, "d"),
+            str(row.trial),
+            row.arch,
+            f(row.auc, ".3f"),
+            f(row.asymptotic_return, ".1f"),
+            f(row.predicted_real_return, ".1f"),
+            f(row.p99_ms, ".3f"),
+            f(row.params, ",d"),
+            "*" if row.pareto else "",
+            row.status if row.within_budget is not False else "over budget",
+        )
+    console().print(t)
+
+
+def report(
+    study: str = typer.Argument(..., help="Study name."),
+    out: str = typer.Option(..., "--out", help="Output HTML file (self-contained, images inline)."),
+    store: str | None = typer.Option(None, "--store", help=STORE_HELP),
+) -> None:
+    """Write an HTML report: learning curves, Pareto front, latency and gap models, deployments."""
+    from robonas.report import write_report
+
+    print(write_report(open_store(store), study, out))
