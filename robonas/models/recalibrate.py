@@ -1,7 +1,9 @@
 """Closing the loop: turn robot reports into calibrated models and re-rank a study with them.
 
-- `gap_observations`: every (trial, robot) pair with real returns in the store becomes a
-  `GapObservation`: the trial's simulation features against the mean real return.
+- `StudyEvidence.read`: one read of what a refit needs: the study, its complete trials (each
+  with its parsed architecture and typed metrics) and the real returns robots reported for them.
+- `gap_observations`: every (trial, robot) pair with real returns becomes a `GapObservation`:
+  the trial's simulation features against the mean real return.
 - `calibrate_gap`: fits `BayesianGapModel` on them and stores a new version for the study.
 - `rescore_study`: recomputes every complete trial's score with the newest latency model of the
   study's device and the newest gap model of the study (falling back to the analytic and
@@ -41,7 +43,7 @@ from robonas.scoring import (
     strategy_view,
 )
 from robonas.space import PolicyArch
-from robonas.store import Store, StudyRow
+from robonas.store import Store, StudyRow, TrialRow
 from robonas.study_views import study_ranking
 
 REAL_REPORT_KINDS = ("run", "canary")
@@ -93,36 +95,54 @@ class RealResult:
         return float(np.mean(self.returns))
 
 
-def real_results(store: Store, study: StudyRow) -> list[RealResult]:
-    """Real returns per (trial, robot), pooled over that robot's run and canary reports."""
-    trial_ids = {t.id for t in store.trials(study.id, status="complete")}
-    pooled: dict[tuple[int, str], list[float]] = {}
-    for kind in REAL_REPORT_KINDS:
-        for r in store.device_reports(kind=kind):
-            returns = r.payload.get("returns") or []
-            if r.trial_id in trial_ids and returns:
-                pooled.setdefault((r.trial_id, r.device), []).extend(float(x) for x in returns)
-    return [RealResult(t, d, v) for (t, d), v in sorted(pooled.items())]
+@dataclass(frozen=True)
+class StudyEvidence:
+    """What a refit of one study reads from the store, read once: the study, its complete
+    trials by id, and the real returns per (trial, robot)."""
+
+    study: StudyRow
+    trials: dict[int, TrialRow]
+    real: list[RealResult]
+
+    @classmethod
+    def read(cls, store: Store, study_name: str) -> StudyEvidence:
+        study = store.get_study(study_name)
+        trials = {t.id: t for t in store.trials(study.id, status="complete")}
+        pooled: dict[tuple[int, str], list[float]] = {}
+        for kind in REAL_REPORT_KINDS:
+            for r in store.device_reports(kind=kind):
+                returns = r.payload.get("returns") or []
+                if r.trial_id is not None and r.trial_id in trials and returns:
+                    pooled.setdefault((r.trial_id, r.device), []).extend(float(x) for x in returns)
+        real = [RealResult(tid, d, v) for (tid, d), v in sorted(pooled.items())]
+        return cls(study, trials, real)
+
+    def returns_by_trial(self) -> dict[int, list[float]]:
+        """Every real episode of each trial, pooled over its robots."""
+        out: dict[int, list[float]] = {}
+        for rr in self.real:
+            out.setdefault(rr.trial_id, []).extend(rr.returns)
+        return out
 
 
-def gap_observations(
-    store: Store, study: StudyRow, ctx: ScoringContext
-) -> list[tuple[RealResult, GapObservation]]:
-    trials = {t.id: t for t in store.trials(study.id, status="complete")}
+def gap_observations(evidence: StudyEvidence, ctx: ScoringContext) -> list[tuple[RealResult, GapObservation]]:
     out = []
-    for rr in real_results(store, study):
-        t = trials[rr.trial_id]
+    for rr in evidence.real:
+        t = evidence.trials[rr.trial_id]
         assert t.metrics is not None  # complete trials are scored
         features = gap_features(t.arch, t.metrics, ctx)
         out.append((rr, GapObservation(features, rr.mean)))
     return out
 
 
-def calibrate_gap(store: Store, study_name: str) -> tuple[BayesianGapModel, int, dict[str, Any]]:
+def calibrate_gap(
+    store: Store, study_name: str, evidence: StudyEvidence | None = None
+) -> tuple[BayesianGapModel, int, dict[str, Any]]:
     """Fit the gap model from every stored (trial, real report) pair; store a new version."""
-    study = store.get_study(study_name)
+    evidence = evidence or StudyEvidence.read(store, study_name)
+    study = evidence.study
     ctx = scoring_context(store, study)
-    pairs = gap_observations(store, study, ctx)
+    pairs = gap_observations(evidence, ctx)
     if len(pairs) < MIN_OBSERVATIONS:
         raise RobonasError(
             f"calibrate gap: study {study_name!r} has real reports for {len(pairs)} (trial, robot) "
@@ -179,18 +199,19 @@ class RankChange:
         return dict(self.__dict__)
 
 
-def rescore_study(store: Store, study_name: str) -> tuple[list[RankChange], dict[str, str]]:
+def rescore_study(
+    store: Store, study_name: str, evidence: StudyEvidence | None = None
+) -> tuple[list[RankChange], dict[str, str]]:
     """Re-score every complete trial with the newest models; returns rank changes, best first."""
-    study = store.get_study(study_name)
+    evidence = evidence or StudyEvidence.read(store, study_name)
+    study = evidence.study
     ctx = scoring_context(store, study)
     ranking = study_ranking(study)
     key = ranking_key(ranking)
-    before = rank(store.trials(study.id, status="complete"), ranking)
+    before = rank(evidence.trials.values(), ranking)
     rank_before = {t.id: i + 1 for i, t in enumerate(before)}
-    real: dict[int, list[float]] = {}
-    for rr in real_results(store, study):
-        real.setdefault(rr.trial_id, []).extend(rr.returns)
-    old = {t.id: t.metrics for t in before if t.metrics is not None}
+    real = evidence.returns_by_trial()
+    rescored = []
     for t in before:
         assert t.metrics is not None  # rank() keeps scored trials only
         m = score(t.arch, t.metrics, ctx, measured_returns=real.get(t.id))
@@ -198,11 +219,12 @@ def rescore_study(store: Store, study_name: str) -> tuple[list[RankChange], dict
             # keep what the strategy was told, so a resumed search replays it as recorded
             m = replace(m, told=strategy_view(t.metrics, ranking))
         store.update_trial_metrics(t.id, m)
-    after = rank(store.trials(study.id, status="complete"), ranking)
+        rescored.append(replace(t, metrics=m))
+    after = rank(rescored, ranking)
     changes = []
     for i, t in enumerate(after):
-        m0, m1 = old[t.id], t.metrics
-        assert m1 is not None
+        m0, m1 = evidence.trials[t.id].metrics, t.metrics
+        assert m0 is not None and m1 is not None
         changes.append(
             RankChange(
                 trial_id=t.id,
@@ -382,8 +404,9 @@ def after_reports(store: Store, study_names: list[str], profiles: list[str]) -> 
         if "search" not in store.get_study(name).config:
             lines.append(f"{name}: no search config stored; not re-ranked")
             continue
+        evidence = StudyEvidence.read(store, name)
         try:
-            _, version, m = calibrate_gap(store, name)
+            _, version, m = calibrate_gap(store, name, evidence)
             lines.append(
                 f"gap model for {name}: version {version} from {m['n']} (trial, robot) pairs, "
                 f"MAE {m['mae']:.1f}"
@@ -391,7 +414,7 @@ def after_reports(store: Store, study_names: list[str], profiles: list[str]) -> 
         except RobonasError as e:
             lines.append(str(e))
         try:
-            changes, models = rescore_study(store, name)
+            changes, models = rescore_study(store, name, evidence)
         except (RobonasError, KeyError) as e:
             lines.append(f"{name}: not re-ranked: {e!r}")
             continue
