@@ -190,9 +190,9 @@ def _summary(d: _StudyData) -> str:
     resolved = d.study.config.get("resolved") or {}
     facts = [
         ("study", _e(d.study.name)),
-        ("status", _e(s["status"])),
-        ("env", _e(s["env"])),
-        ("device profile", _e(s["device"])),
+        ("status", _e(s.status)),
+        ("env", _e(s.env)),
+        ("device profile", _e(s.device)),
         ("latency budget (p99)", f"{_fmt(d.budget_ms)} ms" if d.budget_ms is not None else ""),
         (
             "return range",
@@ -200,12 +200,12 @@ def _summary(d: _StudyData) -> str:
             if isinstance(resolved, Mapping)
             else "",
         ),
-        ("trials", ", ".join(f"{_e(k)} {n}" for k, n in s["counts"].items())),
-        ("env steps", _fmt(s["env_steps"])),
-        ("wall time", f"{_fmt(s['wall_s'])} s"),
+        ("trials", ", ".join(f"{_e(k)} {n}" for k, n in s.counts.items())),
+        ("env steps", _fmt(s.env_steps)),
+        ("wall time", f"{_fmt(s.wall_s)} s"),
         ("ranked by", _e(d.ranked.ranked_by)),
         ("models", _e(", ".join(f"{k} {v}" for k, v in d.ranked.models.items()))),
-        ("updated", _e(_time(s["updated_at"]))),
+        ("updated", _e(_time(s.updated_at))),
     ]
     body = _table(("field", "value"), ((f"<b>{_e(k)}</b>", v) for k, v in facts), text_cols=2)
     rows = d.ranked.rows

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from typing import Any
 
 from robonas.metrics import TrialMetrics
@@ -28,7 +29,25 @@ def latency_budget_ms(study: StudyRow) -> float | None:
     return float(budget) if isinstance(budget, (int, float)) else None
 
 
-def study_status(store: Store, name: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class StudyStatus:
+    """`robonas status`: counts of trials by status, the best objective, totals."""
+
+    study: str
+    status: str
+    env: str | None
+    device: str | None
+    counts: dict[str, int]
+    best_objective: float | None
+    env_steps: int
+    wall_s: float
+    updated_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def study_status(store: Store, name: str) -> StudyStatus:
     study = store.get_study(name)
     trials = store.trials(study.id)
     ranked = rank(trials, study_ranking(study))
@@ -38,17 +57,17 @@ def study_status(store: Store, name: str) -> dict[str, Any]:
         else ranked[0].metrics.value(ranking_key(study_ranking(study)))
     )
     search = study.config.get("search") or {}
-    return {
-        "study": study.name,
-        "status": study.status,
-        "env": (search.get("env") or {}).get("id"),
-        "device": (search.get("device") or {}).get("profile"),
-        "counts": {s: sum(t.status == s for t in trials) for s in STATUSES},
-        "best_objective": None if best is None else round(best, 4),
-        "env_steps": sum(t.env_steps or 0 for t in trials),
-        "wall_s": sum(t.wall_s or 0.0 for t in trials),
-        "updated_at": study.updated_at,
-    }
+    return StudyStatus(
+        study=study.name,
+        status=study.status,
+        env=(search.get("env") or {}).get("id"),
+        device=(search.get("device") or {}).get("profile"),
+        counts={s: sum(t.status == s for t in trials) for s in STATUSES},
+        best_objective=None if best is None else round(best, 4),
+        env_steps=sum(t.env_steps or 0 for t in trials),
+        wall_s=sum(t.wall_s or 0.0 for t in trials),
+        updated_at=study.updated_at,
+    )
 
 
 @dataclass(frozen=True)

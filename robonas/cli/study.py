@@ -105,14 +105,13 @@ def status(
 
     info = study_status(open_store(store), study)
     if as_json:
-        print(json.dumps(info, indent=2, default=str))
+        print(json.dumps(info.to_dict(), indent=2, default=str))
         return
     c = console()
-    c.print(f"study [bold]{info['study']}[/] ({info['status']}), env {info['env']}, device {info['device']}")
-    c.print("  " + ", ".join(f"{k} {v}" for k, v in info["counts"].items()))
+    c.print(f"study [bold]{info.study}[/] ({info.status}), env {info.env}, device {info.device}")
+    c.print("  " + ", ".join(f"{k} {v}" for k, v in info.counts.items()))
     c.print(
-        f"  best objective {info['best_objective']}, env steps {info['env_steps']:,}, "
-        f"updated {info['updated_at']}"
+        f"  best objective {info.best_objective}, env steps {info.env_steps:,}, updated {info.updated_at}"
     )
 
 
