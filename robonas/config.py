@@ -87,6 +87,16 @@ class ExportSection(_Section):
     parity_episodes: int = Field(default=5, gt=0)
 
 
+class CalibrationSection(_Section):
+    canary_returns: bool = Field(
+        default=False,
+        description="count canary episodes as real returns (they are checks, not measurements)",
+    )
+    auto_refit: bool = Field(
+        default=True, description="refit the latency and gap models after runs that bring new reports"
+    )
+
+
 class SearchConfig(_Section):
     study: StudySection = Field(default_factory=StudySection)
     env: EnvSection
@@ -100,6 +110,7 @@ class SearchConfig(_Section):
     gap: dict[str, float] = Field(default_factory=dict)
     executor: ExecutorSection = Field(default_factory=ExecutorSection)
     export: ExportSection = Field(default_factory=ExportSection)
+    calibration: CalibrationSection = Field(default_factory=CalibrationSection)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -43,10 +43,24 @@ from robonas.scoring import (
     strategy_view,
 )
 from robonas.space import PolicyArch
-from robonas.store import Store, StudyRow, TrialRow
+from robonas.store import ModelVersionRow, Store, StudyRow, TrialRow
 from robonas.study_views import study_ranking
 
-REAL_REPORT_KINDS = ("run", "canary")
+# Reports whose step timings are measurements of a deployed trial's latency.
+TIMED_REPORT_KINDS = ("run", "canary")
+
+
+def real_report_kinds(study: StudyRow) -> tuple[str, ...]:
+    """Reports whose returns count as real returns: runs; canary episodes only when the study's
+    config says so (`[calibration] canary_returns = true`), since a canary is a check, chosen
+    to pass or fail quickly, not a measurement."""
+    calibration = (study.config.get("search") or {}).get("calibration") or {}
+    return ("run", "canary") if calibration.get("canary_returns") else ("run",)
+
+
+def auto_refit(study: StudyRow) -> bool:
+    calibration = (study.config.get("search") or {}).get("calibration") or {}
+    return bool(calibration.get("auto_refit", True))
 
 
 def _resolved(study: StudyRow) -> dict[str, Any]:
@@ -103,19 +117,23 @@ class StudyEvidence:
     study: StudyRow
     trials: dict[int, TrialRow]
     real: list[RealResult]
+    # id of the newest report counted: a model fitted on it is up to date until a newer one
+    last_report_id: int | None = None
 
     @classmethod
     def read(cls, store: Store, study_name: str) -> StudyEvidence:
         study = store.get_study(study_name)
         trials = {t.id: t for t in store.trials(study.id, status="complete")}
         pooled: dict[tuple[int, str], list[float]] = {}
-        for kind in REAL_REPORT_KINDS:
+        last: int | None = None
+        for kind in real_report_kinds(study):
             for r in store.device_reports(kind=kind):
                 returns = r.payload.get("returns") or []
                 if r.trial_id is not None and r.trial_id in trials and returns:
                     pooled.setdefault((r.trial_id, r.device), []).extend(float(x) for x in returns)
+                    last = r.id if last is None else max(last, r.id)
         real = [RealResult(tid, d, v) for (tid, d), v in sorted(pooled.items())]
-        return cls(study, trials, real)
+        return cls(study, trials, real, last)
 
     def returns_by_trial(self) -> dict[int, list[float]]:
         """Every real episode of each trial, pooled over its robots."""
@@ -176,6 +194,7 @@ def calibrate_gap(
         "mae_share_of_range": float(np.mean(errors)) / (ctx.return_hi - ctx.return_lo),
         "points": points,
         "coefficients": {name: model.coefficient(name) for name in FEATURES},
+        "last_report_id": evidence.last_report_id,
     }
     version = save_gap_model(store, study.id, model, metrics)
     return model, version, metrics
@@ -289,7 +308,7 @@ def latency_samples_from_reports(store: Store, profile: str) -> list:
             step = (p.get("bench") or {}).get("step_us") or {}
             p50, p99 = step.get("p50"), step.get("p99")
             p50, p99 = (None if p50 is None else p50 / 1000.0), (None if p99 is None else p99 / 1000.0)
-        elif r.kind in REAL_REPORT_KINDS and r.trial_id is not None:
+        elif r.kind in TIMED_REPORT_KINDS and r.trial_id is not None:
             if r.trial_id not in arch_of:
                 arch_of[r.trial_id] = store.get_trial(r.trial_id).arch
             arch = arch_of[r.trial_id]
@@ -300,8 +319,19 @@ def latency_samples_from_reports(store: Store, profile: str) -> list:
     return samples
 
 
+def newest_report_id(store: Store, profile: str) -> int | None:
+    """Id of the newest report from any robot of device profile `profile`."""
+    ids = [r.id for robot in robots_of(store, profile) for r in store.device_reports(device=robot)]
+    return max(ids, default=None)
+
+
 def fit_latency(
-    store: Store, device_name: str, samples: list, holdout: float = 0.25, seed: int = 0
+    store: Store,
+    device_name: str,
+    samples: list,
+    holdout: float = 0.25,
+    seed: int = 0,
+    last_report_id: int | None = None,
 ) -> tuple[Any, int, dict[str, Any]]:
     """Fit on a split, report held-out accuracy (and the uncalibrated prior's), store it."""
     from robonas.models.devices import load_device
@@ -338,6 +368,7 @@ def fit_latency(
         "prior_holdout_mape": prior["mape"],
         "prior_within_10pct": prior["within_10pct"],
         "holdout": rows,
+        "last_report_id": last_report_id,
     }
     version = save_latency_model(store, device.name, model, metrics)
     return model, version, metrics
@@ -382,10 +413,33 @@ def calibrate_latency_on_agent(
 
 
 # --- the loop -----------------------------------------------------------------------------
-def after_reports(store: Store, study_names: list[str], profiles: list[str]) -> list[str]:
-    """Refit what the new reports allow and re-rank the studies; returns one line per step."""
+def _up_to_date(row: ModelVersionRow | None, newest: int | None) -> bool:
+    """A stored fit has seen every report up to `newest` (fits older than this record are not)."""
+    if row is None or newest is None:
+        return row is not None and newest is None
+    seen = row.metrics.get("last_report_id")
+    return isinstance(seen, int) and seen >= newest
+
+
+def after_reports(store: Store, study_names: list[str], profiles: list[str], refit: bool = True) -> list[str]:
+    """Refit what new reports allow and re-rank the studies; returns one line per step.
+
+    A model is refitted only when reports newer than the ones it was fitted on have arrived,
+    and a study is re-ranked only when something it is scored with changed. `refit=False` (or a
+    study's `[calibration] auto_refit = false`) leaves every model and ranking as it is.
+    """
+    if not refit:
+        return [
+            "automatic refitting is off: models and rankings unchanged (run `robonas calibrate` to refit)"
+        ]
     lines = []
+    refitted_devices: set[str] = set()
     for device in sorted(set(profiles)):
+        newest = newest_report_id(store, device)
+        latest = store.latest_model_version("latency", device=device)
+        if _up_to_date(latest, newest) and latest is not None:
+            lines.append(f"latency model for {device}: up to date (version {latest.version}, no new reports)")
+            continue
         try:
             samples = latency_samples_from_reports(store, device)
         except RobonasError as e:
@@ -393,7 +447,8 @@ def after_reports(store: Store, study_names: list[str], profiles: list[str]) -> 
             continue
         why = _too_few_latency(samples, device)
         if why is None:
-            _, version, m = fit_latency(store, device, samples)
+            _, version, m = fit_latency(store, device, samples, last_report_id=newest)
+            refitted_devices.add(device)
             lines.append(
                 f"latency model for {device}: version {version} from {len(samples)} timings, "
                 f"held-out MAPE {m['holdout_mape']:.1%}"
@@ -401,10 +456,20 @@ def after_reports(store: Store, study_names: list[str], profiles: list[str]) -> 
         else:
             lines.append(f"latency model for {device}: not refitted: {why}")
     for name in sorted(set(study_names)):
-        if "search" not in store.get_study(name).config:
+        study = store.get_study(name)
+        if "search" not in study.config:
             lines.append(f"{name}: no search config stored; not re-ranked")
             continue
+        if not auto_refit(study):
+            lines.append(f"{name}: [calibration] auto_refit is off; not refitted or re-ranked")
+            continue
         evidence = StudyEvidence.read(store, name)
+        latest_gap = store.latest_model_version("gap", study_id=study.id)
+        study_device = ((study.config.get("search") or {}).get("device") or {}).get("profile")
+        if _up_to_date(latest_gap, evidence.last_report_id) and study_device not in refitted_devices:
+            seen = "none" if latest_gap is None else latest_gap.version
+            lines.append(f"{name}: no new real returns (gap model version {seen}); not re-ranked")
+            continue
         try:
             _, version, m = calibrate_gap(store, name, evidence)
             lines.append(

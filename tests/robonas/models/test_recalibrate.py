@@ -72,7 +72,7 @@ def test_real_returns_move_the_ranking_and_keep_what_the_strategy_was_told(store
 def test_gap_calibration_needs_three_pairs_then_stores_a_version(store: Store):
     trials = _study(store, [480.0, 400.0, 300.0, 200.0])
     store.add_device_report("robot-1", "run", {"returns": [400.0, 410.0]}, trial_id=trials[0].id)
-    store.add_device_report("robot-1", "canary", {"returns": [330.0]}, trial_id=trials[1].id)
+    store.add_device_report("robot-1", "run", {"returns": [330.0]}, trial_id=trials[1].id)
     with pytest.raises(RobonasError, match="2 \\(trial, robot\\) pair"):
         calibrate_gap(store, "s")
     store.add_device_report("robot-2", "run", {"returns": [250.0, 240.0]}, trial_id=trials[2].id)
@@ -88,6 +88,17 @@ def test_gap_calibration_needs_three_pairs_then_stores_a_version(store: Store):
     assert models["gap_model"] == "bayes-gap@1"
 
 
+def test_canary_episodes_are_checks_unless_the_config_counts_them(store: Store):
+    trials = _study(store, [480.0, 400.0])
+    store.add_device_report("robot-1", "canary", {"returns": [90.0]}, trial_id=trials[0].id)
+    store.add_device_report("robot-1", "run", {"returns": [300.0]}, trial_id=trials[1].id)
+    assert [r.trial_id for r in StudyEvidence.read(store, "s").real] == [trials[1].id]
+    study = store.get_study("s")
+    search = {**study.config["search"], "calibration": {"canary_returns": True}}
+    store.update_study_config(study.id, {**study.config, "search": search})
+    assert [r.trial_id for r in StudyEvidence.read(store, "s").real] == [trials[0].id, trials[1].id]
+
+
 def test_after_reports_says_what_it_refitted(store: Store):
     trials = _study(store, [480.0, 400.0])
     store.add_device("robot-1", "x86-host")
@@ -98,3 +109,15 @@ def test_after_reports_says_what_it_refitted(store: Store):
     assert lines[-1].startswith(
         "re-ranked s with analytic-roofline@1, heuristic-gap@1: 2 of 2 trials moved"
     )  # they swap
+
+
+def test_after_reports_refits_only_on_new_reports_and_can_be_turned_off(store: Store):
+    trials = _study(store, [480.0, 400.0, 300.0])
+    for t, ret in zip(trials, (100.0, 350.0, 280.0), strict=True):
+        store.add_device_report("robot-1", "run", {"returns": [ret]}, trial_id=t.id)
+    first = after_reports(store, ["s"], [])
+    assert first[0].startswith("gap model for s: version 1 from 3 (trial, robot) pairs")
+    assert after_reports(store, ["s"], []) == ["s: no new real returns (gap model version 1); not re-ranked"]
+    assert after_reports(store, ["s"], [], refit=False)[0].startswith("automatic refitting is off")
+    store.add_device_report("robot-2", "run", {"returns": [120.0]}, trial_id=trials[0].id)
+    assert after_reports(store, ["s"], [])[0].startswith("gap model for s: version 2 from 4")
