@@ -5,7 +5,8 @@ Leans on `device_agents.protocol` (frames), `device_agents.link` (TCP listener, 
 `device_agents.signing` (sha256 + Ed25519), `device_agents.slots` (atomic A/B slots),
 `device_agents.runtime` (the TFLite interpreter) and `device_agents.control_loop`.
 
-One conversation at a time, one request -> one reply. The agent reads with its own persistent
+One conversation at a time, one request -> one reply (a RUN that asks for its record gets the
+reply and the record's remaining frames, `replies`). The agent reads with its own persistent
 `FrameReader` rather than `read_message`, so that bytes after a bad frame are never lost and a
 frame that stalls half-way (a truncated frame) is given up after `stall_s` without a reply
 timeout tearing a slow, legitimate serial frame. Every fault in handling a message becomes a
@@ -15,9 +16,11 @@ NACK (the request was wrong) or an ERROR (the agent hit a fault); none ends the 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import time
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,6 +30,7 @@ from device_agents import __version__
 from device_agents.errors import DeviceError, ModelError
 from device_agents.link import Link, LinkError, listen, open_link
 from device_agents.protocol import (
+    MAX_PAYLOAD,
     VERSION,
     BadPrefixCRC,
     FrameReader,
@@ -52,6 +56,7 @@ DEFAULT_CANARY = {
     "max_steps": None,
     "max_p99_ms": None,
 }
+RECORD_ENCODING = "zlib-json"  # how a RUN's record travels (PROTOCOL.md, "The record")
 POLL_S = 0.25  # read timeout of the serve loop (how often it looks at the stop flag)
 _NACK_BUDGET = 50  # protocol-error NACKs per second at most (garbage must not flood the link)
 
@@ -125,6 +130,7 @@ class Agent:
         self._policies: dict[str, TFLitePolicy] = {}  # by sha256
         self._transfer: _Transfer | None = None
         self.last_deploy: dict[str, Any] | None = None
+        self._more: list[Message] = []  # frames that follow the reply being sent (a record)
         self.slots.recover()
 
     # --- resources -------------------------------------------------------------------------
@@ -157,8 +163,17 @@ class Agent:
             self._robot = None
 
     # --- messages --------------------------------------------------------------------------
+    def replies(self, msg: Message) -> list[Message]:
+        """Every frame answering one request: the reply, then the record frames of a RUN that
+        asked for one (PROTOCOL.md, "The record")."""
+        first = self.handle(msg)
+        more, self._more = self._more, []
+        return [first, *more]
+
     def handle(self, msg: Message) -> Message:
-        """The reply to one request; never raises for bad input."""
+        """The reply to one request; never raises for bad input. Frames that must follow it
+        (`replies`) are left in `_more`."""
+        self._more = []
         handler = self._HANDLERS.get(msg.type)
         try:
             if handler is None:
@@ -372,6 +387,7 @@ class Agent:
         max_steps: int | None,
         slot: str | None,
         sha256: str | None,
+        record: bool = False,
     ) -> dict[str, Any]:
         from device_agents.control_loop import policy_settings, run_episodes
 
@@ -390,6 +406,7 @@ class Agent:
                 action_output=s["action_output"],
                 slot=slot,
                 sha256=sha256,
+                record=record,
             )
         except DeviceError:
             self.close()  # a robot that failed mid-episode is rebuilt for the next request
@@ -430,20 +447,40 @@ class Agent:
         if not isinstance(thresholds, dict):
             raise Refused("bad header", "thresholds must be an object")
         thresholds = {k: _number(thresholds, k) for k in ("min_return", "max_miss_rate", "max_p99_ms")}
+        record = h.get("record", False)
+        if not isinstance(record, bool):
+            raise Refused("bad header", f"record={record!r} is not true or false")
         slot = self._pick_slot(h)
         policy, manifest = self._slot_policy(slot)
-        report = self._run(policy, manifest, episodes, seed, max_steps, slot, manifest.get("sha256"))
+        report = self._run(policy, manifest, episodes, seed, max_steps, slot, manifest.get("sha256"), record)
         failures = self._judge(report, thresholds)
-        return msg.reply(
-            MsgType.REPORT,
-            {
-                **report,
-                "passed": not failures,
-                "failures": failures,
-                "agent": self.agent_id,
-                "device": self.device,
-            },
-        )
+        header = {
+            **report,
+            "passed": not failures,
+            "failures": failures,
+            "agent": self.agent_id,
+            "device": self.device,
+        }
+        if not record:
+            return msg.reply(MsgType.REPORT, header)
+        parts = self._record_parts(header.pop("record"))
+        header["record_wire"] = {
+            "encoding": RECORD_ENCODING,
+            "size": sum(len(p) for p in parts),
+            "sha256": hashlib.sha256(b"".join(parts)).hexdigest(),
+            "frames": len(parts),
+        }
+        self._more = [
+            msg.reply(MsgType.REPORT, {"record_part": i, "record_frames": len(parts)}, part)
+            for i, part in enumerate(parts[1:], 1)
+        ]
+        return msg.reply(MsgType.REPORT, header, parts[0])
+
+    @staticmethod
+    def _record_parts(record: dict[str, Any]) -> list[bytes]:
+        """The record on the wire: zlib of its compact UTF-8 JSON, cut into payload-sized parts."""
+        data = zlib.compress(json.dumps(record, separators=(",", ":")).encode("utf-8"), 6)
+        return [data[i : i + MAX_PAYLOAD] for i in range(0, len(data), MAX_PAYLOAD)] or [b""]
 
     def _bench(self, msg: Message) -> Message:
         from device_agents.bench import bench_model
@@ -544,16 +581,17 @@ class Agent:
                 continue
             for ev in events:
                 if isinstance(ev, Message):
-                    reply = self.handle(ev)
+                    replies = self.replies(ev)
                 else:
                     if now - budget_t >= 1.0:
                         budget, budget_t = _NACK_BUDGET, now
                     if budget <= 0 or isinstance(ev, BadPrefixCRC):
                         continue  # resync noise, or a flood: drop without a reply
                     budget -= 1
-                    reply = Message(MsgType.NACK, {"reason": ev.reason, "detail": str(ev)[:200]})
+                    replies = [Message(MsgType.NACK, {"reason": ev.reason, "detail": str(ev)[:200]})]
                 try:
-                    link.send(reply)
+                    for reply in replies:
+                        link.send(reply)
                 except (LinkError, OSError) as e:
                     log.info("cannot reply (%s); dropping the link", e)
                     return

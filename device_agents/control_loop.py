@@ -14,6 +14,11 @@ History: frames are stacked oldest first; after a reset the stack is filled with
 `observation.history_pad` (the raw value that normalises to SB3's zero padding; zeros if the
 manifest has none), then the first observation is pushed, exactly as `robonas.export.trial_export.rollouts`.
 A non-finite action is counted and replaced by zeros before it reaches the robot.
+
+Recording (`record=True`): every back end goes through this loop, so a sim twin and a physical
+robot behind the serial back end give the same record (`device_agents.trajectory.Episode`): the
+observations, the actions as `Robot.step` received them, the rewards, the robot's clock and the
+latency handed to the robot, bounded by a `Recorder`.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import numpy as np
 
 from device_agents.errors import DeviceError
 from device_agents.robots.base import Robot
+from device_agents.trajectory import Recorder
 
 PERCENTILES = (50, 90, 99)
 
@@ -88,11 +94,17 @@ def run_episodes(
     action_output: str = "value",
     slot: str | None = None,
     sha256: str | None = None,
+    record: bool = False,
+    recorder: Recorder | None = None,
 ) -> dict[str, Any]:
     """Run `episodes` episodes (seeds seed, seed+1, ...) and report returns and timings.
 
     `policy.act(obs) -> action` (a TFLitePolicy or anything alike); `control_hz` defaults to the
     robot's rate; `max_steps=None` runs until the robot reports done.
+
+    `record=True` records every step (device_agents.trajectory) in a fresh `Recorder` (the last
+    5 episodes, 2 MiB) and adds `"record": encode(...)` to the report; passing a `recorder`
+    fills that one instead (its own caps, its earlier episodes kept) and implies `record`.
     """
     _positive_int("episodes", episodes, 0)
     _positive_int("history", history)
@@ -122,10 +134,18 @@ def run_episodes(
     clock = time.perf_counter_ns
     frames = np.zeros(obs_dim * history, np.float32)
     zero_action = np.zeros(robot.action_size, np.float32)
+    if record and recorder is None:
+        recorder = Recorder()
     robot.bind_policy(policy)
     t_start = time.monotonic()
+    # The robot's clock in the record: time.monotonic() when the robot returned the observation;
+    # in fast mode the ticks a real-time run would have had (one period a step; the loop does
+    # not sleep, so the wall clock says nothing about the robot's time).
+    sim_clock = t_start
     for ep in range(episodes):
         obs = robot.reset(seed + ep)
+        if recorder is not None:
+            recorder.begin(obs, sim_clock if fast else time.monotonic(), robot.action_size, seed + ep)
         frames[:] = np.tile(pad, history)
         total, steps, done = 0.0, 0, False
         next_tick = time.monotonic()
@@ -149,6 +169,9 @@ def run_episodes(
             obs, reward, done = robot.step(action, elapsed / 1e9)
             total += float(reward)
             steps += 1
+            if recorder is not None:
+                sim_clock += period
+                recorder.step(action, reward, elapsed / 1e9, obs, sim_clock if fast else time.monotonic())
             if not fast:
                 next_tick += period
                 left = next_tick - time.monotonic()
@@ -159,9 +182,11 @@ def run_episodes(
                     next_tick = time.monotonic()  # do not try to catch up with a burst
         returns.append(total)
         lengths.append(steps)
+        if recorder is not None:
+            recorder.end()
     n = len(step_ns)
     name, version = _runtime(policy)
-    return {
+    report = {
         "episodes": episodes,
         "seed": seed,
         "returns": returns,
@@ -185,3 +210,6 @@ def run_episodes(
         # what a simulated robot adds about itself (e.g. the latency the twin applied)
         "robot_extras": robot.report_extras() if hasattr(robot, "report_extras") else {},
     }
+    if recorder is not None:
+        report["record"] = recorder.encode()
+    return report

@@ -480,9 +480,16 @@ def run_command(
     agents: str | None = typer.Option(None, "--agents", help=_AGENTS_HELP),
     store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    record: bool = typer.Option(
+        False,
+        "--record",
+        help="Also bring back each robot's step-by-step record of the run (observations, actions, "
+        "rewards, clock, latency; its last 5 episodes, at most 2 MiB) and keep it with the stored "
+        "report, for identifying the robot's dynamics.",
+    ),
 ) -> None:
     """Run episodes on every robot's active policy and store the fresh reports."""
-    rows = _guard(lambda: _run(fleet, episodes, seed, agents, store))
+    rows = _guard(lambda: _run(fleet, episodes, seed, agents, store, record))
     if as_json:
         print(json.dumps(rows, indent=2, default=str))
     else:
@@ -499,6 +506,7 @@ def run_command(
             "mean return",
             "wall s",
             "report id",
+            *(["record"] if record else []),
         ):
             t.add_column(col)
         for r in rows:
@@ -513,6 +521,7 @@ def run_command(
                 _fmt(s.get("mean_return"), ".1f"),
                 _fmt(r.get("wall_s"), ".2f"),
                 _fmt(r.get("report_id")),
+                *([_record_cell(r)] if record else []),
             )
         _console().print(t)
     bad = [r["name"] for r in rows if not r["ok"]]
@@ -520,11 +529,21 @@ def run_command(
         _fail(f"run failed on robot(s): {', '.join(bad)}")
 
 
+def _record_cell(row: dict[str, Any]) -> str:
+    rec = row.get("record")
+    if not row["ok"]:
+        return "-"
+    if rec is None:
+        return "none (agent too old?)"
+    return f"{rec['episodes']} ep, {sum(rec['steps'])} steps"
+
+
 def _run(
-    fleet: str, episodes: int, seed: int, agents: str | None, store_url: str | None
+    fleet: str, episodes: int, seed: int, agents: str | None, store_url: str | None, record: bool = False
 ) -> list[dict[str, Any]]:
     import time
 
+    from device_agents.trajectory import summary as record_summary
     from robonas.fleet.client import AgentClient, FleetError
     from robonas.fleet.inventory import load_inventory
     from robonas.fleet.reports import (
@@ -544,7 +563,7 @@ def _run(
                 with AgentClient(e.link, e.timeout_s, name=e.name) as c:
                     c.hello()
                     t0 = time.perf_counter()
-                    report = c.run(episodes, seed)
+                    report = c.run(episodes, seed, record=record)
                     row["wall_s"] = time.perf_counter() - t0
                 register_device(store, e.name, e.device)
                 ref = artifact_for_sha(store, e.name, report.get("sha256"))
@@ -561,6 +580,10 @@ def _run(
                     wall_s=row["wall_s"],
                 )
                 row.update(ok=True, report=report, summary=summarise_report(report))
+                if record:  # the record itself is in the store; the output says what it holds
+                    rec = report.get("record")
+                    row["report"] = {k: v for k, v in report.items() if k != "record"}
+                    row["record"] = None if rec is None else record_summary(rec)
             except FleetError as err:
                 row["error"] = str(err)
             rows.append(row)

@@ -21,14 +21,16 @@ Failures come in two kinds, because a rollout treats them differently:
 from __future__ import annotations
 
 import hashlib
+import json
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from device_agents.errors import DeviceError
-from device_agents.protocol import DEFAULT_CHUNK, MAX_PAYLOAD, PREFIX_SIZE, Message, MsgType
+from device_agents.protocol import DEFAULT_CHUNK, MAX_FRAME, MAX_PAYLOAD, PREFIX_SIZE, Message, MsgType
 from robonas.errors import ConfigError, RobonasError
 
 if TYPE_CHECKING:
@@ -39,6 +41,9 @@ DEFAULT_EPISODE_TIMEOUT_S = 60.0  # one canary/run episode; a 1000-step episode 
 DEFAULT_BENCH_TIMEOUT_S = 10.0  # per thousand BENCH runs, beyond the base timeout
 _HEADER_ALLOWANCE = 512  # bytes of JSON header that travel with a chunk and its ACK
 _MAX_RESYNCS = 3  # NACK "offset" with next_offset: resume from there at most this often
+RECORD_ENCODING = "zlib-json"  # device_agents.agent.RECORD_ENCODING
+MAX_RECORD_BYTES = 64 * 1024 * 1024  # a record larger than this (on the wire or inflated) is refused
+_MAX_STRAY = 8  # frames of another seq tolerated while a record's frames arrive
 
 Progress = Callable[[int, int], None]
 
@@ -278,8 +283,14 @@ class AgentClient:
         thresholds: dict[str, float] | None = None,
         slot: str | None = None,
         max_steps: int | None = None,
+        record: bool = False,
     ) -> dict[str, Any]:
-        """RUN episodes on the active (or named) slot; the REPORT header (timings, returns)."""
+        """RUN episodes on the active (or named) slot; the REPORT header (timings, returns).
+
+        `record=True` asks the agent for its record of the run (the last few episodes, step by
+        step): the report then carries `"record"`, the encoded record
+        (`device_agents.trajectory.decode` reads it), or None from an agent too old to record.
+        """
         if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
             raise ConfigError(f"episodes: {episodes!r} must be an integer >= 1")
         header: dict[str, Any] = {"episodes": episodes, "seed": int(seed)}
@@ -289,8 +300,77 @@ class AgentClient:
             header["slot"] = slot
         if max_steps is not None:
             header["max_steps"] = int(max_steps)
-        reply = self._request("run", MsgType.RUN, header, extra_s=episodes * self.episode_timeout_s)
-        return self._expect("run", reply, MsgType.REPORT, MsgType.ACK)
+        if record:
+            header["record"] = True
+        reply = self._request(
+            "run",
+            MsgType.RUN,
+            header,
+            extra_s=episodes * self.episode_timeout_s,
+            wire_bytes=MAX_PAYLOAD if record else 0,  # the record's first part rides on the reply
+        )
+        report = self._expect("run", reply, MsgType.REPORT, MsgType.ACK)
+        if record:
+            wire = report.pop("record_wire", None)
+            report["record"] = None if wire is None else self._receive_record(reply, wire)
+        return report
+
+    def _receive_record(self, first: Message, wire: Any) -> dict[str, Any]:
+        """The record a REPORT announced in `record_wire`: its payload, then the frames that
+        follow with the same seq, checked (size, sha256, parts in order) and decoded."""
+        from device_agents.trajectory import decode
+
+        def bad(why: str) -> LinkFailure:
+            self.close()  # whatever is left of the record must not meet the next request
+            return LinkFailure(f"agent {self.name}: run record {why}", self.name, "run")
+
+        if not isinstance(wire, dict) or wire.get("encoding") != RECORD_ENCODING:
+            raise bad(f"announced as {wire!r}; this host reads encoding {RECORD_ENCODING!r}")
+        size, frames, sha = wire.get("size"), wire.get("frames"), wire.get("sha256")
+        if (
+            isinstance(size, bool)
+            or not isinstance(size, int)
+            or not 0 <= size <= MAX_RECORD_BYTES
+            or not isinstance(frames, int)
+            or frames != max(1, -(-size // MAX_PAYLOAD))
+            or not isinstance(sha, str)
+        ):
+            raise bad(f"announced with size {size!r}, frames {frames!r}, sha256 {sha!r}")
+        data = bytearray(first.payload)
+        link = self.connect()
+        part, stray = 1, 0
+        while part < frames:
+            try:
+                msg = link.receive(link.frame_timeout_s(MAX_FRAME))
+            except DeviceError as e:
+                self.close()
+                raise LinkFailure(
+                    f"agent {self.name}: run record frame {part} of {frames} over {self.url} failed: "
+                    f"{type(e).__name__}: {e}",
+                    self.name,
+                    "run",
+                ) from e
+            if msg.seq != first.seq:
+                stray += 1
+                if stray > _MAX_STRAY:
+                    raise bad(f"frame {part} of {frames} did not come; other frames did")
+                continue
+            if msg.type != MsgType.REPORT or msg.header.get("record_part") != part:
+                raise bad(f"frame {part} of {frames} came as {msg.type.name} {msg.header!r:.200}")
+            data += msg.payload
+            part += 1
+        if len(data) != size or hashlib.sha256(data).hexdigest() != sha:
+            raise bad(f"of {len(data)} bytes does not match its announced size {size} and sha256")
+        try:
+            inflater = zlib.decompressobj()
+            text = inflater.decompress(bytes(data), MAX_RECORD_BYTES + 1)
+            if len(text) > MAX_RECORD_BYTES or not inflater.eof:
+                raise bad(f"inflates past {MAX_RECORD_BYTES} bytes or is cut short")
+            record = json.loads(text.decode("utf-8"))
+            decode(record)  # well formed, arrays included: what is stored can be read back
+        except (zlib.error, UnicodeDecodeError, ValueError, DeviceError) as e:
+            raise bad(f"does not decode: {e}") from e
+        return dict(record)
 
     def bench(self, slot: str = "active", runs: int = 1000) -> dict[str, Any]:
         """BENCH the model in a slot ("a", "b" or "active"); the REPORT header."""

@@ -8,6 +8,10 @@ canary, a run or a bench makes, and how an agent's report is tied back to an art
   and the latest deployment of that sha256 to that robot.
 A deployment row needs an artifact row (the table's foreign key), so deploying an artifact that
 was never indexed in the store records devices and reports but no deployment; the rollout says so.
+
+A run asked with `record=True` brings the agent's record of its episodes (step by step, see
+`device_agents.trajectory`): it stays in the report's payload as the encoded dict under
+`"record"` (no table of its own), and `episodes_of` reads it back as `Episode`s.
 """
 
 from __future__ import annotations
@@ -16,9 +20,13 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from robonas.errors import StoreError
 from robonas.store import DeviceReportRow, Store
+
+if TYPE_CHECKING:
+    from device_agents.trajectory import Episode
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,35 @@ def last_reports(store: Store, device: str) -> dict[str, DeviceReportRow]:
     return out
 
 
+def has_record(report: DeviceReportRow | dict[str, Any]) -> bool:
+    """True if the report (a stored row or its payload) carries a record of its episodes."""
+    payload = report.payload if isinstance(report, DeviceReportRow) else report
+    return isinstance(payload.get("record"), dict)
+
+
+def episodes_of(report: DeviceReportRow | dict[str, Any]) -> list[Episode]:
+    """The recorded episodes of a device report (a stored row or its payload), oldest first;
+    [] when the run was not recorded. A malformed record is a StoreError naming the report and
+    the field."""
+    from device_agents.errors import DeviceError
+    from device_agents.trajectory import decode
+
+    payload = report.payload if isinstance(report, DeviceReportRow) else report
+    record = payload.get("record")
+    if record is None:
+        return []
+    try:
+        return decode(record)
+    except DeviceError as e:
+        which = f"device report {report.id}" if isinstance(report, DeviceReportRow) else "device report"
+        raise StoreError(f"{which}: {e}") from e
+
+
+def recorded_reports(store: Store, device: str | None = None, kind: str = "run") -> list[DeviceReportRow]:
+    """The reports (of `device`, or every device) that carry a record, oldest first."""
+    return [r for r in store.device_reports(device=device, kind=kind) if has_record(r)]
+
+
 def summarise_report(payload: dict[str, Any]) -> dict[str, Any]:
     """p50/p99 ms, deadline misses and mean return of a stored report, for tables."""
     timings = payload.get("timings_ms") or {}
@@ -112,10 +149,13 @@ def summarise_report(payload: dict[str, Any]) -> dict[str, Any]:
 __all__ = [
     "ArtifactRef",
     "artifact_for_sha",
+    "episodes_of",
     "find_artifact",
+    "has_record",
     "last_reports",
     "record_deployment",
     "record_report",
+    "recorded_reports",
     "register_device",
     "summarise_report",
 ]
