@@ -81,6 +81,27 @@ def _agent_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--fast", action="store_true", help="do not sleep between control ticks (simulated robots only)"
     )
+    p.add_argument(
+        "--reality-profiles",
+        metavar="PATH",
+        action="append",
+        default=[],
+        help="a TOML file (or folder of them) of your own reality profiles for sim:PROFILE robots; "
+        f"repeatable; added to ${REALITY_PROFILES_ENV}",
+    )
+
+
+# The variable `sim.reality` reads (named here, not imported: the robot side never imports sim).
+REALITY_PROFILES_ENV = "ROBONAS_REALITY_PROFILES"
+
+
+def _use_reality_profiles(paths: list[str]) -> None:
+    """Put the user's reality profile files where the sim twin's `sim.reality` looks for them."""
+    import os
+
+    if paths:
+        current = os.environ.get(REALITY_PROFILES_ENV)
+        os.environ[REALITY_PROFILES_ENV] = os.pathsep.join([*paths, *([current] if current else [])])
 
 
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -118,6 +139,7 @@ def _serve_run(args: argparse.Namespace) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
+    _use_reality_profiles(args.reality_profiles)
     agent = Agent(
         args.state,
         _trusted(args),
@@ -147,6 +169,7 @@ def _run_run(args: argparse.Namespace) -> int:
     from device_agents.agent import Agent
     from device_agents.protocol import Message, MsgType
 
+    _use_reality_profiles(args.reality_profiles)
     agent = Agent(args.state, _trusted(args), args.robot, fast=args.fast)
     try:
         header = {"episodes": args.episodes, "seed": args.seed, "slot": args.slot}

@@ -5,6 +5,11 @@ dynamics the search never sees (masses, friction, damping, motor gain), sensor n
 action delay and sub-period actuation latency, so that a deployed policy meets a gap on a machine
 with no robot. The figures are data in `sim/reality_profiles.toml`, not code.
 
+Robots are user data too: `$ROBONAS_REALITY_PROFILES` names more TOML files (or folders of
+them), separated like PATH, in the same format, so a user describes a robot without editing the
+installed package. A user profile may not reuse a packaged or another file's name: a silent
+shadow would make two machines disagree about the same robot.
+
 Leans on the standard library's tomllib (Python 3.11+, like the rest of the host side) and on
 `sim.randomization` with degenerate (x, x) ranges: a profile is a randomisation that always
 draws the same values, so its noise comes from the env's seeded RNG and a profile is the same
@@ -14,10 +19,12 @@ every time it is built and reset with the same seed.
 from __future__ import annotations
 
 import math
+import os
 import tomllib
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import gymnasium
@@ -66,18 +73,25 @@ class RealityProfile:
         }
 
 
-@lru_cache(maxsize=1)
-def _load() -> dict[str, RealityProfile]:
-    text = resources.files("sim").joinpath("reality_profiles.toml").read_text(encoding="utf-8")
-    table = tomllib.loads(text)
+PROFILES_ENV = "ROBONAS_REALITY_PROFILES"
+PACKAGED = "reality_profiles.toml"
+
+
+def _parse(text: str, origin: str) -> dict[str, RealityProfile]:
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SimError(f"reality profiles {origin}: not valid TOML: {e}") from e
     expected = {f.name for f in fields(RealityProfile)} - {"name"}
     optional = {"compute_scale", "compute_macs_per_s"}
     profiles = {}
     for name, entry in table.items():
+        if not isinstance(entry, dict):
+            raise SimError(f"reality profiles {origin}: {name!r} is not a table of profile keys")
         missing, unknown = expected - optional - set(entry), set(entry) - expected
         if missing or unknown:
             raise SimError(
-                f"reality profile {name!r} in reality_profiles.toml: missing {sorted(missing)}, "
+                f"reality profile {name!r} in {origin}: missing {sorted(missing)}, "
                 f"unknown {sorted(unknown)}; expected keys {sorted(expected)}"
             )
         check_env_id(entry["env_id"])
@@ -98,13 +112,52 @@ def _load() -> dict[str, RealityProfile]:
     return profiles
 
 
+def user_profile_files(value: str | None = None) -> tuple[Path, ...]:
+    """The user's profile files named by `value` (default: $ROBONAS_REALITY_PROFILES)."""
+    value = os.environ.get(PROFILES_ENV, "") if value is None else value
+    files: list[Path] = []
+    for part in filter(None, value.split(os.pathsep)):
+        path = Path(part).expanduser()
+        if path.is_dir():
+            files.extend(sorted(path.glob("*.toml")))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise SimError(f"${PROFILES_ENV}: {part!r} is neither a TOML file nor a folder of them")
+    return tuple(files)
+
+
+@lru_cache(maxsize=8)
+def _load(user_files: tuple[Path, ...] = ()) -> dict[str, RealityProfile]:
+    text = resources.files("sim").joinpath(PACKAGED).read_text(encoding="utf-8")
+    profiles = _parse(text, PACKAGED)
+    origin = dict.fromkeys(profiles, PACKAGED)
+    for path in user_files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise SimError(f"reality profiles {path}: cannot read: {e}") from e
+        for name, profile in _parse(text, str(path)).items():
+            if name in profiles:
+                raise SimError(
+                    f"reality profile {name!r} in {path} reuses a name from {origin[name]}; "
+                    "give the robot a name of its own"
+                )
+            profiles[name], origin[name] = profile, str(path)
+    return profiles
+
+
+def _profiles() -> dict[str, RealityProfile]:
+    return _load(user_profile_files())
+
+
 def list_profiles() -> list[str]:
     """Names of the reality profiles, sorted."""
-    return sorted(_load())
+    return sorted(_profiles())
 
 
 def get_profile(name: str) -> RealityProfile:
-    profiles = _load()
+    profiles = _profiles()
     if name not in profiles:
         raise SimError(f"unknown reality profile {name!r}; valid profiles: {', '.join(sorted(profiles))}")
     return profiles[name]

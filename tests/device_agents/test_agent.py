@@ -472,3 +472,32 @@ def test_bench_on_a_twin_reports_its_emulated_computer(tmp_path, keys):
             assert bench["step_us"][k] == pytest.approx(want, rel=1e-9)
     finally:
         a.stop()
+
+
+def test_agent_drives_a_robot_described_in_the_users_own_profile_file(tmp_path, keys):
+    """`--reality-profiles FILE`: a sim twin of a robot no packaged file names."""
+    pytest.importorskip("sim")
+    robots = tmp_path / "robots.toml"
+    robots.write_text(
+        "[my-bench-cartpole]\n"
+        'description = "described by its user"\nenv_id = "sim/CartPole-v0"\n'
+        "mass_scale = 1.2\nfriction_scale = 1.5\ndamping = 0.01\nmotor_gain = 0.9\n"
+        "obs_noise_std = 0.0\naction_delay = 1\nactuation_latency_s = 0.002\n"
+    )
+    good = test_models()["good"]
+    manifest = manifest_for(good)
+    env = {"ROBONAS_REALITY_PROFILES": ""}
+    for extra, expect in (((), MsgType.ERROR), (("--reality-profiles", str(robots)), MsgType.ACK)):
+        a = AgentProcess(
+            tmp_path / f"s{len(extra)}", keys[1], robot="sim:my-bench-cartpole", extra=extra, env=env
+        )
+        try:
+            with a.link() as link:
+                r = deploy(link, good, manifest, sign_manifest(manifest, keys[0]), EASY)
+            assert r.type == expect, r.header
+            if expect == MsgType.ERROR:  # the canary could not build the robot: it names the profile
+                assert "my-bench-cartpole" in r.header["detail"]
+            else:
+                assert len(r.header["canary"]["returns"]) == 2
+        finally:
+            a.stop()

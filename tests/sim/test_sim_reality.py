@@ -68,3 +68,48 @@ def test_unknown_profile_names_valid_ones():
     with pytest.raises(SimError) as err:
         get_profile("cartpole-mars")
     assert "cartpole-mars" in str(err.value) and "cartpole-lab-a" in str(err.value)
+
+
+USER_ROBOT = """
+[my-heavy-cartpole]
+description = "a user's own robot, described outside the package"
+env_id = "sim/CartPole-v0"
+mass_scale = 1.6
+friction_scale = 2.0
+damping = 0.05
+motor_gain = 0.7
+obs_noise_std = 0.0
+action_delay = 3
+actuation_latency_s = 0.005
+"""
+
+
+def test_user_profiles_from_the_environment_join_the_packaged_ones(tmp_path, monkeypatch):
+    (tmp_path / "robots").mkdir()
+    (tmp_path / "robots" / "mine.toml").write_text(USER_ROBOT)
+    monkeypatch.delenv("ROBONAS_REALITY_PROFILES", raising=False)
+    with pytest.raises(SimError, match="my-heavy-cartpole"):
+        get_profile("my-heavy-cartpole")
+    monkeypatch.setenv("ROBONAS_REALITY_PROFILES", str(tmp_path / "robots"))  # a folder of files
+    assert {"my-heavy-cartpole", "cartpole-lab-a"} <= set(list_profiles())
+    profile = get_profile("my-heavy-cartpole")
+    assert (profile.action_delay, profile.dynamics.mass_scale) == (3, 1.6)
+    heavy = run(make_reality("my-heavy-cartpole"), seed=3, n=20)
+    nominal = run(sim.make("sim/CartPole-v0"), seed=3, n=20)
+    assert heavy.shape == nominal.shape and not np.allclose(heavy, nominal)
+
+
+def test_user_profiles_may_not_shadow_and_must_exist(tmp_path, monkeypatch):
+    shadow = tmp_path / "shadow.toml"
+    shadow.write_text(USER_ROBOT.replace("my-heavy-cartpole", "cartpole-lab-a"))
+    monkeypatch.setenv("ROBONAS_REALITY_PROFILES", str(shadow))
+    with pytest.raises(SimError, match=r"reuses a name from reality_profiles\.toml"):
+        list_profiles()
+    monkeypatch.setenv("ROBONAS_REALITY_PROFILES", str(tmp_path / "nowhere.toml"))
+    with pytest.raises(SimError, match="neither a TOML file nor a folder"):
+        list_profiles()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(USER_ROBOT.replace("action_delay = 3", "action_dealy = 3"))
+    monkeypatch.setenv("ROBONAS_REALITY_PROFILES", str(bad))
+    with pytest.raises(SimError, match=r"missing \['action_delay'\], unknown \['action_dealy'\]"):
+        list_profiles()
