@@ -60,6 +60,10 @@ class TrainingSection(_Section):
     algo: Literal["ppo", "sac"] = "ppo"
     n_envs: int = Field(default=4, gt=0)
     hyperparams: dict[str, Any] = Field(default_factory=dict)
+    randomization: dict[str, Any] | Literal["fleet"] | None = Field(
+        default=None,
+        description='ranges to train under, or "fleet": the identified twins\' ranges (nominal if unset)',
+    )
 
 
 class ObjectiveSection(_Section):
@@ -104,7 +108,8 @@ class SearchConfig(_Section):
     strategy: StrategySection = Field(default_factory=StrategySection)
     budget: BudgetSection
     training: TrainingSection = Field(default_factory=TrainingSection)
-    robustness: dict[str, Any] = Field(default_factory=dict)
+    # ranges the robustness figure is measured under, or "fleet": the identified twins' ranges
+    robustness: dict[str, Any] | Literal["fleet"] = Field(default_factory=dict)
     objective: ObjectiveSection = Field(default_factory=ObjectiveSection)
     device: DeviceSection
     gap: dict[str, float] = Field(default_factory=dict)
@@ -146,13 +151,22 @@ class SearchConfig(_Section):
         if self.env.id not in sim.ENV_IDS:
             raise ConfigError(f"env.id: unknown env {self.env.id!r}; valid: {', '.join(sim.ENV_IDS)}")
         load_device(self.device.profile)
-        if self.robustness:
-            from sim.randomization import RandomizationConfig
+        from sim.randomization import RandomizationConfig
 
-            try:
-                RandomizationConfig.from_dict(self.robustness)
-            except ValueError as e:
-                raise ConfigError(f"robustness: {e}") from e
+        for key, table in (
+            ("robustness", self.robustness),
+            ("training.randomization", self.training.randomization),
+        ):
+            if isinstance(table, dict) and table:
+                try:
+                    RandomizationConfig.from_dict(table)
+                except ValueError as e:
+                    raise ConfigError(f"{key}: {e}") from e
+
+    @property
+    def uses_fleet(self) -> bool:
+        """Whether a range table comes from the fleet's identified twins."""
+        return "fleet" in (self.robustness, self.training.randomization)
 
 
 def _format_validation_error(source: str, err: ValidationError) -> str:

@@ -56,7 +56,7 @@ DEFAULT_URL = "sqlite:///runs/robonas.db"
 TRIAL_STATUSES = ("pending", "running", "complete", "failed", "rejected")
 STUDY_STATUSES = ("created", "running", "interrupted", "complete", "failed")
 REPORT_KINDS = ("run", "bench", "canary")
-MODEL_KINDS = ("latency", "gap")
+MODEL_KINDS = ("latency", "gap", "twin")
 # Milliseconds a SQLite writer waits for the lock before giving up.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 

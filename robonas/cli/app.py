@@ -29,6 +29,7 @@ def _mount() -> None:
     from robonas.cli.fleet import deploy_command, fleet_app
     from robonas.cli.keys import keys_app
     from robonas.cli.study import export, report, search, status, top
+    from robonas.cli.twins import identify, twins
 
     app.command("deploy")(deploy_command)
     app.add_typer(fleet_app, name="fleet")
@@ -36,7 +37,7 @@ def _mount() -> None:
     app.command("rerank")(rerank_command)
     app.add_typer(bench_app, name="bench")
     app.add_typer(keys_app, name="keys")
-    for command in (export, search, status, top, report, demo):
+    for command in (export, search, status, top, report, identify, twins, demo):
         app.command()(command)
 
 

@@ -32,6 +32,10 @@ fleet_app = typer.Typer(help="Robots in a fleet file: status, rollback, fresh ru
 _FLEET_HELP = "Fleet inventory TOML (one [[agent]] per robot), e.g. launch/fleet.toml."
 _STORE_HELP = "Store URL (default: $ROBONAS_STORE or sqlite:///runs/robonas.db)."
 _AGENTS_HELP = "Comma-separated agent names (default: every agent in the fleet file)."
+_NO_REFIT_HELP = (
+    "Store the reports but do not refit twins, latency or gap models or re-rank "
+    "(`robonas calibrate` and `robonas identify` refit by hand)."
+)
 
 T = TypeVar("T")
 
@@ -96,6 +100,7 @@ def deploy_command(
     ),
     store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the per-robot results as JSON."),
+    no_refit: bool = typer.Option(False, "--no-refit", help=_NO_REFIT_HELP),
 ) -> None:
     """Push a signed artifact to the fleet: canaries first, then the rest if every canary passed."""
     result = _guard(
@@ -113,6 +118,7 @@ def deploy_command(
             key,
             store,
             as_json,
+            not no_refit,
         )
     )
     if not result.ok:
@@ -136,6 +142,7 @@ def _deploy(
     key: str | None,
     store_url: str | None,
     as_json: bool,
+    refit: bool = True,
 ) -> RolloutResult:
     from robonas.fleet.deploy import rollout
     from robonas.fleet.inventory import load_inventory
@@ -160,7 +167,7 @@ def _deploy(
                 key=key,
             )
             print(json.dumps(result.to_dict(), indent=2, default=str))
-            _recalibrate(store, [_study_of(artifact)], [e.device for e in inventory.select(agents)])
+            _recalibrate(store, [_study_of(artifact)], [e.device for e in inventory.select(agents)], refit)
             return result
         result = _deploy_with_progress(
             artifact,
@@ -177,7 +184,7 @@ def _deploy(
             store,
         )
         _print_rollout(result)
-        _recalibrate(store, [_study_of(artifact)], [e.device for e in inventory.select(agents)])
+        _recalibrate(store, [_study_of(artifact)], [e.device for e in inventory.select(agents)], refit)
     finally:
         store.close()
     return result
@@ -192,8 +199,15 @@ def _study_of(artifact: str) -> str | None:
         return None
 
 
-def _recalibrate(store: Store, studies: Iterable[str | None], profiles: list[str]) -> None:
-    """New reports: refit the latency and gap models where they allow it and re-rank."""
+def _recalibrate(
+    store: Store,
+    studies: Iterable[str | None],
+    profiles: list[str],
+    refit: bool = True,
+    robots: Iterable[str] = (),
+) -> None:
+    """New reports: refit the robots' twins, the latency and gap models where the reports
+    allow it, and re-rank (nothing when `refit` is off)."""
     from robonas.errors import StoreError
     from robonas.models.recalibrate import after_reports
 
@@ -204,7 +218,7 @@ def _recalibrate(store: Store, studies: Iterable[str | None], profiles: list[str
             known.append(name)
         except StoreError:
             pass
-    for line in after_reports(store, known, profiles):
+    for line in after_reports(store, known, profiles, refit=refit, robots=robots):
         _console(stderr=True).print(f"recalibrate: {line}")
 
 
@@ -485,11 +499,13 @@ def run_command(
         "--record",
         help="Also bring back each robot's step-by-step record of the run (observations, actions, "
         "rewards, clock, latency; its last 5 episodes, at most 2 MiB) and keep it with the stored "
-        "report, for identifying the robot's dynamics.",
+        "report, for identifying the robot's dynamics (robots that sent new records get their "
+        "twins refitted afterwards).",
     ),
+    no_refit: bool = typer.Option(False, "--no-refit", help=_NO_REFIT_HELP),
 ) -> None:
     """Run episodes on every robot's active policy and store the fresh reports."""
-    rows = _guard(lambda: _run(fleet, episodes, seed, agents, store, record))
+    rows = _guard(lambda: _run(fleet, episodes, seed, agents, store, record, not no_refit))
     if as_json:
         print(json.dumps(rows, indent=2, default=str))
     else:
@@ -539,7 +555,13 @@ def _record_cell(row: dict[str, Any]) -> str:
 
 
 def _run(
-    fleet: str, episodes: int, seed: int, agents: str | None, store_url: str | None, record: bool = False
+    fleet: str,
+    episodes: int,
+    seed: int,
+    agents: str | None,
+    store_url: str | None,
+    record: bool = False,
+    refit: bool = True,
 ) -> list[dict[str, Any]]:
     import time
 
@@ -593,7 +615,7 @@ def _run(
             if r.get("trial_id") is not None
         ]
         if studies:
-            _recalibrate(store, studies, [e.device for e in entries])
+            _recalibrate(store, studies, [e.device for e in entries], refit, robots=[e.name for e in entries])
     finally:
         store.close()
     return rows

@@ -414,8 +414,10 @@ def export_trial(
     if fp32:
         model = to_tflite_fp32(actor.head, arch.input_dim)
     else:
+        # the robustness ranges ("fleet": the identified twins' ranges the study resolved)
+        ranges = resolved.get("fleet_randomization") if config.robustness == "fleet" else config.robustness
         calib = calibration_inputs(
-            actor, env_id, env_kwargs, config.export.calibration_episodes, dict(config.robustness)
+            actor, env_id, env_kwargs, config.export.calibration_episodes, dict(ranges or {})
         )
         model = to_tflite_int8(actor.head, actor.normalise(calib))
         if actor.discrete:

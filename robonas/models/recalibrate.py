@@ -16,6 +16,7 @@ rows to them.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -421,18 +422,27 @@ def _up_to_date(row: ModelVersionRow | None, newest: int | None) -> bool:
     return isinstance(seen, int) and seen >= newest
 
 
-def after_reports(store: Store, study_names: list[str], profiles: list[str], refit: bool = True) -> list[str]:
+def after_reports(
+    store: Store,
+    study_names: list[str],
+    profiles: list[str],
+    refit: bool = True,
+    robots: Iterable[str] = (),
+) -> list[str]:
     """Refit what new reports allow and re-rank the studies; returns one line per step.
 
     A model is refitted only when reports newer than the ones it was fitted on have arrived,
-    and a study is re-ranked only when something it is scored with changed. `refit=False` (or a
-    study's `[calibration] auto_refit = false`) leaves every model and ranking as it is.
+    and a study is re-ranked only when something it is scored with changed. `robots` that sent
+    new records get their twins refitted first. `refit=False` (or a study's `[calibration]
+    auto_refit = false`) leaves every model and ranking as it is.
     """
     if not refit:
         return [
             "automatic refitting is off: models and rankings unchanged (run `robonas calibrate` to refit)"
         ]
-    lines = []
+    from robonas.models.twins import identify_new
+
+    lines = identify_new(store, robots)
     refitted_devices: set[str] = set()
     for device in sorted(set(profiles)):
         newest = newest_report_id(store, device)

@@ -171,6 +171,8 @@ class Search:
         self.lo = self.hi = math.nan
         self._scoring: ScoringContext | None = None
         self._rejections = 0
+        # the fleet's ranges when the config says randomization = "fleet" (resolved once per study)
+        self._fleet_ranges: dict[str, Any] | None = None
 
     @property
     def ctx(self) -> ScoringContext:
@@ -261,6 +263,25 @@ class Search:
             self.store.update_study_config(study.id, {**study.config, "resolved": resolved})
         return float(resolved["return_lo"]), float(resolved["return_hi"])
 
+    def _resolve_fleet_ranges(self, study: StudyRow) -> dict[str, Any] | None:
+        """The identified fleet's randomisation ranges, fixed at the study's first run, so a
+        resumed study trains and scores under the ranges its first trials had."""
+        if not self.cfg.uses_fleet:
+            return None
+        study = self.store.get_study_by_id(study.id)
+        resolved = dict(study.config.get("resolved") or {})
+        if "fleet_randomization" not in resolved:
+            from robonas.models.twins import fleet_randomization
+
+            resolved["fleet_randomization"] = fleet_randomization(self.store, self.cfg.env.id)
+            self.store.update_study_config(study.id, {**study.config, "resolved": resolved})
+        return dict(resolved["fleet_randomization"])
+
+    def _ranges(self, table: dict[str, Any] | str | None) -> dict[str, Any] | None:
+        if table == "fleet":
+            return self._fleet_ranges
+        return dict(table) if isinstance(table, dict) and table else None
+
     # --- trials ---------------------------------------------------------------------------
     def _spec(self, arch: PolicyArch, out_dir: Path, lo: float, hi: float, seed: int = 0) -> TrainSpec:
         from robonas.search.training import TrainSpec
@@ -281,7 +302,8 @@ class Search:
             checkpoints=c.budget.checkpoints,
             eval_episodes=c.budget.eval_episodes,
             eval_seed=c.budget.eval_seed,
-            randomization=dict(c.robustness) or None,
+            randomization=self._ranges(c.robustness),
+            train_randomization=self._ranges(c.training.randomization),
             seed=seed,
         )
 
@@ -415,6 +437,7 @@ class Search:
 
         study = self._open_study()
         self.lo, self.hi = self._resolve_return_range(study)
+        self._fleet_ranges = self._resolve_fleet_ranges(study)
         self._scoring = ScoringContext(
             return_lo=self.lo, return_hi=self.hi, **self._newest_models(study, self.plan.scoring_context_args)
         )

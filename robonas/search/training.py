@@ -88,6 +88,7 @@ class TrainSpec:
     eval_episodes: int = 5
     eval_seed: int = 1000
     randomization: Mapping[str, Any] | None = None  # only for the robustness figure
+    train_randomization: Mapping[str, Any] | None = None  # ranges the training envs draw from
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -469,7 +470,12 @@ def train_trial(spec: TrainSpec, progress: Callable[[int], None] | None = None) 
 
     with contextlib.ExitStack() as envs:  # every env is closed, whatever fails
         train_env = _vec_env(
-            spec, n_envs, training=True, normalize_reward=normalize_reward, gamma=float(hp.get("gamma", 0.99))
+            spec,
+            n_envs,
+            spec.train_randomization,
+            training=True,
+            normalize_reward=normalize_reward,
+            gamma=float(hp.get("gamma", 0.99)),
         )
         envs.callback(train_env.close)
         obs_space = _find_normalize(train_env).venv.observation_space  # before frame stacking

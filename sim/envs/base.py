@@ -81,6 +81,12 @@ class SubstepControl:
         if self._sim_ready():
             self._apply_dynamics()
 
+    def set_held_action(self, action: np.ndarray | None) -> None:
+        """Set what the motors hold during the next period's actuation latency: the action the
+        previous period applied (None: zero, as after a reset). For replaying a recorded run from
+        its middle, e.g. to identify a robot twin; a normal episode never needs it."""
+        self._prev_action = None if action is None else np.array(action, dtype=np.float64).reshape(-1)
+
     # -- hooks for subclasses -----------------------------------------------------------------
 
     @abstractmethod

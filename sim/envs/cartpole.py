@@ -30,6 +30,7 @@ from sim.envs._quiet_bullet import direct_client, pybullet  # isort: skip
 import pybullet_data
 
 from sim.envs.base import SubstepControl, bounded_box, check_render_mode
+from sim.errors import SimError
 
 SLIDER, HINGE = 0, 1
 CART_LINK, POLE_LINK = 0, 1
@@ -155,6 +156,21 @@ class CartPoleEnv(SubstepControl, gymnasium.Env):
         if getattr(self, "_p", None) is not None:
             self._p.disconnect()
             self._p = None
+
+    def set_state_from_observation(self, obs: Any) -> None:
+        """Put the cart and pole in the state an observation [x, x_dot, cos, sin, theta_dot]
+        describes (theta = atan2(sin, cos)), without a reset: the world, the dynamics and the held
+        action stay as they are. For replaying a recorded run from any of its observations
+        (robot-twin identification); a normal episode never needs it."""
+        values = np.asarray(obs, dtype=np.float64).reshape(-1)
+        if values.shape != (5,) or not np.all(np.isfinite(values)):
+            raise SimError(
+                f"a cart-pole state needs 5 finite observation values [x, x_dot, cos, sin, theta_dot], "
+                f"got {values.size} ({values.tolist()!r})"
+            )
+        x, x_dot, cos_theta, sin_theta, theta_dot = (float(v) for v in values)
+        self._p.resetJointState(self._body, SLIDER, x, x_dot)
+        self._p.resetJointState(self._body, HINGE, math.atan2(sin_theta, cos_theta), theta_dot)
 
     # -- task definition ----------------------------------------------------------------------
 
