@@ -71,6 +71,8 @@ class ObjectiveSection(_Section):
     real_return: float = Field(default=0.5, ge=0)
     ranking: Literal["mean", "lcb"] = "mean"
     lcb_z: float = Field(default=1.0, ge=0)
+    # once robots have twins: the predicted real return over the fleet is its mean or its worst robot
+    fleet: Literal["mean", "worst"] = "mean"
 
 
 class DeviceSection(_Section):

@@ -204,7 +204,7 @@ def demo_config(settings: DemoSettings, act: str = "host", extra_trials: int = 0
 def _ranking(store: Store, study: str) -> list[RankedTrial]:
     from robonas.study_views import ranked_trials
 
-    return ranked_trials(store, study, n=10_000).rows
+    return ranked_trials(store, study).rows
 
 
 class _Demo:

@@ -54,6 +54,16 @@ class TrialMetrics:
     measured_episodes: int | None = None
     model_real_return: float | None = None
     model_real_std: float | None = None
+    # the predicted real return's 90% interval and what made it: "gap-model", or "fleet_mean" /
+    # "fleet_worst" over the robots' twins (robonas.models.robot_predictions)
+    predicted_real_lo90: float | None = None
+    predicted_real_hi90: float | None = None
+    prediction_basis: str | None = None
+    fleet_model: str | None = None
+    # per robot: {mean, std, lo90, hi90, basis, twin[, measured, model_mean, model_std]}
+    robots: dict[str, dict[str, Any]] | None = None
+    # the candidate's returns in each twin, by twin label (a cache: twins are replayed once)
+    twin_returns: dict[str, dict[str, Any]] | None = None
     # what the strategy was told when the trial finished; kept through re-scoring so that a
     # resumed search replays the strategy with what it was told then (asks come out as recorded)
     told: StrategyView | None = None

@@ -35,6 +35,7 @@ from robonas.models.latency_model import LatencyModel
 from robonas.space import PolicyArch
 
 if TYPE_CHECKING:
+    from robonas.models.fleet_residual import Prediction
     from robonas.store import TrialRow
 
 RANKINGS = ("mean", "lcb")
@@ -195,6 +196,16 @@ def told_view(metrics: TrialMetrics | None, ranking: str) -> StrategyView | None
 
 
 @dataclass(frozen=True)
+class FleetPrediction:
+    """One trial's prediction from the robots' twins (robonas.models.robot_predictions)."""
+
+    prediction: Prediction  # the fleet objective: mean, std, lo90, hi90, basis
+    robots: dict[str, dict[str, Any]]  # per robot, for `robonas top --robot`
+    twin_returns: dict[str, dict[str, Any]]  # the cache of twin returns, by twin label
+    label: str  # which twins ranked it
+
+
+@dataclass(frozen=True)
 class ScoringContext:
     """Everything besides the trial itself that a score depends on."""
 
@@ -266,7 +277,7 @@ def gap_features(arch: PolicyArch, sim: TrialMetrics, ctx: ScoringContext) -> Ga
 # what the strategy was told) is carried over.
 _SCORED = {f.name for f in fields(TrialMetrics)} - {
     "auc", "asymptotic_return", "asymptotic_std", "robustness_return", "random_return",
-    "env_steps", "wall_s", "steps_per_s", "told", "extra",
+    "env_steps", "wall_s", "steps_per_s", "told", "extra", "twin_returns",
 }  # fmt: skip
 
 
@@ -275,11 +286,14 @@ def score(
     sim: TrialMetrics,
     ctx: ScoringContext,
     measured_returns: Sequence[float] | None = None,
+    fleet: FleetPrediction | None = None,
 ) -> TrialMetrics:
     """Metrics of a trained trial: its simulation figures plus latency, gap and objective.
 
     `measured_returns`: the trial's real episodes from robots, if any; they update the
     predicted real return (see `with_measurements`).
+    `fleet`: the trial's prediction from the robots' twins (robonas.models.robot_predictions);
+    when given it, not the gap model, is the predicted real return.
     """
     if sim.asymptotic_return is None or sim.auc is None:
         raise RobonasError("score: the trial has no asymptotic return or AUC to score")
@@ -289,6 +303,13 @@ def score(
     features = gap_features(arch, sim, ctx)
     gap = ctx.gap_model.predict(features)
     real_mean, real_std = predicted_real_return(features.asymptotic_return, gap)
+    # a 90% interval of a normal, unless the fleet's mixture gives its own
+    lo90, hi90, basis = real_mean - 1.645 * real_std, real_mean + 1.645 * real_std, "gap-model"
+    extra: dict[str, Any] = {}
+    if fleet is not None:
+        real_mean, real_std = fleet.prediction.mean, fleet.prediction.std
+        lo90, hi90, basis = fleet.prediction.lo90, fleet.prediction.hi90, fleet.prediction.basis
+        extra = {"robots": fleet.robots, "twin_returns": fleet.twin_returns, "fleet_model": fleet.label}
     measured: dict[str, Any] = {}
     if measured_returns:
         measured = {
@@ -297,9 +318,14 @@ def score(
             "measured_real_return": float(np.mean(measured_returns)),
             "measured_episodes": len(measured_returns),
         }
+        shift_std = real_std
         real_mean, real_std = with_measurements(
             real_mean, real_std, measured_returns, ctx.return_hi - ctx.return_lo
         )
+        # the interval shrinks with the std about the updated mean
+        ratio = real_std / shift_std if shift_std > 0 else 0.0
+        lo90, hi90 = real_mean - (real_mean - lo90) * ratio, real_mean + (hi90 - real_mean) * ratio
+        lo90, hi90 = min(lo90, real_mean), max(hi90, real_mean)
     obj = objective(float(sim.auc), real_mean, ctx.return_lo, ctx.return_hi, ctx.weights)
     obj_std = objective_std(real_std, ctx.return_lo, ctx.return_hi, ctx.weights)
     return replace(
@@ -318,7 +344,11 @@ def score(
         objective=obj,
         objective_std=obj_std,
         objective_lcb=obj - ctx.lcb_z * obj_std,
+        predicted_real_lo90=lo90,
+        predicted_real_hi90=hi90,
+        prediction_basis=basis,
         latency_model=ctx.model_versions()["latency_model"],
         gap_model=ctx.model_versions()["gap_model"],
         **measured,
+        **extra,
     ).with_finite()

@@ -7,10 +7,11 @@ Rows are dataclasses (`RankedTrial`, `RankedTable`); `to_dict()` gives the JSON 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from typing import Any
 
+from robonas.errors import RobonasError
 from robonas.metrics import TrialMetrics
 from robonas.scoring import pareto_front, rank, ranking_key, within_budget
 from robonas.store import Store, StudyRow, TrialRow
@@ -92,6 +93,14 @@ class RankedTrial:
     p99_ms: float | None
     params: int | None
     pareto: bool
+    # the predicted real return's std, 90% interval and basis ("gap-model", "fleet_mean", ...;
+    # with --robot: that robot's prediction)
+    predicted_real_std: float | None
+    predicted_real_lo90: float | None
+    predicted_real_hi90: float | None
+    prediction_basis: str | None
+    # every robot's prediction, once robots have twins: {robot: {mean, std, lo90, hi90, ...}}
+    robots: dict[str, dict[str, Any]] | None
     # None when the trial has no latency figure or the study no budget
     within_budget: bool | None
     status: str
@@ -127,12 +136,23 @@ class RankedTable:
         return next((r for r in self.rows if r.rank is not None and r.within_budget), None)
 
 
-def ranked_trials(store: Store, name: str, n: int = 10, include_unfinished: bool = False) -> RankedTable:
-    """Complete trials best first by the study's ranking, with the Pareto front marked."""
+def ranked_trials(
+    store: Store,
+    name: str,
+    n: int | None = None,
+    include_unfinished: bool = False,
+    robot: str | None = None,
+) -> RankedTable:
+    """Complete trials best first by the study's ranking (every one unless `n` says fewer), with
+    the Pareto front marked. `robot`: ranked by the predicted real return on that robot."""
     study = store.get_study(name)
     ranking = study_ranking(study)
     trials = store.trials(study.id)
     complete = rank(trials, ranking)
+    ranked_by = f"{ranking_key(ranking)} ({ranking})"
+    if robot is not None:
+        complete = _rank_for_robot(complete, robot, name)
+        ranked_by = f"predicted real return on {robot}"
     front = set(
         pareto_front(
             (t.id, m.predicted_real_return, m.p99_ms)
@@ -147,24 +167,64 @@ def ranked_trials(store: Store, name: str, n: int = 10, include_unfinished: bool
     models: dict[str, str] = {}
     for t in complete:
         assert t.metrics is not None  # rank() keeps scored trials only
-        for key, version in (("latency_model", t.metrics.latency_model), ("gap_model", t.metrics.gap_model)):
+        versions = (
+            ("latency_model", t.metrics.latency_model),
+            ("gap_model", t.metrics.gap_model),
+            ("fleet_model", t.metrics.fleet_model),
+        )
+        for key, version in versions:
             if version:
                 models.setdefault(key, version)
     budget = latency_budget_ms(study)
-    rows = [_row(t, i + 1, t.id in front, budget) for i, t in enumerate(complete[:n])]
+    shown = complete if n is None else complete[:n]
+    rows = [_row(t, i + 1, t.id in front, budget, robot) for i, t in enumerate(shown)]
     if include_unfinished:
         rows += [_row(t, None, False, budget) for t in trials if t.status != "complete"]
     return RankedTable(
         study=study.name,
-        ranked_by=f"{ranking_key(ranking)} ({ranking})",
+        ranked_by=ranked_by,
         models=models,
         latency_budget_ms=budget,
         rows=rows,
     )
 
 
-def _row(t: TrialRow, rank: int | None, pareto: bool, budget_ms: float | None) -> RankedTrial:
+def _robot_prediction(t: TrialRow, robot: str) -> dict[str, Any] | None:
+    return ((t.metrics.robots if t.metrics else None) or {}).get(robot)
+
+
+def _rank_for_robot(complete: list[TrialRow], robot: str, study: str) -> list[TrialRow]:
+    known = sorted({r for t in complete for r in ((t.metrics.robots if t.metrics else None) or {})})
+    if robot not in known:
+        raise RobonasError(
+            f"study {study!r} has no predictions for robot {robot!r}; robots with predictions: "
+            + (
+                ", ".join(known)
+                or "none yet (record runs, `robonas identify` the robots, then `robonas rerank`)"
+            )
+        )
+
+    def value(t: TrialRow) -> float:
+        p = _robot_prediction(t, robot)
+        return float(p["mean"]) if p is not None else -math.inf
+
+    return sorted(complete, key=lambda t: (-value(t), t.seq))
+
+
+def _row(
+    t: TrialRow, rank: int | None, pareto: bool, budget_ms: float | None, robot: str | None = None
+) -> RankedTrial:
     m = t.metrics or TrialMetrics()
+    p = _robot_prediction(t, robot) if robot is not None else None
+    if p is not None:  # the robot's own prediction in place of the fleet's
+        m = replace(
+            m,
+            predicted_real_return=p["mean"],
+            predicted_real_std=p["std"],
+            predicted_real_lo90=p["lo90"],
+            predicted_real_hi90=p["hi90"],
+            prediction_basis=p["basis"],
+        )
     fits = None if m.p99_ms is None or budget_ms is None else within_budget(m.p99_ms, budget_ms)
     return RankedTrial(
         rank=rank,
@@ -185,6 +245,11 @@ def _row(t: TrialRow, rank: int | None, pareto: bool, budget_ms: float | None) -
         p99_ms=m.p99_ms,
         params=m.params,
         pareto=pareto,
+        predicted_real_std=m.predicted_real_std,
+        predicted_real_lo90=m.predicted_real_lo90,
+        predicted_real_hi90=m.predicted_real_hi90,
+        prediction_basis=m.prediction_basis,
+        robots=m.robots,
         within_budget=fits,
         status=t.status,
         error=t.error,

@@ -1,4 +1,6 @@
-"""`robonas bench env|model|search`: speed figures against a baseline measured in the same run."""
+"""`robonas bench env|model|search`: speed figures against a baseline measured in the same run;
+`robonas bench gap`: how well each predictor of a candidate's real return does on a robot it was not
+fitted on (leave one robot out)."""
 
 from __future__ import annotations
 
@@ -6,9 +8,11 @@ import json
 
 import typer
 
-from robonas.cli.common import console
+from robonas.cli.common import STORE_HELP, console, search_progress
 
-bench_app = typer.Typer(help="Benchmarks: environments and TFLite models.", no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Benchmarks: environments, TFLite models, searches and sim-to-real predictors.", no_args_is_help=True
+)
 
 
 def _check_env_ids(ids: list[str]) -> None:
@@ -124,3 +128,99 @@ def bench_search_cmd(
             f"{r.speedup:.2f}x",
         )
     console().print(t)
+
+
+def _figure(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+@bench_app.command("gap")
+def bench_gap_cmd(
+    study: str | None = typer.Option(
+        None, "--study", help="Use this study's complete trials (default: run a small search first)."
+    ),
+    store: str | None = typer.Option(None, "--store", help=STORE_HELP + " With --study."),
+    config: str = typer.Option(
+        "launch/cartpole.toml", "--config", help="Search config of the search run without --study."
+    ),
+    trials: int = typer.Option(12, "--trials", min=2, help="Trained trials of that search."),
+    steps: int | None = typer.Option(
+        None, "--steps", min=1, help="Env steps per trial (default: the config's)."
+    ),
+    workers: int = typer.Option(2, "--workers", min=1, help="Training processes of that search."),
+    profiles: str | None = typer.Option(
+        None,
+        "--profiles",
+        help="Comma-separated reality profiles (default: the env's, except MAC-rate computers).",
+    ),
+    episodes: int = typer.Option(10, "--episodes", min=1, help="Measured episodes per candidate and robot."),
+    twin_episodes: int = typer.Option(10, "--twin-episodes", min=1, help="Episodes per candidate in a twin."),
+    records: int = typer.Option(5, "--records", min=1, help="Recorded episodes per robot for its twin."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of every episode."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """Leave-one-robot-out over the reality profiles of the candidates' env: for each of five
+    predictors of a candidate's return on a robot (the simulated return, the randomised-robustness
+    return, the heuristic gap model, the Bayesian gap model, the twin-based prediction), its mean
+    absolute error as a share of the return range, 90% interval coverage and Spearman correlation.
+    Progress goes to stderr."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from robonas.bench.gap import bench_gap
+
+    err = Console(stderr=True)
+    names = [p.strip() for p in profiles.split(",") if p.strip()] if profiles else None
+    result = bench_gap(
+        study=study,
+        store_url=store,
+        config_path=config,
+        trials=trials,
+        steps=steps,
+        workers=workers,
+        profiles=names,
+        episodes=episodes,
+        twin_episodes=twin_episodes,
+        records=records,
+        seed=seed,
+        log=lambda line: err.print(line, highlight=False),
+        search_progress=None if study is not None else search_progress(as_json),
+    )
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    source = f"study {result.study}" if study is not None else f"a {trials}-trial search of {config}"
+    t = Table(
+        title=f"leave-one-robot-out, {len(result.candidates)} candidates from {source}, "
+        f"{len(result.profiles)} robots of {result.env_id}, {result.episodes} measured episodes each"
+    )
+    for col in ("predictor", "MAE % of range", "90% coverage", "Spearman", "Spearman per robot"):
+        t.add_column(col, justify="left" if col == "predictor" else "right")
+    for row in result.rows():
+        t.add_row(
+            row["predictor"],
+            f"{100 * row['mae_share']:.1f}%",
+            f"{100 * row['coverage90']:.0f}%",
+            _figure(row["spearman"], ".2f"),
+            _figure(row["spearman_within"], ".2f"),
+        )
+    out = console()
+    out.print(t)
+    r = Table(title=f"per robot: its twin from records of {result.recorder}; MAE % of range per predictor")
+    r.add_column("robot")
+    for col in ("records", "delay (true)", "id s", *(s.predictor for s in result.scores)):
+        r.add_column(col, justify="right")
+    for info in result.robots:
+        name = info["robot"]
+        delay = (
+            f"{info['delay']} ({info['true_delay']})" if info["identified"] else f"- ({info['true_delay']})"
+        )
+        seconds = f"{info['seconds']:.1f}" if info["identified"] else "-"
+        maes = [f"{100 * s.mae_share_by_robot[name]:.1f}%" for s in result.scores]
+        r.add_row(name, str(info["records"]), delay, seconds, *maes)
+    out.print(r)
+    for info in result.robots:
+        if not info["identified"]:
+            out.print(f"{info['robot']}: no twin ({info['error']}); fleet-level prediction used")
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
+    out.print(f"wall time {result.wall_s:.0f} s ({stages})")

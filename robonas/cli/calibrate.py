@@ -160,7 +160,7 @@ def print_rank_changes(changes: Sequence[RankChange], models: dict[str, str]) ->
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"ranking with {models['latency_model']}, {models['gap_model']}")
+    t = Table(title="ranking with " + ", ".join(models.values()))
     for col in ("rank", "was", "trial", "arch", "pred real (was)", "p99 ms (was)", "measured real"):
         t.add_column(col, justify="left" if col == "arch" else "right")
     for c in changes:

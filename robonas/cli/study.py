@@ -117,17 +117,22 @@ def status(
 
 def top(
     study: str = typer.Argument(..., help="Study name."),
-    n: int = typer.Option(10, "--n", min=1, help="Rows to show."),
+    n: int | None = typer.Option(None, "--n", min=1, help="Rows to show (default: every complete trial)."),
+    robot: str | None = typer.Option(
+        None, "--robot", help="Rank by the predicted real return on this robot (needs identified twins)."
+    ),
     store: str | None = typer.Option(None, "--store", help=STORE_HELP),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print JSON: every prediction with its std and 90% interval, per robot too."
+    ),
     all_trials: bool = typer.Option(False, "--all", help="Also list failed and rejected trials."),
 ) -> None:
-    """Ranked trials: arch, AUC, asymptotic and predicted real return, p99 latency, params.
+    """Ranked trials: arch, AUC, asymptotic and predicted real return with its 90% interval, p99 latency, params.
 
-    The title names the latency and gap model versions that scored them; a trial whose p99 by the newest latency model is over the study's budget shows "over budget" as its status."""  # noqa: E501  (typer prints a docstring's line breaks as they are)
+    "pred real" is the return expected on the robots: the simulated asymptote minus the modelled sim-to-real gap, or, once robots have identified twins, the candidate's return in the twins corrected by the residual across robots (the mean or worst over the fleet, [objective] fleet). The title names the model versions that scored them; a trial whose p99 by the newest latency model is over the study's budget shows "over budget" as its status."""  # noqa: E501  (typer prints a docstring's line breaks as they are)
     from robonas.study_views import ranked_trials
 
-    table = ranked_trials(open_store(store), study, n=n, include_unfinished=all_trials)
+    table = ranked_trials(open_store(store), study, n=n, include_unfinished=all_trials, robot=robot)
     if as_json:
         print(json.dumps(table.to_dict(), indent=2, default=str))
         return
@@ -137,7 +142,19 @@ def top(
         title=f"{study}: ranked by {table.ranked_by} "
         f"({', '.join(f'{k} {v}' for k, v in table.models.items())})"
     )
-    cols = ("rank", "trial", "arch", "auc", "asym", "pred real", "p99 ms", "params", "pareto", "status")
+    cols = (
+        "rank",
+        "trial",
+        "arch",
+        "auc",
+        "asym",
+        "pred real",
+        "90% interval",
+        "p99 ms",
+        "params",
+        "pareto",
+        "status",
+    )
     for col in cols:
         t.add_column(col, justify="left" if col in ("arch", "status") else "right")
 
@@ -152,6 +169,9 @@ def top(
             f(row.auc, ".3f"),
             f(row.asymptotic_return, ".1f"),
             f(row.predicted_real_return, ".1f"),
+            "-"
+            if row.predicted_real_lo90 is None or row.predicted_real_hi90 is None
+            else f"{row.predicted_real_lo90:.0f} .. {row.predicted_real_hi90:.0f}",
             f(row.p99_ms, ".3f"),
             f(row.params, ",d"),
             "*" if row.pareto else "",

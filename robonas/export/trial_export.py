@@ -312,7 +312,7 @@ def _pick_trial(store: Store, study: StudyRow, trial_id: int | None) -> TrialRow
     if trial_id is None:
         from robonas.study_views import ranked_trials
 
-        table = ranked_trials(store, study.name, n=10**9)
+        table = ranked_trials(store, study.name)
         if not table.rows:
             raise RobonasError(f"study {study.name!r} has no complete trial to export")
         best = table.best_within_budget()

@@ -16,9 +16,10 @@ rows to them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,6 +36,7 @@ from robonas.models.gap_model import HeuristicGapModel
 from robonas.models.latency_calibration import load_latency_model
 from robonas.models.latency_model import AnalyticLatencyModel
 from robonas.scoring import (
+    FleetPrediction,
     ObjectiveWeights,
     ScoringContext,
     gap_features,
@@ -46,6 +48,11 @@ from robonas.scoring import (
 from robonas.space import PolicyArch
 from robonas.store import ModelVersionRow, Store, StudyRow, TrialRow
 from robonas.study_views import study_ranking
+
+if TYPE_CHECKING:
+    from robonas.models.robot_predictions import FleetPredictions
+
+log = logging.getLogger(__name__)
 
 # Reports whose step timings are measurements of a deployed trial's latency.
 TIMED_REPORT_KINDS = ("run", "canary")
@@ -219,6 +226,20 @@ class RankChange:
         return dict(self.__dict__)
 
 
+def _fleet_predictions(store: Store, evidence: StudyEvidence) -> FleetPredictions | None:
+    """The study's predictions from its robots' twins, or None (no twins of its env, no measured
+    pair yet, or a trial whose weights are gone: then the gap model ranks the whole study, rather
+    than two kinds of prediction side by side)."""
+    from robonas.models.robot_predictions import predict_fleet
+
+    how = ((evidence.study.config.get("search") or {}).get("objective") or {}).get("fleet", "mean")
+    try:
+        return predict_fleet(store, evidence, how)
+    except RobonasError as e:
+        log.warning("%s: ranked by the gap model, not the twins: %s", evidence.study.name, e)
+        return None
+
+
 def rescore_study(
     store: Store, study_name: str, evidence: StudyEvidence | None = None
 ) -> tuple[list[RankChange], dict[str, str]]:
@@ -231,10 +252,16 @@ def rescore_study(
     before = rank(evidence.trials.values(), ranking)
     rank_before = {t.id: i + 1 for i, t in enumerate(before)}
     real = evidence.returns_by_trial()
+    fleet = _fleet_predictions(store, evidence)
     rescored = []
     for t in before:
         assert t.metrics is not None  # rank() keeps scored trials only
-        m = score(t.arch, t.metrics, ctx, measured_returns=real.get(t.id))
+        prediction = None
+        if fleet is not None and t.id in fleet.fleet:
+            prediction = FleetPrediction(
+                fleet.fleet[t.id], fleet.robots[t.id], fleet.twin_returns[t.id], fleet.label
+            )
+        m = score(t.arch, t.metrics, ctx, measured_returns=real.get(t.id), fleet=prediction)
         if m.told is None:
             # keep what the strategy was told, so a resumed search replays it as recorded
             m = replace(m, told=strategy_view(t.metrics, ranking))
@@ -260,7 +287,10 @@ def rescore_study(
                 measured_real=float(np.mean(real[t.id])) if t.id in real else None,
             )
         )
-    return changes, ctx.model_versions()
+    versions = ctx.model_versions()
+    if fleet is not None:
+        versions["fleet_model"] = fleet.label
+    return changes, versions
 
 
 # --- latency ------------------------------------------------------------------------------
@@ -495,7 +525,7 @@ def after_reports(
             continue
         moved = sum(c.rank_before != c.rank_after for c in changes)
         lines.append(
-            f"re-ranked {name} with {models['latency_model']}, {models['gap_model']}: "
+            f"re-ranked {name} with {', '.join(models.values())}: "
             f"{moved} of {len(changes)} trials moved"
         )
     return lines
