@@ -525,7 +525,6 @@ def after_reports(
             continue
         moved = sum(c.rank_before != c.rank_after for c in changes)
         lines.append(
-            f"re-ranked {name} with {', '.join(models.values())}: "
-            f"{moved} of {len(changes)} trials moved"
+            f"re-ranked {name} with {', '.join(models.values())}: {moved} of {len(changes)} trials moved"
         )
     return lines
