@@ -152,7 +152,10 @@ def ranked_trials(
     ranked_by = f"{ranking_key(ranking)} ({ranking})"
     if robot is not None:
         complete = _rank_for_robot(complete, robot, name)
-        ranked_by = f"predicted real return on {robot}"
+        known = any(robot in ((t.metrics.robots if t.metrics else None) or {}) for t in complete)
+        ranked_by = f"predicted real return on {robot}" + (
+            "" if known else " (no record yet: the fleet-level prediction)"
+        )
     front = set(
         pareto_front(
             (t.id, m.predicted_real_return, m.p99_ms)
@@ -190,11 +193,18 @@ def ranked_trials(
 
 
 def _robot_prediction(t: TrialRow, robot: str) -> dict[str, Any] | None:
-    return ((t.metrics.robots if t.metrics else None) or {}).get(robot)
+    from robonas.models.robot_predictions import NEW_ROBOT
+
+    robots = (t.metrics.robots if t.metrics else None) or {}
+    return robots.get(robot, robots.get(NEW_ROBOT))
 
 
 def _rank_for_robot(complete: list[TrialRow], robot: str, study: str) -> list[TrialRow]:
+    from robonas.models.robot_predictions import NEW_ROBOT
+
     known = sorted({r for t in complete for r in ((t.metrics.robots if t.metrics else None) or {})})
+    if robot not in known and NEW_ROBOT in known:
+        robot = NEW_ROBOT  # never heard from: the fleet-level prediction, with the robots' spread
     if robot not in known:
         raise RobonasError(
             f"study {study!r} has no predictions for robot {robot!r}; robots with predictions: "

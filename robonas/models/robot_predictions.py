@@ -7,7 +7,8 @@ For a study whose env has identified twins (`robonas.models.twins`):
 2. the hierarchical residual across robots (`fleet_residual.FleetResidual`) fitted on every
    (trial, robot) pair with real returns;
 3. per robot a prediction with its 90% interval: robots with a twin from their twin and their
-   own offset, robots that reported but have no twin from the fleet level; a pair's own measured
+   own offset, robots that reported but have no twin, and any robot not heard from yet
+   (`NEW_ROBOT`), from the fleet level with the between-robot spread; a pair's own measured
    episodes then update its prediction (`scoring.with_measurements`);
 4. the fleet objective that ranks the study: the mean (or, with `[objective] fleet = "worst"`, the
    worst) over the twinned robots, sampled from the joint posterior, updated by the trial's
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
     from robonas.models.recalibrate import StudyEvidence
     from robonas.store import Store, TrialRow
 
+# The key under which each trial keeps the fleet-level prediction for a robot with no record yet
+# (`robonas top --robot NAME` for a robot it has never heard from).
+NEW_ROBOT = "(new robot)"
 TWIN_EPISODES = 10
 TWIN_SEED = 0
 
@@ -112,7 +116,7 @@ def predict_fleet(store: Store, evidence: StudyEvidence, how: str = "mean") -> F
                 **residual.predict(robot, trial_stats[robot]).to_dict(),
                 "twin": fleet[robot].label,
             }
-        for robot in untwinned:
+        for robot in [*untwinned, NEW_ROBOT]:
             robots[robot] = {**residual.predict_fleet(trial_stats).to_dict(), "twin": None}
         for robot, returns in measured.get(tid, {}).items():
             p = robots[robot]

@@ -59,3 +59,9 @@ def test_no_trial_within_the_budget_says_how_to_export_anyway(tmp_path):
     assert ranked_trials(store, "s").best_within_budget() is None
     with pytest.raises(RobonasError, match="--trial ID"):
         _pick_trial(store, study, None)
+
+
+def test_ranking_for_a_robot_needs_predictions_from_twins(tmp_path):
+    store, _, _ = _study(tmp_path, [(7.0, 0.6)])
+    with pytest.raises(RobonasError, match=r"no predictions for robot .lab-a..*none yet"):
+        ranked_trials(store, "s", robot="lab-a")

@@ -126,8 +126,8 @@ def test_twins_rank_the_study_per_robot_and_over_the_fleet(study):
     for t in store.trials(trials[0].study_id, status="complete"):
         m = t.metrics
         assert m is not None and m.prediction_basis == "fleet_mean" and m.robots is not None
-        assert set(m.robots) == set(ROBOTS)
-        for p in m.robots.values():
+        assert set(m.robots) == {*ROBOTS, "(new robot)"}
+        for p in (m.robots[r] for r in ROBOTS):
             assert p["lo90"] <= p["mean"] <= p["hi90"] and p["twin"].startswith("twin:")
             # each pair's own episodes were measured: its prediction sits near them
             assert abs(p["mean"] - p["measured"]) <= max(0.25 * (p["hi90"] - p["lo90"]), 25.0)
@@ -145,11 +145,20 @@ def test_twins_rank_the_study_per_robot_and_over_the_fleet(study):
     assert table["ranked_by"] == "predicted real return on laggy-c" and len(table["rows"]) == 3
     means = [r["predicted_real_return"] for r in table["rows"]]
     assert means == sorted(means, reverse=True)
-    bad = subprocess.run(
-        [sys.executable, "-m", "robonas.cli", "top", "fleet", "--robot", "nobody", "--store", url],
+    new = subprocess.run(
+        [sys.executable, "-m", "robonas.cli", "top", "fleet", "--robot", "new-bot", "--json", "--store", url],
         cwd=REPO,
         capture_output=True,
         text=True,
         check=False,
     )
-    assert bad.returncode == 2 and "robots with predictions: lab-a, laggy-c" in bad.stderr
+    assert new.returncode == 0, new.stderr
+    fleet_level = json.loads(new.stdout)
+    assert fleet_level["ranked_by"].endswith("(no record yet: the fleet-level prediction)")
+    by_trial = {r["trial"]: r for r in table["rows"]}
+    for row in fleet_level["rows"]:
+        assert row["prediction_basis"] == "fleet"
+        # a robot never heard from is less certain than one with a twin and measurements
+        width = row["predicted_real_hi90"] - row["predicted_real_lo90"]
+        known = by_trial[row["trial"]]
+        assert width >= known["predicted_real_hi90"] - known["predicted_real_lo90"]
