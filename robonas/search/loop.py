@@ -477,8 +477,25 @@ class Search:
             self.store.requeue_interrupted(study.id)
             raise
         executor.shutdown(kill=False)
+        self._rank_by_twins(study)
         self.store.set_study_status(study.id, "complete")
         return self.summary(study)
+
+    def _rank_by_twins(self, study: StudyRow) -> None:
+        """Once robots of this env have twins, the study is ranked by the twins' predictions:
+        re-score it so the trials this run added are ranked like the others (their twin returns
+        are simulated now; the older trials' are cached)."""
+        from robonas.errors import RobonasError
+        from robonas.models.twins import twins
+
+        if not any(t.fit.env_id == self.cfg.env.id for t in twins(self.store).values()):
+            return
+        from robonas.models.recalibrate import rescore_study
+
+        try:
+            rescore_study(self.store, study.name)
+        except RobonasError as e:
+            log.warning("%s: not re-ranked by the robots' twins: %s", study.name, e)
 
 
 def default_workers() -> int:
