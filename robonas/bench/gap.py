@@ -19,10 +19,11 @@ Data, gathered once (`collect`):
   deployed policies, and their sensor noise and start states excite the dynamics enough for
   identification on these profiles;
 - twins: each robot's twin identified from its own records only
-  (`robonas.models.twin_identification.identify`); when its records are too short (the policy falls
-  early) the robot records `records` more, as the identification error asks, up to
-  `MAX_RECORDS_FACTOR` times `records`; a robot still without a twin gets the fleet-level
-  prediction below;
+  (`robonas.models.twin_identification.identify`: their observations, actions and latencies, not
+  their rewards, so the recording candidate's return on the robot does not leak in); when its
+  records are too short (the policy falls early) the robot records `records` more, as the
+  identification error asks, up to `MAX_RECORDS_FACTOR` times `records`; a robot still without a
+  twin gets the fleet-level prediction below;
 - twin returns: each candidate's returns in each twin (`twin_prediction.twin_stats`, episodes
   drawn over the twin's uncertainty, the same draws for every candidate).
 

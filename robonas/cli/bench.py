@@ -168,7 +168,12 @@ def bench_gap_cmd(
     from rich.table import Table
 
     from robonas.bench.gap import bench_gap
+    from robonas.errors import ConfigError
 
+    if store is not None and study is None:
+        raise ConfigError(
+            "--store names the store of --study; without --study the benchmark runs its own search"
+        )
     err = Console(stderr=True)
     names = [p.strip() for p in profiles.split(",") if p.strip()] if profiles else None
     result = bench_gap(
@@ -206,6 +211,10 @@ def bench_gap_cmd(
         )
     out = console()
     out.print(t)
+    out.print(
+        "intervals: sim return +/- 1.645 x its stored std; robustness return: none stored (the point); "
+        "Spearman per robot: mean over robots of the rank correlation across candidates"
+    )
     r = Table(title=f"per robot: its twin from records of {result.recorder}; MAE % of range per predictor")
     r.add_column("robot")
     for col in ("records", "delay (true)", "id s", *(s.predictor for s in result.scores)):
