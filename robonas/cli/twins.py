@@ -12,7 +12,12 @@ from robonas.cli.common import STORE_HELP, console, open_store
 def identify(
     robots: list[str] = typer.Argument(..., help="Robot (agent) names whose recorded runs to identify."),
     episodes: int = typer.Option(5, "--episodes", min=1, help="Newest recorded episodes to use per robot."),
-    max_delay: int = typer.Option(4, "--max-delay", min=0, help="Largest whole-step action delay tried."),
+    max_delay: int = typer.Option(
+        4,
+        "--max-delay",
+        min=0,
+        help="Largest whole-step action delay tried first (doubled while the best is the largest, up to 16).",
+    ),
     env: str | None = typer.Option(
         None, "--env", help="Env id of the records (default: the env the recorded policies were trained on)."
     ),

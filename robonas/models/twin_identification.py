@@ -30,7 +30,9 @@ least squares): every (step, component) then counts by how predictable it is, so
 metres does not outweigh one in radians per second, nor a far horizon step (mostly amplified
 noise) a near one. The loss is the mean squared weighted residual.
 
-Optimiser. Integers are enumerated: the delay over 0..`max_delay`, and the actuation latency over
+Optimiser. Integers are enumerated: the delay over 0..`max_delay` (and, when the best is the
+largest tried, again over twice the range, up to `DELAY_CAP`: a best at the edge of the range says
+the true delay may lie beyond it), and the actuation latency over
 a grid of a quarter of a physics substep below one period minus half a substep (the simulator
 applies latency in whole substeps, so the loss is flat between grid points and schedules that
 reach the simulator identically share one evaluation; a hold of the whole period is the next whole
@@ -82,7 +84,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -119,6 +121,7 @@ MIN_EPISODES = 2
 MIN_STEPS = 250  # 5 s at 50 Hz: about 50 windows of the default horizon
 HORIZON_S = 0.2
 DEFAULT_MAX_DELAY = 4
+DELAY_CAP = 16  # whole steps: 0.32 s at 50 Hz; beyond it the record says "not certain"
 DEFAULT_MAX_WINDOWS = 100
 SHRINK = 3.0  # identifiable: posterior std at most the prior's std / SHRINK
 DNLL_95 = 1.92  # half the 95% quantile of chi-square(1)
@@ -524,14 +527,34 @@ def identify(
     max_delay: int = DEFAULT_MAX_DELAY,
     horizon: int | None = None,
     max_windows: int = DEFAULT_MAX_WINDOWS,
+    delay_cap: int = DELAY_CAP,
 ) -> TwinFit:
     """Fit a twin of the robot that recorded `episodes` (see the module docstring).
 
-    max_delay: largest whole-step action delay tried.
+    max_delay: largest whole-step action delay tried first. When the best delay is the largest
+        tried, the true one may lie beyond it: the fit is repeated with twice the range, up to
+        `delay_cap`; a best delay still at the cap is reported as not certain.
     horizon: steps per replayed window (default: 0.2 s of control periods, >= max_delay + 5).
     max_windows: windows per loss evaluation (evenly spread over the records); cost is linear in it.
     """
     t0 = time.perf_counter()
+    fit = _identify_within(env_id, episodes, max_delay, horizon, max_windows, t0)
+    while fit.action_delay.steps == max_delay and max_delay < delay_cap:
+        max_delay = min(delay_cap, max(2 * max_delay, max_delay + 1))
+        fit = _identify_within(env_id, episodes, max_delay, horizon, max_windows, t0)
+    if fit.action_delay.steps == max_delay and fit.action_delay.certain:
+        fit = replace(fit, action_delay=replace(fit.action_delay, certain=False))
+    return fit
+
+
+def _identify_within(
+    env_id: str,
+    episodes: Sequence[Episode],
+    max_delay: int,
+    horizon: int | None,
+    max_windows: int,
+    t0: float,
+) -> TwinFit:
     if env_id not in SUPPORTED_ENV_IDS:
         raise TwinDataError(
             f"twin identification supports {', '.join(SUPPORTED_ENV_IDS)}; {env_id!r} has no way to set "
