@@ -257,17 +257,21 @@ def with_measurements(
     return float(mean), float(math.sqrt(1.0 / precision))
 
 
-def gap_features(arch: PolicyArch, sim: TrialMetrics, ctx: ScoringContext) -> GapFeatures:
-    """What the gap model sees of a trained trial, with latency by the context's model."""
+def gap_features(
+    arch: PolicyArch, sim: TrialMetrics, ctx: ScoringContext, latency: TrialMetrics | None = None
+) -> GapFeatures:
+    """What the gap model sees of a trained trial, with latency by the context's model
+    (`latency`: its `latency_metrics`, when the caller has them already)."""
     if sim.asymptotic_return is None:
         raise RobonasError("score: the trial has no asymptotic return to score")
     asym = float(sim.asymptotic_return)
+    lat = latency or latency_metrics(arch, ctx)
     return GapFeatures(
         asymptotic_return=asym,
         robustness_return=asym if sim.robustness_return is None else float(sim.robustness_return),
-        p99_ms=ctx.latency_model.predict(arch, ctx.device).p99_ms,
+        p99_ms=float(lat.p99_ms or 0.0),
         control_period_ms=1000.0 / ctx.control_hz,
-        params=int(arch.cost_summary()["params"]),
+        params=int(lat.params or 0),
         return_lo=ctx.return_lo,
         return_hi=ctx.return_hi,
     )
@@ -300,7 +304,8 @@ def score(
     cleared: dict[str, Any] = dict.fromkeys(_SCORED)
     base = replace(sim, **cleared)
     lat = latency_metrics(arch, ctx)
-    features = gap_features(arch, sim, ctx)
+    versions = ctx.model_versions()
+    features = gap_features(arch, sim, ctx, lat)
     gap = ctx.gap_model.predict(features)
     real_mean, real_std = predicted_real_return(features.asymptotic_return, gap)
     # a 90% interval of a normal, unless the fleet's mixture gives its own
@@ -347,8 +352,8 @@ def score(
         predicted_real_lo90=lo90,
         predicted_real_hi90=hi90,
         prediction_basis=basis,
-        latency_model=ctx.model_versions()["latency_model"],
-        gap_model=ctx.model_versions()["gap_model"],
+        latency_model=versions["latency_model"],
+        gap_model=versions["gap_model"],
         **measured,
         **extra,
     ).with_finite()

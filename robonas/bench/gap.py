@@ -71,8 +71,6 @@ from robonas.models.gap_model import GapFeatures, GapModel, HeuristicGapModel
 from robonas.models.twin_identification import DEFAULT_MAX_WINDOWS, TwinDataError, TwinFit
 
 if TYPE_CHECKING:
-    import gymnasium
-
     from device_agents.trajectory import Episode
     from robonas.export.trial_export import DeployableActor
     from robonas.models.twin_prediction import Controller
@@ -182,16 +180,6 @@ def _seeds(seed: int, salt: int, n: int) -> list[int]:
     return [int(s) for s in np.random.SeedSequence([int(seed), salt]).generate_state(n)]
 
 
-def _env_action(env: gymnasium.Env, action: np.ndarray) -> Any:
-    import gymnasium
-
-    space = env.action_space
-    if isinstance(space, gymnasium.spaces.Discrete):
-        return int(np.asarray(action).reshape(-1)[0])
-    shape = space.shape if space.shape is not None else (-1,)
-    return np.asarray(action, np.float32).reshape(shape)
-
-
 def measured_returns(
     policy: DeployableActor | Controller,
     profile: str,
@@ -201,32 +189,12 @@ def measured_returns(
 ) -> np.ndarray:
     """The policy's returns on `sim.reality.make_reality(profile)`: `episodes` episodes side by
     side, deterministic policy, seeded by `seed` (the ground truth of the benchmark)."""
-    from robonas.models.twin_prediction import as_controller
+    from robonas.models.twin_prediction import batched_returns
     from sim.reality import make_reality
 
-    controller = as_controller(policy)
+    kwargs = dict(env_kwargs or {})
     seeds = _seeds(seed, _MEASURE_SALT, episodes)
-    envs: list[gymnasium.Env] = []
-    try:
-        for _ in seeds:
-            envs.append(make_reality(profile, **dict(env_kwargs or {})))
-        obs = np.stack(
-            [np.asarray(env.reset(seed=s)[0], np.float64).ravel() for env, s in zip(envs, seeds, strict=True)]
-        )
-        returns = np.zeros(len(envs))
-        alive = np.ones(len(envs), dtype=bool)
-        controller.reset(len(envs))
-        while alive.any():
-            actions = np.asarray(controller(obs))
-            for k in np.flatnonzero(alive):
-                o, reward, terminated, truncated, _ = envs[k].step(_env_action(envs[k], actions[k]))
-                obs[k] = np.asarray(o, np.float64).ravel()
-                returns[k] += float(reward)
-                alive[k] = not (terminated or truncated)
-        return returns
-    finally:
-        for env in envs:
-            env.close()
+    return batched_returns(policy, [lambda: make_reality(profile, **kwargs) for _ in seeds], seeds)
 
 
 def record_episodes(

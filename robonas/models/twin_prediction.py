@@ -46,8 +46,9 @@ Importing this module loads neither torch nor pybullet: they load when a policy 
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -282,15 +283,26 @@ def episode_returns(
     undiscounted returns, in order."""
     if len(params) != len(seeds):
         raise RobonasError(f"{len(params)} episode parameter sets but {len(seeds)} seeds")
+    kwargs = dict(env_kwargs or {})
+    makers = [functools.partial(make_episode_env, env_id, p, **kwargs) for p in params]
+    return batched_returns(actor, makers, seeds)
+
+
+def batched_returns(
+    actor: Controller | DeployableActor,
+    make_envs: Sequence[Callable[[], gymnasium.Env]],
+    seeds: Sequence[int],
+) -> FloatArray:
+    """One episode in each env `make_envs` builds, reset with its seed, all side by side with one
+    policy call per step; their undiscounted returns, in order. Every env is closed."""
     controller = as_controller(actor)
-    n = len(params)
+    n = len(make_envs)
     if n == 0:
         return np.zeros(0)
-    kwargs = dict(env_kwargs or {})
     envs: list[gymnasium.Env] = []
     try:
-        for p in params:
-            envs.append(make_episode_env(env_id, p, **kwargs))
+        for make in make_envs:
+            envs.append(make())
         first = [
             np.asarray(env.reset(seed=int(s))[0], np.float64).ravel()
             for env, s in zip(envs, seeds, strict=True)

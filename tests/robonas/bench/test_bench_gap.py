@@ -32,6 +32,7 @@ from robonas.bench.gap import (
 from robonas.errors import RobonasError
 from robonas.models.fleet_residual import ReturnStats
 from robonas.models.gap_model import GapFeatures
+from tests.robonas.models.test_twin_prediction import tiny_actor
 
 if TYPE_CHECKING:
     from robonas.export.trial_export import DeployableActor
@@ -57,31 +58,7 @@ class Linear:
 
 def linear_actor(gains: tuple[float, ...]) -> DeployableActor:
     """The linear law as a trained trial's `DeployableActor` (history 1)."""
-    import torch
-    from torch import nn
-
-    from robonas.export.trial_export import DeployableActor
-    from robonas.space import Layer, PolicyArch
-
-    arch = PolicyArch(obs_dim=5, act_dim=1, layers=(Layer(2, "relu"),), history=1)
-    actor = arch.build_actor()
-    law = np.zeros(arch.input_dim)
-    law[[0, 1, 3, 4]] = gains  # sin(theta) for theta: near upright they agree
-    fc = actor.trunk.blocks[0].fc
-    assert isinstance(fc, nn.Linear)
-    with torch.no_grad():
-        fc.weight.copy_(torch.tensor(np.stack([law, -law]), dtype=torch.float32))
-        fc.bias.zero_()
-        actor.head.weight.copy_(torch.tensor([[1.0, -1.0]]))
-        actor.head.bias.zero_()
-    obs_norm = {
-        "mean": np.zeros(5),
-        "var": np.ones(5),
-        "clip_obs": np.asarray(10.0),
-        "epsilon": np.asarray(0.0),
-    }
-    spaces = {"action": {"discrete": False, "shape": [1], "low": [-1.0], "high": [1.0], "transform": "clip"}}
-    return DeployableActor(arch, actor, obs_norm, spaces)
+    return tiny_actor(gains, history=1)
 
 
 def features(asymptote: float, robustness: float, p99_ms: float = 0.05) -> GapFeatures:

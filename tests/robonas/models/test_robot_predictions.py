@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_agents.robots.sim_twin import SimTwin
 from device_agents.trajectory import Episode, encode
+from robonas.bench.gap import record_episodes
 from robonas.config import parse_config
 from robonas.export.trial_export import DeployableActor, trial_weights
 from robonas.models.recalibrate import rescore_study
@@ -54,36 +54,8 @@ def record_deployed(store: Store, trial, profile: str, episodes: int = 4) -> lis
     """What an agent records while it runs the deployed candidate on the robot (no exploration:
     a robot runs its policy as deployed)."""
     files = trial_weights(store, trial)
-    actor = ActorController(
-        DeployableActor.from_files(files["actor"], files["obs_norm"], files["spaces"], trial.arch)
-    )
-    twin = SimTwin(profile)
-    out = []
-    try:
-        for seed in range(episodes):
-            obs = [twin.reset(seed=100 + seed)]
-            actor.reset(1)
-            actions, rewards, done = [], [], False
-            while not done:
-                action = np.asarray(actor(np.asarray(obs[-1], np.float32)[None])[0], np.float32)
-                o, r, done = twin.step(action, 20e-6)
-                obs.append(o)
-                actions.append(action)
-                rewards.append(r)
-            n = len(actions)
-            out.append(
-                Episode(
-                    obs=np.array(obs, np.float32),
-                    action=np.array(actions, np.float32).reshape(n, -1),
-                    reward=np.array(rewards, np.float32),
-                    clock_s=np.arange(n, dtype=np.float64) / twin.control_hz,
-                    latency_s=np.full(n, 20e-6, np.float32),
-                    seed=100 + seed,
-                )
-            )
-    finally:
-        twin.close()
-    return out
+    actor = DeployableActor.from_files(files["actor"], files["obs_norm"], files["spaces"], trial.arch)
+    return record_episodes(actor, profile, episodes, seed=2)
 
 
 @pytest.fixture(scope="module")
