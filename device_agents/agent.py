@@ -1,16 +1,24 @@
-"""The on-robot agent: serves the wire protocol (PROTOCOL.md), keeps the A/B model slots, runs
-canary episodes before it promotes a model, and reports timings and returns.
+"""The on-robot agent: answers the wire protocol (PROTOCOL.md), keeps the A/B model slots, runs
+canary episodes before it promotes a model, and reports timings and returns. Serving the links
+(threads, sessions, timeouts) lives in `device_agents.server`.
 
-Leans on `device_agents.protocol` (frames), `device_agents.link` (TCP listener, pyserial URLs),
-`device_agents.signing` (sha256 + Ed25519), `device_agents.slots` (atomic A/B slots),
-`device_agents.runtime` (the TFLite interpreter) and `device_agents.control_loop`.
+Leans on `device_agents.protocol` (frames), `device_agents.signing` (sha256 + Ed25519),
+`device_agents.operators` (who may do what), `device_agents.sessions` (sessions and the lease),
+`device_agents.slots` (atomic A/B slots, ordering, rejected policies), `device_agents.runtime`
+(the TFLite interpreter) and `device_agents.control_loop`.
 
-One conversation at a time, one request -> one reply (a RUN that asks for its record gets the
-reply and the record's remaining frames, `replies`). The agent reads with its own persistent
-`FrameReader` rather than `read_message`, so that bytes after a bad frame are never lost and a
-frame that stalls half-way (a truncated frame) is given up after `stall_s` without a reply
-timeout tearing a slow, legitimate serial frame. Every fault in handling a message becomes a
-NACK (the request was wrong) or an ERROR (the agent hit a fault); none ends the process.
+Safety rules this module enforces (issue 14; PROTOCOL.md "Operators" and "Safety"):
+- every request that changes or moves the robot needs an authenticated operator holding the
+  matching role (`REQUIRED_ROLE`); status, ping and hello do not;
+- one controlling session at a time (`Lease`); STOP and status never wait for it;
+- artifacts must be newer than the newest promoted one from their key (`SlotStore.order_verdict`),
+  must match this robot (kind, observation and action sizes) and fit the size the signed
+  manifest declares; the canary is at least this agent's own minimum;
+- a policy that failed its canary is rejected and never runs without an explicit `force`;
+- every run is bounded (episodes, steps), clips actions, applies the fallback on late steps and
+  halts the robot when it ends, is stopped, or fails.
+Every fault in handling a message becomes a NACK (the request was wrong) or an ERROR (the agent
+hit a fault); none ends the process.
 """
 
 from __future__ import annotations
@@ -24,25 +32,19 @@ import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Union
 
 from device_agents import __version__
 from device_agents.errors import DeviceError, ModelError
-from device_agents.link import Link, LinkError, listen, open_link
-from device_agents.protocol import (
-    MAX_PAYLOAD,
-    VERSION,
-    BadPrefixCRC,
-    FrameReader,
-    Message,
-    MsgType,
-    ProtocolError,
-)
+from device_agents.protocol import MAX_PAYLOAD, VERSION, Message, MsgType, ProtocolError
 from device_agents.robots import Robot, parse_spec
+from device_agents.sessions import Busy, Lease, Session
 from device_agents.signing import KeySource, verify_artifact, verify_manifest
 from device_agents.slots import SLOTS, SlotError, SlotStore
 
 if TYPE_CHECKING:
+    from device_agents.link import Link
+    from device_agents.operators import Operators
     from device_agents.runtime import TFLitePolicy  # imported when a model is first loaded
 
 log = logging.getLogger(__name__)
@@ -56,9 +58,27 @@ DEFAULT_CANARY = {
     "max_steps": None,
     "max_p99_ms": None,
 }
+# The agent's own canary floor: a sender may ask for more episodes and stricter thresholds, never
+# fewer or looser (PROTOCOL.md, DEPLOY_BEGIN).
+DEFAULT_CANARY_POLICY = {"episodes": 1, "max_miss_rate": 0.1, "min_return": None}
+DEFAULT_MAX_EPISODES = 1000  # per RUN
+DEFAULT_MAX_STEPS = 100_000  # per episode, whatever the RUN asks (a robot that never says done)
+FALLBACKS = ("hold", "safe")
 RECORD_ENCODING = "zlib-json"  # how a RUN's record travels (PROTOCOL.md, "The record")
-POLL_S = 0.25  # read timeout of the serve loop (how often it looks at the stop flag)
-_NACK_BUDGET = 50  # protocol-error NACKs per second at most (garbage must not flood the link)
+
+# The role a request needs; a type not listed needs none (HELLO, STATUS, PING, AUTH). STOP needs
+# any authenticated operator ("status" is every operator's role, but not an anonymous session's).
+REQUIRED_ROLE: dict[MsgType, str] = {
+    MsgType.DEPLOY_BEGIN: "deploy",
+    MsgType.DEPLOY_CHUNK: "deploy",
+    MsgType.DEPLOY_END: "deploy",
+    MsgType.RUN: "run",
+    MsgType.BENCH: "bench",
+    MsgType.ROLLBACK: "rollback",
+}
+# Requests that may take long (they drive the robot or time a model): a server runs them in the
+# session's worker thread so that STOP, STATUS and PING are still answered meanwhile.
+LONG_REQUESTS = frozenset({MsgType.DEPLOY_END, MsgType.RUN, MsgType.BENCH})
 
 
 class Refused(DeviceError):
@@ -91,15 +111,49 @@ def _number(header: dict, name: str) -> float | None:
     return float(value)
 
 
+def _flag(header: dict, name: str) -> bool:
+    value = header.get(name, False)
+    if not isinstance(value, bool):
+        raise Refused("bad header", f"{name}={value!r} is not true or false")
+    return value
+
+
+def _section(manifest: dict, name: str) -> dict[str, Any]:
+    value = manifest.get(name)
+    return value if isinstance(value, dict) else {}
+
+
+def _strictest(sender: float | None, floor: float | None, pick: Callable[[float, float], float]) -> Any:
+    if sender is None:
+        return floor
+    if floor is None:
+        return sender
+    return pick(sender, floor)
+
+
 class _Transfer:
-    def __init__(self, manifest: dict, signature: str | None, size: int, sha256: str, canary: dict[str, Any]):
+    def __init__(
+        self,
+        session: Session,
+        manifest: dict,
+        signature: str | None,
+        size: int,
+        sha256: str,
+        canary: dict[str, Any],
+        allow_downgrade: bool,
+    ):
+        self.session = session
         self.manifest = manifest
         self.signature = signature
         self.size = size
         self.sha256 = sha256
         self.canary = canary
+        self.allow_downgrade = allow_downgrade
         self.data = bytearray()
         self.started = time.monotonic()
+
+
+Replies = Union[Message, "list[Message]"]
 
 
 class Agent:
@@ -113,31 +167,58 @@ class Agent:
         device: str | None = None,
         max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
         stall_s: float = 2.0,
+        *,
+        operators: Operators | None = None,
+        canary_policy: dict[str, Any] | None = None,
+        max_episodes: int = DEFAULT_MAX_EPISODES,
+        max_steps: int = DEFAULT_MAX_STEPS,
+        fallback: str = "hold",
+        kind: str | None = None,
+        lease_idle_s: float = 10.0,
+        watchdog_s: float | None = 0.5,
     ):
         if not isinstance(max_model_bytes, int) or max_model_bytes < 1:
             raise DeviceError(f"max_model_bytes {max_model_bytes!r} is not a positive integer")
+        if fallback not in FALLBACKS:
+            raise DeviceError(f"fallback {fallback!r} is not one of {', '.join(FALLBACKS)}")
         self.slots = SlotStore(state_dir, trusted_keys)
         self.robot_spec = robot_spec
         self._spec = parse_spec(robot_spec)  # a bad spec fails at start-up, not at the first deploy
+        if fast and not self._spec.backend.simulated:
+            raise DeviceError(f"--fast is for simulated robots; {robot_spec} keeps real time")
         self.fast = fast
         self.agent_id = agent_id or "agent"
         self.device = device
         self.max_model_bytes = max_model_bytes
         self.stall_s = stall_s
+        self.operators = operators
+        self.canary_policy = {**DEFAULT_CANARY_POLICY, **(canary_policy or {})}
+        self.max_episodes = max_episodes
+        self.max_steps = max_steps
+        self.fallback = fallback
+        self.kind_override = kind
+        self.watchdog_s = watchdog_s
         self.started = time.monotonic()
-        self.stop_event = threading.Event()
+        self.stop_event = threading.Event()  # the process is shutting down (SIGTERM)
+        self.lease = Lease(idle_s=lease_idle_s)
+        self._run_stop: threading.Event | None = None  # set by STOP: ends the run in progress
         self._robot: Robot | None = None
+        self._robot_lock = threading.Lock()
         self._policies: dict[str, TFLitePolicy] = {}  # by sha256
         self._transfer: _Transfer | None = None
         self.last_deploy: dict[str, Any] | None = None
-        self._more: list[Message] = []  # frames that follow the reply being sent (a record)
+        self.last_stop: dict[str, Any] | None = None
         self.slots.recover()
 
     # --- resources -------------------------------------------------------------------------
     def robot(self) -> Robot:
-        if self._robot is None:
-            self._robot = self._spec.make(self.fast)
-        return self._robot
+        with self._robot_lock:
+            if self._robot is None:
+                self._robot = self._spec.make(self.fast)
+            return self._robot
+
+    def robot_kind(self) -> str | None:
+        return self.kind_override or getattr(self.robot(), "kind", None)
 
     def _policy(self, model: bytes, sha256: str, manifest: dict) -> TFLitePolicy:
         if sha256 not in self._policies:
@@ -157,31 +238,52 @@ class Agent:
             raise Refused("no policy", f"slot {slot} holds no verified policy ({info.verdict.reason})")
         return (self._policy(info.model_path.read_bytes(), info.sha256 or "", info.manifest), info.manifest)
 
+    def stop_run(self, reason: str = "stop") -> bool:
+        """End the run in progress (if any) within one control period; True if one was running."""
+        event = self._run_stop
+        if event is None:
+            return False
+        self.last_stop = {"reason": reason, "at_uptime_s": time.monotonic() - self.started}
+        event.set()
+        return True
+
+    def shutdown(self) -> None:
+        """SIGTERM: stop the run in progress (the robot is halted) and stop serving."""
+        self.stop_event.set()
+        self.stop_run("shutdown")
+
     def close(self) -> None:
-        if self._robot is not None:
-            self._robot.close()
-            self._robot = None
+        with self._robot_lock:
+            if self._robot is not None:
+                self._robot.close()
+                self._robot = None
 
     # --- messages --------------------------------------------------------------------------
-    def replies(self, msg: Message) -> list[Message]:
+    def replies(self, msg: Message, session: Session | None = None) -> list[Message]:
         """Every frame answering one request: the reply, then the record frames of a RUN that
         asked for one (PROTOCOL.md, "The record")."""
-        first = self.handle(msg)
-        more, self._more = self._more, []
-        return [first, *more]
+        out = self._dispatch(msg, session or Session.local())
+        return out if isinstance(out, list) else [out]
 
-    def handle(self, msg: Message) -> Message:
-        """The reply to one request; never raises for bad input. Frames that must follow it
-        (`replies`) are left in `_more`."""
-        self._more = []
+    def handle(self, msg: Message, session: Session | None = None) -> Message:
+        """The reply to one request (the first frame, see `replies`); never raises for bad
+        input. Without a session the request comes from the robot's own console (every role)."""
+        return self.replies(msg, session)[0]
+
+    def _dispatch(self, msg: Message, session: Session) -> Replies:
         handler = self._HANDLERS.get(msg.type)
         try:
             if handler is None:
                 raise Refused("unexpected", f"{msg.type.name} is not a request an agent takes")
             msg.require()
-            return handler(self, msg)
+            self._authorise(msg, session)
+            return handler(self, msg, session)
         except Refused as e:
             return msg.reply(MsgType.NACK, {"reason": e.reason, "detail": e.detail, **e.extra})
+        except Busy as e:
+            return msg.reply(
+                MsgType.NACK, {"reason": "busy", "detail": str(e), "holder": e.holder, "what": e.what}
+            )
         except ProtocolError as e:
             return msg.reply(MsgType.NACK, {"reason": e.reason, "detail": str(e)[:500]})
         except (SlotError, ModelError) as e:
@@ -194,31 +296,73 @@ class Agent:
                 MsgType.ERROR, {"reason": "internal", "detail": f"{type(e).__name__}: {e}"[:500]}
             )
 
-    def _hello(self, msg: Message) -> Message:
-        return msg.reply(
-            MsgType.HELLO,
-            {
-                "role": "agent",
-                "protocol": VERSION,
-                "agent": self.agent_id,
-                "version": __version__,
-                "slots": list(SLOTS),
-                "active": self.slots.active,
-                "device": self.device,
-                "robot": self.robot_spec,
-                "max_model_bytes": self.max_model_bytes,
-            },
-        )
+    @staticmethod
+    def _authorise(msg: Message, session: Session) -> None:
+        if msg.type == MsgType.STOP and not session.authenticated:
+            raise Refused("unauthenticated", "STOP needs an authenticated operator (AUTH first)")
+        role = REQUIRED_ROLE.get(msg.type)
+        if role is None or session.may(role):
+            return
+        if not session.authenticated:
+            raise Refused(
+                "unauthenticated",
+                f"{msg.type.name} needs an operator with the {role!r} role; "
+                "authenticate first (TLS client certificate, or AUTH on a plain link)",
+            )
+        raise Refused("forbidden", f"operator {session.who!r} lacks the {role!r} role for {msg.type.name}")
 
-    def _status(self, msg: Message) -> Message:
+    def _hello(self, msg: Message, session: Session) -> Message:
+        header: dict[str, Any] = {
+            "role": "agent",
+            "protocol": VERSION,
+            "agent": self.agent_id,
+            "version": __version__,
+            "slots": list(SLOTS),
+            "active": self.slots.active,
+            "device": self.device,
+            "robot": self.robot_spec,
+            "max_model_bytes": self.max_model_bytes,
+            "auth": {
+                "transport": session.transport,
+                "operator": session.operator.name if session.operator is not None else None,
+                "roles": session.roles(),
+            },
+        }
+        if not session.authenticated and session.transport != "tls":
+            from device_agents.operators import new_challenge
+
+            # a fresh challenge per HELLO; only the last one handed out can be answered, once
+            session.challenge = new_challenge()
+            header["challenge"] = session.challenge
+        return msg.reply(MsgType.HELLO, header)
+
+    def _auth(self, msg: Message, session: Session) -> Message:
+        from device_agents.operators import AuthError, verify_challenge
+
+        if session.transport == "tls":
+            raise Refused("bad header", "a TLS session is authenticated by its client certificate")
+        challenge, session.challenge = session.challenge, None  # one answer per challenge
+        if challenge is None:
+            raise Refused("bad challenge", "send HELLO first: it carries the challenge to sign")
+        if self.operators is None:
+            raise Refused("no operators", "this agent trusts no operator (start it with --operators)")
+        try:
+            op = verify_challenge(
+                self.operators, self.agent_id, challenge, msg.header["key_id"], msg.header["signature"]
+            )
+        except AuthError as e:
+            log.warning("AUTH refused on %s %s: %s", session.transport, session.peer, e)
+            raise Refused(e.reason, str(e)) from e
+        session.operator = op
+        log.info("operator %s authenticated on %s %s", op.name, session.transport, session.peer)
+        return msg.reply(MsgType.ACK, {"operator": op.name, "roles": session.roles()})
+
+    def _status(self, msg: Message, session: Session) -> Message:
         status = self.slots.status()
         transfer = None
-        if self._transfer is not None:
-            transfer = {
-                "size": self._transfer.size,
-                "received": len(self._transfer.data),
-                "sha256": self._transfer.sha256,
-            }
+        t = self._transfer
+        if t is not None:
+            transfer = {"size": t.size, "received": len(t.data), "sha256": t.sha256, "by": t.session.who}
         runtime: dict[str, str | None]
         try:
             from device_agents.runtime import runtime_name, runtime_version
@@ -241,14 +385,29 @@ class Agent:
                 "transfer": transfer,
                 "runtime": runtime,
                 "last_deploy": self.last_deploy,
+                "lease": self.lease.describe(),
+                "running": self._run_stop is not None,
+                "last_stop": self.last_stop,
+                "canary_policy": self.canary_policy,
+                "limits": {"max_episodes": self.max_episodes, "max_steps": self.max_steps},
+                "fallback": self.fallback,
+                "you": {"operator": session.who, "roles": session.roles()},
             },
         )
 
-    def _ping(self, msg: Message) -> Message:
+    def _ping(self, msg: Message, session: Session) -> Message:
         return msg.reply(MsgType.PONG, msg.header)
 
-    def _deploy_begin(self, msg: Message) -> Message:
-        self._transfer = None  # a new BEGIN abandons any open transfer
+    def _stop(self, msg: Message, session: Session) -> Message:
+        stopped = self.stop_run(f"STOP from {session.who}")
+        log.warning("STOP from %s (%s)", session.who, "run stopped" if stopped else "nothing running")
+        return msg.reply(MsgType.ACK, {"stopped": stopped, "lease": self.lease.describe()})
+
+    # --- deploy ----------------------------------------------------------------------------
+    def _drop_transfer(self) -> None:
+        self._transfer = None
+
+    def _deploy_begin(self, msg: Message, session: Session) -> Message:
         h = msg.header
         manifest, signature = h["manifest"], h["signature"]
         if not isinstance(manifest, dict):
@@ -268,16 +427,29 @@ class Agent:
                 "sha256 mismatch", f"sha256 {sha!r} differs from the manifest's {manifest.get('sha256')!r}"
             )
         canary = self._canary(h.get("canary"))
+        allow_downgrade = _flag(h, "allow_downgrade")
+        if allow_downgrade and not session.may("rollback"):
+            raise Refused("forbidden", f"operator {session.who!r} lacks the 'rollback' role to downgrade")
         verdict = verify_manifest(manifest, signature, self.slots.keys)
         if not verdict.ok:
             raise Refused(verdict.reason, verdict.detail)
-        self._transfer = _Transfer(manifest, signature, size, sha.lower(), canary)
-        return msg.reply(MsgType.ACK, {"next_offset": 0, "slot": self.slots.standby()})
+        declared = manifest.get("model_size")
+        if declared is not None and declared != size:
+            raise Refused("size", f"transfer of {size} bytes, the signed manifest says {declared!r}")
+        if not allow_downgrade:
+            ok, reason, detail = self.slots.order_verdict(manifest, verdict.key_id or "")
+            if not ok:
+                raise Refused(reason, detail)
+        self._check_manifest_fits(manifest)
+        # the lease: an open transfer holds the robot until it ends or idles past lease.idle_s
+        self.lease.acquire(session, "deploy", expiring=True)
+        self.lease.on_expire = self._drop_transfer
+        self._transfer = _Transfer(session, manifest, signature, size, sha.lower(), canary, allow_downgrade)
+        return msg.reply(MsgType.ACK, {"next_offset": 0, "slot": self.slots.standby(), "canary": canary})
 
-    @staticmethod
-    def _canary(raw: Any) -> dict[str, Any]:
+    def _canary(self, raw: Any) -> dict[str, Any]:
         if raw is None:
-            return dict(DEFAULT_CANARY)
+            raw = {}
         if not isinstance(raw, dict):
             raise Refused(
                 "bad header",
@@ -287,19 +459,28 @@ class Agent:
         if nested is not None and not isinstance(nested, dict):
             raise Refused("bad header", "canary.thresholds must be an object")
         raw = {**(nested or {}), **raw}  # flat keys win over the nested `thresholds` object
+        floor = self.canary_policy
+        episodes = _int(raw, "episodes", 0, DEFAULT_CANARY["episodes"])
+        max_steps = _int(raw, "max_steps", 1, None)
         return {
-            "episodes": _int(raw, "episodes", 0, DEFAULT_CANARY["episodes"]),
+            # the sender may ask for more and for stricter, never for less than this agent's floor
+            "episodes": max(episodes, int(floor["episodes"])),
             "seed": _int(raw, "seed", 0, 0),
-            "min_return": _number(raw, "min_return"),
-            "max_miss_rate": _number(raw, "max_miss_rate"),
-            "max_steps": _int(raw, "max_steps", 1, None),
+            "min_return": _strictest(_number(raw, "min_return"), floor.get("min_return"), max),
+            "max_miss_rate": _strictest(_number(raw, "max_miss_rate"), floor.get("max_miss_rate"), min),
+            "max_steps": min(max_steps or self.max_steps, self.max_steps),
             "max_p99_ms": _number(raw, "max_p99_ms"),
         }
 
-    def _deploy_chunk(self, msg: Message) -> Message:
+    def _owned_transfer(self, session: Session, what: str) -> _Transfer:
         t = self._transfer
-        if t is None:
-            raise Refused("no transfer", "DEPLOY_CHUNK without an open DEPLOY_BEGIN")
+        if t is None or t.session is not session or not self.lease.holds(session):
+            raise Refused("no transfer", f"{what} without an open DEPLOY_BEGIN of this session")
+        return t
+
+    def _deploy_chunk(self, msg: Message, session: Session) -> Message:
+        t = self._owned_transfer(session, "DEPLOY_CHUNK")
+        self.lease.touch(session)
         offset = _int(msg.header, "offset", 0)
         if offset != len(t.data):
             raise Refused("offset", f"chunk at {offset}, expected {len(t.data)}", next_offset=len(t.data))
@@ -312,13 +493,20 @@ class Agent:
         t.data += msg.payload
         return msg.reply(MsgType.ACK, {"next_offset": len(t.data)})
 
-    def _deploy_end(self, msg: Message) -> Message:
-        t, self._transfer = self._transfer, None
-        if t is None:
-            raise Refused("no transfer", "DEPLOY_END without an open DEPLOY_BEGIN")
+    def _deploy_end(self, msg: Message, session: Session) -> Message:
+        t = self._owned_transfer(session, "DEPLOY_END")
         if len(t.data) != t.size:
-            self._transfer = t  # the host may still send the missing chunks
+            self.lease.touch(session)  # the host may still send the missing chunks
             raise Refused("size", f"received {len(t.data)} of {t.size} bytes", next_offset=len(t.data))
+        self._transfer = None
+        # from here the canary drives the robot: the lease no longer expires while it runs
+        self.lease.acquire(session, "canary")
+        try:
+            return self._finish_deploy(msg, t)
+        finally:
+            self.lease.release(session)
+
+    def _finish_deploy(self, msg: Message, t: _Transfer) -> Message:
         model = bytes(t.data)
         verdict = verify_artifact(t.manifest, t.signature, model, self.slots.keys)
         if not verdict.ok:
@@ -351,14 +539,55 @@ class Agent:
             "canary_thresholds": t.canary,
         }
         if failures:
+            self.slots.mark_rejected(slot, "; ".join(failures))
             self.last_deploy = dict(result, promoted=False, failures=failures)
             return msg.reply(
                 MsgType.NACK,
                 {"reason": "canary", "detail": "; ".join(failures), **result, "active": self.slots.active},
             )
-        self.slots.commit(slot)
+        self.slots.commit(slot, allow_downgrade=t.allow_downgrade)
         self.last_deploy = dict(result, promoted=True)
         return msg.reply(MsgType.ACK, {**result, "active": self.slots.active})
+
+    def _check_manifest_fits(self, manifest: dict) -> None:
+        """Refuse, before any byte is sent, an artifact made for another robot: its env (the
+        robot's kind) and the observation and action sizes its signed manifest declares."""
+        robot = self.robot()
+        kind = self.robot_kind()
+        env_id = manifest.get("env_id")
+        if kind is None:
+            raise Refused(
+                "mismatch",
+                f"this agent does not know what robot {self.robot_spec} is; start it with --kind ENV_ID "
+                "(or have the MCU announce kind= in its hello)",
+            )
+        if env_id != kind:
+            raise Refused("mismatch", f"artifact is for {env_id!r}; this robot is {kind!r}")
+        obs = _section(manifest, "observation")
+        frame = obs.get("frame_shape")
+        if isinstance(frame, list) and all(isinstance(v, int) for v in frame):
+            n = 1
+            for v in frame:
+                n *= v
+            if n != robot.observation_size:
+                raise Refused(
+                    "mismatch",
+                    f"artifact observes {n} values a frame; this robot gives {robot.observation_size}",
+                )
+        action = _section(manifest, "action")
+        shape = action.get("shape")
+        if (
+            action.get("output") != "index"
+            and isinstance(shape, list)
+            and all(isinstance(v, int) for v in shape)
+        ):
+            n = 1
+            for v in shape:
+                n *= v
+            if n != robot.action_size:
+                raise Refused(
+                    "mismatch", f"artifact acts with {n} values; this robot takes {robot.action_size}"
+                )
 
     def _check_fits(self, policy: TFLitePolicy, manifest: dict) -> None:
         from device_agents.control_loop import policy_settings
@@ -378,6 +607,17 @@ class Agent:
         if out_size != want_out:
             raise Refused("mismatch", f"model output has {out_size} values; the robot takes {want_out}")
 
+    # --- running ---------------------------------------------------------------------------
+    @staticmethod
+    def _action_limits(manifest: dict) -> tuple[Any, Any]:
+        """The manifest's action limits (the index range for a discrete policy), or Nones."""
+        action = _section(manifest, "action")
+        if action.get("output") == "index":
+            n = action.get("n")
+            return ([0], [n - 1]) if isinstance(n, int) and n >= 1 else ([0], None)
+        low, high = action.get("low"), action.get("high")
+        return (low if isinstance(low, list) else None, high if isinstance(high, list) else None)
+
     def _run(
         self,
         policy: TFLitePolicy,
@@ -392,13 +632,18 @@ class Agent:
         from device_agents.control_loop import policy_settings, run_episodes
 
         s = policy_settings(manifest)
+        low, high = self._action_limits(manifest)
+        stop = threading.Event()
+        if self.stop_event.is_set():
+            stop.set()
+        self._run_stop = stop
         try:
             return run_episodes(
                 policy,
                 self.robot(),
                 episodes,
                 seed,
-                max_steps,
+                min(max_steps or self.max_steps, self.max_steps),
                 s["history"],
                 self.fast,
                 control_hz=s["control_hz"],
@@ -407,14 +652,23 @@ class Agent:
                 slot=slot,
                 sha256=sha256,
                 record=record,
+                stop=stop,
+                action_low=low,
+                action_high=high,
+                fallback=self.fallback,
+                watchdog_s=self.watchdog_s,
             )
         except DeviceError:
             self.close()  # a robot that failed mid-episode is rebuilt for the next request
             raise
+        finally:
+            self._run_stop = None
 
     @staticmethod
     def _judge(report: dict[str, Any], thresholds: dict[str, Any]) -> list[str]:
         failures = []
+        if report.get("stopped"):
+            failures.append(f"stopped: {report['stopped']}")
         if report["nonfinite_actions"]:
             failures.append(f"{report['nonfinite_actions']} NaN/inf actions")
         max_miss = thresholds.get("max_miss_rate")
@@ -438,21 +692,40 @@ class Agent:
             raise Refused("bad header", f"slot {slot!r} is not one of active, {', '.join(SLOTS)}")
         return slot
 
-    def _run_request(self, msg: Message) -> Message:
+    def _run_request(self, msg: Message, session: Session) -> Replies:
         h = msg.header
         episodes = _int(h, "episodes", 1)
+        if episodes > self.max_episodes:
+            raise Refused(
+                "bad header", f"episodes={episodes} is over this agent's limit of {self.max_episodes}"
+            )
         seed = _int(h, "seed", 0)
         max_steps = _int(h, "max_steps", 1, None)
+        if max_steps is not None and max_steps > self.max_steps:
+            raise Refused(
+                "bad header", f"max_steps={max_steps} is over this agent's limit of {self.max_steps}"
+            )
         thresholds = h.get("thresholds") or {}
         if not isinstance(thresholds, dict):
             raise Refused("bad header", "thresholds must be an object")
         thresholds = {k: _number(thresholds, k) for k in ("min_return", "max_miss_rate", "max_p99_ms")}
-        record = h.get("record", False)
-        if not isinstance(record, bool):
-            raise Refused("bad header", f"record={record!r} is not true or false")
+        record = _flag(h, "record")
+        force = _flag(h, "force")
+        if force and not session.may("deploy"):
+            raise Refused("forbidden", f"operator {session.who!r} lacks the 'deploy' role to force a run")
         slot = self._pick_slot(h)
+        try:
+            self.slots.runnable(slot, force)
+        except SlotError as e:
+            raise Refused("rejected", str(e)) from e
         policy, manifest = self._slot_policy(slot)
-        report = self._run(policy, manifest, episodes, seed, max_steps, slot, manifest.get("sha256"), record)
+        self.lease.acquire(session, "run")
+        try:
+            report = self._run(
+                policy, manifest, episodes, seed, max_steps, slot, manifest.get("sha256"), record
+            )
+        finally:
+            self.lease.release(session)
         failures = self._judge(report, thresholds)
         header = {
             **report,
@@ -460,6 +733,7 @@ class Agent:
             "failures": failures,
             "agent": self.agent_id,
             "device": self.device,
+            "operator": session.who,
         }
         if not record:
             return msg.reply(MsgType.REPORT, header)
@@ -470,11 +744,11 @@ class Agent:
             "sha256": hashlib.sha256(b"".join(parts)).hexdigest(),
             "frames": len(parts),
         }
-        self._more = [
+        more = [
             msg.reply(MsgType.REPORT, {"record_part": i, "record_frames": len(parts)}, part)
             for i, part in enumerate(parts[1:], 1)
         ]
-        return msg.reply(MsgType.REPORT, header, parts[0])
+        return [msg.reply(MsgType.REPORT, header, parts[0]), *more]
 
     @staticmethod
     def _record_parts(record: dict[str, Any]) -> list[bytes]:
@@ -482,7 +756,7 @@ class Agent:
         data = zlib.compress(json.dumps(record, separators=(",", ":")).encode("utf-8"), 6)
         return [data[i : i + MAX_PAYLOAD] for i in range(0, len(data), MAX_PAYLOAD)] or [b""]
 
-    def _bench(self, msg: Message) -> Message:
+    def _bench(self, msg: Message, session: Session) -> Message:
         from device_agents.bench import bench_model
 
         h = msg.header
@@ -490,24 +764,35 @@ class Agent:
         warmup = _int(h, "warmup", 0, 50)
         if runs > 100_000 or warmup > 10_000:
             raise Refused("bad header", f"runs {runs} / warmup {warmup} over 100000 / 10000")
-        if "size" in h:
-            # An inline probe model (latency calibration): timed, never stored, slots untouched.
-            # It must fit one frame; bigger models are benchmarked after a deploy, by slot.
-            size, sha = _int(h, "size", 1), h.get("sha256")
-            if size != len(msg.payload):
-                raise Refused("mismatch", f"size {size} but {len(msg.payload)} payload bytes")
-            if sha != hashlib.sha256(msg.payload).hexdigest():
-                raise Refused("mismatch", "sha256 of the inline model does not match")
-            result = self._robot_timing(bench_model(bytes(msg.payload), runs=runs, warmup=warmup))
-            return msg.reply(
-                MsgType.REPORT,
-                {"bench": result, "slot": None, "sha256": sha, "agent": self.agent_id, "device": self.device},
-            )
-        slot = self._pick_slot(h)
-        info = self.slots.inspect(slot)
-        if not info.ok:
-            raise Refused("no policy", f"slot {slot} holds no verified policy")
-        result = self._robot_timing(bench_model(info.model_path.read_bytes(), runs=runs, warmup=warmup))
+        self.lease.acquire(session, "bench")
+        try:
+            if "size" in h:
+                # An inline probe model (latency calibration): timed, never stored, slots
+                # untouched; only an operator with the bench role may send one. It must fit one
+                # frame; bigger models are benchmarked after a deploy, by slot.
+                size, sha = _int(h, "size", 1), h.get("sha256")
+                if size != len(msg.payload):
+                    raise Refused("mismatch", f"size {size} but {len(msg.payload)} payload bytes")
+                if sha != hashlib.sha256(msg.payload).hexdigest():
+                    raise Refused("mismatch", "sha256 of the inline model does not match")
+                result = self._robot_timing(bench_model(bytes(msg.payload), runs=runs, warmup=warmup))
+                return msg.reply(
+                    MsgType.REPORT,
+                    {
+                        "bench": result,
+                        "slot": None,
+                        "sha256": sha,
+                        "agent": self.agent_id,
+                        "device": self.device,
+                    },
+                )
+            slot = self._pick_slot(h)
+            info = self.slots.inspect(slot)
+            if not info.ok:
+                raise Refused("no policy", f"slot {slot} holds no verified policy")
+            result = self._robot_timing(bench_model(info.model_path.read_bytes(), runs=runs, warmup=warmup))
+        finally:
+            self.lease.release(session)
         return msg.reply(
             MsgType.REPORT,
             {
@@ -535,17 +820,22 @@ class Agent:
             "step_us": {k: robot.compute_time(v / 1e6) * 1e6 for k, v in host.items()},
         }
 
-    def _rollback(self, msg: Message) -> Message:
+    def _rollback(self, msg: Message, session: Session) -> Message:
+        self.lease.acquire(session, "rollback")
         try:
             slot = self.slots.rollback()
         except SlotError as e:
             raise Refused("no previous", str(e)) from e
+        finally:
+            self.lease.release(session)
         return msg.reply(MsgType.ACK, {"active": slot, "sha256": self.slots.state.get("active_sha256")})
 
-    _HANDLERS: ClassVar[dict[MsgType, Callable[[Agent, Message], Message]]] = {
+    _HANDLERS: ClassVar[dict[MsgType, Callable[[Agent, Message, Session], Replies]]] = {
         MsgType.HELLO: _hello,
+        MsgType.AUTH: _auth,
         MsgType.STATUS: _status,
         MsgType.PING: _ping,
+        MsgType.STOP: _stop,
         MsgType.DEPLOY_BEGIN: _deploy_begin,
         MsgType.DEPLOY_CHUNK: _deploy_chunk,
         MsgType.DEPLOY_END: _deploy_end,
@@ -554,91 +844,30 @@ class Agent:
         MsgType.ROLLBACK: _rollback,
     }
 
-    # --- serving ---------------------------------------------------------------------------
-    def serve_link(self, link: Link) -> None:
+    # --- serving (device_agents.server) -----------------------------------------------------
+    def serve_link(self, link: Link, session: Session | None = None) -> None:
         """Answer requests on one link until it closes (or `stop_event` is set)."""
-        reader = FrameReader()
-        stream = link.stream
-        last_rx = time.monotonic()
-        budget, budget_t = _NACK_BUDGET, time.monotonic()
-        while not self.stop_event.is_set():
-            stream.timeout = POLL_S
-            try:
-                data = stream.read(reader.needed())
-            except (LinkError, OSError) as e:
-                log.info("link closed: %s", e)
-                return
-            now = time.monotonic()
-            if data:
-                last_rx = now
-                events = reader.events(data)
-            elif reader.buffered and now - last_rx > self.stall_s:
-                # a frame stalled half-way: give it up by one byte and rescan what is held
-                reader.skip_byte()
-                last_rx = now
-                events = reader.events()
-            else:
-                continue
-            for ev in events:
-                if isinstance(ev, Message):
-                    replies = self.replies(ev)
-                else:
-                    if now - budget_t >= 1.0:
-                        budget, budget_t = _NACK_BUDGET, now
-                    if budget <= 0 or isinstance(ev, BadPrefixCRC):
-                        continue  # resync noise, or a flood: drop without a reply
-                    budget -= 1
-                    replies = [Message(MsgType.NACK, {"reason": ev.reason, "detail": str(ev)[:200]})]
-                try:
-                    for reply in replies:
-                        link.send(reply)
-                except (LinkError, OSError) as e:
-                    log.info("cannot reply (%s); dropping the link", e)
-                    return
+        from device_agents.server import serve_session
+
+        serve_session(self, link, session or Session("serial", "link", link))
 
     def serve(
         self,
         listen_url: str | None = None,
         link_url: str | None = None,
         ready: Callable[[str], None] | None = None,
+        tls: Any = None,
+        max_sessions: int = 8,
     ) -> None:
-        """Serve a TCP listener (one host at a time) or a link URL (reopened when it drops)."""
+        """Serve a TCP/TLS listener (many sessions) or a link URL (reopened when it drops)."""
+        from device_agents.server import serve_link_url, serve_listener
+
         if listen_url is not None and link_url is None:
-            self._serve_listener(listen_url, ready)
+            serve_listener(self, listen_url, ready, tls=tls, max_sessions=max_sessions)
         elif link_url is not None and listen_url is None:
-            self._serve_link_url(link_url, ready)
+            serve_link_url(self, link_url, ready)
         else:
             raise DeviceError(
-                "serve needs exactly one of listen_url (tcp://HOST:PORT) or "
+                "serve needs exactly one of listen_url (tls://HOST:PORT, or tcp://127.0.0.1:PORT) or "
                 "link_url (serial device or pyserial URL)"
             )
-
-    def _serve_listener(self, listen_url: str, ready: Callable[[str], None] | None) -> None:
-        with listen(listen_url) as listener:
-            if ready:
-                ready(f"listening on {listener.url}")
-            while not self.stop_event.is_set():
-                try:
-                    link = listener.accept(timeout_s=POLL_S)
-                except LinkError:
-                    continue
-                with link:
-                    self.serve_link(link)
-                self._transfer = None  # a deploy cut off with the link is abandoned
-
-    def _serve_link_url(self, link_url: str, ready: Callable[[str], None] | None) -> None:
-        announced = False
-        while not self.stop_event.is_set():
-            try:
-                link = open_link(link_url)
-            except LinkError as e:
-                log.warning("cannot open %s (%s); retrying", link_url, e)
-                self.stop_event.wait(1.0)
-                continue
-            if not announced and ready:
-                ready(f"serving on {link_url}")
-                announced = True
-            with link:
-                self.serve_link(link)
-            self._transfer = None
-            self.stop_event.wait(0.2)

@@ -82,6 +82,20 @@ def _agent_arguments(p: argparse.ArgumentParser) -> None:
         "--fast", action="store_true", help="do not sleep between control ticks (simulated robots only)"
     )
     p.add_argument(
+        "--kind",
+        default=None,
+        metavar="ENV_ID",
+        help="what robot this is, as artifacts name it in their env_id (default: what the back end "
+        "says: a sim twin's env, a serial MCU's kind= in its hello); artifacts for another kind are refused",
+    )
+    p.add_argument(
+        "--fallback",
+        choices=("hold", "safe"),
+        default="hold",
+        help="what a control tick whose inference missed its deadline applies: the previous action "
+        "(hold, default) or the robot's safe action",
+    )
+    p.add_argument(
         "--reality-profiles",
         metavar="PATH",
         action="append",
@@ -107,8 +121,50 @@ def _use_reality_profiles(paths: list[str]) -> None:
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
     _agent_arguments(p)
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--listen", metavar="URL", help="tcp://HOST:PORT (port 0: pick a free one)")
-    where.add_argument("--link", metavar="URL", help="serial device path or pyserial URL")
+    where.add_argument(
+        "--listen",
+        metavar="URL",
+        help="tls://HOST:PORT (client certificates; needs --tls-*), or tcp://127.0.0.1:PORT on loopback "
+        "only (operators authenticate with AUTH); port 0 picks a free one",
+    )
+    where.add_argument(
+        "--link", metavar="URL", help="serial device path or pyserial URL (operators authenticate with AUTH)"
+    )
+    p.add_argument(
+        "--operators",
+        metavar="FILE",
+        default=None,
+        help="JSON file of trusted operators and their roles (`robonas keys trust` writes it); "
+        "without it nobody may deploy, run, bench or roll back",
+    )
+    p.add_argument(
+        "--tls-cert", metavar="PEM", default=None, help="this agent's certificate (robonas keys agent)"
+    )
+    p.add_argument("--tls-key", metavar="PEM", default=None, help="this agent's private key")
+    p.add_argument(
+        "--tls-ca", metavar="PEM", default=None, help="the fleet CA that signs operator certificates"
+    )
+    p.add_argument(
+        "--max-sessions", type=int, default=8, help="sessions served at once (default 8); more are closed"
+    )
+    p.add_argument(
+        "--canary-episodes",
+        type=int,
+        default=1,
+        help="fewest canary episodes before a model is promoted, whatever the sender asks (default 1)",
+    )
+    p.add_argument(
+        "--canary-max-miss-rate",
+        type=float,
+        default=0.1,
+        help="highest deadline-miss rate a canary may show, whatever the sender asks (default 0.1)",
+    )
+    p.add_argument(
+        "--canary-min-return",
+        type=float,
+        default=None,
+        help="lowest mean canary return, whatever the sender asks (default: none)",
+    )
     p.add_argument("--id", default=None, help="agent name reported to the host")
     p.add_argument("--device", default=None, help="device profile name reported to the host")
     p.add_argument(
@@ -134,12 +190,28 @@ def _serve_run(args: argparse.Namespace) -> int:
     import signal
 
     from device_agents.agent import DEFAULT_MAX_MODEL_BYTES, Agent
+    from device_agents.errors import DeviceError
 
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     _use_reality_profiles(args.reality_profiles)
+    operators = None
+    if args.operators:
+        from device_agents.operators import Operators
+
+        operators = Operators.from_file(args.operators)
+    tls = None
+    given = [args.tls_cert, args.tls_key, args.tls_ca]
+    if any(given):
+        if not all(given):
+            raise DeviceError("TLS needs all three of --tls-cert, --tls-key and --tls-ca")
+        from device_agents.tls import server_context
+
+        tls = server_context(args.tls_cert, args.tls_key, args.tls_ca)
+    if args.max_sessions < 1 or args.canary_episodes < 1:
+        raise DeviceError("--max-sessions and --canary-episodes must be at least 1")
     agent = Agent(
         args.state,
         _trusted(args),
@@ -148,10 +220,26 @@ def _serve_run(args: argparse.Namespace) -> int:
         agent_id=args.id,
         device=args.device,
         max_model_bytes=args.max_model_bytes or DEFAULT_MAX_MODEL_BYTES,
+        operators=operators,
+        canary_policy={
+            "episodes": args.canary_episodes,
+            "max_miss_rate": args.canary_max_miss_rate,
+            "min_return": args.canary_min_return,
+        },
+        fallback=args.fallback,
+        kind=args.kind,
     )
-    signal.signal(signal.SIGTERM, lambda *_: agent.stop_event.set())
+    # SIGTERM: the run in progress ends within one control period with the robot halted, then
+    # the agent stops serving and exits
+    signal.signal(signal.SIGTERM, lambda *_: agent.shutdown())
     try:
-        agent.serve(listen_url=args.listen, link_url=args.link, ready=lambda line: print(line, flush=True))
+        agent.serve(
+            listen_url=args.listen,
+            link_url=args.link,
+            ready=lambda line: print(line, flush=True),
+            tls=tls,
+            max_sessions=args.max_sessions,
+        )
     finally:
         agent.close()
     return 0
@@ -166,11 +254,16 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_run(args: argparse.Namespace) -> int:
+    import signal
+
     from device_agents.agent import Agent
     from device_agents.protocol import Message, MsgType
 
     _use_reality_profiles(args.reality_profiles)
-    agent = Agent(args.state, _trusted(args), args.robot, fast=args.fast)
+    agent = Agent(
+        args.state, _trusted(args), args.robot, fast=args.fast, fallback=args.fallback, kind=args.kind
+    )
+    signal.signal(signal.SIGTERM, lambda *_: agent.shutdown())
     try:
         header = {"episodes": args.episodes, "seed": args.seed, "slot": args.slot}
         if args.max_steps is not None:

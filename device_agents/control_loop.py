@@ -13,17 +13,40 @@ inference time is still handed to the robot as latency, so returns stay honest.
 History: frames are stacked oldest first; after a reset the stack is filled with the manifest's
 `observation.history_pad` (the raw value that normalises to SB3's zero padding; zeros if the
 manifest has none), then the first observation is pushed, exactly as `robonas.export.trial_export.rollouts`.
-A non-finite action is counted and replaced by zeros before it reaches the robot.
+
+Safety (issue 14); the robot's safe state is its own (`Robot.halt`, `Robot.safe_action`):
+- Every run ends with `robot.halt()`, in a `finally`, whatever ended it: the last episode, a
+  `stop` event (a STOP or SIGTERM handled by the agent), a non-finite action, a policy that
+  raised, a robot that failed mid-step. A failed halt after a run that otherwise completed is in
+  the report (`halted: false`, `halt_error`); after a failure, the failure is what is raised.
+- The loop waits on the `stop` event rather than sleeping, so a stop set between ticks is seen at
+  once, and one set during a step is seen before the next: the run ends within one period.
+- Every action is clipped to the manifest's limits intersected with the robot's own, for int8
+  and fp32 models alike (the int8 range of an output is not a limit of the robot); an index
+  output is rounded and clipped to [0, n - 1].
+- The watchdog per tick: a step whose robot computer time exceeds the deadline (one period
+  unless told) does not apply its late action; the fallback does ("hold": the previous action
+  the robot received in this episode, the safe action on its first step; "safe": the safe
+  action). Inference cannot be pre-empted from Python, so the fallback reaches the robot when
+  the late step returns; the late action never does. Misses against the period are counted as
+  before (`deadline_misses`), fallbacks apart (`fallback_ticks`).
+- A non-finite action is never sent: it is counted and ends the run (a policy producing NaN is
+  broken, not late). `watchdog_s` arms the robot's heartbeat (SERIAL_ROBOT.md `K`) before the
+  first episode; every step's line feeds it, and the halt at the end disarms it.
 
 Recording (`record=True`): every back end goes through this loop, so a sim twin and a physical
 robot behind the serial back end give the same record (`device_agents.trajectory.Episode`): the
 observations, the actions as `Robot.step` received them, the rewards, the robot's clock and the
-latency handed to the robot, bounded by a `Recorder`.
+latency handed to the robot, bounded by a `Recorder`. The recorded actions are the ones the
+robot received (clipped, or the fallback); an episode a stop cut short is recorded as far as it
+went.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -35,6 +58,7 @@ from device_agents.robots.base import Robot
 from device_agents.trajectory import Recorder
 
 PERCENTILES = (50, 90, 99)
+FALLBACKS = ("hold", "safe")  # what a tick whose step missed its deadline applies
 
 
 def policy_settings(manifest: dict | None) -> dict[str, Any]:
@@ -80,6 +104,51 @@ def _runtime(policy: Any) -> tuple[str, str]:
         return "none", "unknown"
 
 
+def _limit_values(
+    name: str, values: Sequence[float | None] | None, size: int, unbounded: float
+) -> np.ndarray:
+    """A manifest's limits as `size` float64 values; None (an unbounded side) becomes `unbounded`."""
+    if values is None:
+        return np.full(size, unbounded)
+    try:
+        out = np.array([unbounded if v is None else float(v) for v in values], np.float64)
+    except (TypeError, ValueError) as e:
+        raise DeviceError(f"{name}: {values!r} is not a list of numbers") from e
+    if out.size != size or np.any(np.isnan(out)):
+        raise DeviceError(f"{name}: {values!r} must be {size} numbers (null for an unbounded side)")
+    return out
+
+
+def action_bounds(
+    robot: Robot,
+    action_low: Sequence[float | None] | None = None,
+    action_high: Sequence[float | None] | None = None,
+    action_output: str = "value",
+) -> tuple[np.ndarray, np.ndarray]:
+    """The limits the loop clips to: the intersection of the manifest's and the robot's own
+    (`Robot.action_limits`), float32 (+-inf where neither bounds a side). For an index output,
+    one value: the index range, at least 0 (its top is the manifest's `high`, i.e. n - 1, or the
+    robot's). DeviceError when the two do not overlap or a limit has the wrong size."""
+    size = 1 if action_output == "index" else robot.action_size
+    m_lo = _limit_values("action_low", action_low, size, -np.inf)
+    m_hi = _limit_values("action_high", action_high, size, np.inf)
+    lo, hi = m_lo, m_hi
+    own = robot.action_limits()
+    if own is not None:
+        r_lo, r_hi = (np.asarray(v, np.float64).ravel() for v in own)
+        if r_lo.size != size or r_hi.size != size:
+            raise DeviceError(f"robot {robot.name} gives {r_lo.size} action limits, the policy sends {size}")
+        lo, hi = np.maximum(lo, r_lo), np.minimum(hi, r_hi)
+    if action_output == "index":
+        lo = np.maximum(lo, 0.0)
+    if np.any(lo > hi):
+        raise DeviceError(
+            f"the manifest's action limits {m_lo.tolist()}..{m_hi.tolist()} do not overlap "
+            f"robot {robot.name}'s {None if own is None else [v.tolist() for v in own]}"
+        )
+    return lo.astype(np.float32), hi.astype(np.float32)
+
+
 def run_episodes(
     policy: Any,
     robot: Robot,
@@ -96,6 +165,12 @@ def run_episodes(
     sha256: str | None = None,
     record: bool = False,
     recorder: Recorder | None = None,
+    stop: threading.Event | None = None,
+    action_low: Sequence[float | None] | None = None,
+    action_high: Sequence[float | None] | None = None,
+    deadline_s: float | None = None,
+    fallback: str = "hold",
+    watchdog_s: float | None = None,
 ) -> dict[str, Any]:
     """Run `episodes` episodes (seeds seed, seed+1, ...) and report returns and timings.
 
@@ -105,6 +180,18 @@ def run_episodes(
     `record=True` records every step (device_agents.trajectory) in a fresh `Recorder` (the last
     5 episodes, 2 MiB) and adds `"record": encode(...)` to the report; passing a `recorder`
     fills that one instead (its own caps, its earlier episodes kept) and implies `record`.
+
+    Safety (the module docstring says why each is so):
+    - `stop`: checked before every step and waited on between ticks; once set, the run ends
+      within one control period with `stopped = "stop"`.
+    - `action_low`/`action_high`: the manifest's limits (None entries: unbounded), intersected
+      with the robot's; every action is clipped to them (`clipped_actions` counts the steps).
+    - `deadline_s` (default one period) and `fallback` ("hold" or "safe"): a step whose robot
+      computer step time exceeds the deadline applies the fallback instead (`fallback_ticks`).
+    - `watchdog_s`: `robot.arm_watchdog(watchdog_s)` before the first episode.
+    - A non-finite action ends the run (`stopped = "non-finite action"`); a policy that raises
+      ends it with DeviceError("policy error: ..."); a robot error propagates. Whatever ends the
+      run, the robot is halted; the report says `halted` (and `halt_error` if the halt failed).
     """
     _positive_int("episodes", episodes, 0)
     _positive_int("history", history)
@@ -114,26 +201,54 @@ def run_episodes(
         raise DeviceError(f"seed: {seed!r} is not an integer")
     if action_output not in ("value", "index"):
         raise DeviceError(f"action_output {action_output!r} is not one of value, index")
+    if fallback not in FALLBACKS:
+        raise DeviceError(f"fallback {fallback!r} is not one of {', '.join(FALLBACKS)}")
     hz = float(control_hz or robot.control_hz)
     if not (math.isfinite(hz) and hz > 0):
         raise DeviceError(f"control_hz {hz!r} is not a positive rate")
     period = 1.0 / hz
     period_ns = int(period * 1e9)
+    deadline = period if deadline_s is None else deadline_s
+    if (
+        isinstance(deadline, bool)
+        or not isinstance(deadline, (int, float))
+        or not (math.isfinite(deadline) and deadline > 0)
+    ):
+        raise DeviceError(f"deadline_s {deadline_s!r} is not a positive duration")
+    deadline_ns = int(deadline * 1e9)
+    if watchdog_s is not None and (
+        isinstance(watchdog_s, bool)
+        or not isinstance(watchdog_s, (int, float))
+        or not (math.isfinite(watchdog_s) and watchdog_s > period)
+    ):
+        # shorter than a period, the firmware would fall to its safe state between two ticks
+        raise DeviceError(
+            f"watchdog_s {watchdog_s!r} is not a duration longer than one period ({period:g} s)"
+        )
     obs_dim = robot.observation_size
     pad = (
         np.zeros(obs_dim, np.float32) if history_pad is None else np.asarray(history_pad, np.float32).ravel()
     )
     if pad.size != obs_dim:
         raise DeviceError(f"history_pad has {pad.size} values, the robot observes {obs_dim}")
+    index = action_output == "index"
+    out_size = 1 if index else robot.action_size
+    low, high = action_bounds(robot, action_low, action_high, action_output)
+    safe = np.asarray(robot.safe_action(), np.float32).ravel()
+    if safe.size != robot.action_size:
+        raise DeviceError(
+            f"robot {robot.name}: safe action has {safe.size} values, it takes {robot.action_size}"
+        )
+    safe = safe[:out_size].copy()
 
     returns: list[float] = []
     lengths: list[int] = []
     step_ns: list[int] = []  # the robot computer's step times
     host_ns: list[int] = []  # what this machine measured
-    misses = nonfinite = late_ticks = 0
+    misses = nonfinite = late_ticks = clipped = fallback_ticks = 0
+    stopped: str | None = None
     clock = time.perf_counter_ns
     frames = np.zeros(obs_dim * history, np.float32)
-    zero_action = np.zeros(robot.action_size, np.float32)
     if record and recorder is None:
         recorder = Recorder()
     robot.bind_policy(policy)
@@ -142,48 +257,93 @@ def run_episodes(
     # in fast mode the ticks a real-time run would have had (one period a step; the loop does
     # not sleep, so the wall clock says nothing about the robot's time).
     sim_clock = t_start
-    for ep in range(episodes):
-        obs = robot.reset(seed + ep)
-        if recorder is not None:
-            recorder.begin(obs, sim_clock if fast else time.monotonic(), robot.action_size, seed + ep)
-        frames[:] = np.tile(pad, history)
-        total, steps, done = 0.0, 0, False
-        next_tick = time.monotonic()
-        while not done and (max_steps is None or steps < max_steps):
-            frames[:-obs_dim] = frames[obs_dim:]
-            frames[-obs_dim:] = np.asarray(obs, np.float32).ravel()
-            t0 = clock()
-            action = policy.act(frames)
-            measured = clock() - t0
-            host_ns.append(measured)
-            elapsed = round(robot.compute_time(measured / 1e9) * 1e9)
-            step_ns.append(elapsed)
-            if elapsed > period_ns:
-                misses += 1
-            action = np.asarray(action, np.float32).ravel()
-            if not np.all(np.isfinite(action)):
-                nonfinite += 1
-                action = zero_action
-            elif action_output == "index":
-                action = np.rint(action[:1])
-            obs, reward, done = robot.step(action, elapsed / 1e9)
-            total += float(reward)
-            steps += 1
+    completed = False
+    halted = False
+    halt_error: str | None = None
+    try:
+        if watchdog_s is not None:
+            robot.arm_watchdog(float(watchdog_s))
+        for ep in range(episodes):
+            if stop is not None and stop.is_set():
+                stopped = "stop"
+                break
+            obs = robot.reset(seed + ep)
             if recorder is not None:
-                sim_clock += period
-                recorder.step(action, reward, elapsed / 1e9, obs, sim_clock if fast else time.monotonic())
-            if not fast:
-                next_tick += period
-                left = next_tick - time.monotonic()
-                if left > 0:
-                    time.sleep(left)
+                recorder.begin(obs, sim_clock if fast else time.monotonic(), robot.action_size, seed + ep)
+            frames[:] = np.tile(pad, history)
+            total, steps, done = 0.0, 0, False
+            applied: np.ndarray | None = None  # what the robot received last in this episode
+            next_tick = time.monotonic()
+            while not done and (max_steps is None or steps < max_steps):
+                if stop is not None and stop.is_set():
+                    stopped = "stop"
+                    break
+                frames[:-obs_dim] = frames[obs_dim:]
+                frames[-obs_dim:] = np.asarray(obs, np.float32).ravel()
+                t0 = clock()
+                try:
+                    raw = policy.act(frames)
+                    measured = clock() - t0
+                    action = np.asarray(raw, np.float32).ravel()
+                except Exception as e:  # whatever the policy raises, the robot is halted (finally)
+                    raise DeviceError(f"policy error: {type(e).__name__}: {e}") from e
+                host_ns.append(measured)
+                elapsed = round(robot.compute_time(measured / 1e9) * 1e9)
+                step_ns.append(elapsed)
+                if elapsed > period_ns:
+                    misses += 1
+                if action.size != out_size and not (index and action.size >= 1):
+                    raise DeviceError(
+                        f"policy error: {action.size} action values, the robot takes {out_size}"
+                    )
+                if not np.all(np.isfinite(action)):
+                    nonfinite += 1
+                    stopped = "non-finite action"
+                    break
+                if elapsed > deadline_ns:  # too late: the fallback, never the late action
+                    fallback_ticks += 1
+                    action = (applied if fallback == "hold" and applied is not None else safe).copy()
                 else:
-                    late_ticks += 1
-                    next_tick = time.monotonic()  # do not try to catch up with a burst
-        returns.append(total)
-        lengths.append(steps)
-        if recorder is not None:
-            recorder.end()
+                    if index:
+                        action = np.rint(action[:1])
+                    if np.any(action < low) or np.any(action > high):
+                        clipped += 1
+                        action = np.clip(action, low, high)
+                obs, reward, done = robot.step(action, elapsed / 1e9)
+                applied = action
+                total += float(reward)
+                steps += 1
+                if recorder is not None:
+                    sim_clock += period
+                    recorder.step(action, reward, elapsed / 1e9, obs, sim_clock if fast else time.monotonic())
+                if not fast:
+                    next_tick += period
+                    left = next_tick - time.monotonic()
+                    if left > 0:
+                        if stop is not None:
+                            stop.wait(left)  # a STOP wakes the loop at once, not at the tick
+                        else:
+                            time.sleep(left)
+                    else:
+                        late_ticks += 1
+                        next_tick = time.monotonic()  # do not try to catch up with a burst
+            returns.append(total)
+            lengths.append(steps)
+            if recorder is not None:
+                recorder.end()
+            if stopped is not None:
+                break
+        completed = True
+    finally:
+        if completed:
+            try:
+                robot.halt()
+                halted = True
+            except DeviceError as e:  # the run's figures still count; the report says so
+                halt_error = str(e)
+        else:  # the error that ended the run is the one to raise, not a failed halt
+            with contextlib.suppress(Exception):
+                robot.halt()
     n = len(step_ns)
     name, version = _runtime(policy)
     report = {
@@ -199,6 +359,14 @@ def run_episodes(
         "miss_rate": misses / n if n else 0.0,
         "late_ticks": late_ticks,
         "nonfinite_actions": nonfinite,
+        "clipped_actions": clipped,
+        "fallback_ticks": fallback_ticks,
+        "fallback": fallback,
+        "deadline_ms": deadline * 1e3,
+        "watchdog_s": None if watchdog_s is None else float(watchdog_s),
+        "stopped": stopped,
+        "halted": halted,
+        "halt_error": halt_error,
         "control_hz": hz,
         "fast": bool(fast),
         "wall_s": time.monotonic() - t_start,

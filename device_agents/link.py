@@ -1,13 +1,15 @@
 """Links: a byte stream plus the frame codec, for the host end and the agent end.
 
-The host opens every kind of link through pyserial's `serial_for_url`, so one code path serves a
-USB serial port (`/dev/ttyUSB0?baudrate=115200`), TCP (`socket://host:port`, or `tcp://host:port`
-as an alias), `rfc2217://` and the in-process `loop://` used in tests.
+The host opens links through pyserial's `serial_for_url`, so one code path serves a USB serial
+port (`/dev/ttyUSB0?baudrate=115200`), TCP (`socket://host:port`, or `tcp://host:port` as an
+alias), `rfc2217://` and the in-process `loop://` used in tests; `tls://host:port` (pyserial has
+no TLS) is a standard-library socket under `ssl` with the operator's client certificate.
 
 The agent end of TCP is a plain standard-library socket server (`listen`), written by hand
-because pyserial only has client-side URL handlers; it accepts one connection at a time and
-wraps it in `SocketStream`, which offers the same `read(n)` / `write(b)` / `timeout` interface,
-so `read_message` / `write_message` and `Link` work on it unchanged.
+because pyserial only has client-side URL handlers (device_agents.server runs its sessions, TLS
+included); each connection is wrapped in `SocketStream`, which offers the same `read(n)` /
+`write(b)` / `timeout` interface, so `read_message` / `write_message` and `Link` work on it
+unchanged.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import collections
 import contextlib
 import logging
 import socket
+import ssl
 import time
 from typing import Any, Callable
 from urllib.parse import parse_qsl, urlsplit
@@ -38,7 +41,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BAUDRATE = 115200
 AGENT_URL = "tcp://127.0.0.1:7447"
-URL_SCHEMES = ("/dev/... (serial device path)", "socket://", "tcp://", "loop://", "rfc2217://")
+URL_SCHEMES = ("/dev/... (serial device path)", "tls://", "socket://", "tcp://", "loop://", "rfc2217://")
 
 
 def _flag(value: str) -> bool:
@@ -133,15 +136,22 @@ def _serial_kwargs(query: str) -> dict[str, Any]:
     return kwargs
 
 
-def open_link(url: str, timeout_s: float = 5.0) -> Link:
+def open_link(
+    url: str, timeout_s: float = 5.0, tls: ssl.SSLContext | None = None, server_name: str | None = None
+) -> Link:
     """Open a host-side link.
 
     `url` is a serial device path with optional `?baudrate=N` (default 115200), or a pyserial URL
     (`socket://host:port`, `loop://`, `rfc2217://host:port`); `tcp://host:port` means
-    `socket://host:port`. `timeout_s` is the default read timeout of `receive` and `request`.
+    `socket://host:port`; `tls://host:port` is TCP under TLS with the operator's client
+    certificate (`tls`, from `device_agents.tls.client_context`), checking that the agent's
+    certificate names `server_name` (default: the host). `timeout_s` is the default read timeout
+    of `receive` and `request`.
     """
     if not isinstance(url, str) or not url:
         raise LinkError(f"link URL {url!r} is empty; expected one of {URL_SCHEMES}")
+    if url.startswith("tls://"):
+        return _open_tls(url, timeout_s, tls, server_name)
     baudrate: int | None = None
     kwargs: dict[str, Any] = {}
     if url.startswith("tcp://"):
@@ -167,6 +177,34 @@ def open_link(url: str, timeout_s: float = 5.0) -> Link:
     return Link(stream, timeout_s=timeout_s, baudrate=baudrate)
 
 
+def _open_tls(url: str, timeout_s: float, tls: ssl.SSLContext | None, server_name: str | None) -> Link:
+    parts = urlsplit(url)
+    if not parts.hostname or parts.port is None:
+        raise LinkError(f"link URL {url!r} must look like tls://HOST:PORT")
+    if tls is None:
+        raise LinkError(
+            f"{url} needs the operator's TLS credentials (the fleet file's [credentials]; "
+            "`robonas keys ca` and `robonas keys operator` make them)"
+        )
+    try:
+        raw = socket.create_connection((parts.hostname, parts.port), timeout=timeout_s)
+    except OSError as e:
+        raise LinkError(f"cannot open link {url!r}: {e}") from e
+    try:
+        sock = tls.wrap_socket(raw, server_hostname=server_name or parts.hostname)
+    except (ssl.SSLError, OSError) as e:
+        raw.close()
+        raise LinkError(f"TLS handshake with {url} (as {server_name or parts.hostname!r}) failed: {e}") from e
+    return link_for_socket(sock, timeout_s)
+
+
+def link_for_socket(sock: socket.socket, timeout_s: float = 5.0) -> Link:
+    """A `Link` over a connected socket (plain or TLS), with a write timeout for a whole frame."""
+    stream = SocketStream(sock, timeout=timeout_s)
+    stream.write_timeout = timeout_s + 2.0 * wire_time_s(MAX_FRAME, None)
+    return Link(stream, timeout_s=timeout_s)
+
+
 class SocketStream:
     """A connected socket with pyserial's read/write/timeout semantics.
 
@@ -188,7 +226,7 @@ class SocketStream:
             self.sock.settimeout(left)
             try:
                 chunk = self.sock.recv(size - len(data))
-            except (socket.timeout, BlockingIOError):
+            except (socket.timeout, BlockingIOError, ssl.SSLWantReadError):
                 break
             if not chunk:
                 if data:
@@ -224,13 +262,12 @@ def _host_port(url: str) -> tuple[str, int]:
 
 
 class Listener:
-    """The agent's TCP endpoint: accepts one host connection at a time.
-
-    Use `accept()` for the next connection as a `Link`; serve it until LinkClosed, then accept
-    again. Port 0 binds a free port; `address` tells which.
+    """The agent's TCP endpoint. `accept_socket()` hands over the next connection's socket (the
+    server wraps it in TLS and a `Link`), `accept()` the next one as a plain `Link`. Port 0 binds
+    a free port; `address` tells which.
     """
 
-    def __init__(self, host: str, port: int, timeout_s: float = 5.0):
+    def __init__(self, host: str, port: int, timeout_s: float = 5.0, backlog: int = 16):
         self.timeout_s = timeout_s
         self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -239,7 +276,7 @@ class Listener:
         except OSError as e:
             self._sock.close()
             raise LinkError(f"cannot listen on {host}:{port}: {e}") from e
-        self._sock.listen(1)
+        self._sock.listen(backlog)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -251,8 +288,8 @@ class Listener:
         host, port = self.address
         return f"tcp://{host}:{port}"
 
-    def accept(self, timeout_s: float | None = None) -> Link:
-        """Wait for the next connection (None: forever). Raises LinkTimeout."""
+    def accept_socket(self, timeout_s: float | None = None) -> tuple[socket.socket, str]:
+        """The next connection's socket and "host:port" (None: wait forever). Raises LinkTimeout."""
         self._sock.settimeout(timeout_s)
         try:
             conn, peer = self._sock.accept()
@@ -260,10 +297,13 @@ class Listener:
             raise LinkTimeout(f"no connection to {self.url} within {timeout_s} s") from e
         except OSError as e:
             raise LinkError(f"accept on {self.url} failed: {e}") from e
-        log.info("link from %s:%s", *peer[:2])
-        stream = SocketStream(conn, timeout=self.timeout_s)
-        stream.write_timeout = self.timeout_s + 2.0 * wire_time_s(MAX_FRAME, None)
-        return Link(stream, timeout_s=self.timeout_s)
+        log.info("connection from %s:%s", *peer[:2])
+        return conn, f"{peer[0]}:{peer[1]}"
+
+    def accept(self, timeout_s: float | None = None) -> Link:
+        """Wait for the next connection (None: forever) as a plain `Link`. Raises LinkTimeout."""
+        conn, _ = self.accept_socket(timeout_s)
+        return link_for_socket(conn, self.timeout_s)
 
     def close(self) -> None:
         self._sock.close()
@@ -275,7 +315,7 @@ class Listener:
         self.close()
 
 
-def listen(url: str = AGENT_URL, timeout_s: float = 5.0) -> Listener:
+def listen(url: str = AGENT_URL, timeout_s: float = 5.0, backlog: int = 16) -> Listener:
     """Agent side: listen on `tcp://HOST:PORT` (default tcp://127.0.0.1:7447)."""
     host, port = _host_port(url)
-    return Listener(host, port, timeout_s=timeout_s)
+    return Listener(host, port, timeout_s=timeout_s, backlog=backlog)

@@ -55,6 +55,8 @@ class MsgType(enum.IntEnum):
     PING = 12
     PONG = 13
     ERROR = 14
+    STOP = 15
+    AUTH = 16
 
 
 # Header fields each type must carry (documented in PROTOCOL.md; checked with Message.require).
@@ -73,6 +75,8 @@ REQUIRED_FIELDS = {
     MsgType.PING: (),
     MsgType.PONG: (),
     MsgType.ERROR: ("reason",),
+    MsgType.STOP: (),
+    MsgType.AUTH: ("key_id", "signature"),
 }
 
 

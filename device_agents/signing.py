@@ -5,6 +5,13 @@ manifest is signed as canonical JSON (sorted keys, no spaces, UTF-8, no NaN); th
 agent both call `canonical_json` from here, so they agree byte for byte. The manifest carries
 the model's sha256, so one signature covers the model too. A `signature` key inside the manifest
 is left out of the signed bytes, so a manifest may carry its own signature.
+
+Ordering: a manifest signed for deployment carries `sequence`, an integer >= 1 that grows with
+every signature made with one key (`next_sequence`, `stamp_and_sign`). The agent remembers the
+highest it promoted per key and refuses older artifacts (`device_agents.slots`), so a replayed,
+correctly signed old artifact cannot downgrade a robot. The counter lives beside the private key
+in `<key>.seq`, guarded by `fcntl.flock` (POSIX; the host side runs on Linux or macOS), and never
+falls behind the wall clock in milliseconds, so two laptops sharing one key stay ordered by time.
 """
 
 from __future__ import annotations
@@ -14,11 +21,13 @@ import binascii
 import hashlib
 import hmac
 import json
+import logging
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -27,12 +36,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from device_agents.atomic import atomic_write
 from device_agents.errors import DeviceError
 
+if TYPE_CHECKING:
+    from typing import TypeGuard  # 3.10+, only for the checker: annotations stay strings on 3.9
+
 OK = "ok"
 UNSIGNED = "unsigned"
 BAD_SIGNATURE = "bad signature"
 SHA256_MISMATCH = "sha256 mismatch"
 NO_TRUSTED_KEYS = "no trusted keys"
 BAD_MANIFEST = "bad manifest"
+
+SEQUENCE_SUFFIX = ".seq"  # <private key>.seq: the last sequence handed out with that key
+
+log = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 KeySource = Union[Ed25519PublicKey, PathLike, bytes]
@@ -87,10 +103,18 @@ def key_id(public_key: Ed25519PublicKey) -> str:
 def generate_keypair(out_dir: PathLike, name: str = "robonas", overwrite: bool = False) -> tuple[Path, Path]:
     """Write `<name>.key` (PKCS#8 PEM, mode 0600) and `<name>.pub` (PEM) to `out_dir`.
 
-    Refuses to replace an existing private key unless `overwrite` is true.
+    Refuses to replace an existing private key unless `overwrite` is true. A folder created here
+    gets mode 0700, the private key 0600 and the public key 0644 whatever the process umask; an
+    existing folder keeps its mode (it is the operator's).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        existed = out.is_dir()
+        out.mkdir(parents=True, exist_ok=True)
+        if not existed:
+            os.chmod(out, 0o700)  # chmod, not mkdir(mode=): a mode given to mkdir is umask-filtered
+    except OSError as e:
+        raise SigningError(f"cannot create the key folder {out}: {e}") from e
     private_path, public_path = out / f"{name}.key", out / f"{name}.pub"
     if private_path.exists() and not overwrite:
         raise SigningError(f"{private_path} exists; pass overwrite=True to replace it")
@@ -164,6 +188,68 @@ def sign_manifest(manifest: dict, private_key: Ed25519PrivateKey | PathLike) -> 
     if not isinstance(private_key, Ed25519PrivateKey):
         private_key = load_private_key(private_key)
     return base64.b64encode(private_key.sign(_signed_bytes(manifest))).decode("ascii")
+
+
+def valid_sequence(value: object) -> TypeGuard[int]:
+    """A manifest `sequence`: an integer >= 1 (JSON true/false and 3.0 are not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _unix_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def next_sequence(private_key_path: PathLike) -> int:
+    """The next ordering number for manifests signed with this key: max(last + 1, unix ms).
+
+    The last number handed out is kept in `<key>.seq` beside the key (written atomically), under
+    an exclusive `fcntl.flock` on `<key>.seq.lock`, so two processes signing with one key at
+    the same instant never get the same number. An unreadable `.seq` file is replaced: the
+    clock alone still orders it after everything signed before (unless the clock went back).
+    """
+    import fcntl  # POSIX only; imported here so the agent never needs it
+
+    key = Path(private_key_path)
+    seq_path = key.with_name(key.name + SEQUENCE_SUFFIX)
+    lock_path = key.with_name(key.name + SEQUENCE_SUFFIX + ".lock")
+    try:
+        fd = os.open(str(lock_path), os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise SigningError(f"cannot open the sequence lock {lock_path}: {e}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed, also if we are killed
+        last = 0
+        try:
+            text = seq_path.read_text(encoding="ascii").strip()
+            last = int(text)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as e:
+            log.warning("sequence file %s unreadable (%s); continuing from the clock", seq_path, e)
+        seq = max(last + 1, _unix_ms(), 1)
+        try:
+            atomic_write(seq_path, f"{seq}\n".encode("ascii"), 0o600)
+        except OSError as e:
+            raise SigningError(f"cannot record the sequence in {seq_path}: {e}") from e
+        return seq
+    finally:
+        os.close(fd)
+
+
+def stamp_and_sign(manifest: dict, private_key_path: PathLike) -> tuple[dict, str]:
+    """A copy of `manifest` with a fresh `sequence` (see `next_sequence`), and its signature.
+
+    The key is loaded before a number is taken, so a bad key wastes none. An embedded
+    `signature` is dropped from the copy: it signed other bytes.
+    """
+    if isinstance(private_key_path, (Ed25519PrivateKey, bytes)):
+        raise SigningError("stamp_and_sign needs a key file: the sequence is remembered beside it")
+    if not isinstance(manifest, dict):
+        raise SigningError(f"manifest must be a dict, got {type(manifest).__name__}")
+    key = load_private_key(private_key_path)
+    stamped = {k: v for k, v in manifest.items() if k != "signature"}
+    stamped["sequence"] = next_sequence(private_key_path)
+    return stamped, sign_manifest(stamped, key)
 
 
 def verify_manifest(manifest: dict, signature: str | None, trusted_keys: Iterable[KeySource]) -> Verdict:

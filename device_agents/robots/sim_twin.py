@@ -19,6 +19,10 @@ the previous action stays on the motors. An action that is not ready by the end 
 takes effect in a later one (the motors keep the last ready action meanwhile), and an older
 action that is overtaken by a newer ready one is dropped, as on a real controller that always
 applies the newest result. `report_extras` adds the latency the twin applied.
+
+Safety: the twin's `kind` is its profile's env id, its action limits are its env's action space
+(a Box's low/high; a Discrete's index range), its safe action zeros, and `halt` puts the safe
+action on the motors at once (counted as `halts` in `report_extras`).
 """
 
 from __future__ import annotations
@@ -66,15 +70,23 @@ class SimTwin(Robot):
         self._hz = float(self._control.control_hz)
         action_space, obs_space = self._env.action_space, self._env.observation_space
         self._act_shape: tuple[int, ...]
+        self._limits: tuple[np.ndarray, np.ndarray]  # the robot's own: the action space's
         if isinstance(action_space, spaces.Discrete):  # one action value: the index
             self._discrete, self._n, self._act_shape = True, int(action_space.n), (1,)
+            self._limits = (np.zeros(1, np.float32), np.full(1, self._n - 1, np.float32))
         elif isinstance(action_space, spaces.Box):
             self._discrete, self._n, self._act_shape = False, 0, action_space.shape
+            self._limits = (
+                np.asarray(action_space.low, np.float32).ravel(),
+                np.asarray(action_space.high, np.float32).ravel(),
+            )
         else:
             raise DeviceError(f"robot sim:{profile}: action space {action_space} is not a Box or Discrete")
         if not isinstance(obs_space, spaces.Box):
             raise DeviceError(f"robot sim:{profile}: observation space {obs_space} is not a Box")
         self._act_size = int(np.prod(self._act_shape))
+        self._current = np.zeros(self._act_size, np.float32)  # what the motors hold
+        self._halts = 0
         self._obs_size = int(np.prod(obs_space.shape))
         self._closed = False
 
@@ -89,6 +101,21 @@ class SimTwin(Robot):
     @property
     def control_hz(self) -> float:
         return self._hz
+
+    @property
+    def kind(self) -> str | None:
+        return str(self._profile.env_id)
+
+    def action_limits(self) -> tuple[np.ndarray, np.ndarray] | None:
+        return self._limits[0].copy(), self._limits[1].copy()
+
+    def halt(self) -> None:
+        """The motors take the safe action at once: pending (late) actions are dropped, so none
+        takes effect after the halt. No simulated time passes (the env is not stepped), so it
+        is safe after an episode ended and on a closed twin."""
+        self._pending.clear()
+        self._current = self.safe_action()
+        self._halts += 1
 
     def bind_policy(self, policy: object) -> None:
         macs = getattr(policy, "macs", None)
@@ -146,8 +173,9 @@ class SimTwin(Robot):
                 "p99": float(np.percentile(applied, 99)),
             },
             "stale_periods": self._stale,
+            "halts": self._halts,
         }
-        self._applied_ms, self._stale = [], 0
+        self._applied_ms, self._stale, self._halts = [], 0, 0
         return out
 
     def close(self) -> None:

@@ -63,15 +63,17 @@ def calibrate_latency(
     from rich.console import Console
     from rich.progress import Progress
 
-    from robonas.fleet.client import AgentClient
+    from robonas.fleet.client import AgentClient, fleet_credentials
     from robonas.fleet.inventory import load_inventory
     from robonas.models.recalibrate import calibrate_latency_on_agent, rescore_study
     from robonas.store import Store
 
-    entry = load_inventory(fleet).get(agent)
+    inventory = load_inventory(fleet)
+    entry = inventory.get(agent)
     db = Store(store)
     space = _space_for(config, study, db)
-    with AgentClient(entry.link, entry.timeout_s, name=entry.name) as client, Progress(transient=True) as bar:
+    client = AgentClient.for_entry(entry, fleet_credentials(inventory))
+    with client, Progress(transient=True) as bar:
         task = bar.add_task(f"BENCH on {entry.name}", total=n_archs)
         _model, version, m = calibrate_latency_on_agent(
             db,

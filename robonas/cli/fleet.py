@@ -4,6 +4,8 @@ Typer for arguments, rich for tables and the per-robot progress of a deploy. Hea
 (the store's SQLAlchemy, the artifact reader's TFLite runtime) are imported inside the commands
 so `robonas --help` stays fast. Bad input (RobonasError, DeviceError) becomes one line on stderr
 and exit code 2, and so does a run where any robot failed, after the table has been printed.
+Models are refitted and studies re-ranked after a deploy or run only from the robots that sent a
+report; when none did, one stderr line says so and why, and nothing is touched.
 
 The lead mounts these on the main app:
     app.command("deploy")(deploy_command)
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import TaskID
 
-    from robonas.fleet.deploy import RolloutEvent, RolloutResult
+    from robonas.fleet.deploy import RobotResult, RolloutEvent, RolloutResult
     from robonas.fleet.inventory import Inventory
     from robonas.store import Store
 
@@ -167,7 +169,7 @@ def _deploy(
                 key=key,
             )
             print(json.dumps(result.to_dict(), indent=2, default=str))
-            _recalibrate(store, [_study_of(artifact)], [e.device for e in inventory.select(agents)], refit)
+            _recalibrate_after_deploy(store, artifact, inventory, result, refit)
             return result
         result = _deploy_with_progress(
             artifact,
@@ -184,7 +186,7 @@ def _deploy(
             store,
         )
         _print_rollout(result)
-        _recalibrate(store, [_study_of(artifact)], [e.device for e in inventory.select(agents)], refit)
+        _recalibrate_after_deploy(store, artifact, inventory, result, refit)
     finally:
         store.close()
     return result
@@ -197,6 +199,37 @@ def _study_of(artifact: str) -> str | None:
         return json.loads((Path(artifact) / "manifest.json").read_text()).get("study")
     except (OSError, ValueError):
         return None
+
+
+def _recalibrate_after_deploy(
+    store: Store, artifact: str, inventory: Inventory, result: RolloutResult, refit: bool
+) -> None:
+    """Refit from a rollout only if it brought new evidence: a canary report stored by at least
+    one robot. A canary that failed still counts (its timings are real measurements, and a
+    deadline-miss failure is exactly what the latency model must learn); a rollout where every
+    robot was refused before its canary, lost its link or was skipped brought nothing, so
+    nothing is refitted or re-ranked and the line says why."""
+    reporting = [r for r in result.robots if r.report_id is not None]
+    if not reporting:
+        _no_evidence("no robot sent a canary report", [(r.name, _why_no_report(r)) for r in result.robots])
+        return
+    devices = {e.name: e.device for e in inventory.agents}
+    _recalibrate(store, [_study_of(artifact)], [devices[r.name] for r in reporting], refit)
+
+
+def _why_no_report(r: RobotResult) -> str:
+    """What became of a RobotResult that stored no report, in a few words."""
+    if r.ok:  # the agent passed it without canary episodes, or the store was not written
+        return "deployed, but no canary report"
+    return f"{r.status}" + (f" ({r.reason})" if r.reason else "")
+
+
+def _no_evidence(what: str, robots: list[tuple[str, str]]) -> None:
+    """One stderr line: why the models and rankings were left as they are."""
+    detail = "; ".join(f"{name}: {why}" for name, why in robots) or "no robots selected"
+    _console(stderr=True).print(
+        f"recalibrate: nothing refitted or re-ranked: {what} ({detail})", markup=False, soft_wrap=True
+    )
 
 
 def _recalibrate(
@@ -391,11 +424,13 @@ def status_command(
 
 
 def _status(fleet: str, agents: str | None, store_url: str | None) -> list[dict[str, Any]]:
-    from robonas.fleet.client import AgentClient, FleetError
+    from robonas.fleet.client import AgentClient, FleetError, fleet_credentials
     from robonas.fleet.inventory import load_inventory
     from robonas.fleet.reports import last_reports, register_device, summarise_report
 
-    entries = load_inventory(fleet).select(agents)
+    inventory = load_inventory(fleet)
+    entries = inventory.select(agents)
+    credentials = fleet_credentials(inventory)
     store = _open_store(store_url)
     rows = []
     try:
@@ -409,7 +444,7 @@ def _status(fleet: str, agents: str | None, store_url: str | None) -> list[dict[
                 "error": "",
             }
             try:
-                with AgentClient(e.link, e.timeout_s, name=e.name) as c:
+                with AgentClient.for_entry(e, credentials) as c:
                     row["hello"] = c.hello()
                     row.update(_slot_summary(c.status()))
                 row["reachable"] = True
@@ -453,12 +488,13 @@ def rollback_command(
 
 
 def _rollback(fleet: str, agent: str, store_url: str | None) -> dict[str, Any]:
-    from robonas.fleet.client import AgentClient
+    from robonas.fleet.client import AgentClient, fleet_credentials
     from robonas.fleet.inventory import load_inventory
     from robonas.fleet.reports import artifact_for_sha, record_deployment, register_device
 
-    entry = load_inventory(fleet).get(agent)
-    with AgentClient(entry.link, entry.timeout_s, name=entry.name) as c:
+    inventory = load_inventory(fleet)
+    entry = inventory.get(agent)
+    with AgentClient.for_entry(entry, fleet_credentials(inventory)) as c:
         c.hello()
         before = _slot_summary(c.status())
         ack = c.rollback()
@@ -566,7 +602,7 @@ def _run(
     import time
 
     from device_agents.trajectory import summary as record_summary
-    from robonas.fleet.client import AgentClient, FleetError
+    from robonas.fleet.client import AgentClient, FleetError, fleet_credentials
     from robonas.fleet.inventory import load_inventory
     from robonas.fleet.reports import (
         artifact_for_sha,
@@ -575,14 +611,16 @@ def _run(
         summarise_report,
     )
 
-    entries = load_inventory(fleet).select(agents)
+    inventory = load_inventory(fleet)
+    entries = inventory.select(agents)
+    credentials = fleet_credentials(inventory)
     store = _open_store(store_url)
     rows = []
     try:
         for e in entries:
             row: dict[str, Any] = {"name": e.name, "ok": False, "error": ""}
             try:
-                with AgentClient(e.link, e.timeout_s, name=e.name) as c:
+                with AgentClient.for_entry(e, credentials) as c:
                     c.hello()
                     t0 = time.perf_counter()
                     report = c.run(episodes, seed, record=record)
@@ -609,13 +647,15 @@ def _run(
             except FleetError as err:
                 row["error"] = str(err)
             rows.append(row)
-        studies = [
-            store.get_study_by_id(store.get_trial(r["trial_id"]).study_id).name
-            for r in rows
-            if r.get("trial_id") is not None
-        ]
-        if studies:
-            _recalibrate(store, studies, [e.device for e in entries], refit, robots=[e.name for e in entries])
+        # Only robots that returned a report are new evidence. A report on an artifact the store
+        # does not know names no trial, so it refits nothing either; that case stays quiet, as
+        # the table already says which reports were stored.
+        tied = [(e, r) for e, r in zip(entries, rows, strict=True) if r.get("trial_id") is not None]
+        if not any(r["ok"] for r in rows):
+            _no_evidence("no robot returned a report", [(r["name"], r["error"]) for r in rows])
+        elif tied:
+            studies = [store.get_study_by_id(store.get_trial(r["trial_id"]).study_id).name for _, r in tied]
+            _recalibrate(store, studies, [e.device for e, _ in tied], refit, robots=[e.name for e, _ in tied])
     finally:
         store.close()
     return rows

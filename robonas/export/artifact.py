@@ -9,7 +9,12 @@ Layout, chosen to be the simplest thing to verify:
 - `manifest.json` is written as exactly the canonical JSON that gets signed, so its bytes are the
   signed bytes; it carries the model's sha256, so one signature covers the model as well;
 - `manifest.sig` is the detached base64 signature; an unsigned artifact simply has none (and
-  `verify` reports it as unsigned, never as good).
+  `verify` reports it as unsigned, never as good);
+- a signed manifest carries `sequence` (an integer >= 1, growing with every signature made with
+  one key): agents refuse an artifact older than the newest they promoted from that key
+  (`device_agents.slots.SlotStore.order_verdict`), so a replayed old artifact cannot downgrade a
+  robot. Signing with a key file stamps it from the counter kept beside the key
+  (`device_agents.signing.stamp_and_sign`).
 Every file is written atomically (temp file in the same directory, fsync, os.replace).
 """
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -130,18 +136,40 @@ def write_artifact(
     private_key: Ed25519PrivateKey | str | os.PathLike[str] | None = None,
 ) -> Path:
     """Write the model, the manifest and (with `private_key`, an Ed25519 key or a key path) the
-    detached signature. A stale `manifest.sig` from an earlier export is removed when unsigned."""
-    from device_agents.signing import SigningError, canonical_json, sign_manifest
+    detached signature. A stale `manifest.sig` from an earlier export is removed when unsigned.
+
+    Signed manifests carry a `sequence` (agents refuse older ones). With a key *file* a fresh
+    one is always stamped from the counter beside the key (`stamp_and_sign`). With a key
+    *object* there is no counter: the caller's `manifest["sequence"]` is kept when it is an
+    integer >= 1, otherwise the current unix time in milliseconds is used. An unsigned manifest
+    is written as given (`robonas deploy --key` stamps one when it signs). The manifest written
+    (with its sequence) is what `load_artifact` returns; `manifest` itself is not modified.
+    """
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from device_agents.signing import (
+        SigningError,
+        canonical_json,
+        sign_manifest,
+        stamp_and_sign,
+        valid_sequence,
+    )
 
     if manifest.get("sha256") != hashlib.sha256(model_bytes).hexdigest():
         raise RobonasError("manifest sha256 does not match the model bytes; rebuild the manifest")
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     try:
+        signature: str | None = None
+        if isinstance(private_key, Ed25519PrivateKey):
+            if not valid_sequence(manifest.get("sequence")):
+                manifest = {**manifest, "sequence": time.time_ns() // 1_000_000}
+            signature = sign_manifest(manifest, private_key)
+        elif private_key is not None:
+            manifest, signature = stamp_and_sign(manifest, private_key)
         manifest_bytes = canonical_json(manifest)
-        signature = None if private_key is None else sign_manifest(manifest, private_key)
     except SigningError as e:
         raise RobonasError(f"cannot sign the manifest: {e}") from e
+    d.mkdir(parents=True, exist_ok=True)
     atomic_write(d / MODEL_FILE, bytes(model_bytes))
     atomic_write(d / MANIFEST_FILE, manifest_bytes)
     if signature is None:

@@ -35,6 +35,8 @@ from robonas.errors import ConfigError, RobonasError
 
 if TYPE_CHECKING:
     from device_agents.link import Link
+    from robonas.credentials import HostCredentials
+    from robonas.fleet.inventory import AgentEntry
 
 PROTOCOL_VERSION = 1
 DEFAULT_EPISODE_TIMEOUT_S = 60.0  # one canary/run episode; a 1000-step episode at 20 Hz is 50 s
@@ -140,6 +142,17 @@ def read_artifact(artifact_dir: str | Path) -> tuple[dict[str, Any], bytes, str 
     return load_artifact(artifact_dir)
 
 
+def fleet_credentials(inventory: Any) -> HostCredentials | None:
+    """The operator credentials a fleet file names (`[credentials] keys`, `operator`), checked;
+    None when it names none (the host may then only read status)."""
+    ref = getattr(inventory, "credentials", None)
+    if ref is None:
+        return None
+    from robonas.credentials import find_host_credentials
+
+    return find_host_credentials(ref.keys, ref.operator)
+
+
 class AgentClient:
     """A session with one agent. Opens its link on first use; `close()` (or `with`) ends it.
 
@@ -155,6 +168,8 @@ class AgentClient:
         *,
         episode_timeout_s: float = DEFAULT_EPISODE_TIMEOUT_S,
         bench_timeout_s: float = DEFAULT_BENCH_TIMEOUT_S,
+        credentials: HostCredentials | None = None,
+        server_name: str | None = None,
     ):
         if not timeout_s > 0:
             raise ConfigError(f"timeout_s: {timeout_s!r} must be a positive number of seconds")
@@ -163,8 +178,22 @@ class AgentClient:
         self.timeout_s = float(timeout_s)
         self.episode_timeout_s = float(episode_timeout_s)
         self.bench_timeout_s = float(bench_timeout_s)
+        self.credentials = credentials
+        self.server_name = server_name
         self._link: Link | None = None
         self.agent_hello: dict[str, Any] | None = None
+        self.operator: str | None = None  # who the agent took us for, once authenticated
+
+    @classmethod
+    def for_entry(cls, entry: AgentEntry, credentials: HostCredentials | None = None) -> AgentClient:
+        """A client for one robot of a fleet inventory, with the fleet's operator credentials."""
+        return cls(
+            entry.link,
+            entry.timeout_s,
+            name=entry.name,
+            credentials=credentials,
+            server_name=getattr(entry, "server_name", None) or entry.name,
+        )
 
     # ------------------------------------------------------------------ link handling
     def __enter__(self) -> AgentClient:
@@ -178,17 +207,54 @@ class AgentClient:
         return None if self._link is None else self._link.baudrate
 
     def connect(self) -> Link:
-        """Open the link if it is not open (no HELLO is sent); returns the `Link`."""
+        """Open the link if it is not open and authenticate: over `tls://` with the operator's
+        client certificate; over a plain link (serial, loopback TCP) by signing the challenge of
+        the agent's HELLO (AUTH). Without credentials the session may only read status."""
         if self._link is None:
             from device_agents.link import open_link
 
+            tls = None
+            if self.url.startswith("tls://"):
+                if self.credentials is None:
+                    raise LinkFailure(
+                        f"agent {self.name}: {self.url} needs operator credentials (the fleet file's "
+                        "[credentials] keys folder; `robonas keys ca` and `robonas keys operator` make them)",
+                        self.name,
+                        "connect",
+                    )
+                try:
+                    tls = self.credentials.client_context()
+                except DeviceError as e:
+                    raise ConfigError(f"operator credentials: {e}") from e
             try:
-                self._link = open_link(self.url, timeout_s=self.timeout_s)
+                self._link = open_link(
+                    self.url, timeout_s=self.timeout_s, tls=tls, server_name=self.server_name or self.name
+                )
             except DeviceError as e:
                 raise LinkFailure(
                     f"agent {self.name}: cannot open link {self.url}: {e}", self.name, "connect"
                 ) from e
+            if tls is None and self.credentials is not None:
+                try:
+                    self._authenticate()
+                except BaseException:
+                    self.close()
+                    raise
         return self._link
+
+    def _authenticate(self) -> None:
+        """HELLO for a challenge, AUTH with it signed by the operator's key (PROTOCOL.md)."""
+        from device_agents.operators import sign_challenge
+
+        assert self.credentials is not None
+        hello = self.hello()
+        challenge = hello.get("challenge")
+        if not isinstance(challenge, str):
+            return  # already authenticated (or an agent that predates AUTH)
+        answer = sign_challenge(self.credentials.private_key(), str(hello.get("agent", "")), challenge)
+        reply = self._request("auth", MsgType.AUTH, answer)
+        header = self._expect("auth", reply, MsgType.ACK)
+        self.operator = header.get("operator")
 
     def close(self) -> None:
         if self._link is not None:
@@ -276,6 +342,11 @@ class AgentClient:
         """ROLLBACK to the other slot; the ACK header (with `active`)."""
         return self._expect("rollback", self._request("rollback", MsgType.ROLLBACK), MsgType.ACK)
 
+    def stop(self, reason: str = "operator") -> dict[str, Any]:
+        """STOP: the agent ends the run in progress within one control period and halts the
+        robot; the ACK says whether a run was stopped. Any authenticated operator may stop."""
+        return self._expect("stop", self._request("stop", MsgType.STOP, {"reason": reason}), MsgType.ACK)
+
     def run(
         self,
         episodes: int,
@@ -284,8 +355,12 @@ class AgentClient:
         slot: str | None = None,
         max_steps: int | None = None,
         record: bool = False,
+        force: bool = False,
     ) -> dict[str, Any]:
         """RUN episodes on the active (or named) slot; the REPORT header (timings, returns).
+
+        `force=True` runs a slot whose policy failed its canary (needs the deploy role).
+        Ctrl-C while the robot runs sends STOP on the same link before giving up.
 
         `record=True` asks the agent for its record of the run (the last few episodes, step by
         step): the report then carries `"record"`, the encoded record
@@ -302,18 +377,36 @@ class AgentClient:
             header["max_steps"] = int(max_steps)
         if record:
             header["record"] = True
-        reply = self._request(
-            "run",
-            MsgType.RUN,
-            header,
-            extra_s=episodes * self.episode_timeout_s,
-            wire_bytes=MAX_PAYLOAD if record else 0,  # the record's first part rides on the reply
-        )
+        if force:
+            header["force"] = True
+        try:
+            reply = self._request(
+                "run",
+                MsgType.RUN,
+                header,
+                extra_s=episodes * self.episode_timeout_s,
+                wire_bytes=MAX_PAYLOAD if record else 0,  # the record's first part rides on the reply
+            )
+        except KeyboardInterrupt:
+            self._stop_on_interrupt()
+            raise
         report = self._expect("run", reply, MsgType.REPORT, MsgType.ACK)
         if record:
             wire = report.pop("record_wire", None)
             report["record"] = None if wire is None else self._receive_record(reply, wire)
         return report
+
+    def _stop_on_interrupt(self) -> None:
+        """The user pressed Ctrl-C while the robot runs: tell the agent to stop it (best effort;
+        the run's own reply, when it comes, is dropped as stale)."""
+        if self._link is None:
+            return
+        try:
+            self.stop("interrupted on the host")
+        except FleetError:
+            pass
+        finally:
+            self.close()
 
     def _receive_record(self, first: Message, wire: Any) -> dict[str, Any]:
         """The record a REPORT announced in `record_wire`: its payload, then the frames that
@@ -406,10 +499,15 @@ class AgentClient:
         *,
         signature: str | None = None,
         chunk_size: int = DEFAULT_CHUNK,
+        manifest: dict[str, Any] | None = None,
+        allow_downgrade: bool = False,
     ) -> DeployResult:
         """Push an artifact: DEPLOY_BEGIN, chunks, DEPLOY_END (the agent's canary runs there).
 
-        `signature` overrides the artifact's `manifest.sig` (e.g. signed at deploy time).
+        `signature` overrides the artifact's `manifest.sig` (e.g. signed at deploy time), and
+        `manifest` its manifest (re-stamped with a fresh sequence when signed at deploy time).
+        `allow_downgrade` asks the agent to accept an artifact older than its newest one (an
+        explicit roll back; the operator needs the rollback role).
         `progress(bytes_sent, total)` is called after every acknowledged chunk.
         Returns a DeployResult (ok, or refused with the agent's reason); raises LinkFailure if
         the link fails anywhere, leaving the agent on its previous model.
@@ -419,7 +517,8 @@ class AgentClient:
         canary = canary or Canary()
         if not 0 < chunk_size <= MAX_PAYLOAD:
             raise ConfigError(f"chunk_size: {chunk_size} must lie in 1..{MAX_PAYLOAD}")
-        manifest, model, file_sig = read_artifact(artifact_dir)
+        file_manifest, model, file_sig = read_artifact(artifact_dir)
+        manifest = manifest if manifest is not None else file_manifest
         signature = signature if signature is not None else file_sig
         size, sha = len(model), hashlib.sha256(model).hexdigest()
         result = DeployResult(agent=self.name, ok=False, sha256=sha, size=size)
@@ -444,10 +543,17 @@ class AgentClient:
             "chunk_size": chunk_size,
             "canary": canary.to_header(),
         }
+        if allow_downgrade:
+            begin["allow_downgrade"] = True
         reply = self._request("deploy begin", MsgType.DEPLOY_BEGIN, begin, wire_bytes=len(str(manifest)))
         if reply.type in (MsgType.NACK, MsgType.ERROR):
             return refused("begin", reply.header, reply.type)
         header = self._expect("deploy begin", reply, MsgType.ACK)
+        # the agent may ask for more canary episodes than we did (its own floor): wait for those
+        agreed = header.get("canary")
+        episodes = canary.episodes
+        if isinstance(agreed, dict) and isinstance(agreed.get("episodes"), int):
+            episodes = max(episodes, agreed["episodes"])
         offset = int(header.get("next_offset", 0))
         resyncs = 0
         while offset < size:
@@ -470,9 +576,7 @@ class AgentClient:
             if progress is not None:
                 progress(result.bytes_sent, size)
         result.transfer_s = time.perf_counter() - t0
-        reply = self._request(
-            "deploy end", MsgType.DEPLOY_END, {}, extra_s=canary.episodes * self.episode_timeout_s
-        )
+        reply = self._request("deploy end", MsgType.DEPLOY_END, {}, extra_s=episodes * self.episode_timeout_s)
         if reply.type in (MsgType.NACK, MsgType.ERROR):
             return refused("end", reply.header, reply.type)
         header = self._expect("deploy end", reply, MsgType.ACK)
@@ -492,5 +596,6 @@ __all__ = [
     "DeployResult",
     "FleetError",
     "LinkFailure",
+    "fleet_credentials",
     "read_artifact",
 ]

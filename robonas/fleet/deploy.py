@@ -12,6 +12,11 @@ dropped or timed out on every attempt; the agent keeps its previous policy, beca
 slot is only touched after DEPLOY_END passes); `skipped` (a canary failed, so it was not tried).
 Link failures are retried `retries` times on a fresh link; a new DEPLOY_BEGIN abandons the
 agent's half-received transfer, so a retry always starts from offset 0.
+
+Signing at deploy time (`key`) stamps the manifest with a fresh `sequence` once per rollout
+(`device_agents.signing.stamp_and_sign`) and sends that stamped manifest, with its signature,
+to every robot: agents refuse artifacts older than the newest they promoted from that key, so
+every robot of one rollout must see the same number, and the next rollout a higher one.
 """
 
 from __future__ import annotations
@@ -24,7 +29,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from robonas.errors import ConfigError
-from robonas.fleet.client import AgentClient, AgentRefused, Canary, DeployResult, LinkFailure
+from robonas.fleet.client import (
+    AgentClient,
+    AgentRefused,
+    Canary,
+    DeployResult,
+    LinkFailure,
+    fleet_credentials,
+)
 from robonas.fleet.inventory import AgentEntry, Inventory
 from robonas.fleet.reports import (
     ArtifactRef,
@@ -35,6 +47,7 @@ from robonas.fleet.reports import (
 )
 
 if TYPE_CHECKING:
+    from robonas.credentials import HostCredentials
     from robonas.store import Store
 
 STATUSES = ("ok", "refused", "link-failure", "skipped")
@@ -80,6 +93,7 @@ class RolloutResult:
     artifact_id: int | None
     canary_names: list[str]
     robots: list[RobotResult]
+    sequence: int | None = None  # the manifest's ordering number as sent (stamped here with a key)
 
     @property
     def ok(self) -> bool:
@@ -101,17 +115,19 @@ ClientFactory = Callable[[AgentEntry], AgentClient]
 Listener = Callable[[RolloutEvent], None]
 
 
-def default_client(entry: AgentEntry) -> AgentClient:
-    return AgentClient(entry.link, entry.timeout_s, name=entry.name)
+def default_client(entry: AgentEntry, credentials: HostCredentials | None = None) -> AgentClient:
+    return AgentClient.for_entry(entry, credentials)
 
 
-def _sign(manifest: dict[str, Any], key: str | Path | None) -> str | None:
+def _sign(manifest: dict[str, Any], key: str | Path | None) -> tuple[dict[str, Any] | None, str | None]:
+    """(stamped manifest, signature) signed now with the key file, or (None, None) without a key
+    (the artifact's own manifest and `manifest.sig` are sent)."""
     if key is None:
-        return None
-    from device_agents.signing import SigningError, sign_manifest
+        return None, None
+    from device_agents.signing import SigningError, stamp_and_sign
 
     try:
-        return sign_manifest(manifest, key)
+        return stamp_and_sign(manifest, key)
     except SigningError as e:
         raise ConfigError(f"signing key {key}: {e}") from e
 
@@ -122,12 +138,14 @@ def _deploy_one(
     artifact_dir: Path,
     canary: Canary,
     signature: str | None,
+    manifest: dict[str, Any] | None,
     retries: int,
     store: Store | None,
     ref: ArtifactRef,
     make_client: ClientFactory,
     emit: Listener,
     sha: str,
+    sequence: int | None = None,
 ) -> RobotResult:
     res = RobotResult(entry.name, role)
     outcome: DeployResult | None = None
@@ -156,7 +174,10 @@ def _deploy_one(
                         )
                     )
 
-            outcome = client.deploy(artifact_dir, canary, on_bytes, signature=signature)
+            # manifest only when signed here: None means the artifact's own, and clients that
+            # predate the keyword (scripted ones in tests) keep working
+            extra: dict[str, Any] = {} if manifest is None else {"manifest": manifest}
+            outcome = client.deploy(artifact_dir, canary, on_bytes, signature=signature, **extra)
             break
         except LinkFailure as e:
             res.errors.append(str(e))
@@ -183,7 +204,7 @@ def _deploy_one(
         )
     )
     if store is not None:
-        _store(store, entry, res, outcome, ref, sha)
+        _store(store, entry, res, outcome, ref, sha, sequence)
     return res
 
 
@@ -194,9 +215,11 @@ def _store(
     outcome: DeployResult | None,
     ref: ArtifactRef,
     sha: str,
+    sequence: int | None,
 ) -> None:
     detail = {
         "sha256": sha,
+        "sequence": sequence,
         "role": res.role,
         "reason": res.reason,
         "detail": res.detail,
@@ -254,8 +277,10 @@ def rollout(
     """Deploy `artifact_dir` to the selected agents, canaries first; see the module docstring.
 
     `agents` selects robots by name (default: all, in file order); the first `canary_count` of
-    them are the canaries. `key` signs the manifest now (else `manifest.sig` is sent). With a
-    `store`, every robot's device row, deployment row and canary report are written.
+    them are the canaries. `key` (a private key file) stamps a fresh `sequence` into the
+    manifest and signs it now, once for the whole rollout (else the artifact's manifest and
+    `manifest.sig` are sent). With a `store`, every robot's device row, deployment row and
+    canary report are written.
     """
     if isinstance(canary_count, bool) or not isinstance(canary_count, int) or canary_count < 0:
         raise ConfigError(f"canary count: {canary_count!r} must be an integer >= 0")
@@ -267,12 +292,23 @@ def rollout(
     from robonas.fleet.client import read_artifact
 
     manifest, model, _sig = read_artifact(artifact_dir)
-    signature = _sign(manifest, key)
+    sent_manifest, signature = _sign(manifest, key)
+    from device_agents.signing import valid_sequence
+
+    seq = (sent_manifest or manifest).get("sequence")
+    sequence = seq if valid_sequence(seq) else None
     sha = hashlib.sha256(model).hexdigest()
     selected = inventory.select(agents)
     ref = find_artifact(store, artifact_dir, manifest) if store is not None else ArtifactRef(None, None)
     emit = progress or (lambda _e: None)
-    make_client = client_factory or default_client
+    if client_factory is not None:
+        make_client = client_factory
+    else:
+        credentials = fleet_credentials(inventory)
+
+        def make_client(entry: AgentEntry) -> AgentClient:
+            return default_client(entry, credentials)
+
     k = min(canary_count, len(selected))
     canaries, rest = selected[:k], selected[k:]
 
@@ -285,12 +321,14 @@ def rollout(
                 Path(artifact_dir),
                 canary,
                 signature,
+                sent_manifest,
                 retries,
                 store,
                 ref,
                 make_client,
                 emit,
                 sha,
+                sequence,
             )
         )
     failed = [r.name for r in results if not r.ok]
@@ -313,16 +351,24 @@ def rollout(
                 Path(artifact_dir),
                 canary,
                 signature,
+                sent_manifest,
                 retries,
                 store,
                 ref,
                 make_client,
                 emit,
                 sha,
+                sequence,
             )
         )
     return RolloutResult(
-        str(artifact_dir), sha, len(model), ref.artifact_id, [e.name for e in canaries], results
+        str(artifact_dir),
+        sha,
+        len(model),
+        ref.artifact_id,
+        [e.name for e in canaries],
+        results,
+        sequence,
     )
 
 

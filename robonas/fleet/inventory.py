@@ -4,8 +4,15 @@ Configuration is data (`launch/fleet.toml`, one `[[agent]]` table per robot), pa
 standard library's `tomllib` and validated here into frozen `AgentEntry` rows, so that a typo is
 a ConfigError naming the agent and the field before any link is opened. Device profiles are
 checked with `robonas.models.devices.load_device`; link URLs are checked against the schemes that
-`device_agents.link.open_link` (pyserial's `serial_for_url`) accepts. The URL check is by hand
-because it must run without opening anything: a serial port may not be plugged in yet.
+`device_agents.link.open_link` (pyserial's `serial_for_url`) accepts, plus `tls://HOST:PORT` for
+an agent that takes operator certificates. The URL check is by hand because it must run without
+opening anything: a serial port may not be plugged in yet.
+
+An optional top-level `[credentials]` table names the folder with the fleet CA certificate and the
+operator's certificate and key (`robonas keys ...`) and which operator to act as; it is parsed into
+a `CredentialsRef` whose folder is resolved against the fleet file's own folder, so a fleet file
+and its keys can move together. Only the reference is checked here; the files are read by whoever
+opens a TLS link.
 """
 
 from __future__ import annotations
@@ -22,13 +29,15 @@ from urllib.parse import parse_qsl, urlsplit
 from robonas.errors import ConfigError
 from robonas.toml_file import read_toml
 
-AGENT_FIELDS = ("name", "link", "device", "robot", "timeout_s")
+AGENT_FIELDS = ("name", "link", "device", "robot", "timeout_s", "server_name")
 REQUIRED_FIELDS = ("name", "link", "device", "robot")
-TOP_LEVEL_KEYS = ("agent",)
-NET_SCHEMES = ("socket", "tcp", "rfc2217")
+TOP_LEVEL_KEYS = ("agent", "credentials")
+CREDENTIALS_FIELDS = ("keys", "operator")
+NET_SCHEMES = ("socket", "tcp", "rfc2217", "tls")
 LINK_FORMS = (
     "socket://HOST:PORT",
     "tcp://HOST:PORT",
+    "tls://HOST:PORT",
     "rfc2217://HOST:PORT",
     "loop://",
     "/dev/ttyUSB0?baudrate=115200 (a serial device path)",
@@ -37,6 +46,22 @@ SERIAL_PARAMS = ("baudrate", "rtscts")
 DEFAULT_TIMEOUT_S = 5.0
 # Agent names end up in store rows, file names and CLI lists (comma-separated): keep them plain.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# The name a TLS client checks in the agent's certificate: a DNS name or a plain agent name
+# (letters, digits, '.', '-', '_'); no wildcards, since it names exactly one robot.
+_SERVER_NAME_RE = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?$")
+
+
+@dataclass(frozen=True)
+class CredentialsRef:
+    """Where the host's TLS credentials are: `keys` (absolute, resolved against the fleet file's
+    folder) holds fleet-ca.crt and OPERATOR.crt/OPERATOR.key; `operator` picks one of them
+    (None: the only operator certificate in the folder)."""
+
+    keys: Path
+    operator: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"keys": str(self.keys), "operator": self.operator}
 
 
 @dataclass(frozen=True)
@@ -48,6 +73,13 @@ class AgentEntry:
     device: str
     robot: str
     timeout_s: float = DEFAULT_TIMEOUT_S
+    # For tls:// links: the name the agent's certificate must carry. "" means the agent's name,
+    # so that `AgentEntry(name, ...)` built in code needs no second spelling of it.
+    server_name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.server_name:
+            object.__setattr__(self, "server_name", self.name)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -56,6 +88,7 @@ class AgentEntry:
             "device": self.device,
             "robot": self.robot,
             "timeout_s": self.timeout_s,
+            "server_name": self.server_name,
         }
 
 
@@ -65,6 +98,7 @@ class Inventory:
 
     agents: tuple[AgentEntry, ...]
     origin: str = "<inventory>"
+    credentials: CredentialsRef | None = None
 
     @property
     def names(self) -> list[str]:
@@ -177,15 +211,70 @@ def _agent(table: Any, index: int, origin: str) -> AgentEntry:
         or timeout <= 0
     ):
         raise ConfigError(f"{where}: field 'timeout_s' must be a positive number of seconds, got {timeout!r}")
-    return AgentEntry(name=name, link=link, device=device, robot=robot, timeout_s=float(timeout))
+    server_name = _server_name(table, link, name, where)
+    return AgentEntry(
+        name=name, link=link, device=device, robot=robot, timeout_s=float(timeout), server_name=server_name
+    )
 
 
-def parse_inventory(data: Mapping[str, Any], origin: str = "<inventory>") -> Inventory:
-    """Validate a parsed fleet TOML document (`{"agent": [{...}, ...]}`)."""
+def _server_name(table: Mapping[str, Any], link: str, name: str, where: str) -> str:
+    """The agent's `server_name` (default: its name). Only a tls:// link checks a certificate, so
+    the field anywhere else is a mistake (e.g. a tcp:// link someone believes is encrypted)."""
+    if "server_name" not in table:
+        return name
+    value = table["server_name"]
+    if not link.lower().startswith("tls://"):
+        raise ConfigError(
+            f"{where}: field 'server_name' only applies to tls:// links (the name in the agent's "
+            f"certificate); link is {link!r}"
+        )
+    if not isinstance(value, str) or not _SERVER_NAME_RE.match(value):
+        raise ConfigError(
+            f"{where}: field 'server_name' {value!r} must be the name in the agent's certificate: "
+            f"letters, digits, '.', '_' or '-' (e.g. 'cart-01' or 'cart-01.lab.example')"
+        )
+    return value
+
+
+def _credentials(table: Any, origin: str, base_dir: Path) -> CredentialsRef:
+    where = f"{origin}: [credentials]"
+    if not isinstance(table, Mapping):
+        raise ConfigError(
+            f"{where} must be a table with fields {list(CREDENTIALS_FIELDS)}, got {type(table).__name__}"
+        )
+    unknown = sorted(set(table) - set(CREDENTIALS_FIELDS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; valid fields are {list(CREDENTIALS_FIELDS)}")
+    keys = table.get("keys")
+    if not isinstance(keys, str) or not keys.strip():
+        raise ConfigError(
+            f"{where}: field 'keys' must be the folder with fleet-ca.crt and the operator's "
+            f"NAME.crt/NAME.key (made by `robonas keys`), got {keys!r}"
+        )
+    operator = table.get("operator")
+    if operator is not None and (not isinstance(operator, str) or not _NAME_RE.match(operator)):
+        raise ConfigError(
+            f"{where}: field 'operator' {operator!r} must be an operator name (the stem of "
+            f"NAME.crt/NAME.key: letters, digits, '.', '_' or '-'), or left out to use the only one"
+        )
+    # abspath, not resolve(): normalise "..", but keep a symlinked keys folder as the user named it
+    folder = Path(os.path.abspath(base_dir / Path(keys).expanduser()))
+    return CredentialsRef(keys=folder, operator=operator)
+
+
+def parse_inventory(
+    data: Mapping[str, Any],
+    origin: str = "<inventory>",
+    base_dir: str | os.PathLike[str] | None = None,
+) -> Inventory:
+    """Validate a parsed fleet TOML document (`{"agent": [{...}, ...]}`, optionally
+    `"credentials": {...}`). A relative `[credentials] keys` folder is taken relative to
+    `base_dir` (the fleet file's folder; default: the current directory)."""
     unknown = sorted(set(data) - set(TOP_LEVEL_KEYS))
     if unknown:
         raise ConfigError(
-            f"{origin}: unknown top-level key(s) {unknown}; a fleet file holds only [[agent]] tables"
+            f"{origin}: unknown top-level key(s) {unknown}; a fleet file holds [[agent]] tables "
+            f"and an optional [credentials] table"
         )
     tables = data.get("agent")
     if not isinstance(tables, Sequence) or isinstance(tables, (str, bytes)) or not tables:
@@ -201,12 +290,41 @@ def parse_inventory(data: Mapping[str, Any], origin: str = "<inventory>") -> Inv
                 f"#{seen[a.name] + 1} and #{i + 1}; names must be unique"
             )
         seen[a.name] = i
-    return Inventory(tuple(agents), origin)
+    credentials = None
+    if "credentials" in data:
+        base = Path(base_dir) if base_dir is not None else Path.cwd()
+        credentials = _credentials(data["credentials"], origin, base)
+    return Inventory(tuple(agents), origin, credentials)
 
 
 def load_inventory(path: str | os.PathLike[str]) -> Inventory:
-    """Parse and validate a fleet file such as `launch/fleet.toml`."""
-    return parse_inventory(read_toml(path, "fleet"), str(Path(path)))
+    """Parse and validate a fleet file such as `launch/fleet.toml`.
+
+    Anything wrong with the file itself (missing, a directory, unreadable, not UTF-8, not TOML)
+    is one ConfigError naming it: the CLI prints that as one line instead of a traceback.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(
+            f"fleet file {str(p)!r} is a directory; pass a fleet TOML file such as launch/fleet.toml"
+        )
+    try:
+        data = read_toml(p, "fleet")
+    except UnicodeDecodeError as e:  # tomllib decodes the bytes itself; TOML must be UTF-8
+        raise ConfigError(
+            f"fleet file {str(p)!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+            f"{e.start}); a fleet file is TOML, which must be UTF-8"
+        ) from e
+    except OSError as e:  # permission denied, a FIFO gone away, an I/O error on the medium
+        raise ConfigError(f"fleet file {str(p)!r} cannot be read: {e.strerror or e}") from e
+    return parse_inventory(data, str(p), p.parent)
 
 
-__all__ = ["AgentEntry", "Inventory", "check_link_url", "load_inventory", "parse_inventory"]
+__all__ = [
+    "AgentEntry",
+    "CredentialsRef",
+    "Inventory",
+    "check_link_url",
+    "load_inventory",
+    "parse_inventory",
+]

@@ -1,8 +1,10 @@
 """Start robot agents as local processes (the demo's robots, and the e2e tests').
 
-Each agent is a real `python -m device_agents serve` process on a loopback TCP port with its own
-state directory, driving a sim reality profile. The port is chosen by the agent (port 0) and read
-from its "listening on tcp://..." line, so many can run side by side.
+Each agent is a real `python -m device_agents serve` process on a loopback TLS port with its own
+state directory, driving a sim reality profile, secured as a real robot is: a fleet CA, one
+certificate per agent, and an operator (`OPERATOR`, every role) whose certificate the host uses;
+all made on first use in a keys folder (`local_credentials`). The port is chosen by the agent
+(port 0) and read from its "listening on tls://..." line, so many can run side by side.
 """
 
 from __future__ import annotations
@@ -13,10 +15,31 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from robonas.errors import RobonasError
 
+if TYPE_CHECKING:
+    from robonas.credentials import HostCredentials
+    from robonas.fleet.client import AgentClient
+
 REPO = Path(__file__).resolve().parents[2]  # the checkout: robonas/fleet/local_agents.py -> ../..
+OPERATOR = "local-operator"  # the operator local agents trust with every role
+OPERATORS_FILE = "operators.json"
+
+
+def local_credentials(keys: Path) -> HostCredentials:
+    """The keys folder of a local fleet (made on first use): the fleet CA, the operator's
+    certificate and key, and the agents' operators file trusting that operator with every role."""
+    from device_agents.operators import ROLES
+    from robonas.credentials import CA_NAME, add_operator, find_host_credentials, make_ca, make_operator
+
+    if not (keys / f"{CA_NAME}.crt").exists():
+        make_ca(keys)
+    if not (keys / f"{OPERATOR}.crt").exists():
+        cert, _ = make_operator(keys, OPERATOR, keys)
+        add_operator(keys / OPERATORS_FILE, OPERATOR, cert, [r for r in ROLES if r != "status"], replace=True)
+    return find_host_credentials(keys, OPERATOR)
 
 
 @dataclass
@@ -29,9 +52,33 @@ class LocalAgent:
     fast: bool = True
     url: str = ""
     proc: subprocess.Popen[str] | None = field(default=None, repr=False)
+    keys: Path | None = None  # the local fleet's keys folder (default: beside the state folder)
+    extra_args: list[str] = field(default_factory=list)  # more `serve` options
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.keys if self.keys is not None else self.state_dir.parent / "keys"
+
+    @property
+    def credentials(self) -> HostCredentials:
+        return local_credentials(self.keys_dir)
+
+    def client(self, timeout_s: float = 10.0) -> AgentClient:
+        """An authenticated client for this agent (the local operator's certificate)."""
+        from robonas.fleet.client import AgentClient
+
+        return AgentClient(
+            self.url, timeout_s, name=self.name, credentials=self.credentials, server_name=self.name
+        )
 
     def start(self, timeout_s: float = 60.0) -> LocalAgent:
+        from robonas.credentials import make_agent
+
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        creds = self.credentials
+        agent_keys = self.keys_dir / "agents"
+        if not (agent_keys / f"{self.name}.crt").exists():
+            make_agent(agent_keys, self.name, self.keys_dir)
         cmd = [
             sys.executable,
             "-m",
@@ -44,12 +91,22 @@ class LocalAgent:
             "--robot",
             self.robot,
             "--listen",
-            "tcp://127.0.0.1:0",
+            "tls://127.0.0.1:0",
+            "--tls-cert",
+            str(agent_keys / f"{self.name}.crt"),
+            "--tls-key",
+            str(agent_keys / f"{self.name}.key"),
+            "--tls-ca",
+            str(creds.ca),
+            "--operators",
+            str(self.keys_dir / OPERATORS_FILE),
             "--id",
             self.name,
             "--device",
             self.device,
-        ] + (["--fast"] if self.fast else [])
+            *(["--fast"] if self.fast else []),
+            *self.extra_args,
+        ]
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
@@ -72,7 +129,7 @@ class LocalAgent:
 
     @property
     def link(self) -> str:
-        return self.url.replace("tcp://", "socket://", 1)
+        return self.url
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -85,8 +142,12 @@ class LocalAgent:
 
 
 def write_fleet(path: Path, agents: list[LocalAgent]) -> Path:
-    """A fleet inventory (launch/fleet.toml format) naming the running agents."""
+    """A fleet inventory (launch/fleet.toml format) naming the running agents, with the local
+    operator's credentials."""
     lines = ["# written by robonas for local agents", ""]
+    if agents:
+        keys = agents[0].keys_dir.resolve()
+        lines += ["[credentials]", f'keys = "{keys}"', f'operator = "{OPERATOR}"', ""]
     for a in agents:
         lines += [
             "[[agent]]",

@@ -7,8 +7,11 @@ fp32 and cached on disk (conversion costs ~10 s), plus a model whose output is N
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import hashlib
+import itertools
+import json
 import os
 import subprocess
 import sys
@@ -17,8 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from device_agents.link import open_link
+from device_agents.operators import sign_challenge
 from device_agents.protocol import Message, MsgType, iter_chunks
 from device_agents.signing import generate_keypair, load_private_key, sign_manifest
 from tests.device_agents.pty_stream import FdStream
@@ -63,6 +69,51 @@ def test_models() -> dict[str, bytes]:
 test_models.__test__ = False  # type: ignore[attr-defined]
 
 
+def _test_credentials():
+    """A fleet CA and an operator made once per test process (`robonas keys ca|operator`): the
+    host side of the tests authenticates with them, over TLS or with AUTH on plain links."""
+    import tempfile
+
+    from robonas.credentials import find_host_credentials, make_ca, make_operator
+
+    folder = Path(tempfile.mkdtemp(prefix="robonas-test-keys-"))
+    make_ca(folder)
+    make_operator(folder, "tester", folder)
+    return find_host_credentials(folder, "tester")
+
+
+# The operator every test agent trusts with every role; fleet files name CREDENTIALS.keys.
+CREDENTIALS = _test_credentials()
+OPERATOR: Ed25519PrivateKey = CREDENTIALS.private_key()
+ALL_ROLES = ("deploy", "run", "rollback", "bench")
+# Signed manifests carry an increasing sequence (the agent refuses older ones): one counter for
+# every manifest the tests make, so each is newer than the last.
+_SEQUENCE = itertools.count(int(time.time() * 1000))
+
+
+def operators_file(folder: Path, key: Ed25519PrivateKey = OPERATOR, roles=ALL_ROLES, name="tester") -> Path:
+    """The agent's operators JSON trusting `key` with `roles`."""
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"operators-{name}.json"
+    entry = {"name": name, "key": base64.b64encode(raw).decode(), "roles": list(roles)}
+    path.write_text(json.dumps({"operators": [entry]}))
+    return path
+
+
+def credentials_toml() -> str:
+    """The [credentials] table of a fleet file, so host commands authenticate as OPERATOR."""
+    return f'[credentials]\nkeys = "{CREDENTIALS.key.parent}"\noperator = "tester"\n\n'
+
+
+def authenticate(link, key: Ed25519PrivateKey = OPERATOR) -> Message:
+    """HELLO for the challenge, AUTH with it signed by `key`; the AUTH reply."""
+    hello = link.request(Message(MsgType.HELLO, {"role": "host", "protocol": 1}))
+    assert hello.type == MsgType.HELLO, hello.header
+    answer = sign_challenge(key, hello.header["agent"], hello.header["challenge"])
+    return link.request(Message(MsgType.AUTH, answer))
+
+
 def manifest_for(model: bytes, **extra) -> dict:
     m = {
         "format_version": 1,
@@ -78,6 +129,7 @@ def manifest_for(model: bytes, **extra) -> dict:
         "action": {"discrete": False, "shape": [1], "output": "value"},
         "sha256": hashlib.sha256(model).hexdigest(),
         "model_size": len(model),
+        "sequence": next(_SEQUENCE),
     }
     m.update(extra)
     return m
@@ -94,7 +146,10 @@ class AgentProcess:
         python: str = sys.executable,
         extra=(),
         env: dict | None = None,
+        operators: Path | None = None,
     ):
+        self.state = Path(state)
+        operators = operators or operators_file(Path(state).parent / f"{Path(state).name}-trust")
         cmd = [
             python,
             "-m",
@@ -108,9 +163,11 @@ class AgentProcess:
             robot,
             "--listen",
             "tcp://127.0.0.1:0",
-            "--fast",
+            *(["--fast"] if robot.startswith("sim:") else []),  # a serial robot keeps real time
             "--id",
             "test-agent",
+            "--operators",
+            str(operators),
             *extra,
         ]
         self.proc = subprocess.Popen(
@@ -127,8 +184,13 @@ class AgentProcess:
             raise RuntimeError(f"agent did not start: {line!r} {self.proc.stderr.read()[-2000:]}")
         self.url = line.split()[-1]
 
-    def link(self, timeout_s: float = 60.0):
-        return open_link(self.url, timeout_s=timeout_s)
+    def link(self, timeout_s: float = 60.0, key: Ed25519PrivateKey | None = OPERATOR):
+        """A link to the agent, authenticated as `key`'s operator (None: anonymous)."""
+        link = open_link(self.url, timeout_s=timeout_s)
+        if key is not None:
+            r = authenticate(link, key)
+            assert r.type == MsgType.ACK, r.header
+        return link
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -255,9 +317,10 @@ def test_deploy_canary_reject_rollback_and_refusals(agent, keys):
         before = status(link)
         tampered = bytearray(good)
         tampered[len(tampered) // 2] ^= 0x01
+        mg3 = manifest_for(good)  # newer than anything deployed: refused for the bytes alone
         cases = {
             "unsigned": deploy(link, good2, mg2, None, EASY),
-            "tampered": deploy(link, bytes(tampered), mg, sign_manifest(mg, key), EASY),
+            "tampered": deploy(link, bytes(tampered), mg3, sign_manifest(mg3, key), EASY),
             "stranger": deploy(link, good2, mg2, sign_manifest(mg2, stranger), EASY),
             "oversize": deploy(link, good2, mg2, sign_manifest(mg2, key), EASY, size=200000),
         }
@@ -377,11 +440,14 @@ def test_deploy_over_a_pty_link(tmp_path, keys):
         "--link",
         path,
         "--fast",
+        "--operators",
+        str(operators_file(tmp_path / "trust")),
     ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().startswith("serving on ")
         link = Link(FdStream(master, timeout=None), timeout_s=30.0, baudrate=115200)
+        assert authenticate(link).type == MsgType.ACK
         good = test_models()["good"]
         m = manifest_for(good)
         t0 = time.monotonic()

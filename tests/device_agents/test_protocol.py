@@ -55,6 +55,8 @@ SAMPLE_HEADERS = {
     MsgType.PING: {"t": 1.5},
     MsgType.PONG: {"t": 1.5},
     MsgType.ERROR: {"reason": "internal", "detail": "boom"},
+    MsgType.STOP: {"reason": "operator"},
+    MsgType.AUTH: {"key_id": "0123456789abcdef", "signature": "c2ln"},
 }
 
 

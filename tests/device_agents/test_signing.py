@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import multiprocessing
 import os
 import stat
+import time
 
 import pytest
 
@@ -23,7 +25,9 @@ from device_agents.signing import (
     load_private_key,
     load_public_key,
     load_public_keys,
+    next_sequence,
     sign_manifest,
+    stamp_and_sign,
     verify_artifact,
     verify_manifest,
 )
@@ -153,3 +157,65 @@ def test_manifest_only_check_for_deploy_begin(keys, tmp_path):
     assert verify_manifest(manifest, sig, [stranger]).reason == BAD_SIGNATURE
     assert verify_manifest({**manifest, "sha256": "00" * 32}, sig, [public]).reason == BAD_SIGNATURE
     assert verify_manifest(manifest, None, [public]).reason == UNSIGNED
+
+
+# ----------------------------------------------------------------------------- key files
+def test_key_folder_and_private_key_are_private_under_umask_0(tmp_path):
+    old = os.umask(0)
+    try:
+        priv, pub = generate_keypair(tmp_path / "new" / "keys")
+        next_sequence(priv)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "new" / "keys").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(priv).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(pub).st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(f"{priv}.seq").st_mode) == 0o600
+
+
+def test_an_existing_key_folder_keeps_its_mode(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o750)
+    generate_keypair(shared)
+    assert stat.S_IMODE(os.stat(shared).st_mode) == 0o750
+
+
+# ----------------------------------------------------------------------------- ordering
+def test_next_sequence_grows_and_is_at_least_the_clock(keys):
+    _, _, priv, _ = keys
+    before = time.time_ns() // 1_000_000
+    first = next_sequence(priv)
+    assert first >= before
+    assert next_sequence(priv) > first
+    (priv.parent / f"{priv.name}.seq").write_text(str(first + 10**9))  # a number from the future
+    assert next_sequence(priv) == first + 10**9 + 1
+    (priv.parent / f"{priv.name}.seq").write_text("garbage")  # unreadable: the clock takes over
+    assert next_sequence(priv) >= before
+
+
+def test_next_sequence_is_distinct_across_racing_processes(keys):
+    """Two processes x 200 calls on one key: every number distinct (the flock is the property;
+    without it both read the same last value within a millisecond)."""
+    _, _, priv, _ = keys
+    ctx = multiprocessing.get_context("spawn")  # no fork of pytest's threads
+    with ctx.Pool(2) as pool:
+        # chunksize 200: each worker process makes 200 calls in a tight loop
+        numbers = pool.map(next_sequence, [str(priv)] * 400, chunksize=200)
+    assert len(set(numbers)) == 400
+    assert int((priv.parent / f"{priv.name}.seq").read_text()) == max(numbers)
+
+
+def test_stamp_and_sign(keys):
+    private, public, priv, _ = keys
+    manifest = {**_manifest(), "signature": "stale", "sequence": 1}
+    stamped, sig = stamp_and_sign(manifest, priv)
+    assert manifest["sequence"] == 1 and manifest["signature"] == "stale"  # the input is untouched
+    assert "signature" not in stamped and stamped["sequence"] > 1
+    assert {k: v for k, v in stamped.items() if k != "sequence"} == _manifest()
+    assert verify_artifact(stamped, sig, MODEL, [public]).ok
+    assert not verify_artifact(manifest, sig, MODEL, [public]).ok  # the sequence is signed
+    again, _ = stamp_and_sign(manifest, str(priv))
+    assert again["sequence"] > stamped["sequence"]
+    with pytest.raises(SigningError, match="key file"):
+        stamp_and_sign(manifest, private)

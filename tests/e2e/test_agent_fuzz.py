@@ -1,5 +1,6 @@
-"""Fuzz the running agent over TCP: random bytes, truncated frames, bad CRCs, unknown types,
-absurd lengths, bad headers. It never dies and still answers PING and STATUS afterwards."""
+"""Fuzz the decoder and the running agent over TCP: random bytes, truncated frames, bad CRCs,
+unknown types, absurd lengths, bad headers, from several clients at once (some authenticated).
+The agent never dies, answers STATUS throughout, and PING and STATUS afterwards."""
 
 from __future__ import annotations
 
@@ -7,17 +8,17 @@ import random
 import socket
 import struct
 import threading
-import time
 import zlib
 
 import pytest
 
-from device_agents.protocol import MAGIC, Message, MsgType, encode
+from device_agents.link import link_for_socket
+from device_agents.protocol import MAGIC, MAX_FRAME, FrameReader, Message, MsgType, encode
 from device_agents.signing import generate_keypair
-from tests.device_agents.test_agent import AgentProcess, status
+from tests.device_agents.test_agent import AgentProcess, authenticate, status
 
 pytestmark = pytest.mark.e2e
-CASES = 3000
+CASES = 10_000
 
 
 def _frame_with(rng: random.Random) -> bytes:
@@ -103,27 +104,69 @@ def _drain(sock: socket.socket, stop: threading.Event) -> None:
             return
 
 
-def test_fuzz_never_kills_the_agent(tmp_path):
+def test_ten_thousand_malformed_frames_never_break_the_decoder():
+    """The decoder alone: every malformed frame becomes an event or waits for more bytes; none
+    raises, and a good frame sent after the garbage is still decoded."""
+    rng = random.Random(7)
+    reader = FrameReader()
+    for _ in range(CASES):
+        reader.events(_frame_with(rng))
+    reader.events(b"\x00" * MAX_FRAME)  # flush a half frame that waits for bytes that never come
+    good = encode(MsgType.PING, {"after": "fuzz"}, seq=3)
+    assert [e for e in reader.events(good) if isinstance(e, Message)] == [
+        Message(MsgType.PING, {"after": "fuzz"}, seq=3)
+    ]
+
+
+def _fuzz_client(url: str, cases: int, seed: int, authenticated: bool, sent: list[int]) -> None:
+    """One fuzzing client: optionally authenticated (so malformed requests reach the handlers
+    with an operator's roles), then `cases` malformed frames, the connection dropped abruptly
+    every few hundred."""
+    rng = random.Random(seed)
+    done = 0
+    while done < cases:
+        host, port = url[len("tcp://") :].rsplit(":", 1)
+        sock = socket.create_connection((host, int(port)))
+        link = link_for_socket(sock, timeout_s=10)
+        if authenticated:
+            assert authenticate(link).type == MsgType.ACK
+        stop = threading.Event()
+        drain = threading.Thread(target=_drain, args=(sock, stop), daemon=True)
+        drain.start()
+        for _ in range(min(400, cases - done)):
+            try:
+                sock.sendall(_frame_with(rng))
+            except OSError:
+                break  # the agent closed a session that sent an absurd or stalled frame
+            done += 1
+        stop.set()
+        drain.join()
+        link.close()
+    sent.append(done)
+
+
+def test_fuzz_with_concurrent_clients_never_kills_the_agent(tmp_path):
+    """CASES malformed frames from four clients at once (two authenticated as an operator with
+    every role), while a fifth client checks that STATUS keeps being answered."""
     pytest.importorskip("sim")
     _, pub = generate_keypair(tmp_path / "keys")
     agent = AgentProcess(tmp_path / "state", pub)
-    rng = random.Random(99)
-    host, port = agent.url[len("tcp://") :].rsplit(":", 1)
-    sent = 0
+    sent: list[int] = []
     try:
-        for _burst in range(6):  # several connections, dropped abruptly
-            sock = socket.create_connection((host, int(port)))
-            stop = threading.Event()
-            drain = threading.Thread(target=_drain, args=(sock, stop), daemon=True)
-            drain.start()
-            for _ in range(CASES // 6):
-                sock.sendall(_frame_with(rng))
-                sent += 1
-            time.sleep(0.1)
-            stop.set()
-            sock.close()
-            drain.join()
-        assert agent.alive()
+        clients = [
+            threading.Thread(target=_fuzz_client, args=(agent.url, CASES // 4, 99 + i, i % 2 == 0, sent))
+            for i in range(4)
+        ]
+        for c in clients:
+            c.start()
+        answered = 0
+        with agent.link(timeout_s=10) as watcher:
+            while any(c.is_alive() for c in clients):
+                assert status(watcher)["agent"] == "test-agent"
+                answered += 1
+        for c in clients:
+            c.join()
+        assert sum(sent) == CASES and agent.alive()
         # a connection with a stalled truncated frame, then a good PING behind it
         with agent.link(timeout_s=10) as link:
             link.stream.write(encode(MsgType.PING, {"x": 1}, b"p" * 100, seq=9)[:40])
@@ -134,4 +177,6 @@ def test_fuzz_never_kills_the_agent(tmp_path):
         assert agent.alive()
     finally:
         agent.stop()
-    print(f"fuzz cases sent: {sent}")
+    print(
+        f"fuzz frames sent: {sum(sent)} from 4 concurrent clients; STATUS answered {answered} times meanwhile"
+    )

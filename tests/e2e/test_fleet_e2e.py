@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.device_agents.test_agent import CREDENTIALS, credentials_toml, operators_file
+
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
@@ -123,6 +125,8 @@ class AgentProc:
             name,
             "--device",
             "x86-host",
+            "--operators",
+            str(operators_file(state.parent / f"{name}-trust")),
             *where,
         ]
         self.proc = subprocess.Popen(
@@ -254,7 +258,8 @@ def _invoke(args: list[str]):
 def _fleet_file(tmp: Path, name: str, agents: dict[str, str]) -> Path:
     f = tmp / f"{name}.toml"
     f.write_text(
-        "".join(
+        credentials_toml()
+        + "".join(
             f'[[agent]]\nname = "{n}"\nlink = "{u}"\ndevice = "x86-host"\n'
             f'robot = "sim:cartpole-lab-a"\ntimeout_s = 5.0\n\n'
             for n, u in agents.items()
@@ -305,7 +310,7 @@ def test_tcp_deploy_canary_reports_bench_rollback_run_status(world):
         # the agent's step timings match `robonas-agent bench` on the same model
         from robonas.fleet.client import AgentClient
 
-        with AgentClient(agents["twin-a"].url, 10.0, name="twin-a") as c:
+        with AgentClient(agents["twin-a"].url, 10.0, name="twin-a", credentials=CREDENTIALS) as c:
             agent_bench = c.bench("active", runs=2000)
         cli = subprocess.run(
             [PY, "-m", "device_agents", "bench", str(art1 / "policy.tflite"), "--runs", "2000", "--json"],
@@ -418,7 +423,7 @@ def test_link_cut_mid_deploy_keeps_previous_policy_and_retry_succeeds(world):
         robot = res.get("cut")
         assert robot.status == "link-failure" and robot.attempts == 1
         assert "deploy chunk" in robot.detail and "cut" in robot.detail
-        with AgentClient(agent.url, 5.0, name="cut") as c:
+        with AgentClient(agent.url, 5.0, name="cut", credentials=CREDENTIALS) as c:
             assert c.status()["active_sha256"] == _sha(art1)  # still the previous policy
         assert store.deployments(device="cut")[-1].status == "link-failure"
 
@@ -427,7 +432,7 @@ def test_link_cut_mid_deploy_keeps_previous_policy_and_retry_succeeds(world):
         res = rollout(art2, inv, episodes=1, store=store, retries=1)
         robot = res.get("cut")
         assert robot.status == "ok" and robot.attempts == 2 and len(robot.errors) == 1
-        with AgentClient(agent.url, 5.0, name="cut") as c:
+        with AgentClient(agent.url, 5.0, name="cut", credentials=CREDENTIALS) as c:
             assert c.status()["active_sha256"] == _sha(art2)
     finally:
         for p in proxies:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from device_agents.signing import generate_keypair
-from robonas.fleet.client import AgentClient
+from robonas.fleet.client import AgentClient, fleet_credentials
 from robonas.fleet.deploy import rollout
 from robonas.fleet.inventory import load_inventory
 from robonas.fleet.local_agents import LocalAgent, write_fleet
@@ -56,7 +56,7 @@ def test_agent_on_the_ideal_twin_reproduces_the_export_parity_returns(tmp_path):
         result = rollout(artifact, inventory, canary_count=1, episodes=1, store=Store(url))
         assert result.ok, result.to_dict()
         entry = inventory.get("ideal")
-        with AgentClient(entry.link, entry.timeout_s, name="ideal") as client:
+        with AgentClient.for_entry(entry, fleet_credentials(inventory)) as client:
             report = client.run(parity["episodes"], seed=parity["seeds"][0])
     finally:
         agent.stop()

@@ -15,11 +15,20 @@ import threading
 import numpy as np
 import pytest
 
+from device_agents.operators import Operators
 from device_agents.protocol import MAX_PAYLOAD, Message, MsgType
 from device_agents.robots.base import Robot
 from device_agents.signing import generate_keypair, load_private_key, sign_manifest
 from device_agents.trajectory import decode, summary
-from tests.device_agents.test_agent import AgentProcess, deploy, manifest_for, test_models
+from tests.device_agents.test_agent import (
+    CREDENTIALS,
+    AgentProcess,
+    credentials_toml,
+    deploy,
+    manifest_for,
+    operators_file,
+    test_models,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -60,7 +69,7 @@ def test_a_recorded_run_decodes_is_stored_and_read_back(agent, tmp_path):
     )
     from robonas.store import Store
 
-    with AgentClient(agent.url, timeout_s=30.0, name="bot") as c:
+    with AgentClient(agent.url, timeout_s=30.0, name="bot", credentials=CREDENTIALS) as c:
         plain = c.run(2, seed=3, max_steps=30)
         assert "record" not in plain and "record_wire" not in plain  # old hosts see no change
         report = c.run(3, seed=5, max_steps=40, record=True)
@@ -110,7 +119,8 @@ def test_fleet_run_record_stores_the_record(agent, tmp_path):
     fleet = tmp_path / "fleet.toml"
     link = agent.url.replace("tcp://", "socket://", 1)
     fleet.write_text(
-        f'[[agent]]\nname = "bot"\nlink = "{link}"\ndevice = "x86-host"\nrobot = "sim:cartpole-lab-a"\n'
+        credentials_toml()
+        + f'[[agent]]\nname = "bot"\nlink = "{link}"\ndevice = "x86-host"\nrobot = "sim:cartpole-lab-a"\n'
     )
     url = f"sqlite:///{tmp_path / 'store.db'}"
     args = ["run", "--fleet", str(fleet), "--episodes", "2", "--seed", "1", "--store", url]
@@ -169,9 +179,16 @@ def test_a_record_over_one_frame_comes_in_several(tmp_path, keys):
 
     pytest.importorskip("sim")
     robot = NoisyRobot()
-    agent = Agent(tmp_path / "state", [keys[1]], "sim:cartpole-lab-a", fast=True)
+    agent = Agent(
+        tmp_path / "state",
+        [keys[1]],
+        "sim:cartpole-lab-a",
+        fast=True,
+        operators=Operators.from_file(operators_file(tmp_path / "trust")),
+    )
     agent._robot = robot
     agent._pick_slot = lambda header: "a"  # type: ignore[method-assign]
+    agent.slots.runnable = lambda slot, force: None  # type: ignore[method-assign]
     agent._slot_policy = lambda slot: (Echo(), {"control_hz": 50.0})  # type: ignore[method-assign]
     listener = listen("tcp://127.0.0.1:0")
 
@@ -183,7 +200,7 @@ def test_a_record_over_one_frame_comes_in_several(tmp_path, keys):
     thread.start()
     try:
         url = listener.url.replace("tcp://", "socket://", 1)
-        with AgentClient(url, timeout_s=30.0, name="noisy") as c:
+        with AgentClient(url, timeout_s=30.0, name="noisy", credentials=CREDENTIALS) as c:
             link = c.connect()
             first = link.request(
                 Message(MsgType.RUN, {"episodes": 4, "seed": 0, "max_steps": 400, "record": True})

@@ -210,3 +210,36 @@ def test_build_manifest_refuses_non_tflite() -> None:
             parity={},
             precision="fp32",
         )
+
+
+def test_signing_with_a_key_file_stamps_a_growing_sequence(tmp_path, model, keys) -> None:
+    """Each signature with a key file gets a newer `sequence`, inside the signed bytes."""
+    (host_key, host_pub), _ = keys
+    given = _manifest(model)
+    first = write_artifact(tmp_path / "v1", model, given, host_key)
+    second = write_artifact(tmp_path / "v2", model, given, host_key)
+    assert "sequence" not in given  # the caller's dict is not modified
+    s1, s2 = (load_artifact(d)[0]["sequence"] for d in (first, second))
+    assert isinstance(s1, int) and s2 > s1 >= 1
+    assert verify(first, [host_pub]).ok and verify(second, [host_pub]).ok
+    # a manifest carrying its own older number is re-stamped, not trusted
+    third = write_artifact(tmp_path / "v3", model, {**given, "sequence": 5}, host_key)
+    assert load_artifact(third)[0]["sequence"] > s2
+
+
+def test_a_key_object_keeps_the_callers_sequence_or_gets_unix_ms(tmp_path, model, keys) -> None:
+    import time
+
+    from device_agents.signing import load_private_key
+
+    (host_key, host_pub), _ = keys
+    key = load_private_key(host_key)
+    d = write_artifact(tmp_path / "given", model, {**_manifest(model), "sequence": 42}, key)
+    assert load_artifact(d)[0]["sequence"] == 42 and verify(d, [host_pub]).ok
+    before = time.time_ns() // 1_000_000
+    d = write_artifact(tmp_path / "clock", model, _manifest(model), key)
+    seq = load_artifact(d)[0]["sequence"]
+    assert before <= seq <= time.time_ns() // 1_000_000 and verify(d, [host_pub]).ok
+    # unsigned: written as given, no number invented
+    d = write_artifact(tmp_path / "unsigned", model, _manifest(model))
+    assert "sequence" not in load_artifact(d)[0]

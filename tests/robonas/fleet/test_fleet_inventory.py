@@ -106,6 +106,148 @@ def test_select_unknown_and_repeated_names(tmp_path):
         load_inventory(tmp_path / "bad.toml")
 
 
+def test_directory_or_non_utf8_fleet_file_is_one_config_error(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_inventory(tmp_path)
+    assert str(tmp_path) in str(e.value) and "is a directory" in str(e.value)
+    bad = tmp_path / "fleet.toml"
+    bad.write_bytes(b"\xff\xfe[[agent]]\n")
+    with pytest.raises(ConfigError) as e:
+        load_inventory(bad)
+    msg = str(e.value)
+    assert str(bad) in msg and "not UTF-8" in msg and "0xff at offset 0" in msg and "\n" not in msg
+    # a bad byte after valid text is located by its offset
+    bad.write_bytes(b'# caf\xe9\n[[agent]]\nname = "a1"\n')
+    with pytest.raises(ConfigError, match="byte 0xe9 at offset 5"):
+        load_inventory(bad)
+
+
+def test_unreadable_fleet_file_is_one_config_error(tmp_path):
+    # an OSError other than "missing" or "a directory": a path that runs through a plain file
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"fleet file '.*file/fleet\.toml' cannot be read: Not a directory"):
+        load_inventory(tmp_path / "file" / "fleet.toml")
+
+
+# ----------------------------------------------------------------------------- TLS links, credentials
+def test_tls_links_and_server_name_default_to_the_agent_name():
+    inv = parse_inventory(
+        {
+            "agent": [
+                _agent(name="cart-01", link="tls://10.0.0.11:7447"),
+                _agent(name="cart-02", link="TLS://robot.lab:7447", server_name="cart-02.lab.example"),
+                _agent(name="twin", link="tcp://127.0.0.1:7447"),
+            ]
+        }
+    )
+    assert [a.server_name for a in inv.agents] == ["cart-01", "cart-02.lab.example", "twin"]
+    assert inv.agents[1].to_dict()["server_name"] == "cart-02.lab.example"
+    assert inv.credentials is None
+    # built in code, an entry's server name is still its name
+    from robonas.fleet.inventory import AgentEntry
+
+    assert AgentEntry("bot", "tls://h:1", "rpi4", "sim:p").server_name == "bot"
+
+
+@pytest.mark.parametrize(
+    "agent, words",
+    [
+        (_agent(link="tls://10.0.0.11"), ["needs a host and a port", "tls://127.0.0.1:7447"]),
+        (_agent(link="tls://10.0.0.11:99999"), ["bad port"]),
+        (_agent(link="tcp://h:1", server_name="a1"), ["'server_name' only applies to tls://", "tcp://h:1"]),
+        (_agent(link="/dev/ttyUSB0", server_name="a1"), ["'server_name' only applies to tls://"]),
+        (_agent(link="tls://h:1", server_name=""), ["'server_name' ''", "certificate"]),
+        (_agent(link="tls://h:1", server_name="*.lab"), ["'server_name' '*.lab'"]),
+        (_agent(link="tls://h:1", server_name=7), ["'server_name' 7"]),
+    ],
+)
+def test_bad_tls_links_and_server_names(agent, words):
+    with pytest.raises(ConfigError) as e:
+        parse_inventory({"agent": [agent]}, "f.toml")
+    msg = str(e.value)
+    assert "f.toml: agent 'a1'" in msg
+    for w in words:
+        assert w in msg
+
+
+def test_credentials_keys_folder_is_relative_to_the_fleet_file(tmp_path, monkeypatch):
+    from robonas.fleet.inventory import CredentialsRef
+
+    site = tmp_path / "site"
+    site.mkdir()
+    f = site / "fleet.toml"
+    f.write_text(
+        '[credentials]\nkeys = "../keys"\noperator = "alice"\n\n'
+        '[[agent]]\nname = "cart-01"\nlink = "tls://10.0.0.11:7447"\n'
+        'device = "rpi4"\nrobot = "serial:/dev/ttyACM0"\n'
+    )
+    monkeypatch.chdir(tmp_path / "site")
+    inv = load_inventory("fleet.toml")  # a relative path to the file: the folder still comes out absolute
+    monkeypatch.chdir("/")
+    assert inv.credentials == CredentialsRef(keys=tmp_path / "keys", operator="alice")
+    assert inv.credentials.keys.is_absolute()
+    assert inv.credentials.to_dict() == {"keys": str(tmp_path / "keys"), "operator": "alice"}
+    # operator is optional; an absolute folder stays as it is; parse_inventory defaults to the cwd
+    inv = parse_inventory({"agent": [_agent()], "credentials": {"keys": str(tmp_path / "k")}})
+    assert inv.credentials == CredentialsRef(tmp_path / "k", None)
+    monkeypatch.chdir(tmp_path)
+    assert (
+        parse_inventory({"agent": [_agent()], "credentials": {"keys": "k"}}).credentials.keys
+        == tmp_path / "k"
+    )
+    assert parse_inventory(
+        {"agent": [_agent()], "credentials": {"keys": "k"}}, base_dir=site
+    ).credentials == (CredentialsRef(site / "k"))
+
+
+@pytest.mark.parametrize(
+    "credentials, words",
+    [
+        ("keys", ["[credentials] must be a table"]),
+        ({}, ["field 'keys' must be the folder", "fleet-ca.crt"]),
+        ({"keys": ""}, ["field 'keys'"]),
+        ({"keys": 3}, ["field 'keys'", "got 3"]),
+        ({"keys": "k", "operater": "alice"}, ["unknown field(s) ['operater']", "['keys', 'operator']"]),
+        ({"keys": "k", "operator": "../alice"}, ["field 'operator' '../alice'"]),
+        ({"keys": "k", "operator": ""}, ["field 'operator' ''"]),
+    ],
+)
+def test_bad_credentials_tables(credentials, words):
+    with pytest.raises(ConfigError) as e:
+        parse_inventory({"agent": [_agent()], "credentials": credentials}, "f.toml")
+    msg = str(e.value)
+    assert msg.startswith("f.toml: [credentials]")
+    for w in words:
+        assert w in msg
+
+
+def test_launch_fleet_file_comments_match_the_agent_and_parse(tmp_path):
+    """The comments say `serve --listen` for TCP agents (the agent's `--link` is for serial
+    devices), and the commented [credentials] and TLS agent examples are a valid fleet file."""
+    text = (REPO / "launch" / "fleet.toml").read_text()
+    assert "--link tcp://" not in text and "serve --listen tcp://127.0.0.1:7447" in text
+    lines = text.splitlines()
+
+    def block(start: int) -> list[str]:
+        """The commented example starting at lines[start], uncommented, up to a bare '#'."""
+        out = []
+        for line in lines[start:]:
+            if line.strip() == "#" or not line.startswith("# "):
+                break
+            if not line.startswith("#      "):  # skip the continuation of a trailing comment
+                out.append(line[2:])
+        return out
+
+    creds = block(lines.index("# [credentials]"))
+    tls_link = lines.index('# link = "tls://10.0.0.12:7447"')
+    tls_agent = block(max(i for i in range(tls_link) if lines[i] == "# [[agent]]"))
+    (tmp_path / "fleet.toml").write_text("\n".join([*creds, "", *tls_agent]) + "\n")
+    inv = load_inventory(tmp_path / "fleet.toml")
+    assert inv.credentials is not None
+    assert inv.credentials.keys == tmp_path / "keys" and inv.credentials.operator == "alice"
+    assert inv.agents[0].link.startswith("tls://") and inv.agents[0].server_name == "cart-02"
+
+
 # ----------------------------------------------------------------------------- rollout, scripted
 MODEL = b"TFL3-fake-model-bytes" * 100
 SHA = hashlib.sha256(MODEL).hexdigest()
