@@ -19,5 +19,14 @@ def read_toml(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
             return tomllib.load(fh)
     except FileNotFoundError as e:
         raise ConfigError(f"{what} file {str(p)!r} does not exist") from e
+    except IsADirectoryError as e:
+        raise ConfigError(f"{what} file {str(p)!r} is a directory; pass a TOML file") from e
+    except UnicodeDecodeError as e:
+        bad = e.object[e.start : e.start + 1].hex()
+        raise ConfigError(
+            f"{what} file {str(p)!r} is not UTF-8 text (byte 0x{bad} at offset {e.start}); TOML must be UTF-8"
+        ) from e
+    except OSError as e:
+        raise ConfigError(f"{what} file {str(p)!r} cannot be read: {e.strerror or e}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: not valid TOML: {e}") from e

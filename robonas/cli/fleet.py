@@ -521,6 +521,44 @@ def _rollback(fleet: str, agent: str, store_url: str | None) -> dict[str, Any]:
     return {"agent": agent, "before": before, "after": after, "ack": ack, "deployment_id": dep}
 
 
+@fleet_app.command("stop")
+def stop_command(
+    fleet: str = typer.Option(..., "--fleet", help=_FLEET_HELP),
+    agents: str | None = typer.Option(None, "--agents", help=_AGENTS_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """STOP each robot: the run in progress ends within one control period and the robot goes to
+    its safe state. Any authenticated operator may stop. Exit 1 if a robot could not be told."""
+    rows = _guard(lambda: _stop(fleet, agents))
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        for r in rows:
+            if r["error"]:
+                _console().print(f"{r['agent']}: NOT STOPPED: {r['error']}", markup=False)
+            else:
+                _console().print(f"{r['agent']}: {'run stopped' if r['stopped'] else 'nothing was running'}")
+    if any(r["error"] for r in rows):
+        raise typer.Exit(1)
+
+
+def _stop(fleet: str, agents: str | None) -> list[dict[str, Any]]:
+    from robonas.fleet.client import AgentClient, FleetError, fleet_credentials
+    from robonas.fleet.inventory import load_inventory
+
+    inventory = load_inventory(fleet)
+    credentials = fleet_credentials(inventory)
+    rows = []
+    for e in inventory.select(agents):
+        try:
+            with AgentClient.for_entry(e, credentials) as c:
+                ack = c.stop("robonas fleet stop")
+            rows.append({"agent": e.name, "stopped": bool(ack.get("stopped")), "error": None})
+        except FleetError as err:
+            rows.append({"agent": e.name, "stopped": False, "error": str(err)})
+    return rows
+
+
 # ------------------------------------------------------------------------------------ run
 @fleet_app.command("run")
 def run_command(

@@ -389,7 +389,7 @@ def export_trial(
     `export.max_return_drop` x (return_hi - return_lo) below the torch policy's.
     """
     from robonas.config import parse_config
-    from robonas.export.artifact import build_manifest, write_artifact
+    from robonas.export.artifact import build_manifest, load_artifact, write_artifact
     from robonas.export.tflite_convert import to_tflite_fp32, to_tflite_int8
     from robonas.search.loop import run_dir_for
 
@@ -455,15 +455,17 @@ def export_trial(
         if out_dir is not None
         else (run_dir_for(store.url) / "studies" / study.name / "artifacts" / f"trial-{trial.id}-{precision}")
     )
-    private_key = None
     if key_path is not None:
         from device_agents.signing import SigningError, load_private_key
 
         try:
-            private_key = load_private_key(key_path)
+            load_private_key(key_path)  # a bad key fails here, with its own message
         except SigningError as e:
             raise RobonasError(f"signing key: {e}") from e
-    write_artifact(dest, model, manifest, private_key)
+    # a key *path*: the artifact's sequence comes from the counter beside the key (agents refuse
+    # artifacts older than the newest they run)
+    write_artifact(dest, model, manifest, key_path)
+    manifest = load_artifact(dest)[0] if key_path is not None else manifest  # with its sequence
     row = store.add_artifact(
         trial.id, f"tflite-{precision}", str(dest), hashlib.sha256(model).hexdigest(), meta=manifest
     )

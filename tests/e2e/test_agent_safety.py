@@ -267,7 +267,9 @@ class _SerialAgent:
         def run() -> None:
             try:
                 out["reply"] = runner.request(Message(MsgType.RUN, {"episodes": 5, "seed": 0}), timeout_s=300)
-            except DeviceError as e:  # the link may go away in the test (LinkError)
+            # the test closes the link under this thread: a LinkError, or pyserial's socket
+            # handler finding its socket gone (AttributeError on None)
+            except (DeviceError, AttributeError) as e:
                 out["error"] = e
 
         t = threading.Thread(target=run, daemon=True)
@@ -390,3 +392,96 @@ def test_key_files_are_private_whatever_the_umask(tmp_path):
         os.umask(old)
     assert (priv.stat().st_mode & 0o777) == 0o600
     assert ((tmp_path / "fresh").stat().st_mode & 0o777) == 0o700
+
+
+def test_fleet_stop_ends_a_long_run(twin_agent, signing, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from robonas.cli.fleet import fleet_app
+    from tests.device_agents.test_agent import credentials_toml
+
+    key, _ = signing
+    good = test_models()["good"]
+    m = manifest_for(good)
+    with twin_agent.link() as link:
+        assert deploy(link, good, m, sign_manifest(m, key), EASY).type == MsgType.ACK
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(
+        credentials_toml()
+        + f'[[agent]]\nname = "bot"\nlink = "{twin_agent.url}"\ndevice = "x86-host"\n'
+        + 'robot = "sim:cartpole-lab-a"\n'
+    )
+    runner = twin_agent.link(timeout_s=300)
+    out: dict = {}
+    t = threading.Thread(
+        target=lambda: out.update(r=runner.request(Message(MsgType.RUN, {"episodes": 1000, "seed": 0}), 300)),
+        daemon=True,
+    )
+    t.start()
+    time.sleep(1.0)
+    result = CliRunner().invoke(fleet_app, ["stop", "--fleet", str(fleet), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == [{"agent": "bot", "stopped": True, "error": None}]
+    t.join(10)
+    assert out["r"].header["stopped"] == "stop" and len(out["r"].header["returns"]) < 1000
+    runner.close()
+
+
+def test_tls_sessions_need_a_fleet_certificate_and_a_trusted_key(tmp_path, signing):
+    """Over TLS: no certificate, or one from another CA, fails the handshake; a fleet-CA
+    certificate whose key the operators file does not list may read status only."""
+    pytest.importorskip("sim")
+    from robonas.credentials import find_host_credentials, make_ca, make_operator
+    from robonas.fleet.client import AgentClient, AgentRefused, LinkFailure
+    from robonas.fleet.local_agents import LocalAgent
+
+    agent = LocalAgent("tls-bot", "sim:cartpole-lab-a", "x86-host", tmp_path / "agent", signing[1]).start()
+    try:
+        assert agent.url.startswith("tls://")
+        with agent.client() as c:
+            assert c.status()["you"]["operator"] == "local-operator"
+        keys = agent.keys_dir
+        make_operator(keys, "stranger", keys)  # signed by the fleet CA, not in operators.json
+        stranger = find_host_credentials(keys, "stranger")
+        with AgentClient(agent.url, 5.0, name="tls-bot", credentials=stranger) as c:
+            you = c.status()["you"]
+            assert you["roles"] == ["status"] and you["operator"].startswith("anonymous tls")
+            with pytest.raises(AgentRefused) as refused:
+                c.run(1, max_steps=5)
+            assert refused.value.reason == "unauthenticated"
+        other = tmp_path / "other-ca"
+        make_ca(other)
+        make_operator(other, "mallory", other)
+        mallory = find_host_credentials(other, "mallory")
+        with (
+            pytest.raises(LinkFailure),
+            AgentClient(agent.url, 5.0, name="tls-bot", credentials=mallory) as c,
+        ):
+            c.status()
+        # a TLS client without a certificate is refused at the handshake
+        import ssl
+
+        from device_agents.tls import client_context
+
+        host, port = agent.url[len("tls://") :].rsplit(":", 1)
+        anonymous = client_context(None, None, agent.credentials.ca)
+        with (
+            socket.create_connection((host, int(port)), timeout=5) as raw,
+            pytest.raises((ssl.SSLError, ConnectionError)),
+        ):
+            tls = anonymous.wrap_socket(raw, server_hostname="tls-bot")
+            tls.sendall(encode(MsgType.STATUS, {}, seq=1))
+            tls.recv(100)  # TLS 1.3: the server's refusal arrives on the first read
+        # plain TCP to a TLS port gets no protocol reply either
+        with socket.create_connection((host, int(port)), timeout=5) as raw:
+            raw.sendall(encode(MsgType.STATUS, {}, seq=1))
+            raw.settimeout(5)
+            try:
+                data = raw.recv(100)
+            except ConnectionResetError:
+                data = b""
+            assert not data.startswith(b"RN")
+    finally:
+        agent.stop()
