@@ -65,6 +65,8 @@ DEFAULT_MAX_EPISODES = 1000  # per RUN
 DEFAULT_MAX_STEPS = 100_000  # per episode, whatever the RUN asks (a robot that never says done)
 FALLBACKS = ("hold", "safe")
 RECORD_ENCODING = "zlib-json"  # how a RUN's record travels (PROTOCOL.md, "The record")
+MAX_PROBES = 64  # BENCH probes a session may keep at once
+MAX_PROBE_BYTES = 16 * 1024 * 1024  # and their bytes
 
 # The role a request needs; a type not listed needs none (HELLO, STATUS, PING, AUTH). STOP needs
 # any authenticated operator ("status" is every operator's role, but not an anonymous session's).
@@ -116,6 +118,27 @@ def _flag(header: dict, name: str) -> bool:
     if not isinstance(value, bool):
         raise Refused("bad header", f"{name}={value!r} is not true or false")
     return value
+
+
+# What a probe's result carries back to the host (the per-round detail stays on the robot).
+_PROBE_KEYS = (
+    "step_us",
+    "invoke_us",
+    "host_step_us",
+    "median_us",
+    "spread_us",
+    "noise",
+    "rounds",
+    "settled",
+    "warmup_steps",
+    "macs",
+    "model_bytes",
+    "runs",
+)
+
+
+def _compact(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: result[k] for k in _PROBE_KEYS if k in result}
 
 
 def _section(manifest: dict, name: str) -> dict[str, Any]:
@@ -764,17 +787,20 @@ class Agent:
         warmup = _int(h, "warmup", 0, 50)
         if runs > 100_000 or warmup > 10_000:
             raise Refused("bad header", f"runs {runs} / warmup {warmup} over 100000 / 10000")
+        if _flag(h, "clear"):
+            session.probes.clear()
+            return msg.reply(MsgType.ACK, {"probes": 0})
+        if _flag(h, "keep"):
+            return self._keep_probe(msg, session)
+        if "probes" in h:
+            return self._bench_probes(msg, session)
         self.lease.acquire(session, "bench")
         try:
             if "size" in h:
                 # An inline probe model (latency calibration): timed, never stored, slots
                 # untouched; only an operator with the bench role may send one. It must fit one
                 # frame; bigger models are benchmarked after a deploy, by slot.
-                size, sha = _int(h, "size", 1), h.get("sha256")
-                if size != len(msg.payload):
-                    raise Refused("mismatch", f"size {size} but {len(msg.payload)} payload bytes")
-                if sha != hashlib.sha256(msg.payload).hexdigest():
-                    raise Refused("mismatch", "sha256 of the inline model does not match")
+                sha = self._inline_model(msg)
                 result = self._robot_timing(bench_model(bytes(msg.payload), runs=runs, warmup=warmup))
                 return msg.reply(
                     MsgType.REPORT,
@@ -804,6 +830,71 @@ class Agent:
             },
         )
 
+    @staticmethod
+    def _inline_model(msg: Message) -> str:
+        size, sha = _int(msg.header, "size", 1), msg.header.get("sha256")
+        if size != len(msg.payload):
+            raise Refused("mismatch", f"size {size} but {len(msg.payload)} payload bytes")
+        if sha != hashlib.sha256(msg.payload).hexdigest():
+            raise Refused("mismatch", "sha256 of the inline model does not match")
+        return str(sha)
+
+    def _keep_probe(self, msg: Message, session: Session) -> Message:
+        """BENCH `keep`: hold an inline probe model for a later interleaved BENCH `probes` of the
+        same session (PROTOCOL.md, BENCH). Bounded per session; dropped with the session."""
+        sha = self._inline_model(msg)
+        kept = sum(len(m) for m in session.probes.values())
+        if sha not in session.probes and (
+            len(session.probes) >= MAX_PROBES or kept + len(msg.payload) > MAX_PROBE_BYTES
+        ):
+            raise Refused(
+                "size", f"this session already holds {len(session.probes)} probes ({kept} bytes); clear them"
+            )
+        session.probes[sha] = bytes(msg.payload)
+        return msg.reply(MsgType.ACK, {"kept": sha, "probes": len(session.probes)})
+
+    def _bench_probes(self, msg: Message, session: Session) -> Message:
+        """BENCH `probes`: the kept probes measured together, in interleaved rounds
+        (device_agents.timing), each with its noise figure, and the overall noise verdict."""
+        from device_agents.bench import bench_models, overall_verdict
+
+        h = msg.header
+        wanted = h.get("probes")
+        if not isinstance(wanted, list) or not wanted or not all(isinstance(x, str) for x in wanted):
+            raise Refused("bad header", "probes must be a non-empty list of kept sha256s")
+        missing = [x for x in wanted if x not in session.probes]
+        if missing:
+            raise Refused(
+                "no probe", f"{len(missing)} probe(s) not kept in this session: {missing[0][:12]}..."
+            )
+        rounds = _int(h, "rounds", 1, 15)
+        per_round = _int(h, "per_round", 1, 40)
+        if rounds * per_round * len(wanted) > 400_000:
+            raise Refused(
+                "bad header", f"{rounds} rounds x {per_round} steps x {len(wanted)} probes is too long"
+            )
+        self.lease.acquire(session, "bench")
+        try:
+            results = bench_models(
+                {sha: session.probes[sha] for sha in wanted}, rounds=rounds, per_round=per_round
+            )
+        finally:
+            self.lease.release(session)
+        timed = {sha: _compact(self._robot_timing(r)) for sha, r in results.items()}
+        # the results travel as the payload (JSON): 64 probes' figures outgrow a 16 KiB header
+        body = json.dumps(timed, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        if len(body) > MAX_PAYLOAD:
+            raise Refused(
+                "size", f"results of {len(wanted)} probes are {len(body)} bytes; bench fewer at once"
+            )
+        header = {
+            "probes_wire": "json",
+            "noise_verdict": overall_verdict(results),
+            "agent": self.agent_id,
+            "device": self.device,
+        }
+        return msg.reply(MsgType.REPORT, header, body)
+
     def _robot_timing(self, result: dict[str, Any]) -> dict[str, Any]:
         """BENCH on a sim twin reports its emulated computer's step time, as RUN does (the
         mapping is increasing, so it carries every percentile); `host_step_us` keeps this
@@ -814,11 +905,18 @@ class Agent:
         robot = self.robot()
         robot.bind_policy(SimpleNamespace(macs=result.get("macs")))  # all bind_policy reads
         host = result["step_us"]
-        return {
+        out = {
             **result,
             "host_step_us": host,
             "step_us": {k: robot.compute_time(v / 1e6) * 1e6 for k, v in host.items()},
         }
+        median, spread = result.get("median_us", host.get("p50")), result.get("spread_us")
+        if isinstance(median, (int, float)) and isinstance(spread, (int, float)) and median > 0:
+            # the emulated computer's spread: the same rounds seen through its (increasing) clock
+            lo, hi = robot.compute_time(median / 1e6) * 1e6, robot.compute_time((median + spread) / 1e6) * 1e6
+            out.update(host_median_us=median, host_spread_us=spread, median_us=lo, spread_us=hi - lo)
+            out["noise"] = (hi - lo) / lo if lo > 0 else result.get("noise")
+        return out
 
     def _rollback(self, msg: Message, session: Session) -> Message:
         self.lease.acquire(session, "rollback")

@@ -29,11 +29,32 @@ class Command(NamedTuple):
 
 # --- bench -------------------------------------------------------------------------------------
 def _bench_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", help="the .tflite model")
-    p.add_argument("--runs", type=int, default=1000, help="measured steps (default 1000)")
-    p.add_argument("--warmup", type=int, default=50, help="unmeasured first steps (default 50)")
+    p.add_argument(
+        "file", nargs="+", help="the .tflite model(s) or artifact directories; several are timed interleaved"
+    )
+    p.add_argument("--runs", type=int, default=1000, help="measured steps per model (default 1000)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default: from --runs)")
+    p.add_argument(
+        "--per-round", type=int, default=None, help="steps per model per round (default: from --runs, 40)"
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=50,
+        help="least warm-up steps; the warm-up goes on until the timings settle (default 50)",
+    )
     p.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 3 when the timings are too noisy to trust (default: warn, exit 0)",
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON instead of a table: the result object for one file, "
+        "{models: {file: result}, noise_verdict} for several",
+    )
 
 
 def _format_bench(r: dict[str, Any]) -> str:
@@ -43,21 +64,44 @@ def _format_bench(r: dict[str, Any]) -> str:
         f"input      {r['input_dtype']} {tuple(r['input_shape'])}   "
         f"output {r['output_dtype']} {tuple(r['output_shape'])}",
         f"init       {r['init_us'] / 1000:.2f} ms   first inference {r['first_us']:.1f} us   "
-        f"warm-up mean {r['warmup_mean_us']:.1f} us ({r['warmup']} runs)",
+        f"warm-up mean {r['warmup_mean_us']:.1f} us ({r['warmup_steps']} runs)",
         f"{'latency (us)':<16}{'p50':>9}{'p90':>9}{'p99':>9}{'max':>9}{'mean':>9}   ({r['runs']} runs)",
     ]
     for label, key in (("invoke", "invoke_us"), ("step (q+inv+dq)", "step_us")):
         s = r[key]
         lines.append(f"{label:<16}" + "".join(f"{s[k]:>9.1f}" for k in ("p50", "p90", "p99", "max", "mean")))
+    settled = "settled" if r["settled"] else "NOT settled"
+    lines.append(
+        f"noise      {r['noise'] * 100:.1f}% (IQR {r['spread_us']:.2f} us of {r['rounds']} round medians, "
+        f"{r['per_round']} steps each), {settled} after {r['warmup_steps']} warm-up steps"
+    )
+    verdict = r["noise_verdict"]
+    if not verdict["ok"]:
+        lines.append(f"WARNING    {verdict['message']}")
     return "\n".join(lines)
 
 
 def _bench_run(args: argparse.Namespace) -> int:
-    from device_agents.bench import bench_model
+    from device_agents.bench import bench_models, overall_verdict, split_runs
+    from device_agents.errors import DeviceError
 
-    result = bench_model(args.file, runs=args.runs, warmup=args.warmup, threads=args.threads)
-    print(json.dumps(result, sort_keys=True) if args.json else _format_bench(result))
-    return 0
+    files = [str(f) for f in args.file]
+    twice = sorted({f for f in files if files.count(f) > 1})
+    if twice:
+        raise DeviceError(f"file {twice[0]!r} given twice: each model is timed once")
+    rounds, per_round = split_runs(args.runs, args.rounds, args.per_round)
+    results = bench_models({f: f for f in files}, rounds, per_round, threads=args.threads, warmup=args.warmup)
+    verdict = overall_verdict(results)
+    if args.json:
+        out: dict[str, Any] = (
+            results[files[0]] if len(files) == 1 else {"models": results, "noise_verdict": verdict}
+        )
+        print(json.dumps(out, sort_keys=True))
+    else:
+        print("\n\n".join(_format_bench(r) for r in results.values()))
+        if len(files) > 1:
+            print(f"\n{'overall' if verdict['ok'] else 'WARNING'}    {verdict['message']}")
+    return 3 if args.strict and verdict["refuse"] else 0  # 3: measured, but too noisy to trust
 
 
 # --- serve / run ---------------------------------------------------------------------------------

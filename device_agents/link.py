@@ -248,6 +248,15 @@ class SocketStream:
     def flush(self) -> None:
         """Nothing to do: sendall has handed every byte to the kernel."""
 
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def pending(self) -> int:
+        """Bytes already received and decrypted but not read yet (TLS); a plain socket has none
+        outside the kernel, where `select` sees them."""
+        pending = getattr(self.sock, "pending", None)
+        return int(pending()) if pending is not None else 0
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)

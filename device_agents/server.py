@@ -22,10 +22,14 @@ run on a robot's Python 3.9 with nothing else, and because what it needs is smal
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import ipaddress
 import logging
+import os
 import queue
+import select
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
@@ -33,7 +37,7 @@ from urllib.parse import urlsplit
 
 from device_agents.errors import DeviceError
 from device_agents.link import Link, LinkError, link_for_socket, listen, open_link
-from device_agents.protocol import BadPrefixCRC, FrameReader, Message, MsgType
+from device_agents.protocol import BadPrefixCRC, FrameReader, Message, MsgType, ProtocolError
 from device_agents.sessions import Session
 
 if TYPE_CHECKING:
@@ -60,6 +64,46 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+class _Inbox:
+    """Wait for the link's next bytes or for a worker's reply, whichever comes first: `select`
+    on the stream's descriptor and on a wake-up pipe the worker writes to, so a reply leaves as
+    soon as it is ready without the reader spinning. Streams without a descriptor (`loop://`)
+    are polled every BUSY_POLL_S instead."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+        self.fd: int | None
+        try:
+            self.fd = int(stream.fileno())
+        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+            self.fd = None
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):  # a full pipe is already awake
+            os.write(self._wake_w, b"\0")
+
+    def read(self, n: int, timeout_s: float, busy: bool) -> bytes:
+        if self.fd is None:
+            self.stream.timeout = BUSY_POLL_S if busy else timeout_s
+            return bytes(self.stream.read(n))
+        pending = getattr(self.stream, "pending", None)
+        if not (pending is not None and pending() > 0):  # TLS may hold decrypted bytes already
+            ready, _, _ = select.select([self.fd, self._wake_r], [], [], timeout_s)
+            if self._wake_r in ready:
+                os.read(self._wake_r, 4096)
+            if self.fd not in ready:
+                return b""
+        self.stream.timeout = 0  # bytes are there: take what has arrived, do not wait for n
+        return bytes(self.stream.read(n))
+
+    def close(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 def serve_session(
     agent: Agent,
     link: Link,
@@ -77,12 +121,19 @@ def serve_session(
     last_rx = last_frame = now
     frame_started: float | None = None
     budget, budget_t = _NACK_BUDGET, now
+    inbox = _Inbox(stream)
 
     def run_in_worker(msg: Message) -> None:
+        frames: list[Message] = []
         try:
-            outbox.put(agent.replies(msg, session))
+            frames = agent.replies(msg, session)
         except BaseException:  # replies() never raises for bad input; this is a last resort
             log.exception("worker for %s failed", msg.type.name)
+        finally:
+            session.work_done()  # before the reply leaves: the host's next request may follow it
+            if frames:
+                outbox.put(frames)
+            inbox.wake()
 
     def flush() -> None:
         while True:
@@ -90,14 +141,17 @@ def serve_session(
                 frames = outbox.get_nowait()
             except queue.Empty:
                 return
-            session.send(frames)
+            try:
+                session.send(frames)
+            except ProtocolError as e:  # a reply that cannot be framed (too large): say so
+                log.error("cannot frame the reply to seq %s: %s", frames[0].seq, e)
+                session.send([frames[0].reply(MsgType.ERROR, {"reason": "internal", "detail": str(e)[:300]})])
 
     try:
         while not agent.stop_event.is_set():
             flush()
-            stream.timeout = BUSY_POLL_S if session.busy() else POLL_S
             try:
-                data = stream.read(reader.needed())
+                data = inbox.read(reader.needed(), POLL_S, session.busy())
             except (LinkError, OSError) as e:
                 log.info("session %s (%s) closed: %s", session.id, session.who, e)
                 return
@@ -175,6 +229,7 @@ def serve_session(
                 log.info("cannot reply (%s); dropping session %s", e, session.id)
                 return
     finally:
+        inbox.close()
         session.closed.set()
         if session.busy() and agent.lease.holds(session):
             agent.stop_run(f"link to {session.who} lost")  # the robot is halted by the control loop

@@ -45,7 +45,9 @@ class Session:
         self.send_lock = threading.Lock()
         self.worker: threading.Thread | None = None
         self.closed = threading.Event()
+        self.probes: dict[str, bytes] = {}  # BENCH probes kept for an interleaved measurement
         self._local = False
+        self._working = False
 
     @classmethod
     def local(cls) -> Session:
@@ -77,7 +79,13 @@ class Session:
         return sorted(self.operator.roles | {"status"}) if self.operator is not None else ["status"]
 
     def busy(self) -> bool:
-        return self.worker is not None and self.worker.is_alive()
+        """A long request of this session is being worked on (its reply not yet handed over)."""
+        return self._working
+
+    def work_done(self) -> None:
+        """The worker has its reply: the session may take its next long request, even if the
+        worker thread has not quite ended yet (the host sends the next one on receipt)."""
+        self._working = False
 
     def send(self, messages: list[Message]) -> None:
         """Send frames in order; several threads of a session (its reader, its worker) share
@@ -89,6 +97,7 @@ class Session:
                 self.link.send(m)
 
     def start_worker(self, target: Callable[[], None]) -> None:
+        self._working = True
         self.worker = threading.Thread(target=target, name=f"session-{self.id}-worker", daemon=True)
         self.worker.start()
 

@@ -134,6 +134,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=10)
     args = ap.parse_args()
 
+    from device_agents.errors import DeviceError
     from device_agents.link import open_link
     from device_agents.operators import sign_challenge
     from device_agents.protocol import Message, MsgType
@@ -156,6 +157,7 @@ def main() -> None:
     )
     procs = []
     results: dict[str, dict[str, float]] = {}
+    sessions = ""
     try:
         proc, url = _start(baseline, tmp / "s-base", pub, ["--listen", "tcp://127.0.0.1:0"])
         procs.append(proc)
@@ -201,6 +203,24 @@ def main() -> None:
             args.deploys,
             args.runs,
         )
+        # sessions held at once: the agent's default bound (8), each answering STATUS while all
+        # are open; the next connection is closed by the agent
+        held = [open_link(url, timeout_s=10, tls=ctx, server_name="bench") for _ in range(8)]
+        rtts = []
+        for link in held * 5:
+            t0 = time.perf_counter()
+            assert link.request(Message(MsgType.STATUS, {})).type == MsgType.STATUS
+            rtts.append(time.perf_counter() - t0)
+        try:
+            extra = open_link(url, timeout_s=5, tls=ctx, server_name="bench")
+            extra.request(Message(MsgType.STATUS, {}))
+            ninth = "answered"
+        except DeviceError:
+            ninth = "refused"
+        for link in held:
+            link.close()
+        p50 = statistics.median(rtts) * 1000
+        sessions = f"8 TLS sessions held at once, STATUS p50 {p50:.2f} ms; a 9th: {ninth}"
     finally:
         for p in procs:
             p.terminate()
@@ -223,6 +243,7 @@ def main() -> None:
             f"RUN x{r['run_ms'] / base['run_ms']:.3f}, "
             f"step p50 x{r['step_p50_us'] / base['step_p50_us']:.3f} of the baseline"
         )
+    print(sessions)
     print(
         f"(operator {OPERATOR}; {args.deploys} deploys of {len(model)} bytes and {args.runs} RUNs per mode)"
     )

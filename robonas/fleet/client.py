@@ -20,11 +20,12 @@ Failures come in two kinds, because a rollout treats them differently:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -183,6 +184,7 @@ class AgentClient:
         self._link: Link | None = None
         self.agent_hello: dict[str, Any] | None = None
         self.operator: str | None = None  # who the agent took us for, once authenticated
+        self.last_noise_verdict: dict[str, Any] | None = None  # of the last bench_probes
 
     @classmethod
     def for_entry(cls, entry: AgentEntry, credentials: HostCredentials | None = None) -> AgentClient:
@@ -489,6 +491,82 @@ class AgentClient:
             "bench", MsgType.BENCH, header, payload=model, extra_s=self.bench_timeout_s * (1 + runs / 1000)
         )
         return self._expect("bench", reply, MsgType.REPORT)
+
+    def bench_probes(
+        self, models: Sequence[bytes], rounds: int = 15, per_round: int = 40
+    ) -> list[dict[str, Any]]:
+        """Time several models on the agent together, in interleaved rounds (PROTOCOL.md, BENCH
+        `keep` / `probes`), so drift on the robot's computer hits every model alike; one result
+        per model, in order (the keys of BENCH's `bench`, with `noise` and `sha256`). The overall
+        noise verdict is left in `last_noise_verdict`. An agent that predates `keep` is asked
+        one model at a time instead (no interleaving; `last_noise_verdict` then says so)."""
+        if not models:
+            return []
+        for m in models:
+            if len(m) > MAX_PAYLOAD:
+                raise ConfigError(
+                    f"bench_probes: a {len(m)}-byte model is over the inline limit of {MAX_PAYLOAD}"
+                )
+        shas = [hashlib.sha256(m).hexdigest() for m in models]
+        legacy = False
+        sent: set[str] = set()
+        for model, sha in zip(models, shas, strict=True):
+            if sha in sent:
+                continue
+            sent.add(sha)
+            header = {"runs": 1, "size": len(model), "sha256": sha, "keep": True}
+            reply = self._request(
+                "bench keep", MsgType.BENCH, header, payload=model, extra_s=self.bench_timeout_s
+            )
+            if reply.type == MsgType.REPORT:  # an older agent timed it instead of keeping it
+                legacy = True
+                break
+            self._expect("bench keep", reply, MsgType.ACK)
+        if legacy:
+            results = []
+            for model, sha in zip(models, shas, strict=True):
+                bench = self.bench_model(model, runs=rounds * per_round)["bench"]
+                results.append({**bench, "sha256": sha})
+            self.last_noise_verdict = {
+                "ok": True,
+                "refuse": False,
+                "worst": float("nan"),
+                "message": "the agent predates interleaved BENCH: models timed one after another, no noise",
+            }
+            return results
+        steps = rounds * per_round * len(set(shas))
+        try:
+            reply = self._request(
+                "bench probes",
+                MsgType.BENCH,
+                {
+                    "runs": rounds * per_round,
+                    "probes": list(dict.fromkeys(shas)),
+                    "rounds": rounds,
+                    "per_round": per_round,
+                },
+                extra_s=self.bench_timeout_s * (2 + steps / 1000),
+            )
+            header = self._expect("bench probes", reply, MsgType.REPORT)
+        finally:
+            with contextlib.suppress(FleetError):
+                self._request("bench clear", MsgType.BENCH, {"runs": 1, "clear": True})
+        try:
+            timed = json.loads(reply.payload.decode("utf-8")) if header.get("probes_wire") == "json" else {}
+        except (UnicodeDecodeError, ValueError) as e:
+            raise LinkFailure(
+                f"agent {self.name}: bench probes payload unreadable: {e}", self.name, "bench"
+            ) from e
+        missing = [s for s in shas if s not in timed]
+        if missing:
+            raise LinkFailure(
+                f"agent {self.name}: bench probes came back without {len(missing)} of them",
+                self.name,
+                "bench",
+            )
+        verdict = header.get("noise_verdict")
+        self.last_noise_verdict = dict(verdict) if isinstance(verdict, dict) else {}
+        return [{**timed[s], "sha256": s} for s in shas]
 
     # ------------------------------------------------------------------ deploy
     def deploy(

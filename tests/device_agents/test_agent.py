@@ -147,6 +147,7 @@ class AgentProcess:
         extra=(),
         env: dict | None = None,
         operators: Path | None = None,
+        fast: bool = True,
     ):
         self.state = Path(state)
         operators = operators or operators_file(Path(state).parent / f"{Path(state).name}-trust")
@@ -163,7 +164,8 @@ class AgentProcess:
             robot,
             "--listen",
             "tcp://127.0.0.1:0",
-            *(["--fast"] if robot.startswith("sim:") else []),  # a serial robot keeps real time
+            # a serial robot keeps real time; a sim twin too when the test needs runs that last
+            *(["--fast"] if fast and robot.startswith("sim:") else []),
             "--id",
             "test-agent",
             "--operators",

@@ -57,6 +57,15 @@ def twin_agent(tmp_path, signing):
     a.stop()
 
 
+@pytest.fixture
+def real_time_agent(tmp_path, signing):
+    """A twin that keeps real time (50 Hz), so a 1000-episode RUN lasts minutes, not seconds."""
+    pytest.importorskip("sim")
+    a = AgentProcess(tmp_path / "state-rt", signing[1], fast=False)
+    yield a
+    a.stop()
+
+
 def _request(link, mtype: MsgType, header: dict | None = None, payload: bytes = b"") -> Message:
     return link.request(Message(mtype, header or {}, payload), timeout_s=60)
 
@@ -200,7 +209,8 @@ def _trickle(url: str, stop: threading.Event) -> None:
                 return
 
 
-def test_status_answers_while_others_idle_trickle_or_run(twin_agent, signing):
+def test_status_answers_while_others_idle_trickle_or_run(real_time_agent, signing):
+    twin_agent = real_time_agent
     key, _ = signing
     good = test_models()["good"]
     m = manifest_for(good)
@@ -394,7 +404,8 @@ def test_key_files_are_private_whatever_the_umask(tmp_path):
     assert ((tmp_path / "fresh").stat().st_mode & 0o777) == 0o700
 
 
-def test_fleet_stop_ends_a_long_run(twin_agent, signing, tmp_path):
+def test_fleet_stop_ends_a_long_run(real_time_agent, signing, tmp_path):
+    twin_agent = real_time_agent
     import json
 
     from typer.testing import CliRunner
