@@ -14,6 +14,15 @@ History: frames are stacked oldest first; after a reset the stack is filled with
 `observation.history_pad` (the raw value that normalises to SB3's zero padding; zeros if the
 manifest has none), then the first observation is pushed, exactly as `robonas.export.trial_export.rollouts`.
 
+The step (issue 18): a policy that offers its own input (`observation_buffer`, a float32 array of
+obs_dim x history values, and `act_in_place()`, as `TFLitePolicy` does) gets the stack kept in
+that buffer, shifted in place (one memmove) with the new observation written behind it, and is
+stepped with no argument: no copy of the stack, no reshapes, no size checks, no new array in the
+timed span. Any other policy gets `policy.act(frames)` on the loop's own stack, as before. The
+clock is read once before and once after the policy's step (the stacking is the loop's
+bookkeeping, as it always was, and stays outside); the action is copied after the clock stops,
+because the robot may keep what it is handed and the policy's buffer changes next step.
+
 Safety (issue 14); the robot's safe state is its own (`Robot.halt`, `Robot.safe_action`):
 - Every run ends with `robot.halt()`, in a `finally`, whatever ended it: the last episode, a
   `stop` event (a STOP or SIGTERM handled by the agent), a non-finite action, a policy that
@@ -48,7 +57,7 @@ import contextlib
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -147,6 +156,23 @@ def action_bounds(
             f"robot {robot.name}'s {None if own is None else [v.tolist() for v in own]}"
         )
     return lo.astype(np.float32), hi.astype(np.float32)
+
+
+def _policy_step(policy: Any, size: int) -> tuple[np.ndarray, Callable[[], Any], bool]:
+    """(the stack the loop writes, the step that reads it, whether the step's result is the
+    policy's own buffer). See "The step" in the module docstring."""
+    buffer = getattr(policy, "observation_buffer", None)
+    step = getattr(policy, "act_in_place", None)
+    if (
+        callable(step)
+        and isinstance(buffer, np.ndarray)
+        and buffer.dtype == np.float32
+        and buffer.shape == (size,)
+        and buffer.flags.writeable
+    ):
+        return buffer, step, True
+    frames = np.zeros(size, np.float32)
+    return frames, lambda: policy.act(frames), False
 
 
 def run_episodes(
@@ -248,7 +274,10 @@ def run_episodes(
     misses = nonfinite = late_ticks = clipped = fallback_ticks = 0
     stopped: str | None = None
     clock = time.perf_counter_ns
-    frames = np.zeros(obs_dim * history, np.float32)
+    frames, policy_step, in_place = _policy_step(policy, obs_dim * history)
+    padded = np.tile(pad, history)
+    # views made once: the stack shifts by one observation (older frames first) every step
+    newest, older, newer = frames[frames.size - obs_dim :], frames[: -obs_dim or None], frames[obs_dim:]
     if record and recorder is None:
         recorder = Recorder()
     robot.bind_policy(policy)
@@ -270,7 +299,7 @@ def run_episodes(
             obs = robot.reset(seed + ep)
             if recorder is not None:
                 recorder.begin(obs, sim_clock if fast else time.monotonic(), robot.action_size, seed + ep)
-            frames[:] = np.tile(pad, history)
+            frames[...] = padded
             total, steps, done = 0.0, 0, False
             applied: np.ndarray | None = None  # what the robot received last in this episode
             next_tick = time.monotonic()
@@ -278,13 +307,17 @@ def run_episodes(
                 if stop is not None and stop.is_set():
                     stopped = "stop"
                     break
-                frames[:-obs_dim] = frames[obs_dim:]
-                frames[-obs_dim:] = np.asarray(obs, np.float32).ravel()
+                if history > 1:
+                    older[...] = newer  # numpy copes with the overlap (a memmove)
+                newest[...] = np.ravel(obs)  # cast to float32 as it is written
                 t0 = clock()
                 try:
-                    raw = policy.act(frames)
+                    raw = policy_step()
                     measured = clock() - t0
-                    action = np.asarray(raw, np.float32).ravel()
+                    if in_place:  # the policy's buffer changes next step; the robot may keep this
+                        action = np.array(raw, np.float32).ravel()
+                    else:
+                        action = np.asarray(raw, np.float32).ravel()
                 except Exception as e:  # whatever the policy raises, the robot is halted (finally)
                     raise DeviceError(f"policy error: {type(e).__name__}: {e}") from e
                 host_ns.append(measured)
@@ -296,7 +329,7 @@ def run_episodes(
                     raise DeviceError(
                         f"policy error: {action.size} action values, the robot takes {out_size}"
                     )
-                if not np.all(np.isfinite(action)):
+                if not np.isfinite(action).all():
                     nonfinite += 1
                     stopped = "non-finite action"
                     break

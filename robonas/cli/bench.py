@@ -1,10 +1,11 @@
 """`robonas bench env|model|search`: speed figures against a baseline measured in the same run;
 `robonas bench gap`: how well each predictor of a candidate's real return does on a robot it was not
-fitted on (leave one robot out)."""
+fitted on (leave one robot out); `robonas bench latency`: how repeatable a latency calibration is."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import typer
 
@@ -69,6 +70,30 @@ def bench_model(
 
     argv = ["bench", file, "--runs", str(runs), "--warmup", str(warmup), "--threads", str(threads)]
     raise typer.Exit(agent_main(argv + (["--json"] if as_json else [])))
+
+
+@bench_app.command("agent-step")
+def bench_agent_step_cmd(
+    models: list[str] = typer.Argument(
+        ..., help="A .tflite policy or an artifact directory (several allowed)."
+    ),
+    steps: int = typer.Option(5000, "--steps", help="Steps of each span per model."),
+    rounds: int = typer.Option(5, "--rounds", help="Interleaved rounds (medians of round p50s)."),
+    robot: str = typer.Option("null", "--robot", help='"null" (a robot that costs nothing) or sim:PROFILE.'),
+    history: int | None = typer.Option(None, "--history", help="Frames stacked (default: the model's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """The agent's control-loop step against the bare interpreter invoke, same run: invoke,
+    bench step (quantise + invoke + dequantise), act, and the loop step p50, with the ratios
+    over the invoke (target: loop step at most 1.5x the invoke)."""
+    from robonas.bench.agent_step import bench_agent_step, format_agent_step
+
+    results = [bench_agent_step(m, steps, robot=robot, history=history, rounds=rounds) for m in models]
+    if as_json:
+        print(json.dumps(results, indent=2, default=str))
+    else:
+        for r in results:
+            print(format_agent_step(r))
 
 
 @bench_app.command("search")
@@ -233,3 +258,122 @@ def bench_gap_cmd(
             out.print(f"{info['robot']}: no twin ({info['error']}); fleet-level prediction used")
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
     out.print(f"wall time {result.wall_s:.0f} s ({stages})")
+
+
+def _noise_flag(noise: dict[str, Any]) -> str:
+    return "" if noise["ok"] else (" refused" if noise["refuse"] else " warn")
+
+
+@bench_app.command("latency")
+def bench_latency_cmd(
+    fleet: str = typer.Option(..., "--fleet", help="Fleet inventory (launch/fleet.toml)."),
+    agent: str = typer.Option(..., "--agent", help="The robot to measure on."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Calibrations in a row."),
+    n_archs: int = typer.Option(16, "--n-archs", min=1, help="Probe architectures each fit is fitted on."),
+    holdout: int = typer.Option(12, "--holdout", min=1, help="Held-out probe architectures."),
+    runs: int = typer.Option(600, "--runs", min=1, help="Measured steps per probe, over all rounds."),
+    rounds: int = typer.Option(15, "--rounds", min=1, help="Interleaved rounds the steps are split into."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the probe selection and weights."),
+    study: str | None = typer.Option(None, "--study", help="Draw probes from this study's space."),
+    config: str | None = typer.Option(
+        None, "--config", help="...or from this config's space (default: the demo's cart-pole space)."
+    ),
+    store: str | None = typer.Option(
+        None,
+        "--store",
+        help="Store each repeat's model and timings in this store (default: nothing is stored; "
+        "--study alone reads $ROBONAS_STORE or sqlite:///runs/robonas.db).",
+    ),
+    force: bool = typer.Option(False, "--force", help="With --store: store refused (noisy) repeats too."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Run the whole latency calibration several times in a row on one robot (probes selected and
+    compiled once) and print each repeat's held-out MAPE and share within +-10% with their 95%
+    intervals, the noise, and the spread across repeats. Progress goes to stderr."""
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from robonas.bench.latency import TARGET_WITHIN_10PCT, bench_latency, percent
+    from robonas.cli.calibrate import space_for
+    from robonas.models import latency_probe
+    from robonas.store import Store
+
+    space = space_for(config, study, store)
+    db = Store(store) if store is not None else None
+    err = Console(stderr=True)
+    entry, client = latency_probe.open_agent(fleet, agent)
+    try:
+        with client, Progress(console=err, transient=True) as bar:
+            compiling = bar.add_task("compiling probes (once)", total=n_archs + holdout)
+            timing = bar.add_task(f"BENCH on {entry.name}", total=1, start=False)
+
+            def compiled(done: int, total: int) -> None:
+                bar.update(compiling, completed=done, total=total)
+
+            def timed(repeat: int, done: int, total: int) -> None:
+                bar.start_task(timing)
+                bar.update(
+                    timing, completed=done, total=total, description=f"BENCH on {entry.name}, repeat {repeat}"
+                )
+
+            result = bench_latency(
+                client,
+                entry.name,
+                entry.device,
+                space,
+                repeats=repeats,
+                n_archs=n_archs,
+                holdout=holdout,
+                runs=runs,
+                rounds=rounds,
+                seed=seed,
+                store=db,
+                force=force,
+                compile_progress=compiled,
+                progress=timed,
+                log=lambda line: err.print(line, highlight=False, soft_wrap=True),
+            )
+    finally:
+        if db is not None:
+            db.close()
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    t = Table(
+        title=f"latency calibration x{len(result.repeats)} on {result.agent} ({result.device}): "
+        f"{result.n_fit} fitting + {result.n_holdout} held-out probes, {result.runs} steps each "
+        f"in {result.rounds} rounds; probes compiled once in {result.compile_s:.0f} s"
+    )
+    columns = ("repeat", "MAPE", "MAPE 95% CI", "within +-10%", "share 95% CI", "prior MAPE", "noise worst")
+    for col in (*columns, "s", "stored"):
+        t.add_column(col, justify="right")
+    for r in result.repeats:
+        stored = "-" if r.version is None else f"v{r.version}"
+        t.add_row(
+            str(r.repeat),
+            percent(r.mape),
+            f"{percent(r.mape_ci[0])}-{percent(r.mape_ci[1])}",
+            f"{r.k_within_10pct}/{r.n_holdout} = {r.within_10pct:.0%}",
+            f"{r.within_10pct_ci[0]:.0%}-{r.within_10pct_ci[1]:.0%}",
+            percent(r.prior_mape),
+            percent(r.noise["worst"])
+            + ("" if r.noise["ok"] else (" refused" if r.noise["refuse"] else " warn")),
+            f"{r.seconds:.1f}",
+            stored,
+        )
+    out = console()
+    out.print(t)
+    s = result.spread()
+    out.print(
+        f"spread across {len(result.repeats)} repeats: MAPE {percent(s['mape_min'])} to "
+        f"{percent(s['mape_max'])}, within +-10% {s['within_10pct_min']:.0%} to {s['within_10pct_max']:.0%} "
+        f"(target: every repeat >= {TARGET_WITHIN_10PCT:.0%}: "
+        f"{'met' if result.meets_target() else 'not met'})",
+        highlight=False,
+    )
+    for r in result.repeats:
+        if not r.noise["ok"]:
+            out.print(f"repeat {r.repeat}: {r.noise['message']}", highlight=False, soft_wrap=True)
+        if r.not_stored:
+            out.print(f"repeat {r.repeat}: not stored: {r.not_stored}", highlight=False)

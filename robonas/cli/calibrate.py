@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -22,14 +22,21 @@ calibrate_app = typer.Typer(
 _STORE_HELP = "Store URL (default: $ROBONAS_STORE or sqlite:///runs/robonas.db)."
 
 
-def _space_for(config: str | None, study: str | None, store: Store) -> SearchSpace:
-    """The search space to draw probes from: a study's stored config, or a config file."""
+def space_for(config: str | None, study: str | None, store: Store | str | None) -> SearchSpace:
+    """The search space to draw probes from: a study's stored config, or a config file (default:
+    the demo's cart-pole space). `store` (a Store, or its URL) is read only for `study`."""
     from robonas.config import load_config, parse_config
     from robonas.search.loop import EnvInfo
     from robonas.space import SearchSpace
+    from robonas.store import Store
 
     if study:
-        cfg = parse_config(store.get_study(study).config["search"], f"study {study}")
+        db = store if isinstance(store, Store) else Store(store)
+        try:
+            cfg = parse_config(db.get_study(study).config["search"], f"study {study}")
+        finally:
+            if db is not store:
+                db.close()
     elif config:
         cfg = load_config(config)
     else:  # the embedded cart-pole space of the demo
@@ -40,12 +47,35 @@ def _space_for(config: str | None, study: str | None, store: Store) -> SearchSpa
     return SearchSpace.from_config(cfg.space, env.obs_dim, env.act_dim)
 
 
+def describe_calibration(m: dict[str, Any]) -> str:
+    """The held-out figures of a calibration, each beside its 95% interval, and the prior's."""
+    from robonas.bench.latency import percent
+
+    mlo, mhi = m["holdout_mape_ci"]
+    slo, shi = m["holdout_within_10pct_ci"]
+    noise = m.get("noise") or {}
+    return (
+        f"held-out MAPE {percent(m['holdout_mape'])} (95% CI {percent(mlo)}-{percent(mhi)}), "
+        f"within +-10%: {m['holdout_k_within_10pct']} of {m['n_holdout']} = "
+        f"{m['holdout_within_10pct']:.0%} (95% CI {slo:.0%}-{shi:.0%}); uncalibrated prior: "
+        f"MAPE {percent(m['prior_holdout_mape'])}, within +-10% {m['prior_within_10pct']:.0%}; "
+        f"noise worst {percent(float(noise.get('worst', float('nan'))))} over {m.get('rounds', '?')} rounds"
+    )
+
+
 @calibrate_app.command("latency")
 def calibrate_latency(
     fleet: str = typer.Option(..., "--fleet", help="Fleet inventory (launch/fleet.toml)."),
     agent: str = typer.Option(..., "--agent", help="The robot to measure on."),
-    n_archs: int = typer.Option(16, "--n-archs", help="Probe architectures (a quarter held out)."),
-    runs: int = typer.Option(300, "--runs", help="BENCH runs per probe."),
+    n_archs: int = typer.Option(16, "--n-archs", min=1, help="Probe architectures the model is fitted on."),
+    holdout: int = typer.Option(
+        12, "--holdout", min=1, help="Held-out probe architectures (covering the space) for the figures."
+    ),
+    runs: int = typer.Option(600, "--runs", min=1, help="Measured steps per probe, over all rounds."),
+    rounds: int = typer.Option(
+        15, "--rounds", min=1, help="Interleaved rounds the steps are split into (more: less noise)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Store the model even if the timings are too noisy."),
     study: str | None = typer.Option(None, "--study", help="Draw probes from this study's space."),
     config: str | None = typer.Option(
         None, "--config", help="...or from this config's space (default: the demo's cart-pole space)."
@@ -55,26 +85,35 @@ def calibrate_latency(
     store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Time a representative set of architectures on a robot; fit and store a new latency model.
+    """Time two space-covering sets of architectures on a robot (one to fit, one held out),
+    fit and store a new latency model.
 
-    Prints held-out accuracy: mean absolute percentage error and the share of held-out
-    architectures predicted within +-10%, beside the uncalibrated prior's.
+    Prints the held-out mean absolute percentage error and the share of held-out architectures
+    predicted within +-10%, each with its 95% confidence interval, beside the uncalibrated
+    prior's. Timings too noisy to resolve +-10% are refused (nothing stored) unless --force;
+    noisy ones are stored with a warning.
     """
     from rich.console import Console
     from rich.progress import Progress
 
-    from robonas.fleet.client import AgentClient, fleet_credentials
-    from robonas.fleet.inventory import load_inventory
+    from robonas.models import latency_probe
     from robonas.models.recalibrate import calibrate_latency_on_agent, rescore_study
     from robonas.store import Store
 
-    inventory = load_inventory(fleet)
-    entry = inventory.get(agent)
     db = Store(store)
-    space = _space_for(config, study, db)
-    client = AgentClient.for_entry(entry, fleet_credentials(inventory))
-    with client, Progress(transient=True) as bar:
-        task = bar.add_task(f"BENCH on {entry.name}", total=n_archs)
+    space = space_for(config, study, db)
+    entry, client = latency_probe.open_agent(fleet, agent)
+    with client, Progress(transient=True, disable=as_json) as bar:
+        compiling = bar.add_task("compiling probes", total=n_archs + holdout)
+        timing = bar.add_task(f"BENCH on {entry.name}", total=n_archs + holdout, start=False)
+
+        def compiled(done: int, total: int) -> None:
+            bar.update(compiling, completed=done, total=total)
+
+        def timed(done: int, total: int) -> None:
+            bar.start_task(timing)
+            bar.update(timing, completed=done, total=total)
+
         _model, version, m = calibrate_latency_on_agent(
             db,
             client,
@@ -84,8 +123,15 @@ def calibrate_latency(
             n_archs,
             runs,
             seed,
-            progress=lambda done, total: bar.update(task, completed=done),
+            progress=timed,
+            holdout=holdout,
+            rounds=rounds,
+            force=force,
+            compile_progress=compiled,
         )
+    err = Console(stderr=True)
+    if m.get("noise_warning"):
+        err.print(f"warning: {m['noise_warning']}", highlight=False, soft_wrap=True)
     out = {"device": entry.device, "version": version, **{k: v for k, v in m.items() if k != "holdout"}}
     if rerank:
         changes, models = rescore_study(db, rerank)
@@ -98,9 +144,8 @@ def calibrate_latency(
         print(json.dumps(out, indent=2))
         return
     Console().print(
-        f"latency model for [bold]{entry.device}[/] version {version}: held-out MAPE "
-        f"{m['holdout_mape']:.1%}, within +-10%: {m['holdout_within_10pct']:.0%} of {m['n_holdout']} "
-        f"(uncalibrated prior: {m['prior_holdout_mape']:.1%}, {m['prior_within_10pct']:.0%})"
+        f"latency model for [bold]{entry.device}[/] version {version}: {describe_calibration(m)}",
+        highlight=False,
     )
 
 

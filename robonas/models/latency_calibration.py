@@ -3,14 +3,22 @@
 Agents benchmark deployed int8 models (BENCH reports: p50 and p99 of Invoke()). This module turns
 such `LatencySample`s into a `CalibratedLatencyModel` for one device, in three steps:
 
-1. Roofline constants. The prior `AnalyticLatencyModel` formula
+1. Roofline constants. The prior `AnalyticLatencyModel` formula, plus a LayerNorm term,
 
        p50 = per_invoke + sum over layers of (max(macs * s_per_mac, bytes * s_per_byte) + per_layer)
+                        + sum over LayerNorms of (per_layernorm + width * s_per_layernorm_element)
 
-   is refitted in terms of the *inverse* rates (seconds per MAC, seconds per byte) and the two
-   overheads, all bounded >= 0, with `scipy.optimize.least_squares`, starting from the device
-   prior (each parameter is a multiple of its prior value, so the four are of order one). The
-   max() makes the model piecewise linear; least_squares' finite-difference Jacobian copes.
+   is refitted in terms of the *inverse* rates (seconds per MAC, seconds per byte), the two
+   overheads and the two LayerNorm constants, all bounded >= 0, with
+   `scipy.optimize.least_squares`, starting from the device prior (each parameter is a multiple
+   of its prior value, so all are of order one; the LayerNorm terms start at 0, the prior's
+   view). The max() makes the model piecewise linear; least_squares' finite-difference Jacobian
+   copes. Why LayerNorm has its own term: an int8 LayerNorm is not one kernel but a chain of
+   reductions and elementwise ops with requantisation between them. Measured on the x86-host
+   agent (16 fitting + 12 held-out cart-pole probes), it costs about 0.8 us + 7.5 ns per element,
+   a hundred times what its bytes say, while a Linear layer's MACs are nearly free; with one
+   cost per layer of any kind the fit missed LayerNorm nets by -13% to +24% (8 of 12 held out
+   within +-10%), with this term by under 2% (12 of 12).
    Residuals are in log space (log predicted - log measured): timings span two decades across
    architectures and a relative error is what matters for a budget check.
 2. Residual. What the roofline cannot express (an activation kind with a costlier kernel, an
@@ -21,6 +29,12 @@ such `LatencySample`s into a `CalibratedLatencyModel` for one device, in three s
    explode, and its correction is clipped to +-`RESIDUAL_CLIP` in log space: the physics stays in
    charge when a candidate lies outside the calibration set.
 3. Tail. p99/p50 is the median of the measured ratios (at least 1).
+
+Evaluation: `holdout_accuracy` gives the MAPE and the share within +-10% on held-out samples,
+each with a 95% interval (a seeded percentile bootstrap on the MAPE, Wilson's score interval on
+the share: with 12 held out, 12 of 12 still only shows the share is above 76%). Which
+architectures to time: `select_probe_sets` picks a fitting set and a disjoint held-out set,
+each covering the space by farthest-point sampling (one probe per distinct actor network).
 
 Why robust: a timing on a non-real-time Linux box is sometimes hit by a scheduler hiccup, a
 thermal throttle or a page fault, giving a p50 three to ten times too large. Plain least squares
@@ -65,7 +79,7 @@ from robonas.space import PolicyArch, SearchSpace
 if TYPE_CHECKING:
     from robonas.store import Store
 
-PARAMS_FORMAT = 1
+PARAMS_FORMAT = 2  # 2 added the LayerNorm constants; format 1 rows load with them at 0
 # Residual features, in order; the activation shares need the architecture, not only its costs.
 RESIDUAL_FEATURES = ("log_macs", "n_linear", "layer_norm", "share_tanh", "share_elu", "share_silu")
 _ACTIVATION_FEATURES = {"share_tanh": "tanh", "share_elu": "elu", "share_silu": "silu"}
@@ -80,7 +94,10 @@ _MAD_TO_SIGMA = 1.4826
 _MAX_RATE = 1e30
 MIN_SAMPLES = 4
 # Extra starting points of the roofline fit (multiples of the prior parameters).
-_BYTE_RATE_STARTS = (np.array([1.0, 0.1, 1.0, 1.0]), np.array([1.0, 10.0, 1.0, 1.0]))
+_BYTE_RATE_STARTS = (np.array([1.0, 0.1, 1.0, 1.0, 1.0, 1.0]), np.array([1.0, 10.0, 1.0, 1.0, 1.0, 1.0]))
+# Scale of the LayerNorm element cost relative to the per-op overhead of the prior: a LayerNorm
+# over 64 elements costs one more op. Only the scale of the fit's unknowns, not a prior value.
+_LAYERNORM_ELEMENTS_PER_OP = 64.0
 
 
 @dataclass(frozen=True)
@@ -157,6 +174,9 @@ class CalibratedLatencyModel(LatencyModel):
         residual_intercept: float = 0.0,
         n_samples: int = 0,
         version: int = 0,
+        *,
+        per_layernorm_s: float = 0.0,
+        s_per_layernorm_element: float = 0.0,
     ) -> None:
         k = len(RESIDUAL_FEATURES)
         self.prior = prior
@@ -165,6 +185,8 @@ class CalibratedLatencyModel(LatencyModel):
             "s_per_byte": s_per_byte,
             "per_layer_s": per_layer_s,
             "per_invoke_s": per_invoke_s,
+            "per_layernorm_s": per_layernorm_s,
+            "s_per_layernorm_element": s_per_layernorm_element,
         }
         for key, value in values.items():
             if (
@@ -179,6 +201,8 @@ class CalibratedLatencyModel(LatencyModel):
         self.s_per_byte = float(s_per_byte)
         self.per_layer_s = float(per_layer_s)
         self.per_invoke_s = float(per_invoke_s)
+        self.per_layernorm_s = float(per_layernorm_s)
+        self.s_per_layernorm_element = float(s_per_layernorm_element)
         self.p99_over_p50 = float(p99_over_p50)
         self.residual_mean = np.asarray(residual_mean if residual_mean is not None else [0.0] * k, float)
         self.residual_scale = np.asarray(residual_scale if residual_scale is not None else [1.0] * k, float)
@@ -209,7 +233,8 @@ class CalibratedLatencyModel(LatencyModel):
 
     @property
     def profile(self) -> DeviceProfile:
-        """The prior profile with the fitted figures: what `AnalyticLatencyModel` is run on."""
+        """The prior profile with the fitted figures: what `AnalyticLatencyModel` is run on (the
+        roofline part of a prediction; the LayerNorm term is added to it)."""
         return replace(
             self.prior,
             compute_macs_per_s=self.compute_macs_per_s,
@@ -240,7 +265,12 @@ class CalibratedLatencyModel(LatencyModel):
     ) -> LatencyPrediction:
         self._check_device(device)
         base = AnalyticLatencyModel().predict_costs(costs, self.profile)
-        p50 = base.p50_ms * math.exp(self.log_correction(costs, arch))
+        layernorm_s = sum(
+            self.per_layernorm_s + c.act_out * self.s_per_layernorm_element
+            for c in costs
+            if c.kind == "layernorm"
+        )
+        p50 = (base.p50_ms + layernorm_s * 1e3) * math.exp(self.log_correction(costs, arch))
         return LatencyPrediction(p50_ms=p50, p99_ms=p50 * self.p99_over_p50)
 
     def predict(self, arch: HasActorCosts, device: DeviceProfile) -> LatencyPrediction:
@@ -261,6 +291,8 @@ class CalibratedLatencyModel(LatencyModel):
             "s_per_byte": self.s_per_byte,
             "per_layer_s": self.per_layer_s,
             "per_invoke_s": self.per_invoke_s,
+            "per_layernorm_s": self.per_layernorm_s,
+            "s_per_layernorm_element": self.s_per_layernorm_element,
             "p99_over_p50": self.p99_over_p50,
             "residual": {
                 "features": list(RESIDUAL_FEATURES),
@@ -275,10 +307,10 @@ class CalibratedLatencyModel(LatencyModel):
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], version: int = 0) -> CalibratedLatencyModel:
-        if params.get("format") != PARAMS_FORMAT or params.get("model") != cls.name:
+        if params.get("format") not in (1, PARAMS_FORMAT) or params.get("model") != cls.name:
             raise RobonasError(
                 f"latency params: format {params.get('format')!r} / model {params.get('model')!r} "
-                f"is not {cls.name!r} format {PARAMS_FORMAT}"
+                f"is not {cls.name!r} format 1 or {PARAMS_FORMAT}"
             )
         try:
             res = params["residual"]
@@ -299,6 +331,8 @@ class CalibratedLatencyModel(LatencyModel):
                 residual_intercept=res["intercept"],
                 n_samples=params.get("n_samples", 0),
                 version=version,
+                per_layernorm_s=params.get("per_layernorm_s", 0.0),
+                s_per_layernorm_element=params.get("s_per_layernorm_element", 0.0),
             )
         except (KeyError, TypeError) as e:
             raise RobonasError(f"latency params: cannot read {dict(params)!r}: {e!r}") from e
@@ -308,7 +342,8 @@ class CalibratedLatencyModel(LatencyModel):
 
 
 class _Design:
-    """Per-layer MACs and int8 bytes of every sample, flattened for vectorised evaluation."""
+    """Per-layer MACs and int8 bytes of every sample, flattened for vectorised evaluation, and
+    each sample's LayerNorm count and elements."""
 
     def __init__(self, costs: Sequence[Sequence[LayerCost]]) -> None:
         self.n = len(costs)
@@ -316,11 +351,21 @@ class _Design:
         self.macs = np.array([layer.macs for c in costs for layer in c], dtype=float)
         self.bytes = np.array([layer.bytes_moved(INT8_BYTES) for c in costs for layer in c], dtype=float)
         self.layers = np.array([len(c) for c in costs], dtype=float)
+        self.norms = np.array([sum(x.kind == "layernorm" for x in c) for c in costs], dtype=float)
+        self.norm_elements = np.array(
+            [sum(x.act_out for x in c if x.kind == "layernorm") for c in costs], dtype=float
+        )
 
     def seconds(self, theta: NDArray[np.float64]) -> NDArray[np.float64]:
-        a, b, c, d = theta
+        a, b, c, d, e, f = theta
         per_layer = np.maximum(a * self.macs, b * self.bytes)
-        return d + c * self.layers + np.bincount(self.owner, weights=per_layer, minlength=self.n)
+        return (
+            d
+            + c * self.layers
+            + np.bincount(self.owner, weights=per_layer, minlength=self.n)
+            + e * self.norms
+            + f * self.norm_elements
+        )
 
 
 def fit_roofline(
@@ -341,13 +386,16 @@ def fit_roofline(
     costs = [s.arch.actor_layer_costs() for s in samples]
     design = _Design(costs)
     log_meas = np.log(np.array([s.p50_ms for s in samples]) * 1e-3)
+    op_s = device_prior.per_layer_overhead_us * 1e-6 or 1e-6
     prior = np.array(
         [
             1.0 / device_prior.compute_macs_per_s,
             1.0 / device_prior.memory_bytes_per_s,
             # An overhead of 0 in the prior would pin its scale at 0; 1 us is a neutral unit.
-            device_prior.per_layer_overhead_us * 1e-6 or 1e-6,
+            op_s,
             device_prior.per_invoke_overhead_us * 1e-6 or 1e-6,
+            op_s,  # LayerNorm: scales of the unknowns, starting at 0 (below)
+            op_s / _LAYERNORM_ELEMENTS_PER_OP,
         ]
     )
 
@@ -360,7 +408,7 @@ def fit_roofline(
     # surface piecewise, with local minima where linear layers flip between compute- and
     # memory-bound, so each pass also starts from the byte rate ten times off either way and
     # keeps the lowest cost; the prior itself is always the first start.
-    x = np.ones(4)
+    x = np.array([1.0, 1.0, 1.0, 1.0, 0.0, 0.0])  # the prior: LayerNorm costs one layer, no more
     for center in (True, False):
         scale = _robust_scale(residuals(x), center=center)
         fits = [
@@ -384,6 +432,8 @@ def fit_roofline(
         per_invoke_s=float(theta[3]),
         p99_over_p50=tail,
         n_samples=len(samples),
+        per_layernorm_s=float(theta[4]),
+        s_per_layernorm_element=float(theta[5]),
         **resid,
     )
 
@@ -422,11 +472,21 @@ def _fit_residual(
 
 # ----------------------------------------------------------------------------- evaluation
 
+# Two-sided 95% normal quantile: the level of every interval printed beside a held-out figure.
+Z95 = 1.959963984540054
+# Resamples of the bootstrap interval on the MAPE: the percentile ends move by well under 0.1%
+# of the MAPE between seeds at this count, and it costs a millisecond for a dozen errors.
+_BOOTSTRAP_RESAMPLES = 4000
+
 
 def split_holdout(
     samples: Sequence[LatencySample], fraction: float, seed: int
 ) -> tuple[list[LatencySample], list[LatencySample]]:
-    """(train, holdout): a seeded random `fraction` of the samples held out, both non-empty."""
+    """(train, holdout): a seeded random `fraction` of the samples held out, both non-empty.
+
+    For timings that arrive without a plan (run and canary reports); a calibration on an agent
+    chooses its held-out architectures up front with `select_probe_sets` instead.
+    """
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
         raise ConfigError(f"holdout fraction must be a number in (0, 1), got {fraction!r}")
     samples = list(samples)
@@ -445,12 +505,53 @@ def split_holdout(
     )
 
 
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a share k/n (95% by default).
+
+    Chosen over the normal (Wald) interval because held-out shares sit near 100%, where Wald
+    collapses to a zero-width interval at k = n; Wilson's stays honest: 12 of 12 is [76%, 100%].
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or not isinstance(k, int) or not 0 <= k <= n:
+        raise RobonasError(f"wilson_interval: need integers 0 <= k <= n, n >= 1; got k={k!r}, n={n!r}")
+    p = k / n
+    z2 = z * z
+    denom = 1.0 + z2 / n
+    centre = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_mean_interval(
+    values: Sequence[float] | NDArray[np.float64], level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values`; seeded, so the same errors always
+    print the same interval.
+
+    Relative errors are skewed (bounded below by 0, a long tail above), which a t interval
+    ignores; the percentile bootstrap follows the skew. With a dozen values it is a little too
+    narrow (it under-covers by a few points), which the printed level does not hide.
+    """
+    x = np.asarray(values, dtype=float)
+    if x.ndim != 1 or x.size < 1 or not np.all(np.isfinite(x)):
+        raise RobonasError(f"bootstrap_mean_interval: need 1 or more finite values, got {x.tolist()!r}")
+    if not 0 < level < 1:
+        raise RobonasError(f"bootstrap_mean_interval: level must be in (0, 1), got {level!r}")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(_BOOTSTRAP_RESAMPLES, x.size))].mean(axis=1)
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
 def holdout_accuracy(
     model: LatencyModel, samples: Sequence[LatencySample], device: DeviceProfile | None = None
 ) -> dict[str, float]:
-    """p50 accuracy: mean absolute percentage error, share within 10%, and n.
+    """p50 accuracy on held-out samples, each figure with its 95% interval.
 
-    `device` defaults to the calibrated model's own profile (required for other models).
+    Keys: "mape" (mean absolute percentage error) with "mape_lo"/"mape_hi" (bootstrap),
+    "within_10pct" (share predicted within +-10%) with "k_within_10pct" and "within_10pct_lo"/
+    "within_10pct_hi" (Wilson), and "n". `device` defaults to the calibrated model's own profile
+    (required for other models).
     """
     samples = list(samples)
     if not samples:
@@ -460,41 +561,119 @@ def holdout_accuracy(
             raise RobonasError(f"holdout_accuracy: pass the device for a {type(model).__name__}")
         device = model.prior
     rel = np.array([abs(model.predict(s.arch, device).p50_ms - s.p50_ms) / s.p50_ms for s in samples])
-    return {"mape": float(rel.mean()), "within_10pct": float(np.mean(rel <= 0.10)), "n": len(samples)}
+    k = int(np.sum(rel <= 0.10))
+    share_lo, share_hi = wilson_interval(k, len(samples))
+    mape_lo, mape_hi = bootstrap_mean_interval(rel)
+    return {
+        "mape": float(rel.mean()),
+        "mape_lo": mape_lo,
+        "mape_hi": mape_hi,
+        "within_10pct": k / len(samples),
+        "k_within_10pct": k,
+        "within_10pct_lo": share_lo,
+        "within_10pct_hi": share_hi,
+        "n": len(samples),
+    }
 
 
 # ----------------------------------------------------------------------------- which archs to time
 
 
-def select_calibration_archs(space: SearchSpace, n: int, seed: int) -> list[PolicyArch]:
-    """`n` distinct architectures that cover the space and its cost range; deterministic.
+def actor_signature(arch: PolicyArch) -> tuple[Any, ...]:
+    """What the compiled actor depends on: its ops with their shapes, and each layer's activation.
 
-    A seeded pool of samples is reduced by farthest-point sampling over the decision vectors
-    (each decision scaled to [0, 1]) plus log MACs (weight 2, so cost is spread as well as
-    shape), starting from the cheapest and the most expensive pool member.
+    Architectures that differ only where the actor does not (a shared or separate critic trunk;
+    `residual` where no two consecutive widths match, so no skip is built) compile to the same
+    model: one of them is a probe, the others would be copies of it.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError(f"number of calibration archs must be an int >= 1, got {n!r}")
+    return (tuple(arch.actor_layer_costs()), tuple(layer.activation for layer in arch.layers))
+
+
+def _probe_pool(space: SearchSpace, n: int, seed: int) -> list[PolicyArch]:
+    """A seeded sample of the space, one architecture per distinct actor, in a fixed order."""
     rng = np.random.default_rng(seed)
     pool: dict[str, PolicyArch] = {}
     for _ in range(max(40 * n, 400)):
         arch = space.sample(rng)
         pool.setdefault(arch.arch_id, arch)
-    archs = sorted(pool.values(), key=lambda a: a.arch_id)
-    if n >= len(archs):
-        return archs
+    by_actor: dict[tuple[Any, ...], PolicyArch] = {}
+    for arch in sorted(pool.values(), key=lambda a: a.arch_id):
+        by_actor.setdefault(actor_signature(arch), arch)
+    return list(by_actor.values())
+
+
+def _coverage_features(space: SearchSpace, archs: Sequence[PolicyArch]) -> tuple[NDArray[np.float64], ...]:
+    """(features, log MACs): each decision scaled to [0, 1], the residual decision replaced by
+    the share of skips actually built and the trunk decision dropped (neither changes the
+    actor as such), plus log MACs with weight 2 so that cost is spread as well as shape."""
+    d = space.max_depth
+    res_col, trunk_col = 1 + 2 * d + 1, 1 + 2 * d + 2
     cards = np.maximum(np.array(space.cardinalities(), dtype=float) - 1.0, 1.0)
     enc = np.array([space.encode(a) for a in archs], dtype=float) / cards
-    log_macs = np.log1p([sum(c.macs for c in a.actor_layer_costs()) for a in archs])
+    costs = [a.actor_layer_costs() for a in archs]
+    skips = [sum(c.kind == "add" for c in cs) for cs in costs]
+    enc[:, res_col] = [k / max(len(a.layers) - 1, 1) for k, a in zip(skips, archs, strict=True)]
+    enc[:, trunk_col] = 0.0
+    log_macs = np.log1p([sum(c.macs for c in cs) for cs in costs])
     span = max(float(log_macs.max() - log_macs.min()), 1e-12)
-    feats = np.column_stack([enc, 2.0 * (log_macs - log_macs.min()) / span])
-    chosen = [int(np.argmin(log_macs)), int(np.argmax(log_macs))][:n]
-    dist = np.min([np.linalg.norm(feats - feats[i], axis=1) for i in chosen], axis=0)
+    return np.column_stack([enc, 2.0 * (log_macs - log_macs.min()) / span]), log_macs
+
+
+def _farthest_points(
+    feats: NDArray[np.float64], log_macs: NDArray[np.float64], candidates: Sequence[int], n: int
+) -> list[int]:
+    """`n` of `candidates` by farthest-point sampling, from their cheapest and costliest member."""
+    cand = np.asarray(candidates, dtype=int)
+    first = [int(cand[np.argmin(log_macs[cand])]), int(cand[np.argmax(log_macs[cand])])]
+    chosen = list(dict.fromkeys(first))[:n]
+    dist = np.min([np.linalg.norm(feats[cand] - feats[i], axis=1) for i in chosen], axis=0)
+    dist[np.isin(cand, chosen)] = -np.inf  # never twice, even where two points coincide
     while len(chosen) < n:
-        nxt = int(np.argmax(dist))
-        chosen.append(nxt)
-        dist = np.minimum(dist, np.linalg.norm(feats - feats[nxt], axis=1))
-    return [archs[i] for i in chosen]
+        j = int(np.argmax(dist))
+        chosen.append(int(cand[j]))
+        dist = np.minimum(dist, np.linalg.norm(feats[cand] - feats[cand[j]], axis=1))
+        dist[j] = -np.inf
+    return chosen
+
+
+def select_probe_sets(
+    space: SearchSpace, n_fit: int, n_holdout: int, seed: int
+) -> tuple[list[PolicyArch], list[PolicyArch]]:
+    """(fit, holdout): two disjoint sets of architectures that each cover the space; deterministic.
+
+    A seeded pool of samples (one per distinct actor network) is reduced by farthest-point
+    sampling over the decision vectors plus log MACs (`_coverage_features`), starting from the
+    cheapest and the most expensive pool member: first the `n_fit` fitting architectures, then,
+    from what is left, the `n_holdout` held-out ones by the same rule on their own. The held-out
+    set is chosen to cover the space (its widths, depths and cost range), not made of whatever a
+    random split leaves over, and shares no actor network with the fitting set, so a held-out
+    error is an error on a network the fit never saw.
+    """
+    for label, value, low in (("fitting", n_fit, 1), ("held-out", n_holdout, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"number of {label} calibration archs must be an int >= {low}, got {value!r}")
+    archs = _probe_pool(space, n_fit + n_holdout, seed)
+    if n_holdout == 0 and n_fit >= len(archs):
+        return archs, []
+    if n_fit + n_holdout > len(archs):
+        raise ConfigError(
+            f"the space has {len(archs)} distinct actor networks (in a sample of it); "
+            f"{n_fit} fitting + {n_holdout} held-out probes need {n_fit + n_holdout}: ask for fewer"
+        )
+    feats, log_macs = _coverage_features(space, archs)
+    fit = _farthest_points(feats, log_macs, range(len(archs)), n_fit)
+    taken = set(fit)
+    rest = [i for i in range(len(archs)) if i not in taken]
+    hold = _farthest_points(feats, log_macs, rest, n_holdout) if n_holdout else []
+    return [archs[i] for i in fit], [archs[i] for i in hold]
+
+
+def select_calibration_archs(space: SearchSpace, n: int, seed: int) -> list[PolicyArch]:
+    """`n` distinct architectures (distinct actor networks) that cover the space and its cost
+    range; deterministic. The fitting set of `select_probe_sets` with nothing held out."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"number of calibration archs must be an int >= 1, got {n!r}")
+    return select_probe_sets(space, n, 0, seed)[0]
 
 
 # ----------------------------------------------------------------------------- store

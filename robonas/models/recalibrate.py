@@ -5,6 +5,10 @@
 - `gap_observations`: every (trial, robot) pair with real returns becomes a `GapObservation`:
   the trial's simulation features against the mean real return.
 - `calibrate_gap`: fits `BayesianGapModel` on them and stores a new version for the study.
+- `calibrate_latency_on_agent`: a planned latency calibration on one agent: fitting and held-out
+  probes (`latency_probe`) timed together, fitted (`measure_and_fit`), refused when the noise
+  verdict says so (`noise_check`), stored with their timings (`store_latency_calibration`).
+  `fit_latency` fits the timings robots reported on their own, on a random split.
 - `rescore_study`: recomputes every complete trial's score with the newest latency model of the
   study's device and the newest gap model of the study (falling back to the analytic and
   heuristic priors), stores the new metrics and returns how the ranking moved. Each trial's
@@ -17,6 +21,7 @@ rows to them.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -33,8 +38,16 @@ from robonas.models.gap_calibration import (
     save_gap_model,
 )
 from robonas.models.gap_model import HeuristicGapModel
-from robonas.models.latency_calibration import load_latency_model
+from robonas.models.latency_calibration import CalibratedLatencyModel, LatencySample, load_latency_model
 from robonas.models.latency_model import AnalyticLatencyModel
+from robonas.models.latency_probe import (
+    DEFAULT_ROUNDS,
+    DEFAULT_RUNS,
+    Measurement,
+    NoiseVerdict,
+    ProbeSet,
+    Progress,
+)
 from robonas.scoring import (
     FleetPrediction,
     ObjectiveWeights,
@@ -45,7 +58,7 @@ from robonas.scoring import (
     score,
     strategy_view,
 )
-from robonas.space import PolicyArch
+from robonas.space import PolicyArch, SearchSpace
 from robonas.store import ModelVersionRow, Store, StudyRow, TrialRow
 from robonas.study_views import study_ranking
 
@@ -298,6 +311,9 @@ MIN_LATENCY_SAMPLES = 6
 # Timings of one architecture cannot tell a fixed per-invoke cost from a per-MAC one: a fit on
 # them extrapolates anywhere (a 2x256-only fit once put a 1x256 at 83 ms instead of 5 ms).
 MIN_LATENCY_ARCHS = 2
+# Held-out probes of a calibration on an agent: enough to state the +-10% share with an
+# interval narrower than a coin toss (12 of 12 within: 76% to 100%, 95% Wilson).
+DEFAULT_HOLDOUT_ARCHS = 12
 
 
 def _too_few_latency(samples: list, device_name: str) -> str | None:
@@ -356,6 +372,48 @@ def newest_report_id(store: Store, profile: str) -> int | None:
     return max(ids, default=None)
 
 
+def evaluate_latency_fit(
+    device_name: str, train: list[LatencySample], held: list[LatencySample]
+) -> tuple[CalibratedLatencyModel, dict[str, Any]]:
+    """Fit on `train` (callers check there are enough: `_too_few_latency`); figures on `held`
+    with their 95% intervals, beside the uncalibrated prior's. Nothing is stored."""
+    from robonas.models.devices import load_device
+    from robonas.models.latency_calibration import fit_roofline, holdout_accuracy
+
+    if not held:
+        raise RobonasError("calibrate latency: no held-out timings to measure the fit's accuracy on")
+    device = load_device(device_name)
+    model = fit_roofline(train, device)
+    acc = holdout_accuracy(model, held)
+    prior = holdout_accuracy(AnalyticLatencyModel(), held, device=device)
+    rows = []
+    for s in held:
+        predicted = model.predict(s.arch, device).p50_ms
+        rows.append(
+            {
+                "arch_id": s.arch.arch_id,
+                "arch": s.arch.describe(),
+                "measured_ms": s.p50_ms,
+                "predicted_ms": predicted,
+                "prior_ms": AnalyticLatencyModel().predict(s.arch, device).p50_ms,
+                "within_10pct": abs(predicted - s.p50_ms) <= 0.10 * s.p50_ms,
+            }
+        )
+    metrics = {
+        "n_train": len(train),
+        "n_holdout": len(held),
+        "holdout_mape": acc["mape"],
+        "holdout_mape_ci": [acc["mape_lo"], acc["mape_hi"]],
+        "holdout_within_10pct": acc["within_10pct"],
+        "holdout_k_within_10pct": int(acc["k_within_10pct"]),
+        "holdout_within_10pct_ci": [acc["within_10pct_lo"], acc["within_10pct_hi"]],
+        "prior_holdout_mape": prior["mape"],
+        "prior_within_10pct": prior["within_10pct"],
+        "holdout": rows,
+    }
+    return model, metrics
+
+
 def fit_latency(
     store: Store,
     device_name: str,
@@ -364,45 +422,99 @@ def fit_latency(
     seed: int = 0,
     last_report_id: int | None = None,
 ) -> tuple[Any, int, dict[str, Any]]:
-    """Fit on a split, report held-out accuracy (and the uncalibrated prior's), store it."""
-    from robonas.models.devices import load_device
-    from robonas.models.latency_calibration import (
-        fit_roofline,
-        holdout_accuracy,
-        save_latency_model,
-        split_holdout,
-    )
+    """Fit on a seeded random split of `samples` (timings that came without a plan: run and
+    canary reports), report held-out accuracy (and the uncalibrated prior's), store it."""
+    from robonas.models.latency_calibration import save_latency_model, split_holdout
 
     why = _too_few_latency(samples, device_name)
     if why:
         raise RobonasError(f"calibrate latency: {why}")
-    device = load_device(device_name)
     train, held = split_holdout(samples, holdout, seed)
-    model = fit_roofline(train, device)
-    acc = holdout_accuracy(model, held)
-    prior = holdout_accuracy(AnalyticLatencyModel(), held, device=device)
-    rows = [
-        {
-            "arch_id": s.arch.arch_id,
-            "arch": s.arch.describe(),
-            "measured_ms": s.p50_ms,
-            "predicted_ms": model.predict(s.arch, device).p50_ms,
-            "prior_ms": AnalyticLatencyModel().predict(s.arch, device).p50_ms,
-        }
-        for s in held
-    ]
-    metrics = {
-        "n_train": len(train),
-        "n_holdout": len(held),
-        "holdout_mape": acc["mape"],
-        "holdout_within_10pct": acc["within_10pct"],
-        "prior_holdout_mape": prior["mape"],
-        "prior_within_10pct": prior["within_10pct"],
-        "holdout": rows,
-        "last_report_id": last_report_id,
-    }
-    version = save_latency_model(store, device.name, model, metrics)
+    model, metrics = evaluate_latency_fit(device_name, train, held)
+    metrics["last_report_id"] = last_report_id
+    version = save_latency_model(store, model.prior.name, model, metrics)
     return model, version, metrics
+
+
+@dataclass(frozen=True)
+class LatencyCalibrationRun:
+    """One calibration, measured and fitted, not yet stored."""
+
+    model: CalibratedLatencyModel
+    metrics: dict[str, Any]
+    measurement: Measurement
+    probes: ProbeSet
+    seconds: float
+
+
+def measure_and_fit(
+    client: Any,
+    device_name: str,
+    probes: ProbeSet,
+    runs: int = DEFAULT_RUNS,
+    rounds: int = DEFAULT_ROUNDS,
+    progress: Progress | None = None,
+) -> LatencyCalibrationRun:
+    """Time the fitting and held-out probes together (interleaved: drift hits both alike), fit
+    on the first, measure accuracy on the second. Nothing is stored."""
+    from robonas.models.latency_probe import measure
+
+    t0 = time.perf_counter()
+    measurement = measure(client, probes.all, runs, progress, rounds)
+    samples = measurement.samples
+    n_fit = len(probes.fit)
+    model, metrics = evaluate_latency_fit(device_name, samples[:n_fit], samples[n_fit:])
+    for row, timing in zip(metrics["holdout"], measurement.timings[n_fit:], strict=True):
+        row["noise"] = timing.noise
+    metrics.update(
+        noise=measurement.verdict.to_dict(),
+        protocol=measurement.protocol,
+        rounds=measurement.rounds,
+        per_round=measurement.per_round,
+    )
+    return LatencyCalibrationRun(model, metrics, measurement, probes, time.perf_counter() - t0)
+
+
+def noise_check(verdict: NoiseVerdict, rounds: int, force: bool = False) -> str | None:
+    """None for quiet timings, a warning line for noisy ones (and for refused ones with
+    `force`); raises `NoisyMeasurement` (one line: the figures and what to do) for refused ones."""
+    from robonas.models.latency_probe import NoisyMeasurement
+
+    message = " ".join(verdict.message.split())  # one line, whatever the agent sent
+    if verdict.refuse:
+        if force:
+            return f"stored despite the noise (--force): {message}"
+        raise NoisyMeasurement(
+            f"calibrate latency: timings too noisy to calibrate on, nothing stored: {message} "
+            f"(worst noise {verdict.worst:.1%} over {rounds} rounds). Close other work on the "
+            f"robot's computer, or measure more rounds (--rounds {2 * rounds}); --force stores it anyway"
+        )
+    return None if verdict.ok else message
+
+
+def store_latency_calibration(store: Store, robot: str, device_name: str, run: LatencyCalibrationRun) -> int:
+    """Store the probes' timings as the robot's bench reports and the model as the next latency
+    version of `device_name`; returns the version."""
+    from robonas.models.latency_calibration import save_latency_model
+
+    store.add_device(robot, device_name)
+    n_fit = len(run.probes.fit)
+    for i, t in enumerate(run.measurement.timings):
+        store.add_device_report(
+            robot,
+            "bench",
+            {
+                "arch": t.arch.to_dict(),
+                "arch_id": t.arch.arch_id,
+                "bench": {"step_us": {"p50": t.p50_ms * 1000.0, "p99": t.p99_ms * 1000.0}},
+                "noise": t.noise,
+                "rounds": t.rounds,
+                "held_out": i >= n_fit,
+            },
+        )
+    # the fit has seen these timings: a refit from reports waits for newer ones
+    metrics = {**run.metrics, "last_report_id": newest_report_id(store, device_name)}
+    return save_latency_model(store, run.model.prior.name, run.model, metrics)
 
 
 def calibrate_latency_on_agent(
@@ -410,37 +522,36 @@ def calibrate_latency_on_agent(
     client: Any,
     robot: str,
     device_name: str,
-    space: Any,
+    space: SearchSpace,
     n_archs: int,
-    runs: int,
+    runs: int = DEFAULT_RUNS,
     seed: int = 0,
-    progress: Any = None,
-) -> tuple[Any, int, dict[str, Any]]:
-    """Compile a space-covering probe set, BENCH it on the agent, fit, and only then store."""
-    from robonas.models.latency_calibration import select_calibration_archs
-    from robonas.models.latency_probe import compile_probe, measure
+    progress: Progress | None = None,
+    *,
+    holdout: int = DEFAULT_HOLDOUT_ARCHS,
+    rounds: int = DEFAULT_ROUNDS,
+    force: bool = False,
+    probes: ProbeSet | None = None,
+    compile_progress: Progress | None = None,
+) -> tuple[CalibratedLatencyModel, int, dict[str, Any]]:
+    """Compile `n_archs` fitting and `holdout` held-out probes (each set covering the space),
+    time them on the agent (`runs` steps each in `rounds` interleaved rounds), fit, and only
+    then store, unless the noise verdict refuses the timings (`NoisyMeasurement`; `force`
+    stores them anyway). `metrics["noise_warning"]` is the warning to show, or None. `probes`
+    reuses compiled probes (their own sets; `n_archs`, `holdout` and `seed` are then unused)."""
+    from robonas.models.latency_probe import compile_probe_set
 
     if n_archs < MIN_LATENCY_SAMPLES:
-        raise RobonasError(
-            f"--n-archs {n_archs}: at least {MIN_LATENCY_SAMPLES} are needed "
-            "(a quarter is held out to measure accuracy)"
-        )
+        raise RobonasError(f"--n-archs {n_archs}: at least {MIN_LATENCY_SAMPLES} fitting probes are needed")
+    if holdout < 1:
+        raise RobonasError(f"--holdout {holdout}: at least 1 held-out probe is needed (12 or more say much)")
     client.hello()  # an unreachable agent fails here, before any work
-    archs = select_calibration_archs(space, n_archs, seed)
-    probes = [compile_probe(a, seed) for a in archs]
-    samples = measure(client, probes, runs, progress)  # raises before anything is stored
-    store.add_device(robot, device_name)
-    for s in samples:
-        store.add_device_report(
-            robot,
-            "bench",
-            {
-                "arch": s.arch.to_dict(),
-                "arch_id": s.arch.arch_id,
-                "bench": {"step_us": {"p50": s.p50_ms * 1000.0, "p99": s.p99_ms * 1000.0}},
-            },
-        )
-    return fit_latency(store, device_name, samples, seed=seed)
+    probes = probes or compile_probe_set(space, n_archs, holdout, seed, compile_progress)
+    run = measure_and_fit(client, device_name, probes, runs, rounds, progress)  # raises before any store
+    warning = noise_check(run.measurement.verdict, run.measurement.rounds, force)
+    run.metrics["noise_warning"] = warning
+    version = store_latency_calibration(store, robot, device_name, run)
+    return run.model, version, run.metrics
 
 
 # --- the loop -----------------------------------------------------------------------------

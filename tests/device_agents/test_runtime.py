@@ -491,3 +491,22 @@ def test_robot_venv_refuses_truncated_model_without_crashing(
         timeout=60,
     )
     assert proc.returncode == 2 and "truncated or corrupt" in proc.stderr
+
+
+def test_a_dropped_policy_is_freed_at_once(policy_models) -> None:
+    """The step's closures hold the buffers and the interpreter, not the policy: no reference
+    cycle, so an agent replacing its policy frees the old interpreter without waiting for the
+    cycle collector."""
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        for model in (policy_models.int8, policy_models.fp32):
+            policy = TFLitePolicy(model, input_normalisation=_norm(policy_models.arch.input_dim))
+            policy.act_in_place()
+            ref = weakref.ref(policy)
+            del policy
+            assert ref() is None
+    finally:
+        gc.enable()

@@ -148,7 +148,15 @@ def test_a_slow_robot_computer_drops_the_wider_policy_below_a_faster_one_in_top(
     )
 
     key, pub = generate_keypair(tmp_path / "keys")
-    agent = LocalAgent("mcu", "sim:cartpole-mcu-slow", "cortex-m7", tmp_path / "agent", pub).start()
+    # a lab bench that measures over-budget policies too: its canary does not refuse deadline misses
+    agent = LocalAgent(
+        "mcu",
+        "sim:cartpole-mcu-slow",
+        "cortex-m7",
+        tmp_path / "agent",
+        pub,
+        extra_args=["--canary-max-miss-rate", "1.0"],
+    ).start()
     try:
         fleet = write_fleet(tmp_path / "fleet.toml", [agent])
         for row in before:

@@ -13,15 +13,19 @@ from robonas.models.latency_calibration import (
     RESIDUAL_CLIP,
     CalibratedLatencyModel,
     LatencySample,
+    actor_signature,
+    bootstrap_mean_interval,
     fit_roofline,
     holdout_accuracy,
     load_latency_model,
     save_latency_model,
     select_calibration_archs,
+    select_probe_sets,
     split_holdout,
+    wilson_interval,
 )
 from robonas.models.latency_model import AnalyticLatencyModel, LatencyModel
-from robonas.space import SearchSpace
+from robonas.space import Layer, PolicyArch, SearchSpace
 from robonas.store import Store
 
 PRIOR = DeviceProfile(
@@ -150,6 +154,48 @@ def test_residual_learns_a_costlier_activation() -> None:
     assert coef["share_tanh"] > 0.02
 
 
+def test_layernorm_has_its_own_cost() -> None:
+    """An int8 LayerNorm is a chain of ops, far costlier than its bytes: here 5 us + 40 ns per
+    element on top of its layer's roofline. The fit recovers both constants and predicts held-out
+    nets with and without LayerNorm alike."""
+
+    def norm_ms(arch) -> float:
+        return sum(5e-3 + c.act_out * 4e-5 for c in arch.actor_layer_costs() if c.kind == "layernorm")
+
+    samples = [
+        LatencySample(s.arch, s.p50_ms + norm_ms(s.arch), s.p99_ms + 1.5 * norm_ms(s.arch))
+        for s in measure(ARCHS, 0.002, 14)
+    ]
+    train, hold = split_holdout(samples, 0.25, seed=4)
+    model = fit_roofline(train, PRIOR)
+    assert model.per_layernorm_s > 0 and model.s_per_layernorm_element > 0
+    assert rel(model.per_invoke_s * 1e6, TRUE.per_invoke_overhead_us) < 0.05
+    # what LayerNorm adds to a net, narrow or wide (how the fit splits it between its own
+    # constants and the LayerNorm's bytes is not identifiable, nor needed)
+    for width in (16, 256):
+        plain = PolicyArch(17, 6, (Layer(width, "relu"), Layer(width, "tanh")))
+        normed = replace(plain, layer_norm=True)
+        true_added = AnalyticLatencyModel().predict(normed, TRUE).p50_ms + norm_ms(normed)
+        true_added -= AnalyticLatencyModel().predict(plain, TRUE).p50_ms
+        added = model.predict(normed, PRIOR).p50_ms - model.predict(plain, PRIOR).p50_ms
+        assert rel(added, true_added) < 0.10
+    for norm in (False, True):
+        side = [s for s in hold if s.arch.layer_norm == norm]
+        assert len(side) >= 5 and holdout_accuracy(model, side)["mape"] < 0.01
+
+
+def test_models_stored_before_the_layernorm_term_still_load() -> None:
+    model = fit_roofline(measure(ARCHS[:20], 0.01, 15), PRIOR)
+    old = {
+        k: v for k, v in model.to_params().items() if k not in ("per_layernorm_s", "s_per_layernorm_element")
+    }
+    loaded = CalibratedLatencyModel.from_params({**old, "format": 1}, version=3)
+    assert loaded.per_layernorm_s == 0.0 and loaded.s_per_layernorm_element == 0.0
+    plain = [a for a in ARCHS if not a.layer_norm][:5]
+    for a in plain:  # no LayerNorm: the term plays no part
+        assert loaded.predict(a, PRIOR).p50_ms == pytest.approx(model.predict(a, PRIOR).p50_ms)
+
+
 def test_predict_costs_refuses_another_device() -> None:
     model = fit_roofline(measure(ARCHS[:10], 0.01, 8), PRIOR)
     with pytest.raises(RobonasError, match=r"'testboard'.*'other'"):
@@ -238,3 +284,118 @@ def test_timings_of_one_architecture_do_not_calibrate_a_latency_model(tmp_path) 
     both = [*same[:4], LatencySample(narrow, 5.2, 5.7), LatencySample(narrow, 5.3, 5.8)]
     _, version, _ = fit_latency(store, "cortex-m7", both)
     assert version == 1
+
+
+# ----------------------------------------------------------------------------- intervals
+
+
+def test_wilson_interval_matches_the_closed_form() -> None:
+    # reference values of the 95% Wilson score interval (z = 1.96)
+    assert wilson_interval(6, 12) == pytest.approx((0.2538, 0.7462), abs=5e-4)
+    assert wilson_interval(12, 12) == pytest.approx((0.7575, 1.0), abs=5e-4)
+    assert wilson_interval(0, 12) == pytest.approx((0.0, 0.2425), abs=5e-4)
+    assert wilson_interval(45, 50) == pytest.approx((0.7864, 0.9565), abs=5e-4)
+    # more held-out architectures, a narrower interval at the same share
+    lo4, hi4 = wilson_interval(3, 4)
+    lo40, hi40 = wilson_interval(30, 40)
+    assert hi40 - lo40 < (hi4 - lo4) / 2
+    for bad in ((13, 12), (-1, 12), (0, 0)):
+        with pytest.raises(RobonasError, match="wilson_interval"):
+            wilson_interval(*bad)
+
+
+def test_bootstrap_interval_is_seeded_and_brackets_the_mean() -> None:
+    errors = np.abs(np.random.default_rng(0).normal(0.0, 0.05, 12))
+    lo, hi = bootstrap_mean_interval(errors)
+    assert (lo, hi) == bootstrap_mean_interval(errors)
+    assert lo < errors.mean() < hi
+    # the mean of 12 draws of |N(0, 0.05)| has a standard error of about 0.009: a 95% interval
+    # some 0.035 wide, not a point and not the whole range
+    assert 0.015 < hi - lo < 0.06
+    assert bootstrap_mean_interval([0.02] * 5) == pytest.approx((0.02, 0.02))
+    with pytest.raises(RobonasError, match="1 or more"):
+        bootstrap_mean_interval([])
+
+
+def test_holdout_accuracy_reports_intervals_beside_the_figures() -> None:
+    train, hold = split_holdout(measure(ARCHS, 0.05, 13), 0.25, seed=3)
+    acc = holdout_accuracy(fit_roofline(train, PRIOR), hold)
+    assert acc["n"] == 20
+    assert acc["mape_lo"] <= acc["mape"] <= acc["mape_hi"]
+    assert acc["within_10pct_lo"] <= acc["within_10pct"] <= acc["within_10pct_hi"]
+    assert acc["within_10pct"] == acc["k_within_10pct"] / 20
+    assert (acc["within_10pct_lo"], acc["within_10pct_hi"]) == wilson_interval(int(acc["k_within_10pct"]), 20)
+
+
+# ----------------------------------------------------------------------------- probe sets
+
+
+def _widths(archs) -> set[int]:
+    return {layer.width for a in archs for layer in a.layers}
+
+
+@pytest.mark.parametrize("n_fit, n_hold", [(16, 12), (6, 12), (24, 20)])
+def test_probe_sets_are_disjoint_and_each_covers_the_space(n_fit, n_hold) -> None:
+    fit, hold = select_probe_sets(SPACE, n_fit, n_hold, seed=4)
+    assert (fit, hold) == select_probe_sets(SPACE, n_fit, n_hold, seed=4)
+    assert len(fit) == n_fit and len(hold) == n_hold
+    # no duplicates, and no network timed twice: archs that differ only in the critic's trunk
+    # compile to the same actor
+    for s in (fit, hold, fit + hold):
+        assert len({a.arch_id for a in s}) == len(s)
+        assert len({actor_signature(a) for a in s}) == len(s)
+    all_macs = [
+        sum(c.macs for c in SPACE.sample(np.random.default_rng(i)).actor_layer_costs()) for i in range(300)
+    ]
+    for s in (fit, hold):
+        assert all(SPACE.contains(a) for a in s)
+        assert min(_widths(s)) == min(SPACE.widths) and max(_widths(s)) == max(SPACE.widths)
+        depths = {len(a.layers) for a in s}
+        assert min(SPACE.depths) in depths and max(SPACE.depths) in depths
+        assert {layer.activation for a in s for layer in a.layers} == set(SPACE.activations)
+        assert {a.layer_norm for a in s} == {False, True}
+        macs = [sum(c.macs for c in a.actor_layer_costs()) for a in s]
+        # the held-out set spans the cost range too, not only the fitting set
+        assert min(macs) <= np.percentile(all_macs, 5) and max(macs) >= np.percentile(all_macs, 90)
+
+
+def test_held_out_set_covers_the_space_better_than_random_leftovers() -> None:
+    """Covering means no architecture of the space is far from a held-out probe: the largest
+    distance from a sample of the space to its nearest held-out probe (in the selection's own
+    feature space: scaled decisions and log MACs) is smaller than for any of 20 random sets of
+    12, such as the leftovers of a random split would be."""
+    from robonas.models.latency_calibration import _coverage_features  # the space it covers
+
+    _, hold = select_probe_sets(SPACE, 16, 12, seed=0)
+    rng = np.random.default_rng(7)
+    population = [SPACE.sample(rng) for _ in range(2000)]
+
+    def radius(probes) -> float:
+        feats, _ = _coverage_features(SPACE, population + probes)
+        pop, own = feats[: len(population)], feats[len(population) :]
+        return float(np.linalg.norm(pop[:, None, :] - own[None, :, :], axis=2).min(axis=1).max())
+
+    randoms = []
+    for seed in range(20):
+        r = np.random.default_rng(seed)
+        randoms.append(radius([SPACE.sample(r) for _ in range(12)]))
+    assert radius(hold) < min(randoms)
+
+
+def test_a_space_too_small_for_both_sets_is_a_config_error() -> None:
+    tiny = SearchSpace(
+        obs_dim=3,
+        act_dim=1,
+        depths=(1,),
+        widths=(16, 32),
+        activations=("relu",),
+        layer_norm=(False,),
+        residual=(False, True),
+        shared_trunk=(False, True),
+    )
+    # 8 archs, but only 2 distinct actor networks
+    assert len(select_calibration_archs(tiny, 10, seed=0)) == 2
+    with pytest.raises(ConfigError, match=r"2 distinct actor networks.*need 3"):
+        select_probe_sets(tiny, 2, 1, seed=0)
+    with pytest.raises(ConfigError, match="held-out"):
+        select_probe_sets(tiny, 1, -1, seed=0)
