@@ -103,8 +103,17 @@ def deploy_command(
     store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the per-robot results as JSON."),
     no_refit: bool = typer.Option(False, "--no-refit", help=_NO_REFIT_HELP),
+    allow_downgrade: bool = typer.Option(
+        False,
+        "--allow-downgrade",
+        help="Accept an artifact older than the newest a robot runs (measuring earlier candidates, "
+        "or going back on purpose); the operator needs the rollback role.",
+    ),
 ) -> None:
-    """Push a signed artifact to the fleet: canaries first, then the rest if every canary passed."""
+    """Push a signed artifact to the fleet: canaries first, then the rest if every canary passed.
+
+    Robots refuse artifacts older than the newest they have promoted (signed sequence); sign at
+    deploy time with --key to make this one the newest, or pass --allow-downgrade."""
     result = _guard(
         lambda: _deploy(
             artifact,
@@ -121,6 +130,7 @@ def deploy_command(
             store,
             as_json,
             not no_refit,
+            allow_downgrade,
         )
     )
     if not result.ok:
@@ -145,6 +155,7 @@ def _deploy(
     store_url: str | None,
     as_json: bool,
     refit: bool = True,
+    allow_downgrade: bool = False,
 ) -> RolloutResult:
     from robonas.fleet.deploy import rollout
     from robonas.fleet.inventory import load_inventory
@@ -167,6 +178,7 @@ def _deploy(
                 store=store,
                 retries=retries,
                 key=key,
+                allow_downgrade=allow_downgrade,
             )
             print(json.dumps(result.to_dict(), indent=2, default=str))
             _recalibrate_after_deploy(store, artifact, inventory, result, refit)
@@ -184,6 +196,7 @@ def _deploy(
             retries,
             key,
             store,
+            allow_downgrade,
         )
         _print_rollout(result)
         _recalibrate_after_deploy(store, artifact, inventory, result, refit)
@@ -268,6 +281,7 @@ def _deploy_with_progress(
     retries: int,
     key: str | None,
     store: Store,
+    allow_downgrade: bool = False,
 ) -> RolloutResult:
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -311,6 +325,7 @@ def _deploy_with_progress(
             retries=retries,
             key=key,
             progress=on_event,
+            allow_downgrade=allow_downgrade,
         )
 
 

@@ -146,6 +146,7 @@ def _deploy_one(
     emit: Listener,
     sha: str,
     sequence: int | None = None,
+    allow_downgrade: bool = False,
 ) -> RobotResult:
     res = RobotResult(entry.name, role)
     outcome: DeployResult | None = None
@@ -177,6 +178,8 @@ def _deploy_one(
             # manifest only when signed here: None means the artifact's own, and clients that
             # predate the keyword (scripted ones in tests) keep working
             extra: dict[str, Any] = {} if manifest is None else {"manifest": manifest}
+            if allow_downgrade:
+                extra["allow_downgrade"] = True
             outcome = client.deploy(artifact_dir, canary, on_bytes, signature=signature, **extra)
             break
         except LinkFailure as e:
@@ -273,11 +276,14 @@ def rollout(
     key: str | Path | None = None,
     progress: Listener | None = None,
     client_factory: ClientFactory | None = None,
+    allow_downgrade: bool = False,
 ) -> RolloutResult:
     """Deploy `artifact_dir` to the selected agents, canaries first; see the module docstring.
 
     `agents` selects robots by name (default: all, in file order); the first `canary_count` of
-    them are the canaries. `key` (a private key file) stamps a fresh `sequence` into the
+    them are the canaries. `allow_downgrade` asks each agent to accept the artifact even if it is
+    older than the newest it has promoted (measuring earlier candidates; the operator needs the
+    rollback role). `key` (a private key file) stamps a fresh `sequence` into the
     manifest and signs it now, once for the whole rollout (else the artifact's manifest and
     `manifest.sig` are sent). With a `store`, every robot's device row, deployment row and
     canary report are written.
@@ -329,6 +335,7 @@ def rollout(
                 emit,
                 sha,
                 sequence,
+                allow_downgrade,
             )
         )
     failed = [r.name for r in results if not r.ok]
@@ -359,6 +366,7 @@ def rollout(
                 emit,
                 sha,
                 sequence,
+                allow_downgrade,
             )
         )
     return RolloutResult(

@@ -126,6 +126,7 @@ class Cli:
             "--min-return",
             "0",  # a canary is a check; a policy that falls on this robot is still measured
             "--no-refit",
+            "--allow-downgrade",  # candidates are measured in any order, older exports included
         )
 
     def run(self, fleet: Path, agents: str, *flags: str) -> subprocess.CompletedProcess[str]:
