@@ -128,6 +128,8 @@ _PROBE_KEYS = (
     "median_us",
     "spread_us",
     "noise",
+    "raw_noise",
+    "drift",
     "rounds",
     "settled",
     "warmup_steps",
@@ -914,8 +916,8 @@ class Agent:
         if isinstance(median, (int, float)) and isinstance(spread, (int, float)) and median > 0:
             # the emulated computer's spread: the same rounds seen through its (increasing) clock
             lo, hi = robot.compute_time(median / 1e6) * 1e6, robot.compute_time((median + spread) / 1e6) * 1e6
+            # (the relative noise stays the host's: it is the measurement's, not the mapping's)
             out.update(host_median_us=median, host_spread_us=spread, median_us=lo, spread_us=hi - lo)
-            out["noise"] = (hi - lo) / lo if lo > 0 else result.get("noise")
         return out
 
     def _rollback(self, msg: Message, session: Session) -> Message:

@@ -30,7 +30,14 @@ import numpy as np
 
 from device_agents.errors import DeviceError
 from device_agents.runtime import ModelSource, TFLitePolicy, runtime_name, runtime_version
-from device_agents.timing import RESOLVE, measure_raw, noise_verdict, summarize, verdict_from_noise
+from device_agents.timing import (
+    RESOLVE,
+    common_mode_noise,
+    measure_raw,
+    noise_verdict,
+    summarize,
+    verdict_from_noise,
+)
 
 _INPUT_POOL = 256  # distinct observations cycled through, generated before timing starts
 ROUNDS, PER_ROUND = 15, 40  # the protocol's defaults: 600 measured steps
@@ -115,10 +122,22 @@ class _Loaded:
         return step
 
     def result(
-        self, warm_ns: list[int], rounds_ns: list[list[int]], settled: bool, warmup: int, resolve: float
+        self,
+        warm_ns: list[int],
+        rounds_ns: list[list[int]],
+        settled: bool,
+        warmup: int,
+        resolve: float,
+        shared: tuple[float, float] | None = None,
     ) -> dict[str, Any]:
+        """`shared`: (this model's noise once the drift shared with the others is removed, that
+        drift), for models measured together (`timing.common_mode_noise`)."""
         policy = self.policy
         step = summarize(rounds_ns, len(warm_ns), settled)
+        raw_noise = step.noise
+        if shared is not None:
+            step.noise, step.drift = shared
+        step.raw_noise = raw_noise
         # the invoke of every step was recorded in step order: warm-up first, then the rounds
         measured = np.asarray(self.invoke_ns[len(warm_ns) :], np.int64).reshape(step.rounds, -1)
         invoke = summarize(measured, len(warm_ns), settled)
@@ -150,6 +169,8 @@ class _Loaded:
             "median_us": step.median_us,  # = step_us p50: the estimate a latency fit learns from
             "spread_us": step.spread_us,
             "noise": step.noise,
+            "raw_noise": step.raw_noise,
+            "drift": step.drift,
             "invoke_noise": invoke.noise,
             "step_pooled_us": {"p50": step.p50_us, "p90": step.p90_us, "p99": step.pooled_p99_us},
             "noise_verdict": verdict.to_dict(),
@@ -179,8 +200,11 @@ def _bench(
         max_warmup=max(max_warmup, warmup, 1),
         seed=seed,
     )
+    noise, drift = common_mode_noise(raw.rounds_ns)
     return {
-        name: m.result(raw.warmup_ns[name], raw.rounds_ns[name], raw.settled[name], warmup, resolve)
+        name: m.result(
+            raw.warmup_ns[name], raw.rounds_ns[name], raw.settled[name], warmup, resolve, (noise[name], drift)
+        )
         for name, m in loaded.items()
     }
 

@@ -30,7 +30,9 @@ durations). `measure` then:
    from, survive a common drift.
 3. **robust statistics**: the estimate is the median of the round medians (outliers move a
    round's median little, a minority of disturbed rounds moves the median of rounds not at all);
-   the spread is the interquartile range of the round medians and `noise` = spread / estimate.
+   the spread is the interquartile range of the round medians and `noise` = spread / estimate;
+   with 3 probes or more, `noise` is taken after removing the drift the probes shared in each
+   round (`common_mode_noise`), since that drift leaves their ratios, what a fit learns, alone.
    Percentiles follow the same "typical round" idea (see `summarize`), and the pooled figures
    over all measured steps are kept beside them.
 
@@ -86,6 +88,9 @@ class ProbeTiming:
     round_medians_us: list[float] = field(default_factory=list)
     round_p90_us: float = 0.0
     pooled_p99_us: float = 0.0
+    # set by Measurement.timings for probes measured together (see common_mode_noise)
+    raw_noise: float = math.nan
+    drift: float = 0.0
 
     def to_dict(self) -> dict[str, float]:
         """The summary a bench report carries: {p50, p90, p99, min, max, mean} in microseconds.
@@ -215,6 +220,34 @@ def summarize(
     )
 
 
+def common_mode_noise(rounds_ns: Mapping[str, Sequence[Sequence[int]]]) -> tuple[dict[str, float], float]:
+    """Noise of each probe against the others, and the drift they shared: (noise by name, drift).
+
+    Interleaving makes a change of the machine's speed between rounds hit every probe alike, and
+    a latency fit learns from the probes' *ratios* (and their common level, which the next
+    calibration re-measures anyway). So, with 3 probes or more, each round's common level is the
+    median over probes of (round median / that probe's overall median); a probe's noise is the
+    IQR / median of its round medians divided by the round's level: what is left once the
+    shared drift is taken out. `drift` is the IQR / median of the levels. With fewer probes the
+    two cannot be told apart: the plain noise (IQR / median of round medians) and drift 0."""
+    medians = {
+        name: np.asarray([np.median(np.asarray(row, np.float64)) for row in rows], np.float64)
+        for name, rows in rounds_ns.items()
+    }
+
+    def rel_iqr(x: np.ndarray) -> float:
+        q1, mid, q3 = np.percentile(x, (25, 50, 75))
+        return float((q3 - q1) / mid) if mid > 0 else math.inf
+
+    lengths = {len(m) for m in medians.values()}
+    if len(medians) < 3 or len(lengths) != 1 or min(lengths) < MIN_NOISE_ROUNDS:
+        return {name: rel_iqr(m) for name, m in medians.items()}, 0.0
+    rel = np.stack([m / np.median(m) for m in medians.values()])  # probes x rounds
+    level = np.median(rel, axis=0)
+    adjusted = rel / level
+    return {name: rel_iqr(adjusted[i]) for i, name in enumerate(medians)}, rel_iqr(level)
+
+
 @dataclass
 class Measurement:
     """Everything `measure_raw` recorded: per probe, the warm-up durations and the measured
@@ -226,10 +259,16 @@ class Measurement:
     order: list[list[str]]  # probe order of each round, as run
 
     def timings(self) -> dict[str, ProbeTiming]:
-        return {
-            name: summarize(rows, len(self.warmup_ns[name]), self.settled[name])
-            for name, rows in self.rounds_ns.items()
-        }
+        """One ProbeTiming per probe; with 3 probes or more `noise` is each probe's noise once
+        the drift all of them shared is taken out (`common_mode_noise`), `raw_noise` the plain
+        figure and `drift` the shared part."""
+        noise, drift = common_mode_noise(self.rounds_ns)
+        out = {}
+        for name, rows in self.rounds_ns.items():
+            t = summarize(rows, len(self.warmup_ns[name]), self.settled[name])
+            t.raw_noise, t.drift, t.noise = t.noise, drift, noise[name]
+            out[name] = t
+        return out
 
 
 def measure_raw(

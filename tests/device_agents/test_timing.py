@@ -294,3 +294,25 @@ def test_bad_arguments_name_the_value(kw: dict, match: str) -> None:
         measure({"a": Machine().probe(1000)}, **kw)
     with pytest.raises(DeviceError, match="no probes"):
         measure({})
+
+
+def test_the_drift_every_probe_shares_is_not_counted_as_their_noise():
+    """Rounds whose machine speed jumps by up to 2x hit every interleaved probe alike: the
+    probes' ratios (what a latency fit learns) do not move, so their noise is small, while the
+    raw spread of round medians is large; a probe that jitters on its own stays noisy."""
+    from device_agents.timing import common_mode_noise
+
+    rng = np.random.default_rng(3)
+    speeds = rng.uniform(1.0, 2.0, size=15)  # per round: a neighbour comes and goes
+    costs = {"a": 10_000, "b": 20_000, "c": 40_000, "d": 80_000}
+    rows = {
+        n: [[int(c * s * rng.uniform(0.99, 1.01)) for _ in range(40)] for s in speeds]
+        for n, c in costs.items()
+    }
+    own = rng.uniform(0.7, 1.3, size=15)  # this probe's own, unshared jitter
+    rows["jittery"] = [[int(30_000 * s * j) for _ in range(40)] for s, j in zip(speeds, own, strict=True)]
+    noise, drift = common_mode_noise(rows)
+    plain, _ = common_mode_noise({"a": rows["a"]})  # one probe alone: the plain figure
+    assert plain["a"] > 0.2 and drift > 0.2
+    assert all(noise[n] < 0.02 for n in costs), noise
+    assert noise["jittery"] > 0.1
