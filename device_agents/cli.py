@@ -246,6 +246,18 @@ def _serve_run(args: argparse.Namespace) -> int:
         from device_agents.operators import Operators
 
         operators = Operators.from_file(args.operators)
+    no_operators = (
+        None
+        if operators is not None
+        else f"{PROG}: warning: no --operators file: this agent answers status only; nobody may "
+        "deploy, run, bench or roll back (robonas keys trust writes the file)"
+    )
+
+    def ready(line: str) -> None:
+        print(line, flush=True)
+        if no_operators:  # said once serving, so a start-up error stays the one line
+            print(no_operators, file=sys.stderr, flush=True)
+
     tls = None
     given = [args.tls_cert, args.tls_key, args.tls_ca]
     if any(given):
@@ -280,7 +292,7 @@ def _serve_run(args: argparse.Namespace) -> int:
         agent.serve(
             listen_url=args.listen,
             link_url=args.link,
-            ready=lambda line: print(line, flush=True),
+            ready=ready,
             tls=tls,
             max_sessions=args.max_sessions,
         )

@@ -387,7 +387,23 @@ def _slot_summary(status: dict[str, Any]) -> dict[str, Any]:
         "verified": summary.get("verified"),
         "previous": status.get("previous"),
         "uptime_s": status.get("uptime_s"),
+        "state": _agent_state(status),
     }
+
+
+def _agent_state(status: dict[str, Any]) -> str:
+    """What the robot is doing (who holds it, for what) and which slots hold rejected policies."""
+    lease = status.get("lease")
+    if isinstance(lease, dict) and lease.get("holder"):
+        state = f"{lease.get('what')} by {lease.get('holder')}"
+    elif status.get("running"):
+        state = "running"
+    else:
+        state = "idle"
+    raw = status.get("slots")
+    slots: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    rejected = [k for k, v in sorted(slots.items()) if isinstance(v, dict) and v.get("state") == "rejected"]
+    return state + (f"; rejected in slot {', '.join(rejected)}" if rejected else "")
 
 
 @fleet_app.command("status")
@@ -410,6 +426,7 @@ def status_command(
             "link",
             "reachable",
             "active",
+            "state",
             "sha256",
             "version",
             "uptime s",
@@ -425,6 +442,7 @@ def status_command(
                 r["link"],
                 "yes" if r["reachable"] else f"no: {r['error'][:60]}",
                 _fmt(r.get("active")),
+                _fmt(r.get("state")),
                 _fmt((r.get("sha256") or "")[:12] or None),
                 _fmt(r.get("version")),
                 _fmt(r.get("uptime_s"), ".0f"),

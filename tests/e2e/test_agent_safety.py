@@ -432,6 +432,11 @@ def test_fleet_stop_ends_a_long_run(real_time_agent, signing, tmp_path):
     )
     t.start()
     time.sleep(1.0)
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    shown = CliRunner().invoke(fleet_app, ["status", "--fleet", str(fleet), "--json", "--store", url])
+    assert shown.exit_code == 0, shown.output
+    (row,) = json.loads(shown.output)
+    assert row["state"] == "run by tester", row  # who holds the robot, and for what
     result = CliRunner().invoke(fleet_app, ["stop", "--fleet", str(fleet), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output) == [{"agent": "bot", "stopped": True, "error": None}]
