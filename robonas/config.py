@@ -51,6 +51,11 @@ class BudgetSection(_Section):
     steps_per_trial: int = Field(gt=0, description="env steps of training per trial")
     checkpoints: int = Field(default=5, ge=2, description="evaluations along the learning curve")
     eval_episodes: int = Field(default=5, gt=0)
+    early_eval_episodes: int | None = Field(
+        default=None,
+        gt=0,
+        description="episodes at checkpoints before the last third of the curve (default: eval_episodes)",
+    )
     eval_seed: int = 1000
     trial_timeout_s: float = Field(default=1800.0, gt=0)
     max_rejections: int = Field(default=200, gt=0, description="stop after this many over-budget candidates")
@@ -64,6 +69,21 @@ class TrainingSection(_Section):
         default=None,
         description='ranges to train under, or "fleet": the identified twins\' ranges (nominal if unset)',
     )
+
+
+class PruningSection(_Section):
+    """Asynchronous successive halving on the checkpoints (robonas.search.pruning)."""
+
+    kind: Literal["none", "asha"] = "none"
+    eta: int = Field(default=3, ge=2, description="a trial goes on past a rung when in the top 1/eta")
+    grace: int = Field(default=3, ge=2, description="trials at a rung before any is stopped there")
+
+
+class SeedCheckSection(_Section):
+    """Before the best is reported, the best candidates are trained again on other seeds."""
+
+    top: int = Field(default=2, ge=0, description="how many of the best candidates are checked")
+    seeds: int = Field(default=2, ge=1, description="seeds each checked candidate is trained on")
 
 
 class ObjectiveSection(_Section):
@@ -118,6 +138,8 @@ class SearchConfig(_Section):
     executor: ExecutorSection = Field(default_factory=ExecutorSection)
     export: ExportSection = Field(default_factory=ExportSection)
     calibration: CalibrationSection = Field(default_factory=CalibrationSection)
+    pruning: PruningSection = Field(default_factory=PruningSection)
+    seed_check: SeedCheckSection = Field(default_factory=SeedCheckSection)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -153,6 +175,13 @@ class SearchConfig(_Section):
         if self.env.id not in sim.ENV_IDS:
             raise ConfigError(f"env.id: unknown env {self.env.id!r}; valid: {', '.join(sim.ENV_IDS)}")
         load_device(self.device.profile)
+        training_space = self.space.get("training", {})
+        if training_space:
+            from robonas.search.training import check_searched_settings
+
+            if not isinstance(training_space, dict):
+                raise ConfigError(f"space.training: {training_space!r} is not a table of settings")
+            check_searched_settings(self.training.algo, self.env.id, training_space)
         from sim.randomization import RandomizationConfig
 
         for key, table in (

@@ -154,19 +154,67 @@ def ranking_key(ranking: str) -> str:
     return "objective_lcb" if ranking == "lcb" else "objective"
 
 
-def rank(trials: Iterable[TrialRow], ranking: str = "mean") -> list[TrialRow]:
-    """A study's complete, scored trials, best first by `ranking_key(ranking)`; ties keep ask
-    order. The one ranking of a study: search summaries, views, re-ranking and the demo use it."""
+# How much a candidate's spread across training seeds costs it in the ranking: its figure is the
+# mean over seeds minus this many standard errors (std / sqrt(seeds)). One lucky seed then cannot
+# carry a candidate past one that is good on every seed.
+SEED_SPREAD_Z = 1.0
+
+
+@dataclass(frozen=True)
+class CandidateSeeds:
+    """A candidate (one arch_id: network and trainer settings) over the seeds it was trained on."""
+
+    arch_id: str
+    trials: tuple[TrialRow, ...]  # its complete trials, best first
+    values: tuple[float, ...]  # their ranking figures, same order
+
+    @property
+    def seeds(self) -> int:
+        return len(self.trials)
+
+    @property
+    def mean(self) -> float:
+        return float(sum(self.values) / len(self.values))
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation across seeds (0.0 with one seed: no spread measured)."""
+        n = len(self.values)
+        if n < 2:
+            return 0.0
+        m = self.mean
+        return math.sqrt(sum((v - m) ** 2 for v in self.values) / (n - 1))
+
+    @property
+    def figure(self) -> float:
+        """What the ranking sorts by: mean over seeds, less SEED_SPREAD_Z standard errors."""
+        return self.mean - SEED_SPREAD_Z * self.std / math.sqrt(self.seeds)
+
+
+def candidate_seeds(trials: Iterable[TrialRow], ranking: str = "mean") -> dict[str, CandidateSeeds]:
+    """Complete, scored trials grouped by candidate, best candidate first (see `rank`)."""
     key = ranking_key(ranking)
-
-    def value(t: TrialRow) -> float | None:
-        return None if t.status != "complete" or t.metrics is None else t.metrics.value(key)
-
-    scored = [(v, t) for t in trials if (v := value(t)) is not None]
-    for v, t in scored:
+    groups: dict[str, list[tuple[float, TrialRow]]] = {}
+    for t in trials:
+        if t.status != "complete" or t.metrics is None or (v := t.metrics.value(key)) is None:
+            continue
         if math.isnan(v):
             raise RobonasError(f"rank: trial {t.id} scores NaN on {key!r}")
-    return [t for _, t in sorted(scored, key=lambda vt: (-vt[0], vt[1].seq))]
+        groups.setdefault(t.arch_id, []).append((v, t))
+    out = []
+    for arch_id, members in groups.items():
+        members.sort(key=lambda vt: (-vt[0], vt[1].seq))
+        out.append(CandidateSeeds(arch_id, tuple(t for _, t in members), tuple(v for v, _ in members)))
+    out.sort(key=lambda c: (-c.figure, min(t.seq for t in c.trials)))
+    return {c.arch_id: c for c in out}
+
+
+def rank(trials: Iterable[TrialRow], ranking: str = "mean") -> list[TrialRow]:
+    """A study's candidates best first, one trial each: its best seed, whose weights are the ones
+    to ship. Candidates are ordered by `CandidateSeeds.figure` (the ranking key's mean over the
+    seeds a candidate was trained on, less its spread), ties by ask order. The one ranking of a
+    study: search summaries, views, re-ranking and the demo use it."""
+    return [c.trials[0] for c in candidate_seeds(trials, ranking).values()]
 
 
 def within_budget(p99_ms: float, budget_ms: float) -> bool:

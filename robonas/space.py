@@ -17,7 +17,7 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -29,6 +29,51 @@ if TYPE_CHECKING:
     from robonas._torch_modules import Actor, Trunk
 
 ACTIVATIONS = ("relu", "tanh", "elu", "silu")
+# A trainer setting's value: what a TOML scalar can be.
+TrainValue = bool | int | float | str
+# Short names in `describe()` for the usual trainer settings.
+_SHORT_NAMES = {
+    "learning_rate": "lr",
+    "n_steps": "nsteps",
+    "batch_size": "batch",
+    "n_epochs": "epochs",
+    "gae_lambda": "lambda",
+    "ent_coef": "ent",
+    "clip_range": "clip",
+    "buffer_size": "buffer",
+    "train_freq": "freq",
+    "gradient_steps": "gsteps",
+    "target_entropy": "target_ent",
+    "learning_starts": "starts",
+}
+
+
+def _fmt_value(v: TrainValue) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _is_train_value(v: Any) -> bool:
+    return isinstance(v, (bool, int, float, str)) and not (isinstance(v, float) and not math.isfinite(v))
+
+
+def _training_items(items: Any) -> tuple[tuple[str, TrainValue], ...]:
+    """Trainer settings as a sorted tuple of (name, scalar) pairs; a ConfigError otherwise."""
+    if isinstance(items, dict):
+        items = tuple(items.items())
+    try:
+        pairs = [(k, v) for k, v in items]
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"arch.training: {items!r} is not a table of settings") from e
+    for k, v in pairs:
+        if not isinstance(k, str) or not k:
+            raise ConfigError(f"arch.training: {k!r} is not a setting name")
+        if not _is_train_value(v):
+            raise ConfigError(f"arch.training.{k}: {v!r} is not a number, string or true/false")
+    names = [k for k, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"arch.training: a setting is given twice in {names!r}")
+    # numpy scalars (from a decoded decision vector) become plain Python values
+    return tuple(sorted((k, v.item() if hasattr(v, "item") else v) for k, v in pairs))
 
 
 def _is_pos_int(value: Any) -> bool:
@@ -60,9 +105,14 @@ class PolicyArch:
     residual: bool = False
     shared_trunk: bool = False
     history: int = 1
+    # Trainer settings searched with the network (learning rate, rollout length, ...), sorted
+    # by name; empty when only the network is searched. They are part of the candidate (and
+    # of its arch_id), not of the exported network.
+    training: tuple[tuple[str, TrainValue], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "training", _training_items(self.training))
         for name in ("obs_dim", "act_dim", "history"):
             value = getattr(self, name)
             if not _is_pos_int(value):
@@ -89,6 +139,8 @@ class PolicyArch:
             "residual": self.residual,
             "shared_trunk": self.shared_trunk,
             "history": self.history,
+            # only when searched, so a network-only candidate keeps its arch_id
+            **({"training": dict(self.training)} if self.training else {}),
         }
 
     @classmethod
@@ -102,8 +154,9 @@ class PolicyArch:
                 residual=bool(d.get("residual", False)),
                 shared_trunk=bool(d.get("shared_trunk", False)),
                 history=int(d.get("history", 1)),
+                training=tuple(dict(d.get("training") or {}).items()),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             if isinstance(e, ConfigError):
                 raise
             raise ConfigError(f"arch: cannot read {d!r}: {e}") from e
@@ -141,7 +194,13 @@ class PolicyArch:
         parts.append("shared" if self.shared_trunk else "sep")
         if self.history > 1:
             parts.append(f"h{self.history}")
+        parts += [f"{_SHORT_NAMES.get(k, k)}={_fmt_value(v)}" for k, v in self.training]
         return " ".join(parts)
+
+    @property
+    def network(self) -> PolicyArch:
+        """The same network without the searched trainer settings (what is exported)."""
+        return replace(self, training=()) if self.training else self
 
     # --- costs ----------------------------------------------------------------------------
     def _skips(self) -> list[bool]:
@@ -203,7 +262,8 @@ class SearchSpace:
     """The architectures one search explores, as independent choices per decision.
 
     Decision vector: [depth, width_1..width_D, act_1..act_D, layer_norm, residual,
-    shared_trunk, history] with D = max(depths); each entry is an index into its choices.
+    shared_trunk, history, setting_1..setting_T] with D = max(depths) and T searched trainer
+    settings (`training`, sorted by name); each entry is an index into its choices.
     Slots of layers beyond an arch's depth are inactive and encode as 0, so
     decode(encode(a)) == a and encode(decode(v)) is v with inactive slots zeroed.
     """
@@ -217,8 +277,14 @@ class SearchSpace:
     residual: tuple[bool, ...] = (False, True)
     shared_trunk: tuple[bool, ...] = (False, True)
     history: tuple[int, ...] = (1,)
+    # searched trainer settings: (name, choices), sorted by name
+    training: tuple[tuple[str, tuple[TrainValue, ...]], ...] = ()
+    # the tuned value of each searched setting, where it is one of the choices: strategies start
+    # from it (see `at_start`)
+    training_start: tuple[tuple[str, TrainValue], ...] = ()
 
     def __post_init__(self) -> None:
+        self._init_training()
         for name in ("obs_dim", "act_dim"):
             value = getattr(self, name)
             if not _is_pos_int(value):
@@ -238,6 +304,31 @@ class SearchSpace:
                 values = tuple(int(v) for v in values)
             object.__setattr__(self, name, values)
 
+    def _init_training(self) -> None:
+        table = self.training
+        if isinstance(table, dict):
+            table = tuple(table.items())
+        choices: list[tuple[str, tuple[TrainValue, ...]]] = []
+        for name, raw in table:
+            if not isinstance(raw, (list, tuple)):
+                raw = (raw,)
+            values = tuple(raw)
+            if not values:
+                raise ConfigError(f"space.training.{name}: the list of choices is empty")
+            for v in values:
+                if not _is_train_value(v):
+                    raise ConfigError(f"space.training.{name}: {v!r} is not a number, string or true/false")
+            if len(set(values)) != len(values):
+                raise ConfigError(f"space.training.{name}: {list(values)!r} lists a choice twice")
+            choices.append((str(name), values))
+        object.__setattr__(self, "training", tuple(sorted(choices)))
+        known = dict(self.training)
+        start = _training_items(self.training_start)
+        for name, value in start:
+            if name not in known or value not in known[name]:
+                raise ConfigError(f"space.training_start.{name}: {value!r} is not one of its choices")
+        object.__setattr__(self, "training_start", start)
+
     @staticmethod
     def _check_choice(name: str, v: Any) -> None:
         if name in ("depths", "widths", "history"):
@@ -250,18 +341,38 @@ class SearchSpace:
             raise ConfigError(f"space.{name}: {v!r} is not true or false")
 
     @classmethod
-    def from_config(cls, table: dict[str, Any], obs_dim: int, act_dim: int) -> SearchSpace:
-        """Build from a TOML `[space]` table; keys are the choice fields, all optional.
+    def from_config(
+        cls, table: dict[str, Any], obs_dim: int, act_dim: int, start: dict[str, Any] | None = None
+    ) -> SearchSpace:
+        """Build from a TOML `[space]` table; keys are the choice fields, all optional, plus a
+        `[space.training]` table of trainer settings to search (name -> list of choices).
 
         A scalar stands for a single choice (`history = 2` means `history = [2]`).
+        `start`: tuned values of trainer settings; those among the choices are the start point.
         """
         if not isinstance(table, dict):
             raise ConfigError(f"space: {table!r} is not a table")
-        unknown = sorted(set(table) - set(_CHOICE_FIELDS))
+        valid = (*_CHOICE_FIELDS, "training")
+        unknown = sorted(set(table) - set(valid))
         if unknown:
-            raise ConfigError(f"space.{unknown[0]}: unknown key; valid keys are {', '.join(_CHOICE_FIELDS)}")
-        kwargs = {k: (tuple(v) if isinstance(v, (list, tuple)) else (v,)) for k, v in table.items()}
-        return cls(obs_dim=obs_dim, act_dim=act_dim, **kwargs)
+            raise ConfigError(f"space.{unknown[0]}: unknown key; valid keys are {', '.join(valid)}")
+        training = table.get("training", {})
+        if not isinstance(training, dict):
+            raise ConfigError(f"space.training: {training!r} is not a table of settings")
+        kwargs = {
+            k: (tuple(v) if isinstance(v, (list, tuple)) else (v,))
+            for k, v in table.items()
+            if k != "training"
+        }
+        choices = {k: (tuple(v) if isinstance(v, (list, tuple)) else (v,)) for k, v in training.items()}
+        start = {k: v for k, v in (start or {}).items() if k in choices and v in choices[k]}
+        return cls(
+            obs_dim=obs_dim,
+            act_dim=act_dim,
+            training=tuple(choices.items()),
+            training_start=tuple(start.items()),
+            **kwargs,
+        )
 
     # --- decisions ------------------------------------------------------------------------
     @property
@@ -276,12 +387,13 @@ class SearchSpace:
             + [len(self.widths)] * d
             + [len(self.activations)] * d
             + [len(self.layer_norm), len(self.residual), len(self.shared_trunk), len(self.history)]
+            + [len(values) for _, values in self.training]
         )
 
     def active_decisions(self, depth: int) -> list[int]:
         """Indices of the decisions that matter for an arch of this depth."""
         d = self.max_depth
-        tail = [1 + 2 * d + k for k in range(4)]
+        tail = [1 + 2 * d + k for k in range(4 + len(self.training))]
         return [0, *range(1, 1 + depth), *range(1 + d, 1 + d + depth), *tail]
 
     def contains(self, arch: PolicyArch) -> bool:
@@ -294,13 +406,15 @@ class SearchSpace:
             and arch.residual in self.residual
             and arch.shared_trunk in self.shared_trunk
             and arch.history in self.history
+            and [k for k, _ in arch.training] == [k for k, _ in self.training]
+            and all(v in dict(self.training)[k] for k, v in arch.training)
         )
 
     def encode(self, arch: PolicyArch) -> list[int]:
         if not self.contains(arch):
             raise ConfigError(f"arch {arch.describe()!r} ({arch.arch_id}) is not in this space")
         d = self.max_depth
-        vec = [0] * (1 + 2 * d + 4)
+        vec = [0] * (1 + 2 * d + 4 + len(self.training))
         vec[0] = self.depths.index(len(arch.layers))
         for i, layer in enumerate(arch.layers):
             vec[1 + i] = self.widths.index(layer.width)
@@ -310,6 +424,7 @@ class SearchSpace:
             self.residual.index(arch.residual),
             self.shared_trunk.index(arch.shared_trunk),
             self.history.index(arch.history),
+            *(choices.index(v) for (_, choices), (_, v) in zip(self.training, arch.training, strict=True)),
         ]
         return vec
 
@@ -324,7 +439,8 @@ class SearchSpace:
                 raise ConfigError(f"decision vector[{i}]: {v!r} is not an index in 0..{n - 1}")
         d = self.max_depth
         depth = self.depths[vec[0]]
-        ln, res, shared, hist = vec[1 + 2 * d :]
+        ln, res, shared, hist = vec[1 + 2 * d : 5 + 2 * d]
+        settings = vec[5 + 2 * d :]
         return PolicyArch(
             obs_dim=self.obs_dim,
             act_dim=self.act_dim,
@@ -335,6 +451,7 @@ class SearchSpace:
             residual=self.residual[res],
             shared_trunk=self.shared_trunk[shared],
             history=self.history[hist],
+            training=tuple((k, choices[i]) for (k, choices), i in zip(self.training, settings, strict=True)),
         )
 
     def size(self) -> int:
@@ -345,7 +462,15 @@ class SearchSpace:
         """
         per_layer = len(self.widths) * len(self.activations)
         flags = math.prod(len(getattr(self, n)) for n in _CHOICE_FIELDS[3:])
-        return sum(per_layer**d for d in self.depths) * flags
+        settings = math.prod(len(values) for _, values in self.training)
+        return sum(per_layer**d for d in self.depths) * flags * settings
+
+    def at_start(self, arch: PolicyArch) -> PolicyArch:
+        """The same network with the tuned trainer settings where they are among the choices: a
+        strategy's first candidate, so a search starts from settings known to work."""
+        if not self.training_start:
+            return arch
+        return replace(arch, training=tuple({**dict(arch.training), **dict(self.training_start)}.items()))
 
     # --- sampling -------------------------------------------------------------------------
     def sample(self, rng: np.random.Generator) -> PolicyArch:

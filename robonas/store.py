@@ -11,8 +11,9 @@ SQLAlchemy's SQLite dialect docs ("Enabling Non-Legacy SQLite Transactional Mode
 write transactions opened with `BEGIN IMMEDIATE`, because a deferred transaction that reads and
 then writes can fail with "database is locked" without ever waiting on the busy handler.
 
-The schema carries a version in the `meta` table. Opening a store written by another schema
-version is refused with StoreError: there is no silent migration.
+The schema carries a version in the `meta` table. A store of an older version this module knows how
+to bring forward is migrated in place (`_MIGRATIONS`, additive steps only, one write transaction);
+any other version is refused with StoreError.
 """
 
 from __future__ import annotations
@@ -51,9 +52,15 @@ from robonas.errors import RobonasError, StoreError
 from robonas.metrics import TrialMetrics
 from robonas.space import PolicyArch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_URL = "sqlite:///runs/robonas.db"
-TRIAL_STATUSES = ("pending", "running", "complete", "failed", "rejected")
+TRIAL_STATUSES = ("pending", "running", "complete", "failed", "rejected", "pruned")
+# Why a trial exists: a strategy asked for it, or the seed check trains a candidate again.
+TRIAL_ORIGINS = ("ask", "seed")
+# Schema steps from version N to N+1, as SQL that PostgreSQL and SQLite both accept.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: ("ALTER TABLE trials ADD COLUMN origin VARCHAR(16) NOT NULL DEFAULT 'ask'",),
+}
 STUDY_STATUSES = ("created", "running", "interrupted", "complete", "failed")
 REPORT_KINDS = ("run", "bench", "canary")
 MODEL_KINDS = ("latency", "gap", "twin")
@@ -137,6 +144,7 @@ class _Trial(_Base):
     arch_id: Mapped[str] = mapped_column(String(128))
     arch_json: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16))
+    origin: Mapped[str] = mapped_column(String(16), default="ask", server_default="ask")
     error: Mapped[str | None] = mapped_column(Text)
     metrics_json: Mapped[str | None] = mapped_column(Text)
     tell_seq: Mapped[int | None] = mapped_column(Integer)
@@ -238,6 +246,7 @@ class TrialRow:
     finished_at: datetime | None
     wall_s: float | None
     env_steps: int | None
+    origin: str = "ask"
 
 
 @dataclass(frozen=True)
@@ -318,6 +327,7 @@ def _trial_row(t: _Trial) -> TrialRow:
         finished_at=_utc(t.finished_at),
         wall_s=t.wall_s,
         env_steps=t.env_steps,
+        origin=t.origin,
     )
 
 
@@ -440,6 +450,13 @@ class Store:
             tables = set(inspect(conn).get_table_names())
             if "meta" in tables:
                 found = s.get(_Meta, "schema_version")
+                version = int(found.value) if found is not None and found.value.isdigit() else -1
+                while version in _MIGRATIONS and version < SCHEMA_VERSION:
+                    for statement in _MIGRATIONS[version]:
+                        conn.exec_driver_sql(statement)
+                    version += 1
+                    assert found is not None  # a known version was read from it
+                    found.value = str(version)
                 if found is None or found.value != str(SCHEMA_VERSION):
                     got = "none" if found is None else found.value
                     raise StoreError(
@@ -530,8 +547,11 @@ class Store:
             raise StoreError(f"unknown trial id {trial_id}")
         return t
 
-    def add_trial(self, study_id: int, seq: int, arch: PolicyArch, status: str = "pending") -> TrialRow:
+    def add_trial(
+        self, study_id: int, seq: int, arch: PolicyArch, status: str = "pending", origin: str = "ask"
+    ) -> TrialRow:
         _check_choice("trial status", status, TRIAL_STATUSES)
+        _check_choice("trial origin", origin, TRIAL_ORIGINS)
         with self._write() as s:
             if s.get(_Study, study_id) is None:
                 raise StoreError(f"unknown study id {study_id}")
@@ -541,6 +561,7 @@ class Store:
                 arch_id=arch.arch_id,
                 arch_json=arch.to_json(),
                 status=status,
+                origin=origin,
                 attempts=0,
                 started_at=_now() if status == "running" else None,
             )
@@ -564,7 +585,7 @@ class Store:
             if status == "running":
                 t.started_at = _now()
                 t.finished_at = None
-            elif status in ("complete", "failed", "rejected"):
+            elif status in ("complete", "failed", "rejected", "pruned"):
                 t.finished_at = _now()
             self._touch(s, t.study_id)
 
@@ -575,8 +596,11 @@ class Store:
         curve: Sequence[tuple[int, float, float]],
         wall_s: float,
         env_steps: int,
+        status: str = "complete",
     ) -> None:
-        """Mark a trial complete with its metrics and learning curve, in one transaction."""
+        """Mark a trial complete (or `pruned`: stopped early, with the curve it reached) with its
+        metrics and learning curve, in one transaction."""
+        _check_choice("finished trial status", status, ("complete", "pruned"))
         points = []
         for p in curve:
             if len(p) != 3:
@@ -589,7 +613,7 @@ class Store:
             s.add_all(
                 _CurvePoint(trial_id=trial_id, step=st, mean_return=m, std_return=sd) for st, m, sd in points
             )
-            t.status = "complete"
+            t.status = status
             t.error = None
             t.metrics_json = _dumps(metrics.to_dict())
             t.wall_s = float(wall_s)
@@ -648,9 +672,35 @@ class Store:
         with self._read() as s:
             return [(int(a), float(b), float(c)) for a, b, c in s.execute(q)]
 
-    def requeue_interrupted(self, study_id: int) -> int:
-        """Put trials left `running` by a killed search back to `pending`; returns how many."""
+    def add_curve_point(self, trial_id: int, step: int, mean_return: float, std_return: float) -> None:
+        """One evaluation of a running trial, written as it happens (what pruning compares)."""
         with self._write() as s:
+            self._trial(s, trial_id)
+            s.execute(delete(_CurvePoint).where(_CurvePoint.trial_id == trial_id, _CurvePoint.step == step))
+            s.add(
+                _CurvePoint(trial_id=trial_id, step=int(step), mean_return=mean_return, std_return=std_return)
+            )
+
+    def curves(self, study_id: int) -> dict[int, list[tuple[int, float, float]]]:
+        """Every trial's curve points so far (running trials included), by trial id."""
+        q = (
+            select(_CurvePoint.trial_id, _CurvePoint.step, _CurvePoint.mean_return, _CurvePoint.std_return)
+            .join(_Trial, _Trial.id == _CurvePoint.trial_id)
+            .where(_Trial.study_id == study_id)
+            .order_by(_CurvePoint.trial_id, _CurvePoint.step)
+        )
+        out: dict[int, list[tuple[int, float, float]]] = {}
+        with self._read() as s:
+            for tid, step, mean, std in s.execute(q):
+                out.setdefault(int(tid), []).append((int(step), float(mean), float(std)))
+        return out
+
+    def requeue_interrupted(self, study_id: int) -> int:
+        """Put trials left `running` by a killed search back to `pending`; returns how many.
+        The curve points their attempt wrote go too: the trial runs again from the start."""
+        with self._write() as s:
+            running = select(_Trial.id).where(_Trial.study_id == study_id, _Trial.status == "running")
+            s.execute(delete(_CurvePoint).where(_CurvePoint.trial_id.in_(running)))
             n = _rowcount(
                 s,
                 update(_Trial)

@@ -13,10 +13,10 @@ from typing import Any
 
 from robonas.errors import RobonasError
 from robonas.metrics import TrialMetrics
-from robonas.scoring import pareto_front, rank, ranking_key, within_budget
+from robonas.scoring import CandidateSeeds, candidate_seeds, pareto_front, rank, ranking_key, within_budget
 from robonas.store import Store, StudyRow, TrialRow
 
-STATUSES = ("complete", "running", "pending", "failed", "rejected")
+STATUSES = ("complete", "running", "pending", "failed", "rejected", "pruned")
 
 
 def study_ranking(study: StudyRow) -> str:
@@ -39,7 +39,9 @@ class StudyStatus:
     env: str | None
     device: str | None
     counts: dict[str, int]
-    best_objective: float | None
+    best_objective: float | None  # the best candidate's mean over its seeds
+    best_seeds: int
+    failures: dict[int, str]  # failed trial id -> the last line of its error
     env_steps: int
     wall_s: float
     updated_at: datetime
@@ -51,12 +53,8 @@ class StudyStatus:
 def study_status(store: Store, name: str) -> StudyStatus:
     study = store.get_study(name)
     trials = store.trials(study.id)
-    ranked = rank(trials, study_ranking(study))
-    best = (
-        None
-        if not ranked or ranked[0].metrics is None
-        else ranked[0].metrics.value(ranking_key(study_ranking(study)))
-    )
+    candidates = list(candidate_seeds(trials, study_ranking(study)).values())
+    best = candidates[0].mean if candidates else None
     search = study.config.get("search") or {}
     return StudyStatus(
         study=study.name,
@@ -65,10 +63,18 @@ def study_status(store: Store, name: str) -> StudyStatus:
         device=(search.get("device") or {}).get("profile"),
         counts={s: sum(t.status == s for t in trials) for s in STATUSES},
         best_objective=None if best is None else round(best, 4),
+        best_seeds=candidates[0].seeds if candidates else 0,
+        failures=_failure_reasons(trials),
         env_steps=sum(t.env_steps or 0 for t in trials),
         wall_s=sum(t.wall_s or 0.0 for t in trials),
         updated_at=study.updated_at,
     )
+
+
+def _failure_reasons(trials: list[TrialRow]) -> dict[int, str]:
+    return {
+        t.id: (t.error or "unknown error").strip().splitlines()[-1] for t in trials if t.status == "failed"
+    }
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,11 @@ class RankedTrial:
     error: str | None
     latency_model: str | None
     gap_model: str | None
+    # the candidate (network and trainer settings) over the seeds it was trained on: how many,
+    # and the mean and std of the ranking figure across them (this row is its best seed)
+    seeds: int = 1
+    seed_mean: float | None = None
+    seed_std: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -148,8 +159,9 @@ def ranked_trials(
     study = store.get_study(name)
     ranking = study_ranking(study)
     trials = store.trials(study.id)
+    seeds = candidate_seeds(trials, ranking)
     complete = rank(trials, ranking)
-    ranked_by = f"{ranking_key(ranking)} ({ranking})"
+    ranked_by = f"{ranking_key(ranking)} ({ranking}; mean over seeds less its standard error)"
     if robot is not None:
         complete = _rank_for_robot(complete, robot, name)
         known = any(robot in ((t.metrics.robots if t.metrics else None) or {}) for t in complete)
@@ -180,7 +192,7 @@ def ranked_trials(
                 models.setdefault(key, version)
     budget = latency_budget_ms(study)
     shown = complete if n is None else complete[:n]
-    rows = [_row(t, i + 1, t.id in front, budget, robot) for i, t in enumerate(shown)]
+    rows = [_row(t, i + 1, t.id in front, budget, robot, seeds.get(t.arch_id)) for i, t in enumerate(shown)]
     if include_unfinished:
         rows += [_row(t, None, False, budget) for t in trials if t.status != "complete"]
     return RankedTable(
@@ -222,7 +234,12 @@ def _rank_for_robot(complete: list[TrialRow], robot: str, study: str) -> list[Tr
 
 
 def _row(
-    t: TrialRow, rank: int | None, pareto: bool, budget_ms: float | None, robot: str | None = None
+    t: TrialRow,
+    rank: int | None,
+    pareto: bool,
+    budget_ms: float | None,
+    robot: str | None = None,
+    seeds: CandidateSeeds | None = None,
 ) -> RankedTrial:
     m = t.metrics or TrialMetrics()
     p = _robot_prediction(t, robot) if robot is not None else None
@@ -265,4 +282,7 @@ def _row(
         error=t.error,
         latency_model=m.latency_model,
         gap_model=m.gap_model,
+        seeds=seeds.seeds if seeds is not None else 1,
+        seed_mean=seeds.mean if seeds is not None else None,
+        seed_std=seeds.std if seeds is not None else None,
     )

@@ -83,13 +83,14 @@ def search(
         best = (
             "-"
             if summary.best_objective is None
-            else f"{summary.best_objective:.3f} (trial {summary.best_trial})"
+            else f"{summary.best_objective:.3f} ± {summary.best_spread or 0.0:.3f} over "
+            f"{summary.best_seeds} seed{'s' if summary.best_seeds != 1 else ''} (trial {summary.best_trial})"
         )
         state = "interrupted; run the same command to resume" if summary.interrupted else "done"
         console().print(
-            f"study [bold]{summary.study}[/]: {state}. complete {summary.complete}, failed {summary.failed}, "
-            f"rejected {summary.rejected}; best objective {best}; {summary.wall_s:.1f} s, "
-            f"{summary.steps_per_s:,.0f} env steps/s"
+            f"study [bold]{summary.study}[/]: {state}. complete {summary.complete}, pruned {summary.pruned}, "
+            f"failed {summary.failed}, rejected {summary.rejected}, seed-check trials {summary.seed_trials}; "
+            f"best objective {best}; {summary.wall_s:.1f} s, {summary.steps_per_s:,.0f} env steps/s"
         )
     if summary.interrupted:
         raise typer.Exit(130)
@@ -111,8 +112,11 @@ def status(
     c.print(f"study [bold]{info.study}[/] ({info.status}), env {info.env}, device {info.device}")
     c.print("  " + ", ".join(f"{k} {v}" for k, v in info.counts.items()))
     c.print(
-        f"  best objective {info.best_objective}, env steps {info.env_steps:,}, updated {info.updated_at}"
+        f"  best objective {info.best_objective} over {info.best_seeds} seed(s), "
+        f"env steps {info.env_steps:,}, updated {info.updated_at}"
     )
+    for trial_id, reason in info.failures.items():
+        c.print(f"  trial {trial_id} failed: {reason}", markup=False)
 
 
 def top(
@@ -146,6 +150,8 @@ def top(
         "rank",
         "trial",
         "arch",
+        "seeds",
+        "objective",
         "auc",
         "asym",
         "pred real",
@@ -166,6 +172,10 @@ def top(
             f(row.rank, "d"),
             str(row.trial),
             row.arch,
+            str(row.seeds),
+            "-"
+            if row.seed_mean is None
+            else f"{row.seed_mean:.3f}" + (f" ± {row.seed_std:.3f}" if row.seeds > 1 else ""),
             f(row.auc, ".3f"),
             f(row.asymptotic_return, ".1f"),
             f(row.predicted_real_return, ".1f"),

@@ -263,12 +263,15 @@ def rescore_study(
     ranking = study_ranking(study)
     key = ranking_key(ranking)
     before = rank(evidence.trials.values(), ranking)
-    rank_before = {t.id: i + 1 for i, t in enumerate(before)}
+    # by candidate: a candidate's best seed may change with the new scores
+    rank_before = {t.arch_id: i + 1 for i, t in enumerate(before)}
     real = evidence.returns_by_trial()
     fleet = _fleet_predictions(store, evidence)
     rescored = []
-    for t in before:
-        assert t.metrics is not None  # rank() keeps scored trials only
+    # every seed of every candidate, not only the best seeds `rank` returns
+    for t in evidence.trials.values():
+        if t.status != "complete" or t.metrics is None:
+            continue
         prediction = None
         if fleet is not None and t.id in fleet.fleet:
             prediction = FleetPrediction(
@@ -289,7 +292,7 @@ def rescore_study(
             RankChange(
                 trial_id=t.id,
                 arch=t.arch.describe(),
-                rank_before=rank_before[t.id],
+                rank_before=rank_before[t.arch_id],
                 rank_after=i + 1,
                 objective_before=float(m0.value(key) or 0.0),
                 objective_after=float(m1.value(key) or 0.0),

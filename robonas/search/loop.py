@@ -23,12 +23,20 @@ from typing import TYPE_CHECKING, Any
 from robonas.config import SearchConfig
 from robonas.errors import ConfigError
 from robonas.metrics import TrialMetrics
-from robonas.scoring import ScoringContext, rank, ranking_key, strategy_view, told_view, within_budget
+from robonas.scoring import (
+    ScoringContext,
+    candidate_seeds,
+    rank,
+    strategy_view,
+    told_view,
+    within_budget,
+)
 from robonas.space import PolicyArch, SearchSpace
 from robonas.store import Store, StudyRow, TrialRow
 
 if TYPE_CHECKING:
     from robonas.search.executor import Executor, TaskResult
+    from robonas.search.pruning import ReportSpec
     from robonas.search.training import TrainSpec
     from robonas.strategies.base import Strategy
 
@@ -88,7 +96,7 @@ class SearchPlan:
 
         config.validate_references()
         env = EnvInfo.probe(config.env.id, config.env.kwargs)
-        space = SearchSpace.from_config(config.space, env.obs_dim, env.act_dim)
+        space = SearchSpace.from_config(config.space, env.obs_dim, env.act_dim, start=tuned_start(config))
         make_strategy(config.strategy.name, space, config.strategy.seed, **config.strategy.options)
         try:
             gap_model = HeuristicGapModel(**config.gap)
@@ -119,11 +127,15 @@ class SearchSummary:
     complete: int
     failed: int
     rejected: int
-    best_objective: float | None
-    best_trial: int | None
+    best_objective: float | None  # the best candidate's mean over the seeds it was trained on
+    best_trial: int | None  # its best seed
     wall_s: float
     env_steps: int
     interrupted: bool = False
+    pruned: int = 0
+    seed_trials: int = 0  # trials the seed check added (complete)
+    best_seeds: int = 0
+    best_spread: float | None = None  # std of the best candidate's figure across its seeds
 
     @property
     def steps_per_s(self) -> float:
@@ -210,7 +222,9 @@ class Search:
                 events.append((t.tell_seq, 1, t))
         events.sort(key=lambda e: (e[0], e[1]))
         for index, kind, t in events:
-            if kind == 0:
+            if kind == 0 and t.origin == "seed":
+                pass  # trained again by the seed check: never asked, never told
+            elif kind == 0:
                 asked = self.strategy.ask()
                 self._asked[t.id] = asked
                 if asked != t.arch:
@@ -224,8 +238,9 @@ class Search:
             self._event = max(self._event, index + 1)
         # Finished but never told (killed between the two writes): tell now.
         for t in trials:
-            if t.tell_seq is None and t.status in ("complete", "failed", "rejected"):
-                self._tell(t.id, t.metrics if t.status == "complete" else None)
+            finished = t.status in ("complete", "failed", "rejected", "pruned")
+            if t.origin == "ask" and t.tell_seq is None and finished:
+                self._tell(t.id, t.metrics if t.status in ("complete", "pruned") else None)
         return [t for t in trials if t.status == "pending"]
 
     def _resolve_return_range(self, study: StudyRow) -> tuple[float, float]:
@@ -283,7 +298,15 @@ class Search:
         return dict(table) if isinstance(table, dict) and table else None
 
     # --- trials ---------------------------------------------------------------------------
-    def _spec(self, arch: PolicyArch, out_dir: Path, lo: float, hi: float, seed: int = 0) -> TrainSpec:
+    def _spec(
+        self,
+        arch: PolicyArch,
+        out_dir: Path,
+        lo: float,
+        hi: float,
+        seed: int = 0,
+        report: ReportSpec | None = None,
+    ) -> TrainSpec:
         from robonas.search.training import TrainSpec
 
         c = self.cfg
@@ -297,15 +320,29 @@ class Search:
             return_hi=hi,
             return_max=c.env.return_max,
             algo=c.training.algo,
-            hyperparams=dict(c.training.hyperparams),
-            n_envs=c.training.n_envs,
+            # the candidate's searched settings win over the config's fixed ones
+            hyperparams={**c.training.hyperparams, **dict(arch.training)},
+            n_envs=int(dict(arch.training).get("n_envs", c.training.n_envs)),
             checkpoints=c.budget.checkpoints,
             eval_episodes=c.budget.eval_episodes,
+            early_eval_episodes=c.budget.early_eval_episodes,
             eval_seed=c.budget.eval_seed,
             randomization=self._ranges(c.robustness),
             train_randomization=self._ranges(c.training.randomization),
             seed=seed,
+            report=report,
         )
+
+    def _report_spec(self, trial: TrialRow) -> ReportSpec:
+        """Checkpoints go to the store as they happen; asked trials may be pruned at rungs (the
+        seed check's are not: a candidate's extra seeds must be seen whole)."""
+        from robonas.search.pruning import ReportSpec, rungs_for
+
+        p = self.cfg.pruning
+        rungs: tuple[int, ...] = ()
+        if p.kind == "asha" and trial.origin == "ask":
+            rungs = rungs_for(self.cfg.budget.checkpoints, p.eta)
+        return ReportSpec(self.store.url, trial.study_id, trial.id, rungs, p.eta, p.grace)
 
     def _next_event(self) -> int:
         e = self._event
@@ -326,7 +363,9 @@ class Search:
     def _submit(self, executor: Executor, trial: TrialRow) -> None:
         arch = trial.arch
         out_dir = self.run_dir / f"trial-{trial.seq:04d}-{arch.arch_id}"
-        spec = self._spec(arch, out_dir, self.lo, self.hi, seed=self._trial_seed(trial))
+        spec = self._spec(
+            arch, out_dir, self.lo, self.hi, seed=self._trial_seed(trial), report=self._report_spec(trial)
+        )
         self.store.set_trial_status(trial.id, "running")
         executor.submit(trial.id, TRIAL_FN, {"spec": spec}, self.cfg.budget.trial_timeout_s)
 
@@ -358,14 +397,37 @@ class Search:
             self._asked[t.id] = arch
             return t
 
+    def _seed_round(self, study: StudyRow) -> list[TrialRow]:
+        """Trials that train the `seed_check.top` best candidates again on other seeds, until each
+        has `seed_check.seeds` (running and failed ones count, so a failing candidate is not
+        retried forever). Asked only once every other trial is finished, and a whole round at a
+        time, so which candidates are checked does not depend on the worker count: the round's
+        results may re-rank the study and bring another candidate into the top, checked next round.
+        """
+        check = self.cfg.seed_check
+        if check.top == 0 or check.seeds <= 1:
+            return []
+        trials = self.store.trials(study.id)
+        new: list[TrialRow] = []
+        for best in rank(trials, self.cfg.objective.ranking)[: check.top]:
+            tried = sum(
+                t.arch_id == best.arch_id and t.status in ("complete", "running", "pending", "failed")
+                for t in trials
+            )
+            for _ in range(check.seeds - tried):
+                new.append(self.store.add_trial(study.id, self._next_event(), best.arch, origin="seed"))
+        return new
+
     def _finish(self, result: TaskResult) -> None:
         from robonas.scoring import score
 
         assert isinstance(result.task_id, int)  # the loop submits trial ids
         trial = self.store.get_trial(result.task_id)
+        told = trial.origin == "ask"  # the seed check's trials were never asked
         if not result.ok:
             self.store.fail_trial(trial.id, result.error or "unknown error", wall_s=result.wall_s)
-            self._tell(trial.id, None)
+            if told:
+                self._tell(trial.id, None)
             return
         outcome: dict[str, Any] = result.value or {}
         try:
@@ -382,14 +444,19 @@ class Search:
             metrics = score(trial.arch, sim, self.ctx)
         except Exception as e:  # noqa: BLE001  (a scoring bug must not kill the search: record it)
             self.store.fail_trial(trial.id, f"scoring failed: {e!r}\n{traceback.format_exc(limit=3)}")
-            self._tell(trial.id, None)
+            if told:
+                self._tell(trial.id, None)
             return
+        # A pruned trial keeps the figures of the curve it reached: the strategy learns it was
+        # poor, the ranking leaves it out (it ranks complete trials only).
+        status = "pruned" if outcome.get("pruned_at") is not None else "complete"
         self.store.complete_trial(
-            trial.id, metrics, outcome["curve"], outcome["wall_s"], outcome["env_steps"]
+            trial.id, metrics, outcome["curve"], outcome["wall_s"], outcome["env_steps"], status=status
         )
         self._record_weights(trial.id, outcome["artifacts"])
         self._env_steps_this_run += int(outcome["env_steps"])
-        self._tell(trial.id, metrics)
+        if told:
+            self._tell(trial.id, metrics)
 
     def _record_weights(self, trial_id: int, artifacts: dict[str, str]) -> None:
         actor = Path(artifacts["actor"])
@@ -398,18 +465,22 @@ class Search:
 
     def summary(self, study: StudyRow, interrupted: bool = False) -> SearchSummary:
         trials = self.store.trials(study.id)
-        by = {s: [t for t in trials if t.status == s] for s in ("complete", "failed", "rejected")}
-        key = ranking_key(self.cfg.objective.ranking)
-        ranked = rank(by["complete"], self.cfg.objective.ranking)
-        best = ranked[0] if ranked and ranked[0].metrics is not None else None
+        asked = [t for t in trials if t.origin == "ask"]
+        by = {s: [t for t in asked if t.status == s] for s in ("complete", "failed", "rejected", "pruned")}
+        candidates = list(candidate_seeds(trials, self.cfg.objective.ranking).values())
+        best = candidates[0] if candidates else None
         return SearchSummary(
             study=study.name,
             planned=self.cfg.budget.trials,
             complete=len(by["complete"]),
             failed=len(by["failed"]),
             rejected=len(by["rejected"]),
-            best_objective=None if best is None or best.metrics is None else best.metrics.value(key),
-            best_trial=None if best is None else best.id,
+            pruned=len(by["pruned"]),
+            seed_trials=sum(t.origin == "seed" and t.status == "complete" for t in trials),
+            best_objective=None if best is None else best.mean,
+            best_seeds=0 if best is None else best.seeds,
+            best_spread=None if best is None else best.std,
+            best_trial=None if best is None else best.trials[0].id,
             wall_s=time.perf_counter() - self._t0,
             env_steps=self._env_steps_this_run,
             interrupted=interrupted,
@@ -444,8 +515,8 @@ class Search:
         queue = self._replay(study)
         trials = self.store.trials(study.id)
         self._rejections = sum(t.status == "rejected" for t in trials)
-        planned_so_far = sum(t.status != "rejected" for t in trials)
-        done = sum(t.status in ("complete", "failed") for t in trials)
+        planned_so_far = sum(t.status != "rejected" and t.origin == "ask" for t in trials)
+        done = sum(t.status in ("complete", "failed", "pruned") and t.origin == "ask" for t in trials)
         self.progress.on_start(self.cfg.budget.trials, done)
         self.store.set_study_status(study.id, "running")
         executor = LocalProcessExecutor(workers=self.workers)
@@ -463,7 +534,13 @@ class Search:
                     else:
                         break
                 if executor.running() == 0:
-                    break
+                    # every asked trial is finished: the seed check's next round, if any
+                    seed_round = self._seed_round(study)
+                    if not seed_round:
+                        break
+                    for seed_trial in seed_round:
+                        self._submit(executor, seed_trial)
+                    continue
                 for result in executor.poll(timeout=1.0):
                     self._finish(result)
                     self.progress.on_trial(self.summary(study))
@@ -496,6 +573,18 @@ class Search:
             rescore_study(self.store, study.name)
         except RobonasError as e:
             log.warning("%s: not re-ranked by the robots' twins: %s", study.name, e)
+
+
+def tuned_start(config: SearchConfig) -> dict[str, Any]:
+    """The tuned values of the searched trainer settings (explicit [training.hyperparams] win)."""
+    names = list(config.space.get("training") or {})
+    if not names:
+        return {}
+    from robonas.search.training import tuned_settings
+
+    start = tuned_settings(config.training.algo, config.env.id, names)
+    start.update({k: v for k, v in config.training.hyperparams.items() if k in names})
+    return start
 
 
 def default_workers() -> int:

@@ -41,6 +41,7 @@ from numpy.typing import NDArray
 from device_agents.atomic import atomic_writer
 from robonas.errors import ConfigError
 from robonas.search.curves import asymptote, auc_normalised
+from robonas.search.pruning import Reporter, ReportSpec
 from robonas.space import PolicyArch
 
 if TYPE_CHECKING:
@@ -90,6 +91,10 @@ class TrainSpec:
     randomization: Mapping[str, Any] | None = None  # only for the robustness figure
     train_randomization: Mapping[str, Any] | None = None  # ranges the training envs draw from
     seed: int = 0
+    # Episodes at the checkpoints before the last third of the curve (None: eval_episodes). The
+    # asymptote leans on the last third, so only the early points are evaluated more coarsely.
+    early_eval_episodes: int | None = None
+    report: ReportSpec | None = None  # live checkpoints to the store, and pruning at rungs
 
     def __post_init__(self) -> None:
         if self.algo not in ALGOS:
@@ -98,6 +103,9 @@ class TrainSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name}: {value!r} is not a positive integer")
+        early = self.early_eval_episodes
+        if early is not None and (not isinstance(early, int) or isinstance(early, bool) or early < 1):
+            raise ConfigError(f"early_eval_episodes: {early!r} is not a positive integer or None")
         if self.n_envs is not None and (not isinstance(self.n_envs, int) or self.n_envs < 1):
             raise ConfigError(f"n_envs: {self.n_envs!r} is not a positive integer or None")
         if not (math.isfinite(self.return_lo) and math.isfinite(self.return_hi)) or (
@@ -124,6 +132,8 @@ class TrialOutcome:
     steps_per_s: float  # env_steps / wall_s
     eval_s: float  # of wall_s, time spent evaluating
     artifacts: dict[str, str]  # name -> path: actor, obs_norm, sb3_model, spaces
+    pruned_at: int | None = None  # the rung (checkpoint ordinal) where the trial was stopped
+    eval_steps: int = 0  # env steps spent on evaluation episodes (not counted in env_steps)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -178,6 +188,75 @@ def resolve_hyperparams(algo: str, env_id: str, overrides: Mapping[str, Any] | N
                 f"hyperparams: {key!r} is not a {algo} hyperparameter; valid: {', '.join(sorted(valid))}"
             )
     return merged
+
+
+# Value rules for the trainer settings a search usually varies: (kind, low, high, low_open).
+# "int": an integer >= low; "float": a number in [low, high] (low excluded when low_open).
+# Settings not listed here are checked by the algorithm itself when a trial builds it.
+_SETTING_RULES: dict[str, tuple[str, float, float, bool]] = {
+    "learning_rate": ("float", 0.0, math.inf, True),
+    "n_steps": ("int", 2, math.inf, False),
+    "batch_size": ("int", 2, math.inf, False),
+    "n_epochs": ("int", 1, math.inf, False),
+    "n_envs": ("int", 1, math.inf, False),
+    "gamma": ("float", 0.0, 1.0, True),
+    "gae_lambda": ("float", 0.0, 1.0, False),
+    "ent_coef": ("float", 0.0, math.inf, False),
+    "clip_range": ("float", 0.0, math.inf, True),
+    "vf_coef": ("float", 0.0, math.inf, False),
+    "max_grad_norm": ("float", 0.0, math.inf, True),
+    "buffer_size": ("int", 1, math.inf, False),
+    "learning_starts": ("int", 0, math.inf, False),
+    "tau": ("float", 0.0, 1.0, True),
+    "train_freq": ("int", 1, math.inf, False),
+    "gradient_steps": ("int", 1, math.inf, False),
+    "target_entropy": ("float", -math.inf, math.inf, False),
+}
+
+
+def _check_setting(key: str, value: Any) -> None:
+    rule = _SETTING_RULES.get(key)
+    if rule is None or isinstance(value, bool):
+        if isinstance(value, bool) and rule is not None:
+            raise ConfigError(f"space.training.{key}: {value!r} is not a number")
+        return
+    kind, low, high, low_open = rule
+    if isinstance(value, str):
+        # schedules and SB3's own words: "lin_<x>" for scheduled settings, "auto[_<x>]" for SAC's
+        # entropy settings; anything else is for the algorithm to judge
+        if key in _SCHEDULED and value.startswith("lin_"):
+            _schedule(key, value)
+            return
+        if key in ("ent_coef", "target_entropy") and value.startswith("auto"):
+            return
+        raise ConfigError(f"space.training.{key}: {value!r} is not a number")
+    if kind == "int" and not (isinstance(value, int) and value >= low):
+        raise ConfigError(f"space.training.{key}: {value!r} is not an integer >= {low:g}")
+    below = value <= low if low_open else value < low
+    if kind == "float" and (below or value > high or not math.isfinite(value)):
+        lo_bracket = "(" if low_open else "["
+        raise ConfigError(f"space.training.{key}: {value!r} is outside {lo_bracket}{low:g}, {high:g}]")
+
+
+def check_searched_settings(algo: str, env_id: str, choices: Mapping[str, Any]) -> None:
+    """One ConfigError line for a `[space.training]` table that cannot work: a setting the
+    algorithm does not take, or a choice outside its valid range."""
+    for key, values in choices.items():
+        if key == "policy_kwargs":
+            raise ConfigError("space.training.policy_kwargs: the network is searched in [space], not here")
+        listed = list(values) if isinstance(values, (list, tuple)) else [values]
+        if not listed:
+            raise ConfigError(f"space.training.{key}: the list of choices is empty")
+        for value in listed:
+            _check_setting(key, value)
+        # a setting the algorithm does not take fails here, naming the valid ones
+        resolve_hyperparams(algo, env_id, {key: listed[0]})
+
+
+def tuned_settings(algo: str, env_id: str, names: Any) -> dict[str, Any]:
+    """The tuned value of each named trainer setting (the defaults table's), where it has one."""
+    hp = resolve_hyperparams(algo, env_id)
+    return {name: hp[name] for name in names if name in hp}
 
 
 # --- environments -------------------------------------------------------------------------------
@@ -283,37 +362,46 @@ def _flat(obs: VecEnvObs) -> NDArray[Any]:
 
 def _run_episodes(
     venv: VecEnv, act: Callable[[NDArray[Any]], NDArray[Any]], seed: int
-) -> NDArray[np.float64]:
-    """First episode of each sub-env (seeded seed, seed+1, ...); their undiscounted returns."""
+) -> tuple[NDArray[np.float64], int]:
+    """First episode of each sub-env (seeded seed, seed+1, ...): their undiscounted returns, and
+    the env steps those episodes took."""
     venv.seed(seed)
     obs = _flat(venv.reset())
     n = venv.num_envs
     returns, done = np.zeros(n), np.zeros(n, dtype=bool)
+    steps = 0
     while not done.all():
         next_obs, rewards, dones, _ = venv.step(act(obs))
+        steps += int((~done).sum())
         obs = _flat(next_obs)
         returns += np.where(done, 0.0, rewards)  # eval VecNormalize leaves rewards raw
         done |= dones
-    return returns
+    return returns, steps
 
 
 class _Evaluator:
     """Deterministic policy on fixed seeds, with the training statistics frozen at call time."""
 
     def __init__(
-        self, spec: TrainSpec, train_env: VecEnv, randomization: Mapping[str, Any] | None = None
+        self,
+        spec: TrainSpec,
+        train_env: VecEnv,
+        randomization: Mapping[str, Any] | None = None,
+        episodes: int | None = None,
     ) -> None:
         self.spec, self.train_env = spec, train_env
-        self.venv = _vec_env(spec, spec.eval_episodes, randomization, training=False)
+        self.venv = _vec_env(spec, episodes or spec.eval_episodes, randomization, training=False)
         self.seconds = 0.0
+        self.steps = 0
 
     def __call__(self, model: BaseAlgorithm) -> NDArray[np.float64]:
         t0 = time.perf_counter()
         _find_normalize(self.venv).obs_rms = copy.deepcopy(_find_normalize(self.train_env).obs_rms)
-        returns = _run_episodes(
+        returns, steps = _run_episodes(
             self.venv, lambda obs: model.predict(obs, deterministic=True)[0], self.spec.eval_seed
         )
         self.seconds += time.perf_counter() - t0
+        self.steps += steps
         return returns
 
     def close(self) -> None:
@@ -332,14 +420,15 @@ def random_returns(spec: TrainSpec) -> NDArray[np.float64]:
             venv,
             lambda obs: np.array([env.action_space.sample() for env in venv.envs]),
             spec.eval_seed,
-        )
+        )[0]
     finally:
         venv.close()
 
 
 def _checkpoint_callback(
-    thresholds: list[int], evaluate: Callable[[], None], progress: Callable[[int], None] | None
+    thresholds: list[int], evaluate: Callable[[], bool], progress: Callable[[int], None] | None
 ) -> BaseCallback:
+    """Evaluate at each threshold; `evaluate` returning False stops training (pruned)."""
     from stable_baselines3.common.callbacks import BaseCallback
 
     class Checkpoints(BaseCallback):
@@ -349,10 +438,11 @@ def _checkpoint_callback(
 
         def _on_step(self) -> bool:
             if self.next < len(thresholds) and self.num_timesteps >= thresholds[self.next]:
-                evaluate()
+                keep_going = evaluate()
                 # one evaluation even if a vectorised step crossed several thresholds
                 while self.next < len(thresholds) and self.num_timesteps >= thresholds[self.next]:
                     self.next += 1
+                return keep_going
             return True
 
         def _on_rollout_end(self) -> None:
@@ -497,25 +587,44 @@ def train_trial(spec: TrainSpec, progress: Callable[[int], None] | None = None) 
             raise ConfigError(f"hyperparams for {spec.algo} on {spec.env_id}: {e}") from e
 
         curve: list[tuple[int, float, float]] = []
-
-        def evaluate() -> None:
-            returns = evaluator(model)
-            curve.append((int(model.num_timesteps), float(returns.mean()), float(returns.std())))
-
         thresholds = [math.ceil(spec.total_steps * i / spec.checkpoints) for i in range(1, spec.checkpoints)]
+        # checkpoints before the last third get the coarse evaluation (the tail decides the asymptote)
+        n_early = spec.checkpoints - max(2, math.ceil(spec.checkpoints / 3))
+        early_evaluator = evaluator
+        if spec.early_eval_episodes is not None and spec.early_eval_episodes < spec.eval_episodes:
+            early_evaluator = _Evaluator(spec, train_env, episodes=spec.early_eval_episodes)
+            envs.callback(early_evaluator.close)
+        reporter = Reporter(spec.report) if spec.report is not None else None
+        if reporter is not None:
+            envs.callback(reporter.close)
+        pruned_at: int | None = None
+
+        def evaluate() -> bool:
+            nonlocal pruned_at
+            returns = (early_evaluator if len(curve) < n_early else evaluator)(model)
+            curve.append((int(model.num_timesteps), float(returns.mean()), float(returns.std())))
+            if reporter is not None and not reporter.report(curve):
+                pruned_at = len(curve)
+                return False
+            return True
+
         model.learn(
             total_timesteps=spec.total_steps, callback=_checkpoint_callback(thresholds, evaluate, progress)
         )
-        if curve and curve[-1][0] >= model.num_timesteps:
-            curve.pop()  # evaluated mid-way through the final update: the final policy replaces it
-        evaluate()
+        if pruned_at is None:
+            if curve and curve[-1][0] >= model.num_timesteps:
+                curve.pop()  # evaluated mid-way through the final update: the final policy replaces it
+            evaluate()
         env_steps = int(model.num_timesteps)
-        eval_s = evaluator.seconds
+        evaluators = {id(e): e for e in (evaluator, early_evaluator)}.values()
+        eval_s = sum(e.seconds for e in evaluators)
+        eval_steps = sum(e.steps for e in evaluators)
 
         robustness = None
-        if robust_eval is not None:
+        if robust_eval is not None and pruned_at is None:  # a pruned trial is not scored for robustness
             robustness = float(robust_eval(model).mean())
             eval_s += robust_eval.seconds
+            eval_steps += robust_eval.steps
         t_random = time.perf_counter()
         random_return = float(random_returns(spec).mean())
         eval_s += time.perf_counter() - t_random
@@ -541,4 +650,6 @@ def train_trial(spec: TrainSpec, progress: Callable[[int], None] | None = None) 
         steps_per_s=env_steps / wall,
         eval_s=eval_s,
         artifacts=artifacts,
+        pruned_at=pruned_at,
+        eval_steps=eval_steps,
     )

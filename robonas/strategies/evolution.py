@@ -32,10 +32,14 @@ class RegularizedEvolution(Strategy):
             raise ConfigError(f"strategy.sample: {sample!r} is not an integer in 1..{population}")
         self.population: deque[tuple[PolicyArch, float]] = deque(maxlen=population)
         self._filled = False
+        self._asks = 0
 
     def ask(self) -> PolicyArch:
         if not self._filled:
-            return self.space.sample(self.rng)
+            arch = self.space.sample(self.rng)
+            self._asks += 1
+            # the first candidate trains with the tuned trainer settings
+            return self.space.at_start(arch) if self._asks == 1 else arch
         picks = self.rng.choice(len(self.population), size=self.options["sample"], replace=False)
         # ties go to the earliest-picked index so the choice is a function of rng only
         parent = max((self.population[int(i)] for i in picks), key=lambda m: m[1])[0]

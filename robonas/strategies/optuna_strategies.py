@@ -2,7 +2,9 @@
 
 Each strategy owns an in-memory Optuna study with a seeded sampler. An ask is `study.ask()`
 followed by conditional suggestions: depth first, then width and activation for only that many
-layers (so Optuna's group decomposition sees per-depth sub-spaces), then the global flags.
+layers (so Optuna's group decomposition sees per-depth sub-spaces), then the global flags and
+the searched trainer settings ("train.<name>"). The first trial is enqueued with the tuned trainer
+settings (`SearchSpace.training_start`), so the search starts from values known to work.
 A tell finishes the matching trial; metrics None marks it FAIL, which both samplers ignore.
 
 - TPEStrategy maximises metrics["objective"]. Multivariate, grouped TPE with the constant
@@ -15,10 +17,10 @@ A tell finishes the matching trial; metrics None marks it FAIL, which both sampl
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from robonas.errors import ConfigError
-from robonas.space import Layer, PolicyArch, SearchSpace
+from robonas.space import Layer, PolicyArch, SearchSpace, TrainValue
 from robonas.strategies.base import Pending, Strategy
 
 if TYPE_CHECKING:
@@ -38,6 +40,9 @@ class _OptunaStrategy(Strategy):
             # `group` and friends are flagged experimental; the flag is not news to a user
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             self.study = self._make_study()
+        if space.training_start:
+            # the first trial starts from the tuned trainer settings; the network is sampled
+            self.study.enqueue_trial({f"train.{k}": v for k, v in space.training_start})
         self._pending: Pending[Trial] = Pending()
 
     def _make_study(self) -> Study:
@@ -65,6 +70,10 @@ class _OptunaStrategy(Strategy):
             residual=trial.suggest_categorical("residual", list(s.residual)),
             shared_trunk=trial.suggest_categorical("shared_trunk", list(s.shared_trunk)),
             history=trial.suggest_categorical("history", list(s.history)),
+            training=tuple(
+                (name, cast(TrainValue, trial.suggest_categorical(f"train.{name}", list(values))))
+                for name, values in s.training
+            ),
         )
 
     def ask(self) -> PolicyArch:

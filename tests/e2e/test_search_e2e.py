@@ -78,6 +78,8 @@ def test_search_fills_store_and_top_ranks(tmp_path):
     table = json.loads(top.stdout)
     rows = table["rows"]
     assert [r["rank"] for r in rows] == [1, 2, 3]
+    # the best candidate was trained on a second seed before it was reported (launch/cartpole.toml)
+    assert rows[0]["seeds"] == 2 and summary["best_seeds"] == 2 and summary["seed_trials"] == 1
     objectives = [r["objective"] for r in rows]
     assert objectives == sorted(objectives, reverse=True)
     assert table["models"] == {"latency_model": "analytic-roofline@1", "gap_model": "heuristic-gap@1"}
@@ -103,7 +105,9 @@ def test_search_fills_store_and_top_ranks(tmp_path):
         assert not store.curve(t.id)
 
     status = _robonas(tmp_path, "status", "cartpole", "--json", "--store", url)
-    assert json.loads(status.stdout)["counts"]["complete"] == 3
+    info = json.loads(status.stdout)
+    assert info["counts"]["complete"] == 4  # 3 asked + the best candidate's second seed
+    assert info["best_seeds"] == 2 and info["failures"] == {}
 
 
 def test_sigkill_midway_then_resume_runs_every_trial_once(tmp_path):
@@ -173,8 +177,11 @@ def test_sigkill_midway_then_resume_runs_every_trial_once(tmp_path):
 
     store = Store(url)
     trials = store.trials(store.get_study("cartpole").id)
-    trained = [t for t in trials if t.status != "rejected"]
+    trained = [t for t in trials if t.status != "rejected" and t.origin == "ask"]
     assert len(trained) == 5 and all(t.status == "complete" for t in trained)
+    # then the seed check trained the best candidate on a second seed, once
+    (seed_trial,) = [t for t in trials if t.origin == "seed"]
+    assert seed_trial.status == "complete"
     assert len({t.seq for t in trials}) == len(trials)  # no duplicates
     # finished trials were kept as they were; interrupted ones reran under the same row
     for seq, old in before.items():
@@ -184,8 +191,8 @@ def test_sigkill_midway_then_resume_runs_every_trial_once(tmp_path):
             assert new.finished_at == old.finished_at and new.attempts == old.attempts
         if old.status == "running":
             assert new.attempts == old.attempts + 1
-    # every trial was told to the strategy exactly once
-    tells = [t.tell_seq for t in trials]
+    # every asked trial was told to the strategy exactly once (the seed check's never are)
+    tells = [t.tell_seq for t in trials if t.origin == "ask"]
     assert None not in tells and len(set(tells)) == len(tells)
 
 

@@ -11,7 +11,9 @@ from robonas.metrics import TrialMetrics
 from robonas.models.gap_model import GapPrediction
 from robonas.models.latency_model import LatencyPrediction
 from robonas.scoring import (
+    SEED_SPREAD_Z,
     ObjectiveWeights,
+    candidate_seeds,
     objective,
     objective_std,
     pareto_front,
@@ -104,10 +106,13 @@ def test_pareto_front_known_set() -> None:
     assert pareto_front([("only", 1.0, 1.0)]) == ["only"]
 
 
-def _trial(tid: int, objective: float, std: float, status: str = "complete") -> TrialRow:
+def _trial(
+    tid: int, objective: float, std: float, status: str = "complete", width: int | None = None
+) -> TrialRow:
     # lower confidence bound with k=1, as ScoringContext(lcb_z=1.0) stores it
     metrics = TrialMetrics(objective=objective, objective_std=std, objective_lcb=objective - std)
-    arch = PolicyArch(obs_dim=4, act_dim=1, layers=(Layer(8, "tanh"),))
+    # one candidate per trial unless a width is shared (then they are seeds of one candidate)
+    arch = PolicyArch(obs_dim=4, act_dim=1, layers=(Layer(width or 8 * tid, "tanh"),))
     return TrialRow(
         id=tid, study_id=1, seq=tid, arch_id=arch.arch_id, arch=arch, status=status, error=None,
         metrics=metrics, tell_seq=None, attempts=0, started_at=None, finished_at=None, wall_s=None,
@@ -124,6 +129,30 @@ def test_rank_by_key_stable_and_lcb() -> None:
     assert [r.id for r in rank([*rows, _trial(5, 0.9, 0.0, status="failed")])] == [4, 2, 1, 3]
     with pytest.raises(ConfigError, match="real_return"):
         rank(rows, "real_return")
+
+
+def test_rank_groups_seeds_of_a_candidate_and_charges_their_spread() -> None:
+    # candidate A (width 64): one lucky seed 0.9, two poor ones; candidate B (width 32): steady
+    rows = [
+        _trial(1, 0.9, 0.0, width=64),
+        _trial(2, 0.7, 0.0, width=32),
+        _trial(3, 0.3, 0.0, width=64),
+        _trial(4, 0.72, 0.0, width=32),
+        _trial(5, 0.3, 0.0, width=64),
+        _trial(6, 0.5, 0.0, width=16),
+    ]
+    seeds = candidate_seeds(rows)
+    ranked = list(seeds.values())
+    assert [c.trials[0].id for c in ranked] == [4, 6, 1]  # B, then the single-seed C, then A
+    b, c, a = ranked
+    assert b.seeds == 2 and b.mean == pytest.approx(0.71) and b.std == pytest.approx(0.01414, abs=1e-4)
+    assert a.seeds == 3 and a.mean == pytest.approx(0.5) and a.std == pytest.approx(0.3464, abs=1e-4)
+    assert a.figure == pytest.approx(0.5 - SEED_SPREAD_Z * a.std / 3**0.5)
+    assert c.std == 0.0 and c.figure == 0.5
+    # rank gives each candidate's best seed, in that order
+    assert [r.id for r in rank(rows)] == [4, 6, 1]
+    # before its other seeds were known, A's lucky seed led
+    assert [r.id for r in rank(rows[:2])] == [1, 2]
 
 
 def test_budget_check_uses_p99() -> None:

@@ -17,9 +17,10 @@ def _study(tmp_path, p99s_and_objectives):
     study = store.create_study(
         "s", {"search": {"device": {"profile": "cortex-m7", "latency_budget_ms": 20.0}}}
     )
-    arch = PolicyArch(obs_dim=4, act_dim=1, layers=(Layer(8, "tanh"),))
     ids = []
     for seq, (p99, objective) in enumerate(p99s_and_objectives):
+        # one candidate per trial (the same arch twice would be two seeds of one candidate)
+        arch = PolicyArch(obs_dim=4, act_dim=1, layers=(Layer(8 + seq, "tanh"),))
         t = store.add_trial(study.id, seq, arch)
         store.complete_trial(
             t.id,
