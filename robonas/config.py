@@ -77,6 +77,7 @@ class PruningSection(_Section):
     kind: Literal["none", "asha"] = "none"
     eta: int = Field(default=3, ge=2, description="a trial goes on past a rung when in the top 1/eta")
     grace: int = Field(default=3, ge=2, description="trials at a rung before any is stopped there")
+    min_rung: int = Field(default=1, ge=1, description="no rung before this checkpoint (1-based)")
 
 
 class SeedCheckSection(_Section):

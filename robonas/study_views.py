@@ -153,9 +153,12 @@ def ranked_trials(
     n: int | None = None,
     include_unfinished: bool = False,
     robot: str | None = None,
+    every_seed: bool = False,
 ) -> RankedTable:
     """Complete trials best first by the study's ranking (every one unless `n` says fewer), with
-    the Pareto front marked. `robot`: ranked by the predicted real return on that robot."""
+    the Pareto front marked. `robot`: ranked by the predicted real return on that robot.
+    One row per candidate (its best seed) unless `every_seed`: then its other seeds follow it,
+    with its rank."""
     study = store.get_study(name)
     ranking = study_ranking(study)
     trials = store.trials(study.id)
@@ -192,7 +195,11 @@ def ranked_trials(
                 models.setdefault(key, version)
     budget = latency_budget_ms(study)
     shown = complete if n is None else complete[:n]
-    rows = [_row(t, i + 1, t.id in front, budget, robot, seeds.get(t.arch_id)) for i, t in enumerate(shown)]
+    rows = [
+        _row(member, i + 1, member.id in front, budget, robot, seeds.get(t.arch_id))
+        for i, t in enumerate(shown)
+        for member in (seeds[t.arch_id].trials if every_seed and t.arch_id in seeds else (t,))
+    ]
     if include_unfinished:
         rows += [_row(t, None, False, budget) for t in trials if t.status != "complete"]
     return RankedTable(

@@ -56,6 +56,9 @@ def search_progress(quiet: bool) -> tuple[AbstractContextManager[Any], SearchPro
         TimeRemainingColumn(),
         console=console(),
         transient=False,
+        # trials take minutes: estimate the speed over the whole run, not rich's last 30 s (which
+        # holds no finished trial, so the ETA would never show)
+        speed_estimate_period=24 * 3600,
     )
     state: dict[str, Any] = {}
 
@@ -63,10 +66,14 @@ def search_progress(quiet: bool) -> tuple[AbstractContextManager[Any], SearchPro
         state["task"] = bar.add_task("search", total=planned, completed=done, best="-", sps="-")
 
     def on_trial(summary: SearchSummary) -> None:
-        best = "-" if summary.best_objective is None else f"{summary.best_objective:.3f}"
+        best = "-"
+        if summary.best_objective is not None:
+            best = f"objective {summary.best_objective:.3f}"
+            if summary.best_return is not None:
+                best = f"return {summary.best_return:.1f} ({best})"
         bar.update(
             state["task"],
-            completed=summary.complete + summary.failed,
+            completed=summary.complete + summary.failed + summary.pruned,
             best=best,
             sps=f"{summary.steps_per_s:,.0f}",
         )

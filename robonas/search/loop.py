@@ -24,6 +24,7 @@ from robonas.config import SearchConfig
 from robonas.errors import ConfigError
 from robonas.metrics import TrialMetrics
 from robonas.scoring import (
+    CandidateSeeds,
     ScoringContext,
     candidate_seeds,
     rank,
@@ -136,6 +137,7 @@ class SearchSummary:
     seed_trials: int = 0  # trials the seed check added (complete)
     best_seeds: int = 0
     best_spread: float | None = None  # std of the best candidate's figure across its seeds
+    best_return: float | None = None  # its simulated asymptotic return, mean over its seeds
 
     @property
     def steps_per_s(self) -> float:
@@ -181,6 +183,7 @@ class Search:
         # Known once run() has opened the study: its return range, the context that scores new
         # trials (the newest calibrated models) and how many asks were rejected so far.
         self.lo = self.hi = math.nan
+        self.random_return: float | None = None
         self._scoring: ScoringContext | None = None
         self._rejections = 0
         # the fleet's ranges when the config says randomization = "fleet" (resolved once per study)
@@ -243,26 +246,26 @@ class Search:
                 self._tell(t.id, t.metrics if t.status in ("complete", "pruned") else None)
         return [t for t in trials if t.status == "pending"]
 
+    def _random_return(self) -> float:
+        """The random policy's mean return on the evaluation seeds (measured once per study)."""
+        from robonas.search.training import random_returns
+
+        arch = PolicyArch.from_dict(
+            {"obs_dim": self.plan.env.obs_dim, "act_dim": self.plan.env.act_dim, "layers": [[8, "relu"]]}
+        )
+        return float(random_returns(self._spec(arch, Path("/nonexistent"), 0.0, 1.0)).mean())
+
     def _resolve_return_range(self, study: StudyRow) -> tuple[float, float]:
         resolved = dict(study.config.get("resolved") or {})
+        if "random_return" not in resolved:
+            resolved["random_return"] = self._random_return()
+            self.store.update_study_config(study.id, {**study.config, "resolved": resolved})
+            study = self.store.get_study_by_id(study.id)
+        self.random_return = float(resolved["random_return"])
         if "return_lo" not in resolved:
             lo = self.cfg.env.return_floor
             if lo is None:
-                from robonas.search.training import random_returns
-
-                probe = self._spec(
-                    PolicyArch.from_dict(
-                        {
-                            "obs_dim": self.plan.env.obs_dim,
-                            "act_dim": self.plan.env.act_dim,
-                            "layers": [[8, "relu"]],
-                        }
-                    ),
-                    Path("/nonexistent"),
-                    0.0,
-                    1.0,
-                )
-                lo = float(random_returns(probe).mean())
+                lo = self.random_return
             resolved["return_lo"] = lo
             resolved["return_hi"] = self.cfg.env.return_target
             # what re-scoring needs later without building the env again
@@ -331,6 +334,7 @@ class Search:
             train_randomization=self._ranges(c.training.randomization),
             seed=seed,
             report=report,
+            random_return=self.random_return,
         )
 
     def _report_spec(self, trial: TrialRow) -> ReportSpec:
@@ -341,7 +345,7 @@ class Search:
         p = self.cfg.pruning
         rungs: tuple[int, ...] = ()
         if p.kind == "asha" and trial.origin == "ask":
-            rungs = rungs_for(self.cfg.budget.checkpoints, p.eta)
+            rungs = rungs_for(self.cfg.budget.checkpoints, p.eta, p.min_rung)
         return ReportSpec(self.store.url, trial.study_id, trial.id, rungs, p.eta, p.grace)
 
     def _next_event(self) -> int:
@@ -480,6 +484,7 @@ class Search:
             best_objective=None if best is None else best.mean,
             best_seeds=0 if best is None else best.seeds,
             best_spread=None if best is None else best.std,
+            best_return=None if best is None else _mean_return(best),
             best_trial=None if best is None else best.trials[0].id,
             wall_s=time.perf_counter() - self._t0,
             env_steps=self._env_steps_this_run,
@@ -573,6 +578,11 @@ class Search:
             rescore_study(self.store, study.name)
         except RobonasError as e:
             log.warning("%s: not re-ranked by the robots' twins: %s", study.name, e)
+
+
+def _mean_return(candidate: CandidateSeeds) -> float | None:
+    returns = [r for t in candidate.trials if t.metrics and (r := t.metrics.asymptotic_return) is not None]
+    return sum(returns) / len(returns) if returns else None
 
 
 def tuned_start(config: SearchConfig) -> dict[str, Any]:

@@ -43,9 +43,11 @@ class ReportSpec:
     grace: int = 3
 
 
-def rungs_for(checkpoints: int, eta: int) -> tuple[int, ...]:
+def rungs_for(checkpoints: int, eta: int, min_rung: int = 1) -> tuple[int, ...]:
     """Checkpoint ordinals at checkpoints/eta, checkpoints/eta^2, ... (rounded, at least 1),
-    geometric in training steps as in successive halving; never the last checkpoint."""
+    geometric in training steps as in successive halving; never the last checkpoint, and none
+    before `min_rung` (an off-policy learner such as SAC shows nothing in its first thousands of
+    steps: judging it there would be judging noise)."""
     if not isinstance(eta, int) or eta < 2:
         raise ConfigError(f"pruning.eta: {eta!r} is not an integer >= 2")
     rungs: set[int] = set()
@@ -53,7 +55,7 @@ def rungs_for(checkpoints: int, eta: int) -> tuple[int, ...]:
     while checkpoints / eta**k >= 0.5:
         rungs.add(max(1, round(checkpoints / eta**k)))
         k += 1
-    return tuple(sorted(r for r in rungs if r < checkpoints))
+    return tuple(sorted(r for r in rungs if min_rung <= r < checkpoints))
 
 
 def rung_value(means: Sequence[float], rung: int) -> float:

@@ -95,6 +95,9 @@ class TrainSpec:
     # asymptote leans on the last third, so only the early points are evaluated more coarsely.
     early_eval_episodes: int | None = None
     report: ReportSpec | None = None  # live checkpoints to the store, and pruning at rungs
+    # the random policy's mean return on the evaluation seeds, when already known (it depends on
+    # the env and the seeds only, so a search measures it once per study)
+    random_return: float | None = None
 
     def __post_init__(self) -> None:
         if self.algo not in ALGOS:
@@ -625,9 +628,11 @@ def train_trial(spec: TrainSpec, progress: Callable[[int], None] | None = None) 
             robustness = float(robust_eval(model).mean())
             eval_s += robust_eval.seconds
             eval_steps += robust_eval.steps
-        t_random = time.perf_counter()
-        random_return = float(random_returns(spec).mean())
-        eval_s += time.perf_counter() - t_random
+        random_return = spec.random_return
+        if random_return is None:  # the search passes it: it is the same for every trial
+            t_random = time.perf_counter()
+            random_return = float(random_returns(spec).mean())
+            eval_s += time.perf_counter() - t_random
 
         artifacts = _save_artifacts(spec, model, train_env, obs_space, act_space)
 

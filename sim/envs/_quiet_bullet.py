@@ -4,6 +4,10 @@ pybullet's C code prints "pybullet build time: ..." when the module loads and "a
 each physics client it opens, straight to the process's file descriptors. That noise lands in
 every CLI's output (and breaks "one line on stderr" errors), so the import and the connection
 run with fds 1 and 2 pointed at /dev/null for that instant.
+
+The fds are process-wide, so the swap is serialised by a lock: two threads interleaving their
+dup/dup2 pairs (rl-zoo3 runs Optuna trials as threads) would each restore the other's /dev/null
+and leave the process writing to nowhere for good.
 """
 
 from __future__ import annotations
@@ -11,11 +15,19 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 from collections.abc import Iterator
+
+_FD_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
 def silenced_fds() -> Iterator[None]:
+    with _FD_LOCK:
+        yield from _silenced()
+
+
+def _silenced() -> Iterator[None]:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()

@@ -255,3 +255,25 @@ def test_concurrent_processes_create_a_new_store_once(url):
     with Store(url) as s:
         assert sorted(x.name for x in s.list_studies()) == ["w0", "w1", "w2", "w3"]
         assert sum(len(s.trials(x.id)) for x in s.list_studies()) == 200
+
+
+def test_a_schema_1_store_is_migrated_in_place_and_keeps_its_trials(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    url = f"sqlite:///{path}"
+    with Store(url) as store:
+        study = store.create_study("old", {})
+        store.add_trial(study.id, 0, PolicyArch(4, 1, (Layer(8, "tanh"),)))
+    # make it what robonas wrote before trials had an origin (SQLite >= 3.35 drops columns)
+    with sqlite3.connect(path) as db:
+        db.execute("ALTER TABLE trials DROP COLUMN origin")
+        db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    with Store(url) as store:
+        assert store.schema_version() == SCHEMA_VERSION == 2
+        (trial,) = store.trials(store.get_study("old").id)
+        assert trial.origin == "ask" and trial.arch.layers[0].width == 8
+        seeded = store.add_trial(trial.study_id, 1, trial.arch, origin="seed")
+        assert store.get_trial(seeded.id).origin == "seed"
+    with sqlite3.connect(path) as db:
+        assert "origin" in {row[1] for row in db.execute("PRAGMA table_info(trials)")}

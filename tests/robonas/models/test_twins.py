@@ -101,6 +101,7 @@ def test_a_fleet_randomized_search_trains_and_scores_on_the_identified_robots(tm
     data["training"]["randomization"] = "fleet"
     data["robustness"] = "fleet"
     data["space"].update(depths=[1], widths=[16])
+    data["seed_check"] = {"top": 0}  # one trial, not a second seed of it
     plan = SearchPlan.build(parse_config(data), "fleet-trained")
     with pytest.raises(RobonasError, match='randomization "fleet" needs identified twins'):
         Search(plan, store, workers=1).run()

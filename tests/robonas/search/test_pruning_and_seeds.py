@@ -22,6 +22,8 @@ def test_rungs_are_geometric_and_never_the_last_checkpoint():
     assert rungs_for(8, 2) == (1, 2, 4)
     assert rungs_for(16, 2) == (1, 2, 4, 8)
     assert rungs_for(2, 3) == (1,)
+    assert rungs_for(8, 3, min_rung=3) == (3,)  # no rung in the first checkpoints
+    assert rungs_for(8, 3, min_rung=4) == ()
     for c in range(2, 30):
         for eta in (2, 3, 4):
             assert all(1 <= r < c for r in rungs_for(c, eta))
