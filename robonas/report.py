@@ -216,6 +216,8 @@ def _summary(d: _StudyData) -> str:
         "trial",
         "architecture",
         "pareto",
+        "seeds",
+        "objective over seeds",
         "objective",
         "objective lcb",
         "auc",
@@ -232,6 +234,8 @@ def _summary(d: _StudyData) -> str:
             _e(r.trial),
             _e(r.arch),
             "&#9733;" if r.pareto else "",
+            _e(r.seeds),
+            _fmt(r.seed_mean) + (f" &plusmn; {_fmt(r.seed_std)}" if r.seeds > 1 else ""),
             *(
                 _fmt(getattr(r, k))
                 for k in (
