@@ -297,11 +297,11 @@ def zoo_evaluations(out: Path) -> list[dict[str, Any]]:
     return points
 
 
-def zoo_study(zoo_python: Path, out: Path, study: str) -> list[dict[str, Any]]:
+def zoo_study(zoo_python: Path, out: Path, study: str, algo: str) -> list[dict[str, Any]]:
     log = out / "zoo_optuna.log"
     if not log.exists():
         return []
-    cmd = [str(zoo_python), str(HERE / "zoo_side.py"), "study", str(log), study]
+    cmd = [str(zoo_python), str(HERE / "zoo_side.py"), "study", str(log), study, algo]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **zoo_env()}, check=False)
     if done.returncode != 0:
         print(f"warning: reading the Optuna study failed: {done.stderr.strip()[-500:]}", file=sys.stderr)
@@ -476,7 +476,7 @@ def analyse(
 ) -> dict[str, Any]:
     t0, wall = meta["t0"], race.wall_s
     timeline = robonas_timeline(args, out, race.study)
-    zoo_trials = zoo_study(zoo_python, out, race.study)
+    zoo_trials = zoo_study(zoo_python, out, race.study, race.algo)
     rob_pts = robonas_points(timeline, t0, at_trial_end=False)
     rob_end_pts = robonas_points(timeline, t0, at_trial_end=True)
     zoo_pts = zoo_points(zoo_evaluations(out), t0)

@@ -3,7 +3,7 @@
 Commands:
 
     zoo_side.py train ARGS...     rl_zoo3.train with ARGS, plus the two records below
-    zoo_side.py study LOG NAME    the Optuna study's trials as JSON on stdout
+    zoo_side.py study LOG NAME ALGO   the Optuna study's trials as JSON on stdout
 
 `train` runs rl-zoo3's own `rl_zoo3.train.train()` unchanged except for three things, all needed
 to measure it and none changing how it trains or what Optuna sees:
@@ -100,22 +100,24 @@ def train(argv: list[str]) -> None:
     _zoo("rl_zoo3.train").train()
 
 
-def _converted_params(raw: dict[str, Any]) -> list[str]:
-    """rl-zoo3's conversion of a PPO trial's sampled values, as `-params key:value` tokens."""
-    convert = _zoo("rl_zoo3.hyperparams_opt").HYPERPARAMS_CONVERTER["ppo"]
+def _converted_params(raw: dict[str, Any], algo: str) -> list[str]:
+    """rl-zoo3's conversion of a trial's sampled values for `algo`, as `-params key:value` tokens."""
+    convert = _zoo("rl_zoo3.hyperparams_opt").HYPERPARAMS_CONVERTER[algo]
     tokens = []
     for key, value in convert(dict(raw)).items():
         if key == "policy_kwargs":
-            # StoreDict evaluates each value with torch.nn imported as nn (rl_zoo3/utils.py)
-            net_arch = value["net_arch"]
-            fn = value["activation_fn"].__name__
-            tokens.append(f"policy_kwargs:dict(net_arch={net_arch!r}, activation_fn=nn.{fn})")
+            # StoreDict evaluates each value with torch.nn imported as nn (rl_zoo3/utils.py);
+            # the off-policy samplers leave the activation to the policy's default
+            parts = [f"{k}={v!r}" for k, v in value.items() if k != "activation_fn"]
+            if "activation_fn" in value:
+                parts.append(f"activation_fn=nn.{value['activation_fn'].__name__}")
+            tokens.append(f"policy_kwargs:dict({', '.join(parts)})")
         else:
             tokens.append(f"{key}:{value!r}")
     return tokens
 
 
-def study(log_path: str, name: str) -> None:
+def study(log_path: str, name: str, algo: str) -> None:
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
@@ -128,7 +130,7 @@ def study(log_path: str, name: str) -> None:
                 "state": t.state.name,
                 "value": t.value,
                 "params": t.params,
-                "zoo_params": _converted_params(t.params) if t.params else [],
+                "zoo_params": _converted_params(t.params, algo) if t.params else [],
                 "start": t.datetime_start.timestamp() if t.datetime_start else None,
                 "complete": t.datetime_complete.timestamp() if t.datetime_complete else None,
                 "intermediate": {str(k): v for k, v in t.intermediate_values.items()},
@@ -141,8 +143,8 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["train"]:
         train(argv[1:])
         return 0
-    if argv[:1] == ["study"] and len(argv) == 3:
-        study(argv[1], argv[2])
+    if argv[:1] == ["study"] and len(argv) == 4:
+        study(argv[1], argv[2], argv[3])
         return 0
     print(__doc__, file=sys.stderr)
     return 2
