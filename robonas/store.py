@@ -64,6 +64,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 STUDY_STATUSES = ("created", "running", "interrupted", "complete", "failed")
 REPORT_KINDS = ("run", "bench", "canary")
 MODEL_KINDS = ("latency", "gap", "twin")
+# The PostgreSQL advisory lock that serialises schema creation and migration ("robonas" in ASCII).
+_SCHEMA_LOCK_KEY = 0x726F626F6E6173
 # Milliseconds a SQLite writer waits for the lock before giving up.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -82,10 +84,11 @@ def _utc(t: datetime) -> datetime: ...
 @overload
 def _utc(t: None) -> None: ...
 def _utc(t: datetime | None) -> datetime | None:
-    # SQLite drops the zone on the way back; every time we write is UTC.
-    if t is None or t.tzinfo is not None:
+    # SQLite drops the zone on the way back; PostgreSQL returns the session's zone. Every time
+    # we write is UTC, and every time we hand out is in datetime.UTC.
+    if t is None:
         return t
-    return t.replace(tzinfo=UTC)
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
 
 def _dumps(obj: Any) -> str:
@@ -373,7 +376,11 @@ def _make_engine(url: str) -> Engine:
             f"store URL {url!r} is not a database URL (e.g. {DEFAULT_URL} or postgresql+psycopg://host/db)"
         ) from e
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        try:
+            return create_engine(url, pool_pre_ping=True)
+        except ModuleNotFoundError as e:
+            extra = " (pip install 'robonas[postgres]')" if (e.name or "").startswith("psycopg") else ""
+            raise StoreError(f"store URL {url!r} needs the {e.name} driver{extra}") from e
 
     db = parsed.database
     if db and db != ":memory:" and not db.startswith("file:"):
@@ -447,6 +454,10 @@ class Store:
         # (SQLite DDL is transactional; on PostgreSQL create_all checks first.)
         with self._write() as s:
             conn = s.connection()
+            if conn.dialect.name == "postgresql":
+                # PostgreSQL's DDL is transactional too, but two processes can both see no tables
+                # and both create them: a transaction-scoped advisory lock makes them take turns.
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK_KEY})")
             tables = set(inspect(conn).get_table_names())
             if "meta" in tables:
                 found = s.get(_Meta, "schema_version")

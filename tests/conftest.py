@@ -47,3 +47,15 @@ def policy_models(tmp_path_factory: pytest.TempPathFactory) -> PolicyModels:
     return PolicyModels(
         arch, module, calibration, holdout, fp32, int8, out / "policy_fp32.tflite", out / "policy_int8.tflite"
     )
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """URL of a throwaway PostgreSQL server for the session (skips where none can start)."""
+    from tests.postgres_cluster import start_cluster, unavailable
+
+    why = unavailable()
+    if why:
+        pytest.skip(why)
+    with start_cluster() as url:
+        yield url

@@ -24,8 +24,27 @@ def _arch(width: int = 8) -> PolicyArch:
 
 
 @pytest.fixture
-def url(tmp_path: Path) -> str:
+def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'sub' / 'robonas.db'}"
+
+
+_DATABASES = iter(range(1, 1_000_000))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, sqlite_url: str) -> str:
+    """The store's tests run on both: the embedded SQLite file and a real PostgreSQL server
+    (a fresh database each, on the session's throwaway server)."""
+    if request.param == "sqlite":
+        return sqlite_url
+    server = request.getfixturevalue("postgres_server")
+    import psycopg
+
+    name = f"robonas_test_{next(_DATABASES)}"
+    conninfo = server.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return server.rsplit("/", 1)[0] + f"/{name}"
 
 
 @pytest.fixture
@@ -45,7 +64,8 @@ def test_default_url_env_and_relative_dir(tmp_path, monkeypatch):
     assert default_store_url() == "sqlite:///elsewhere.db"
 
 
-def test_sqlite_pragmas(store, url):
+def test_sqlite_pragmas(sqlite_url):
+    store = Store(sqlite_url)
     with store._engine.connect() as c:
         assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert c.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
@@ -277,3 +297,27 @@ def test_a_schema_1_store_is_migrated_in_place_and_keeps_its_trials(tmp_path):
         assert store.get_trial(seeded.id).origin == "seed"
     with sqlite3.connect(path) as db:
         assert "origin" in {row[1] for row in db.execute("PRAGMA table_info(trials)")}
+
+
+def test_a_url_whose_driver_is_missing_is_one_line_from_the_cli(tmp_path):
+    # pg8000 is a PostgreSQL driver robonas does not install: the same path as a missing psycopg
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "robonas.cli",
+            "status",
+            "x",
+            "--store",
+            "postgresql+pg8000://u@127.0.0.1:1/db",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "robonas: error: store URL 'postgresql+pg8000://u@127.0.0.1:1/db' needs the pg8000 driver"
+    ]

@@ -82,10 +82,18 @@ def _config(**sections: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _search(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, data: dict[str, Any]):
+def _search(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    data: dict[str, Any],
+    url: str | None = None,
+    workers: int = 1,
+):
     monkeypatch.setattr("robonas.search.loop.TRIAL_FN", STUB)
-    store = Store(f"sqlite:///{tmp_path / name / 'robonas.db'}")
-    summary = Search(SearchPlan.build(parse_config(data), name), store, workers=1).run()
+    monkeypatch.chdir(tmp_path)  # a remote store's trial folders go under ./runs
+    store = Store(url or f"sqlite:///{tmp_path / name / 'robonas.db'}")
+    summary = Search(SearchPlan.build(parse_config(data), name), store, workers=workers).run()
     study = store.get_study(name)
     return summary, store, store.trials(study.id)
 
@@ -123,6 +131,21 @@ def test_asha_prunes_non_learners_at_the_first_rung_and_keeps_the_best(tmp_path,
     assert best.arch_id == next(t.arch_id for t in plain_trials if t.id == plain.best_trial)
     assert asha.best_objective == pytest.approx(plain.best_objective)
     assert sum(t.env_steps or 0 for t in trials) < sum(t.env_steps or 0 for t in plain_trials)
+
+
+def test_pruning_and_the_seed_check_on_postgresql_with_two_workers(tmp_path, monkeypatch, postgres_server):
+    """Trials report from their worker processes into a PostgreSQL store, as on SQLite."""
+    data = _config(
+        seed_check={"top": 1, "seeds": 2},
+        pruning={"kind": "asha", "eta": 3, "grace": 2},
+        space={"widths": [8, 32]},
+    )
+    summary, store, trials = _search(tmp_path, monkeypatch, "pg", data, url=postgres_server, workers=2)
+    assert summary.failed == 0 and summary.complete + summary.pruned == 8
+    assert store.get_trial(summary.best_trial).arch.layers[0].width == 32 and summary.best_seeds >= 2
+    for t in trials:
+        points = store.curve(t.id)
+        assert len(points) in ((1, 3) if t.status == "pruned" else (8,)), (t.status, points)
 
 
 def test_seed_check_reranks_a_lucky_candidate_and_reports_seeds(tmp_path, monkeypatch):
