@@ -52,7 +52,21 @@ from robonas.errors import RobonasError, StoreError
 from robonas.metrics import TrialMetrics
 from robonas.space import PolicyArch
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# Every table's name starts with this, so Optuna's storage (tables `studies`, `trials`, ...) or
+# another application can share the database.
+TABLE_PREFIX = "robonas_"
+_TABLES = (
+    "meta",
+    "studies",
+    "trials",
+    "curve_points",
+    "artifacts",
+    "devices",
+    "deployments",
+    "device_reports",
+    "model_versions",
+)
 DEFAULT_URL = "sqlite:///runs/robonas.db"
 TRIAL_STATUSES = ("pending", "running", "complete", "failed", "rejected", "pruned")
 # Why a trial exists: a strategy asked for it, or the seed check trains a candidate again.
@@ -60,7 +74,12 @@ TRIAL_ORIGINS = ("ask", "seed")
 # Schema steps from version N to N+1, as SQL that PostgreSQL and SQLite both accept.
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: ("ALTER TABLE trials ADD COLUMN origin VARCHAR(16) NOT NULL DEFAULT 'ask'",),
+    2: tuple(f"ALTER TABLE {name} RENAME TO {TABLE_PREFIX}{name}" for name in _TABLES),
 }
+# Foreign-key targets.
+_STUDY_ID, _TRIAL_ID, _ARTIFACT_ID = (TABLE_PREFIX + t + ".id" for t in ("studies", "trials", "artifacts"))
+# Before version 3 the version lived in `meta`, since in `robonas_meta`.
+_PREFIXED_SINCE = 3
 STUDY_STATUSES = ("created", "running", "interrupted", "complete", "failed")
 REPORT_KINDS = ("run", "bench", "canary")
 MODEL_KINDS = ("latency", "gap", "twin")
@@ -117,13 +136,13 @@ class _Base(DeclarativeBase):
 
 
 class _Meta(_Base):
-    __tablename__ = "meta"
+    __tablename__ = TABLE_PREFIX + "meta"
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
 
 
 class _Study(_Base):
-    __tablename__ = "studies"
+    __tablename__ = TABLE_PREFIX + "studies"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     config_json: Mapped[str] = mapped_column(Text)
@@ -133,16 +152,16 @@ class _Study(_Base):
 
 
 class _Trial(_Base):
-    __tablename__ = "trials"
+    __tablename__ = TABLE_PREFIX + "trials"
     __table_args__ = (
-        UniqueConstraint("study_id", "seq", name="uq_trial_seq"),
+        UniqueConstraint("study_id", "seq", name=TABLE_PREFIX + "uq_trial_seq"),
         # NULLs never collide, so only told trials are held to a unique order.
-        UniqueConstraint("study_id", "tell_seq", name="uq_trial_tell_seq"),
-        Index("ix_trials_study_status", "study_id", "status"),
-        Index("ix_trials_arch", "study_id", "arch_id"),
+        UniqueConstraint("study_id", "tell_seq", name=TABLE_PREFIX + "uq_trial_tell_seq"),
+        Index(TABLE_PREFIX + "ix_trials_study_status", "study_id", "status"),
+        Index(TABLE_PREFIX + "ix_trials_arch", "study_id", "arch_id"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
+    study_id: Mapped[int] = mapped_column(ForeignKey(_STUDY_ID, ondelete="CASCADE"))
     seq: Mapped[int] = mapped_column(Integer)
     arch_id: Mapped[str] = mapped_column(String(128))
     arch_json: Mapped[str] = mapped_column(Text)
@@ -159,17 +178,17 @@ class _Trial(_Base):
 
 
 class _CurvePoint(_Base):
-    __tablename__ = "curve_points"
-    trial_id: Mapped[int] = mapped_column(ForeignKey("trials.id", ondelete="CASCADE"), primary_key=True)
+    __tablename__ = TABLE_PREFIX + "curve_points"
+    trial_id: Mapped[int] = mapped_column(ForeignKey(_TRIAL_ID, ondelete="CASCADE"), primary_key=True)
     step: Mapped[int] = mapped_column(Integer, primary_key=True)
     mean_return: Mapped[float] = mapped_column(Float)
     std_return: Mapped[float] = mapped_column(Float)
 
 
 class _Artifact(_Base):
-    __tablename__ = "artifacts"
+    __tablename__ = TABLE_PREFIX + "artifacts"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    trial_id: Mapped[int] = mapped_column(ForeignKey("trials.id", ondelete="CASCADE"), index=True)
+    trial_id: Mapped[int] = mapped_column(ForeignKey(_TRIAL_ID, ondelete="CASCADE"), index=True)
     kind: Mapped[str] = mapped_column(String(32))
     path: Mapped[str] = mapped_column(Text)
     sha256: Mapped[str] = mapped_column(String(64))
@@ -178,16 +197,16 @@ class _Artifact(_Base):
 
 
 class _Device(_Base):
-    __tablename__ = "devices"
+    __tablename__ = TABLE_PREFIX + "devices"
     name: Mapped[str] = mapped_column(String(200), primary_key=True)
     profile: Mapped[str] = mapped_column(String(200))
     last_seen: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class _Deployment(_Base):
-    __tablename__ = "deployments"
+    __tablename__ = TABLE_PREFIX + "deployments"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    artifact_id: Mapped[int] = mapped_column(ForeignKey("artifacts.id"), index=True)
+    artifact_id: Mapped[int] = mapped_column(ForeignKey(_ARTIFACT_ID), index=True)
     # Device names are not foreign keys: a report may arrive from a robot not yet registered.
     device: Mapped[str] = mapped_column(String(200), index=True)
     status: Mapped[str] = mapped_column(String(32))
@@ -196,24 +215,24 @@ class _Deployment(_Base):
 
 
 class _DeviceReport(_Base):
-    __tablename__ = "device_reports"
-    __table_args__ = (Index("ix_reports_device_kind", "device", "kind"),)
+    __tablename__ = TABLE_PREFIX + "device_reports"
+    __table_args__ = (Index(TABLE_PREFIX + "ix_reports_device_kind", "device", "kind"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     device: Mapped[str] = mapped_column(String(200))
-    artifact_id: Mapped[int | None] = mapped_column(ForeignKey("artifacts.id"), index=True)
-    trial_id: Mapped[int | None] = mapped_column(ForeignKey("trials.id"), index=True)
+    artifact_id: Mapped[int | None] = mapped_column(ForeignKey(_ARTIFACT_ID), index=True)
+    trial_id: Mapped[int | None] = mapped_column(ForeignKey(_TRIAL_ID), index=True)
     kind: Mapped[str] = mapped_column(String(16))
     payload_json: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class _ModelVersion(_Base):
-    __tablename__ = "model_versions"
-    __table_args__ = (Index("ix_model_scope", "kind", "device", "study_id", "version"),)
+    __tablename__ = TABLE_PREFIX + "model_versions"
+    __table_args__ = (Index(TABLE_PREFIX + "ix_model_scope", "kind", "device", "study_id", "version"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))
     device: Mapped[str | None] = mapped_column(String(200))
-    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"))
+    study_id: Mapped[int | None] = mapped_column(ForeignKey(_STUDY_ID))
     version: Mapped[int] = mapped_column(Integer)
     params_json: Mapped[str] = mapped_column(Text)
     metrics_json: Mapped[str] = mapped_column(Text)
@@ -459,21 +478,9 @@ class Store:
                 # and both create them: a transaction-scoped advisory lock makes them take turns.
                 conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK_KEY})")
             tables = set(inspect(conn).get_table_names())
-            if "meta" in tables:
-                found = s.get(_Meta, "schema_version")
-                version = int(found.value) if found is not None and found.value.isdigit() else -1
-                while version in _MIGRATIONS and version < SCHEMA_VERSION:
-                    for statement in _MIGRATIONS[version]:
-                        conn.exec_driver_sql(statement)
-                    version += 1
-                    assert found is not None  # a known version was read from it
-                    found.value = str(version)
-                if found is None or found.value != str(SCHEMA_VERSION):
-                    got = "none" if found is None else found.value
-                    raise StoreError(
-                        f"store {self.url} has schema version {got}, this robonas needs "
-                        f"{SCHEMA_VERSION}; use a new store URL (no automatic migration)"
-                    )
+            meta = next((m for m in (_Meta.__tablename__, "meta") if m in tables), None)
+            if meta is not None:
+                self._migrate(conn, meta)
                 return
             if tables & set(_Base.metadata.tables):
                 raise StoreError(
@@ -482,6 +489,26 @@ class Store:
                 )
             _Base.metadata.create_all(conn)
             s.add(_Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+
+    def _migrate(self, conn: Any, meta: str) -> None:
+        """Bring a store of an older known version forward, in the caller's transaction."""
+        query = f"SELECT value FROM {meta} WHERE key = 'schema_version'"
+        found = conn.exec_driver_sql(query).scalar()
+        version = int(found) if found is not None and str(found).isdigit() else -1
+        start = version
+        while version in _MIGRATIONS and version < SCHEMA_VERSION:
+            for statement in _MIGRATIONS[version]:
+                conn.exec_driver_sql(statement)
+            version += 1
+        if version != start:
+            table = _Meta.__tablename__ if version >= _PREFIXED_SINCE else "meta"
+            conn.exec_driver_sql(f"UPDATE {table} SET value = '{version}' WHERE key = 'schema_version'")
+        if version != SCHEMA_VERSION:
+            got = "none" if found is None else found
+            raise StoreError(
+                f"store {self.url} has schema version {got}, this robonas needs "
+                f"{SCHEMA_VERSION}; use a new store URL (no automatic migration)"
+            )
 
     def schema_version(self) -> int:
         with self._read() as s:

@@ -174,7 +174,7 @@ def test_schema_version_mismatch_refused(url):
     Store(url).close()
     eng = create_engine(url)
     with eng.begin() as c:
-        c.execute(text("UPDATE meta SET value = '999' WHERE key = 'schema_version'"))
+        c.execute(text("UPDATE robonas_meta SET value = '999' WHERE key = 'schema_version'"))
     eng.dispose()
     with pytest.raises(StoreError, match=f"schema version 999.*needs {SCHEMA_VERSION}"):
         Store(url)
@@ -184,7 +184,7 @@ def test_foreign_tables_without_version_refused(tmp_path):
     url = f"sqlite:///{tmp_path / 'old.db'}"
     eng = create_engine(url)
     with eng.begin() as c:
-        c.execute(text("CREATE TABLE trials (id INTEGER PRIMARY KEY)"))
+        c.execute(text("CREATE TABLE robonas_trials (id INTEGER PRIMARY KEY)"))
     eng.dispose()
     with pytest.raises(StoreError, match="no schema version"):
         Store(url)
@@ -280,23 +280,51 @@ def test_concurrent_processes_create_a_new_store_once(url):
 def test_a_schema_1_store_is_migrated_in_place_and_keeps_its_trials(tmp_path):
     import sqlite3
 
+    from robonas.store import _TABLES
+
     path = tmp_path / "old.db"
     url = f"sqlite:///{path}"
     with Store(url) as store:
         study = store.create_study("old", {})
-        store.add_trial(study.id, 0, PolicyArch(4, 1, (Layer(8, "tanh"),)))
-    # make it what robonas wrote before trials had an origin (SQLite >= 3.35 drops columns)
+        trial = store.add_trial(study.id, 0, PolicyArch(4, 1, (Layer(8, "tanh"),)))
+        store.complete_trial(trial.id, TrialMetrics(objective=0.5), [(100, 1.0, 0.0)], 1.0, 100)
+    # make it what robonas wrote at schema 1: no table prefix, no trial origin
     with sqlite3.connect(path) as db:
-        db.execute("ALTER TABLE trials DROP COLUMN origin")
+        for name in _TABLES:
+            db.execute(f"ALTER TABLE robonas_{name} RENAME TO {name}")
+        db.execute("ALTER TABLE trials DROP COLUMN origin")  # SQLite >= 3.35
         db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     with Store(url) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 2
+        assert store.schema_version() == SCHEMA_VERSION == 3
         (trial,) = store.trials(store.get_study("old").id)
-        assert trial.origin == "ask" and trial.arch.layers[0].width == 8
+        assert trial.origin == "ask" and trial.arch.layers[0].width == 8 and trial.status == "complete"
+        assert store.curve(trial.id) == [(100, 1.0, 0.0)]
         seeded = store.add_trial(trial.study_id, 1, trial.arch, origin="seed")
         assert store.get_trial(seeded.id).origin == "seed"
     with sqlite3.connect(path) as db:
-        assert "origin" in {row[1] for row in db.execute("PRAGMA table_info(trials)")}
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert tables == {f"robonas_{name}" for name in _TABLES}
+        assert "origin" in {row[1] for row in db.execute("PRAGMA table_info(robonas_trials)")}
+        # foreign keys follow the renamed tables
+        fks = {row[2] for row in db.execute("PRAGMA foreign_key_list(robonas_curve_points)")}
+        assert fks == {"robonas_trials"}
+
+
+def test_optuna_and_robonas_share_one_database(url):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = url  # the same SQLAlchemy URL for both
+    store = Store(url)
+    sid = store.create_study("robonas-study", {}).id
+    store.add_trial(sid, 0, _arch())
+    study = optuna.create_study(study_name="optuna-study", storage=storage)
+    study.optimize(lambda trial: trial.suggest_float("x", -1, 1) ** 2, n_trials=3)
+    store.close()
+    again = Store(url)  # robonas opens a database that also holds Optuna's tables
+    assert [s.name for s in again.list_studies()] == ["robonas-study"]
+    assert len(again.trials(sid)) == 1
+    assert len(optuna.load_study(study_name="optuna-study", storage=storage).trials) == 3
 
 
 def test_a_url_whose_driver_is_missing_is_one_line_from_the_cli(tmp_path):
