@@ -102,8 +102,13 @@ class DeviceSection(_Section):
 
 
 class ExecutorSection(_Section):
-    kind: Literal["local"] = "local"
+    kind: Literal["local", "ray"] = "local"
     workers: int | None = Field(default=None, gt=0)
+    # Ray only: the cluster to join (default: RAY_ADDRESS, else a local Ray started on demand),
+    # the CPUs one trial asks for, and how often a trial lost with its worker is run again
+    address: str | None = None
+    cpus_per_trial: float = Field(default=1.0, gt=0)
+    max_retries: int = Field(default=2, ge=0)
 
 
 class ExportSection(_Section):
@@ -157,16 +162,26 @@ class SearchConfig(_Section):
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
     def with_overrides(
-        self, *, trials: int | None = None, steps: int | None = None, workers: int | None = None
+        self,
+        *,
+        trials: int | None = None,
+        steps: int | None = None,
+        workers: int | None = None,
+        executor: str | None = None,
     ) -> SearchConfig:
         budget = self.budget.model_copy(
             update={k: v for k, v in (("trials", trials), ("steps_per_trial", steps)) if v is not None}
         )
-        executor = self.executor.model_copy(update={"workers": workers} if workers else {})
+        if executor is not None and executor not in ("local", "ray"):
+            raise ConfigError(f"--executor: {executor!r} is not one of local, ray")
+        updates: dict[str, Any] = {"workers": workers} if workers else {}
+        if executor is not None:
+            updates["kind"] = executor
         for name, value in (("--trials", trials), ("--steps", steps), ("--workers", workers)):
             if value is not None and value <= 0:
                 raise ConfigError(f"{name}: {value} is not a positive integer")
-        return self.model_copy(update={"budget": budget, "executor": executor})
+        executor_section = self.executor.model_copy(update=updates)
+        return self.model_copy(update={"budget": budget, "executor": executor_section})
 
     def validate_references(self) -> None:
         """Check names that refer to other registries: env id, device, randomisation table."""

@@ -60,6 +60,13 @@ def search(
     workers: int | None = typer.Option(
         None, "--workers", help="Parallel trial processes (default: [executor].workers or the core count)."
     ),
+    executor: str | None = typer.Option(
+        None,
+        "--executor",
+        help="Where trials run: local (worker processes here) or ray (tasks on the Ray cluster of "
+        "RAY_ADDRESS or [executor] address, else a local Ray; pip install 'robonas[ray]'). "
+        "Default: [executor] kind.",
+    ),
     store: str | None = typer.Option(None, "--store", help=STORE_HELP),
     trials: int | None = typer.Option(None, "--trials", help="Override the number of trained trials."),
     steps: int | None = typer.Option(None, "--steps", help="Override env steps per trial."),
@@ -69,7 +76,7 @@ def search(
     from robonas.config import load_config
     from robonas.search.loop import Search, SearchPlan, default_workers, study_name_for
 
-    cfg = load_config(config).with_overrides(trials=trials, steps=steps, workers=workers)
+    cfg = load_config(config).with_overrides(trials=trials, steps=steps, workers=workers, executor=executor)
     name = study_name_for(config, cfg, study)
     plan = SearchPlan.build(cfg, name)  # every check runs before the store is touched
     n_workers = cfg.executor.workers or default_workers()

@@ -104,6 +104,19 @@ def check_fn_path(fn_path: str) -> tuple[str, str]:
     return module, name
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG): a trial
+    must not outlive a search killed with SIGKILL, nor a Ray worker that was cancelled."""
+    if not sys.platform.startswith("linux"):
+        return
+    import contextlib
+    import ctypes
+
+    # no prctl in this libc: the parent's shutdown still stops the child
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
 def _child_main(conn: Connection, fn_path: str, payload: dict[str, Any], sys_path: list[str]) -> None:
     """Entry point of a task's process: run the function, send ("ok", value) or ("err", text)."""
     import importlib
@@ -112,6 +125,7 @@ def _child_main(conn: Connection, fn_path: str, payload: dict[str, Any], sys_pat
 
     # The terminal's Ctrl-C goes to the whole process group; the parent decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
     os.environ.update(_CHILD_ENV)
     # The fork server may have started before the caller extended sys.path.
     sys.path[:0] = [p for p in sys_path if p not in sys.path]

@@ -509,7 +509,6 @@ class Search:
 
     # --- the loop -------------------------------------------------------------------------
     def run(self) -> SearchSummary:
-        from robonas.search.executor import LocalProcessExecutor
 
         study = self._open_study()
         self.lo, self.hi = self._resolve_return_range(study)
@@ -524,7 +523,7 @@ class Search:
         done = sum(t.status in ("complete", "failed", "pruned") and t.origin == "ask" for t in trials)
         self.progress.on_start(self.cfg.budget.trials, done)
         self.store.set_study_status(study.id, "running")
-        executor = LocalProcessExecutor(workers=self.workers)
+        executor = self._executor()
         try:
             while True:
                 while executor.running() < executor.capacity:
@@ -562,6 +561,22 @@ class Search:
         self._rank_by_twins(study)
         self.store.set_study_status(study.id, "complete")
         return self.summary(study)
+
+    def _executor(self) -> Executor:
+        """Where trials run: worker processes here, or Ray tasks (`[executor] kind`)."""
+        e = self.cfg.executor
+        if e.kind == "ray":
+            from robonas.search.ray_executor import RayExecutor
+
+            return RayExecutor(
+                workers=self.workers,
+                address=e.address,
+                cpus_per_trial=e.cpus_per_trial,
+                max_retries=e.max_retries,
+            )
+        from robonas.search.executor import LocalProcessExecutor
+
+        return LocalProcessExecutor(workers=self.workers)
 
     def _rank_by_twins(self, study: StudyRow) -> None:
         """Once robots of this env have twins, the study is ranked by the twins' predictions:

@@ -49,3 +49,9 @@ def child_env(payload: dict[str, Any]) -> dict[str, Any]:
 
 def unpicklable(payload: dict[str, Any]) -> Any:
     return lambda: None
+
+
+def sleep_recording_pid(payload: dict[str, Any]) -> None:
+    with open(payload["pidfile"], "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(payload["s"])

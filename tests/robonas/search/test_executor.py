@@ -32,8 +32,14 @@ def drain(ex: Executor, n: int, limit_s: float = 60.0) -> dict[object, TaskResul
 
 
 class ExecutorContract:
+    # how long a test waits for its tasks: a Ray worker's first task also starts the worker
+    limit_s = 60.0
+
     def make(self, workers: int) -> Executor:
         raise NotImplementedError
+
+    def drain(self, ex: Executor, n: int) -> dict[object, TaskResult]:
+        return drain(ex, n, self.limit_s)
 
     @pytest.fixture
     def ex2(self):
@@ -44,7 +50,7 @@ class ExecutorContract:
     def test_success_values_come_back(self, ex2):
         for i in range(3):
             ex2.submit(i, f"{T}:square", {"x": i + 2}, timeout_s=60)
-        res = drain(ex2, 3)
+        res = self.drain(ex2, 3)
         assert {i: r.value for i, r in res.items()} == {0: 4, 1: 9, 2: 16}
         assert all(r.ok and r.error is None and r.exit_code == 0 and r.wall_s > 0 for r in res.values())
         assert ex2.running() == 0
@@ -56,7 +62,7 @@ class ExecutorContract:
         ex2.submit("exit", f"{T}:exit_quietly", {})
         ex2.submit("missing", "no_such_module_xyz:f", {})
         ex2.submit("good", f"{T}:square", {"x": 5})
-        res = drain(ex2, 6)
+        res = self.drain(ex2, 6)
         assert res["good"].ok and res["good"].value == 25
         assert not any(r.ok for k, r in res.items() if k != "good")
         assert res["raise"].error.splitlines()[-1] == "ValueError: bad value 7"
@@ -74,7 +80,7 @@ class ExecutorContract:
         for i in range(5):
             ex2.submit(i, f"{T}:window", {"s": 0.6})
         assert ex2.running() == 5  # queued tasks count until they are returned
-        res = drain(ex2, 5)
+        res = self.drain(ex2, 5)
         spans = [r.value[:2] for r in res.values()]
         overlap = max(sum(a <= t < b for a, b in spans) for t, _ in spans)
         assert overlap == 2
@@ -110,7 +116,7 @@ class ExecutorContract:
         ex2.submit(1, f"{T}:sleep", {"s": 0.1})
         with pytest.raises(ConfigError, match="task id 1 is already submitted"):
             ex2.submit(1, f"{T}:square", {"x": 1})
-        assert drain(ex2, 1)[1].ok
+        assert self.drain(ex2, 1)[1].ok
 
 
 class TestLocalProcessExecutor(ExecutorContract):
@@ -119,13 +125,13 @@ class TestLocalProcessExecutor(ExecutorContract):
 
     def test_child_runs_single_threaded_and_ignores_ctrl_c(self, ex2):
         ex2.submit("env", f"{T}:child_env", {})
-        r = drain(ex2, 1)["env"]
+        r = self.drain(ex2, 1)["env"]
         assert r.ok, r.error
         assert r.value == {"omp": "1", "threads": 1, "sigint": True}
 
     def test_unpicklable_result_is_an_error(self, ex2):
         ex2.submit("u", f"{T}:unpicklable", {})
-        r = drain(ex2, 1)["u"]
+        r = self.drain(ex2, 1)["u"]
         assert not r.ok and "could not be sent back" in r.error
 
     def test_shutdown_really_ends_the_processes(self):
@@ -143,3 +149,47 @@ class TestLocalProcessExecutor(ExecutorContract):
         with pytest.raises(ConfigError, match="'fork' is not one of forkserver, spawn"):
             LocalProcessExecutor(workers=1, start_method="fork")
         assert LocalProcessExecutor().capacity == (os.cpu_count() or 1)
+
+
+@pytest.mark.slow  # a Ray cluster is many processes, and each worker's first task imports torch
+class TestRayExecutor(ExecutorContract):
+    """The same contract on a local Ray started once for the class (two CPUs)."""
+
+    limit_s = 300.0
+
+    @pytest.fixture(scope="class", autouse=True)
+    @classmethod
+    def local_ray(cls):
+        ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'robonas[ray]')")
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        yield
+        ray.shutdown()
+
+    def make(self, workers: int) -> Executor:
+        from robonas.search.ray_executor import RayExecutor
+
+        return RayExecutor(workers=workers)
+
+    def test_a_cancelled_task_leaves_no_trial_process(self, tmp_path):
+        ex = self.make(1)
+        pidfile = tmp_path / "pid"
+        ex.submit("long", f"{T}:sleep_recording_pid", {"s": 60, "pidfile": str(pidfile)})
+        deadline = time.monotonic() + 60
+        while not pidfile.exists() and time.monotonic() < deadline:
+            ex.poll(0.2)
+        assert pidfile.exists(), "the task never started"
+        pid = int(pidfile.read_text())
+        assert pid != os.getpid() and _alive(pid)
+        ex.shutdown(kill=True)
+        end = time.monotonic() + 15
+        while _alive(pid) and time.monotonic() < end:
+            time.sleep(0.2)
+        assert not _alive(pid), "the trial process outlived its cancelled Ray task"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -176,3 +176,27 @@ def test_seed_check_reranks_a_lucky_candidate_and_reports_seeds(tmp_path, monkey
     again = Search(SearchPlan.build(parse_config(data), "seeded"), store, workers=1).run()
     assert again.best_trial == summary.best_trial
     assert len(store.trials(store.get_study("seeded").id)) == len(trials)
+
+
+@pytest.mark.slow  # starts a local Ray
+def test_a_search_on_the_ray_executor_prunes_and_checks_seeds_like_the_local_one(tmp_path, monkeypatch):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'robonas[ray]')")
+    space = {"widths": [8, 32]}
+    pruning = {"kind": "asha", "eta": 3, "grace": 2}
+    check = {"top": 1, "seeds": 2}
+    local, _, local_trials = _search(
+        tmp_path, monkeypatch, "local", _config(space=space, pruning=pruning, seed_check=check)
+    )
+    on_ray, _, trials = _search(
+        tmp_path,
+        monkeypatch,
+        "ray",
+        _config(space=space, pruning=pruning, seed_check=check, executor={"kind": "ray"}),
+    )
+    assert on_ray.failed == 0
+    # one worker each: the same asks, the same pruning decisions, the same seed trials and best
+    assert [(t.arch_id, t.status, t.origin) for t in trials] == [
+        (t.arch_id, t.status, t.origin) for t in local_trials
+    ]
+    assert on_ray.best_objective == pytest.approx(local.best_objective)
+    assert on_ray.best_seeds == local.best_seeds >= 2 and on_ray.pruned == local.pruned >= 1
