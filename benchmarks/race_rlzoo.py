@@ -168,6 +168,17 @@ def stop_all(jobs: Sequence[Job], grace_s: float) -> dict[str, str]:
     return how
 
 
+def earlier_result(log: Path) -> dict[str, Any]:
+    """What `run_side_by_side` returned for a command that ran before (its .out beside its log)."""
+    out = log.with_suffix(".out")
+    lines = out.read_text().strip().splitlines() if out.exists() else []
+    try:
+        result: dict[str, Any] = json.loads(lines[-1])
+        return result
+    except (IndexError, ValueError):
+        return {"exit": 0, "stdout": str(out)} if lines or out.exists() else {"error": f"no {out}"}
+
+
 def run_side_by_side(jobs: dict[str, tuple[list[str], Path, dict[str, str]]]) -> dict[str, Any]:
     """Run commands at the same time; each result is the JSON object a command printed last on
     stdout, {"exit": 0, "stdout": path} for one that printed something else, or {"error": ...}."""
@@ -581,10 +592,16 @@ def analyse(
             out / "retrain_zoo.log",
             zoo_env(),
         )
-    print(f"retraining both bests on seed {args.retrain_seed}, side by side", flush=True)
-    t_retrain = time.time()
-    trained = run_side_by_side(retrains)
-    print(f"  retrains took {(time.time() - t_retrain) / 60:.1f} min", flush=True)
+    if args.reuse_retrains:
+        # the retrains of an earlier analysis of this race (a retrain depends on the best
+        # candidate's settings and the retrain seed only, not on which of its seeds ships)
+        trained = {name: earlier_result(log) for name, (_, log, _) in retrains.items()}
+        print("reusing the retrains already in --out", flush=True)
+    else:
+        print(f"retraining both bests on seed {args.retrain_seed}, side by side", flush=True)
+        t_retrain = time.time()
+        trained = run_side_by_side(retrains)
+        print(f"  retrains took {(time.time() - t_retrain) / 60:.1f} min", flush=True)
     evals = {}
     rob_re = trained.get("robonas")
     if rob_re is not None and "error" not in rob_re:
@@ -734,6 +751,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-s", type=float, default=30.0, help="seconds between SIGINT and SIGTERM")
     p.add_argument("--progress-s", type=float, default=120.0, help="seconds between progress lines")
     p.add_argument("--skip-race", action="store_true", help="re-analyse the race already in --out")
+    p.add_argument(
+        "--reuse-retrains",
+        action="store_true",
+        help="with --skip-race: evaluate the retrains already in --out instead of training them again",
+    )
     p.add_argument(
         "--smoke",
         action="store_true",

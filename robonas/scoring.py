@@ -165,7 +165,10 @@ class CandidateSeeds:
     """A candidate (one arch_id: network and trainer settings) over the seeds it was trained on."""
 
     arch_id: str
-    trials: tuple[TrialRow, ...]  # its complete trials, best first
+    # its complete trials, the one to ship first: the best final policy (predicted real return,
+    # else asymptotic return), not the fastest learner (the objective's AUC term rewards how a
+    # seed learned, which says nothing about which seed's weights are better)
+    trials: tuple[TrialRow, ...]
     values: tuple[float, ...]  # their ranking figures, same order
 
     @property
@@ -191,6 +194,16 @@ class CandidateSeeds:
         return self.mean - SEED_SPREAD_Z * self.std / math.sqrt(self.seeds)
 
 
+def _final_policy(t: TrialRow, value: float) -> float:
+    """How good a seed's final policy is: its predicted real return, else its asymptote, else its
+    ranking figure."""
+    m = t.metrics
+    for figure in (m.predicted_real_return, m.asymptotic_return) if m is not None else ():
+        if figure is not None and math.isfinite(figure):
+            return float(figure)
+    return value
+
+
 def candidate_seeds(trials: Iterable[TrialRow], ranking: str = "mean") -> dict[str, CandidateSeeds]:
     """Complete, scored trials grouped by candidate, best candidate first (see `rank`)."""
     key = ranking_key(ranking)
@@ -203,7 +216,7 @@ def candidate_seeds(trials: Iterable[TrialRow], ranking: str = "mean") -> dict[s
         groups.setdefault(t.arch_id, []).append((v, t))
     out = []
     for arch_id, members in groups.items():
-        members.sort(key=lambda vt: (-vt[0], vt[1].seq))
+        members.sort(key=lambda vt: (-_final_policy(vt[1], vt[0]), vt[1].seq))
         out.append(CandidateSeeds(arch_id, tuple(t for _, t in members), tuple(v for v, _ in members)))
     out.sort(key=lambda c: (-c.figure, min(t.seq for t in c.trials)))
     return {c.arch_id: c for c in out}

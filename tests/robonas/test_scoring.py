@@ -107,10 +107,17 @@ def test_pareto_front_known_set() -> None:
 
 
 def _trial(
-    tid: int, objective: float, std: float, status: str = "complete", width: int | None = None
+    tid: int,
+    objective: float,
+    std: float,
+    status: str = "complete",
+    width: int | None = None,
+    real: float | None = None,
 ) -> TrialRow:
     # lower confidence bound with k=1, as ScoringContext(lcb_z=1.0) stores it
-    metrics = TrialMetrics(objective=objective, objective_std=std, objective_lcb=objective - std)
+    metrics = TrialMetrics(
+        objective=objective, objective_std=std, objective_lcb=objective - std, predicted_real_return=real
+    )
     # one candidate per trial unless a width is shared (then they are seeds of one candidate)
     arch = PolicyArch(obs_dim=4, act_dim=1, layers=(Layer(width or 8 * tid, "tanh"),))
     return TrialRow(
@@ -153,6 +160,15 @@ def test_rank_groups_seeds_of_a_candidate_and_charges_their_spread() -> None:
     assert [r.id for r in rank(rows)] == [4, 6, 1]
     # before its other seeds were known, A's lucky seed led
     assert [r.id for r in rank(rows[:2])] == [1, 2]
+
+
+def test_the_seed_that_ships_is_the_best_final_policy_not_the_fastest_learner() -> None:
+    # seed 1 learned sooner (a higher objective: its AUC) but ended worse than seed 2
+    rows = [_trial(1, 0.93, 0.0, width=64, real=420.0), _trial(2, 0.90, 0.0, width=64, real=446.0)]
+    (candidate,) = candidate_seeds(rows).values()
+    assert [t.id for t in candidate.trials] == [2, 1]
+    assert [t.id for t in rank(rows)] == [2]
+    assert candidate.mean == pytest.approx(0.915)  # the ranking figure is still over both seeds
 
 
 def test_budget_check_uses_p99() -> None:
