@@ -63,9 +63,10 @@ def search(
     executor: str | None = typer.Option(
         None,
         "--executor",
+        # rich reads [..] as markup: escaped brackets print as written
         help="Where trials run: local (worker processes here) or ray (tasks on the Ray cluster of "
-        "RAY_ADDRESS or [executor] address, else a local Ray; pip install 'robonas[ray]'). "
-        "Default: [executor] kind.",
+        "RAY_ADDRESS or the config's executor.address, else a local Ray; pip install "
+        "'robonas\\[ray]'). Default: the config's executor.kind.",
     ),
     store: str | None = typer.Option(None, "--store", help=STORE_HELP),
     trials: int | None = typer.Option(None, "--trials", help="Override the number of trained trials."),
