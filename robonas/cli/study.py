@@ -138,13 +138,20 @@ def top(
         False, "--json", help="Print JSON: every prediction with its std and 90% interval, per robot too."
     ),
     all_trials: bool = typer.Option(False, "--all", help="Also list failed and rejected trials."),
+    seeds: bool = typer.Option(
+        False,
+        "--seeds",
+        help="List every seed of a candidate, each under its candidate's rank (default: its best seed).",
+    ),
 ) -> None:
     """Ranked trials: arch, AUC, asymptotic and predicted real return with its 90% interval, p99 latency, params.
 
     "pred real" is the return expected on the robots: the simulated asymptote minus the modelled sim-to-real gap, or, once robots have identified twins, the candidate's return in the twins corrected by the residual across robots (the mean or worst over the fleet, [objective] fleet). The title names the model versions that scored them; a trial whose p99 by the newest latency model is over the study's budget shows "over budget" as its status."""  # noqa: E501  (typer prints a docstring's line breaks as they are)
     from robonas.study_views import ranked_trials
 
-    table = ranked_trials(open_store(store), study, n=n, include_unfinished=all_trials, robot=robot)
+    table = ranked_trials(
+        open_store(store), study, n=n, include_unfinished=all_trials, robot=robot, every_seed=seeds
+    )
     if as_json:
         print(json.dumps(table.to_dict(), indent=2, default=str))
         return

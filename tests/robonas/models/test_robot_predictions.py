@@ -66,6 +66,7 @@ def study(tmp_path_factory):
     data["study"]["name"] = "fleet"
     data["budget"].update(trials=3, steps_per_trial=6000, checkpoints=2, eval_episodes=2)
     data["space"].update(depths=[1], widths=[16, 32])
+    data["seed_check"] = {"top": 0}  # three trials, not a second seed of the best
     store = Store(url)
     Search(SearchPlan.build(parse_config(data), "fleet"), store, workers=2).run()
     data["budget"]["trials"] = 4  # a later run of the same study, once the robots have twins
