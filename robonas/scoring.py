@@ -216,7 +216,8 @@ def candidate_seeds(trials: Iterable[TrialRow], ranking: str = "mean") -> dict[s
         groups.setdefault(t.arch_id, []).append((v, t))
     out = []
     for arch_id, members in groups.items():
-        members.sort(key=lambda vt: (-_final_policy(vt[1], vt[0]), vt[1].seq))
+        # ties (or no final-policy figure) go to the higher ranking figure, then to ask order
+        members.sort(key=lambda vt: (-_final_policy(vt[1], vt[0]), -vt[0], vt[1].seq))
         out.append(CandidateSeeds(arch_id, tuple(t for _, t in members), tuple(v for v, _ in members)))
     out.sort(key=lambda c: (-c.figure, min(t.seq for t in c.trials)))
     return {c.arch_id: c for c in out}
