@@ -22,7 +22,7 @@ import sys
 import time
 import weakref
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import TYPE_CHECKING, Any
@@ -115,6 +115,20 @@ def _die_with_parent() -> None:
     # no prctl in this libc: the parent's shutdown still stops the child
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
+def check_submission(
+    closed: bool, task_id: Hashable, fn_path: str, timeout_s: float | None, pending: Iterable[Hashable]
+) -> None:
+    """What every executor refuses at submit: after shutdown, a bad function path or timeout, and
+    a task id that is still in flight (`pending`)."""
+    if closed:
+        raise ConfigError("executor is shut down; create a new one to submit tasks")
+    check_fn_path(fn_path)
+    if timeout_s is not None and not timeout_s > 0:
+        raise ConfigError(f"task timeout: {timeout_s!r} is not a positive number of seconds")
+    if task_id in pending:
+        raise ConfigError(f"task id {task_id!r} is already submitted and not yet returned")
 
 
 def _child_main(conn: Connection, fn_path: str, payload: dict[str, Any], sys_path: list[str]) -> None:
@@ -232,13 +246,9 @@ class LocalProcessExecutor(Executor):
     def submit(
         self, task_id: Hashable, fn_path: str, payload: dict[str, Any], timeout_s: float | None = None
     ) -> None:
-        if self._closed:
-            raise ConfigError("executor is shut down; create a new one to submit tasks")
-        check_fn_path(fn_path)
-        if timeout_s is not None and not timeout_s > 0:
-            raise ConfigError(f"task timeout: {timeout_s!r} is not a positive number of seconds")
-        if task_id in self._active or any(q[0] == task_id for q in self._queue):
-            raise ConfigError(f"task id {task_id!r} is already submitted and not yet returned")
+        check_submission(
+            self._closed, task_id, fn_path, timeout_s, [*self._active, *(q[0] for q in self._queue)]
+        )
         self._queue.append((task_id, fn_path, payload, timeout_s))
         self._fill()
 

@@ -23,7 +23,7 @@ from collections.abc import Hashable
 from typing import Any
 
 from robonas.errors import ConfigError
-from robonas.search.executor import Executor, LocalProcessExecutor, TaskResult, check_fn_path
+from robonas.search.executor import Executor, LocalProcessExecutor, TaskResult, check_submission
 
 
 def _run_isolated(
@@ -89,13 +89,8 @@ class RayExecutor(Executor):
     def submit(
         self, task_id: Hashable, fn_path: str, payload: dict[str, Any], timeout_s: float | None = None
     ) -> None:
-        if self._closed:
-            raise ConfigError("executor is shut down; create a new one to submit tasks")
-        check_fn_path(fn_path)
-        if timeout_s is not None and not timeout_s > 0:
-            raise ConfigError(f"task timeout: {timeout_s!r} is not a positive number of seconds")
-        if any(t == task_id for t, _ in self._active.values()) or any(q[0] == task_id for q in self._queue):
-            raise ConfigError(f"task id {task_id!r} is already submitted and not yet returned")
+        in_flight = [t for t, _ in self._active.values()] + [q[0] for q in self._queue]
+        check_submission(self._closed, task_id, fn_path, timeout_s, in_flight)
         self._queue.append((task_id, fn_path, payload, timeout_s))
         self._fill()
 
