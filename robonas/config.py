@@ -104,11 +104,22 @@ class DeviceSection(_Section):
 class ExecutorSection(_Section):
     kind: Literal["local", "ray"] = "local"
     workers: int | None = Field(default=None, gt=0)
-    # Ray only: the cluster to join (default: RAY_ADDRESS, else a local Ray started on demand),
-    # the CPUs one trial asks for, and how often a trial lost with its worker is run again
+    # Ray only: the cluster to join (default: RAY_ADDRESS, else a local Ray started on demand)
+    # and the CPUs one trial asks for
     address: str | None = None
     cpus_per_trial: float = Field(default=1.0, gt=0)
+    # how often a trial whose process (or Ray worker) died without a result is run again
     max_retries: int = Field(default=2, ge=0)
+    # a search process's claim on a trial lasts this long without renewal (see search/claims.py)
+    lease_s: float = Field(default=60.0, ge=5.0)
+
+
+class ArtifactsSection(_Section):
+    """Where trial weights and exported artifacts go (robonas.artifact_location)."""
+
+    dir: str | None = Field(
+        default=None, description="a directory every worker can read; required with a shared store"
+    )
 
 
 class ExportSection(_Section):
@@ -142,6 +153,7 @@ class SearchConfig(_Section):
     device: DeviceSection
     gap: dict[str, float] = Field(default_factory=dict)
     executor: ExecutorSection = Field(default_factory=ExecutorSection)
+    artifacts: ArtifactsSection = Field(default_factory=ArtifactsSection)
     export: ExportSection = Field(default_factory=ExportSection)
     calibration: CalibrationSection = Field(default_factory=CalibrationSection)
     pruning: PruningSection = Field(default_factory=PruningSection)

@@ -13,3 +13,15 @@ class ConfigError(RobonasError, ValueError):
 
 class StoreError(RobonasError):
     """The store cannot do what was asked (unknown study or trial, schema mismatch)."""
+
+
+class StoreUnavailable(StoreError):
+    """The store's server did not answer (connection refused or dropped) within the wait."""
+
+
+class ClaimLost(StoreError):
+    """A worker wrote to a trial it no longer holds: its lease ran out and another took it."""
+
+
+class EventOrderConflict(StoreError):
+    """A numbered event (ask or tell) was not the study's next one: another process wrote first."""

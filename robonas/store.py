@@ -11,6 +11,17 @@ SQLAlchemy's SQLite dialect docs ("Enabling Non-Legacy SQLite Transactional Mode
 write transactions opened with `BEGIN IMMEDIATE`, because a deferred transaction that reads and
 then writes can fail with "database is locked" without ever waiting on the busy handler.
 
+Several search processes may work one study (robonas.search.loop): a trial is *claimed* by one
+worker with a lease (`claim_trial`, `renew_leases`) that the worker renews while it trains; a
+claim whose lease ran out is taken over, a live one never is. A finished trial is written only
+by the worker that holds its claim, and numbered events (asks, tells) only in order
+(`ordered=True`): so a worker that lost its claim or its study lock cannot write over another's.
+`study_lock` serialises the asks and tells of one study across processes and machines.
+
+On PostgreSQL every public method waits out a dropped connection (a server restart, a network
+blip) for up to `RECONNECT_S`, then fails with StoreUnavailable; SQLite is a local file and
+fails at once.
+
 The schema carries a version in the `meta` table. A store of an older version this module knows how
 to bring forward is migrated in place (`_MIGRATIONS`, additive steps only, one write transaction);
 any other version is refused with StoreError.
@@ -18,14 +29,19 @@ any other version is refused with StoreError.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import logging
 import os
-from collections.abc import Iterator, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast, overload
+from typing import Any, TypeVar, cast, overload
 
 from sqlalchemy import (
     DateTime,
@@ -45,14 +61,16 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import CursorResult, Engine, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from robonas.errors import RobonasError, StoreError
+from robonas.errors import ClaimLost, EventOrderConflict, RobonasError, StoreError, StoreUnavailable
 from robonas.metrics import TrialMetrics
 from robonas.space import PolicyArch
 
-SCHEMA_VERSION = 3
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 4
 # Every table's name starts with this, so Optuna's storage (tables `studies`, `trials`, ...) or
 # another application can share the database.
 TABLE_PREFIX = "robonas_"
@@ -75,6 +93,10 @@ TRIAL_ORIGINS = ("ask", "seed")
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: ("ALTER TABLE trials ADD COLUMN origin VARCHAR(16) NOT NULL DEFAULT 'ask'",),
     2: tuple(f"ALTER TABLE {name} RENAME TO {TABLE_PREFIX}{name}" for name in _TABLES),
+    3: (
+        f"ALTER TABLE {TABLE_PREFIX}trials ADD COLUMN worker VARCHAR(200)",
+        f"ALTER TABLE {TABLE_PREFIX}trials ADD COLUMN lease_until FLOAT",
+    ),
 }
 # Foreign-key targets.
 _STUDY_ID, _TRIAL_ID, _ARTIFACT_ID = (TABLE_PREFIX + t + ".id" for t in ("studies", "trials", "artifacts"))
@@ -85,8 +107,12 @@ REPORT_KINDS = ("run", "bench", "canary")
 MODEL_KINDS = ("latency", "gap", "twin")
 # The PostgreSQL advisory lock that serialises schema creation and migration ("robonas" in ASCII).
 _SCHEMA_LOCK_KEY = 0x726F626F6E6173
+# The first key of the per-study advisory locks ("robo"); the second is the study id.
+_STUDY_LOCK_SPACE = 0x726F626F
 # Milliseconds a SQLite writer waits for the lock before giving up.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Seconds a method waits for a dropped PostgreSQL connection to come back before giving up.
+RECONNECT_S = 90.0
 
 
 def default_store_url() -> str:
@@ -175,6 +201,9 @@ class _Trial(_Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     wall_s: Mapped[float | None] = mapped_column(Float)
     env_steps: Mapped[int | None] = mapped_column(Integer)
+    # who holds (or last held) the trial, and until when (epoch seconds) the claim is theirs
+    worker: Mapped[str | None] = mapped_column(String(200))
+    lease_until: Mapped[float | None] = mapped_column(Float)
 
 
 class _CurvePoint(_Base):
@@ -269,6 +298,8 @@ class TrialRow:
     wall_s: float | None
     env_steps: int | None
     origin: str = "ask"
+    worker: str | None = None
+    lease_until: float | None = None
 
 
 @dataclass(frozen=True)
@@ -350,6 +381,8 @@ def _trial_row(t: _Trial) -> TrialRow:
         wall_s=t.wall_s,
         env_steps=t.env_steps,
         origin=t.origin,
+        worker=t.worker,
+        lease_until=t.lease_until,
     )
 
 
@@ -427,16 +460,58 @@ def _make_engine(url: str) -> Engine:
 
 # ----------------------------------------------------------------------------- the store
 
+_F = TypeVar("_F", bound=Any)
+_T = TypeVar("_T")
 
+
+def _reconnecting(method: _F) -> _F:
+    """Run a store method again while its server is unreachable, for up to RECONNECT_S.
+
+    Each method is one transaction, so re-running it after a failed one is safe: a failed
+    transaction was rolled back. (A commit whose acknowledgement was lost is the exception; the
+    ordered and claimed writes refuse to apply twice.)"""
+
+    @functools.wraps(method)
+    def wrapper(self: Store, *args: Any, **kwargs: Any) -> Any:
+        deadline = time.monotonic() + self.reconnect_s
+        pause = 0.25
+        while True:
+            try:
+                return method(self, *args, **kwargs)
+            except StoreUnavailable as e:
+                if time.monotonic() + pause > deadline:
+                    raise
+                log.warning("%s; retrying for up to %.0f s more", e, deadline - time.monotonic())
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
+
+    return cast(_F, wrapper)
+
+
+def _reconnecting_methods(cls: type[_T]) -> type[_T]:
+    """Every public method of the class waits out a dropped connection (see `_reconnecting`)."""
+    for name, value in list(vars(cls).items()):
+        if callable(value) and not name.startswith("_") and name not in ("close", "study_lock"):
+            setattr(cls, name, _reconnecting(value))
+    return cls
+
+
+@_reconnecting_methods
 class Store:
     """One handle on the run database; create one per process (it owns a connection pool)."""
 
-    def __init__(self, url: str | None = None) -> None:
+    def __init__(
+        self, url: str | None = None, reconnect_s: float = RECONNECT_S, wait_to_open: bool = False
+    ) -> None:
+        """`wait_to_open`: wait out an unreachable server when opening too (a trial's worker
+        does; a command a person typed fails at once, so a wrong URL is not a long wait)."""
         self.url = url or default_store_url()
+        self.reconnect_s = reconnect_s
+        self._thread_lock = threading.Lock()
         self._engine = _make_engine(self.url)
         # Same pool; the option only tells `_on_begin` to take the write lock up front.
         self._write_engine = self._engine.execution_options(robonas_write=True)
-        self._init_schema()
+        (_reconnecting(Store._init_schema) if wait_to_open else Store._init_schema)(self)
 
     def close(self) -> None:
         self._engine.dispose()
@@ -457,16 +532,25 @@ class Store:
                 yield s
         except IntegrityError as e:
             raise StoreError(f"store refused the write: {e.orig}") from e
-        except OperationalError as e:
-            raise StoreError(f"store {self.url} failed: {e.orig}") from e
+        except DBAPIError as e:
+            raise self._failure(e) from e
 
     @contextmanager
     def _read(self) -> Iterator[Session]:
         try:
             with Session(self._engine) as s, s.begin():
                 yield s
-        except OperationalError as e:
-            raise StoreError(f"store {self.url} failed: {e.orig}") from e
+        except DBAPIError as e:
+            raise self._failure(e) from e
+
+    def _failure(self, e: DBAPIError) -> StoreError:
+        """A server that dropped or refused the connection is worth waiting for (`_reconnecting`);
+        anything else, and any SQLite error, is not."""
+        text = f"store {self.url} failed: {str(e.orig).strip()}"
+        dropped = e.connection_invalidated or isinstance(e, OperationalError | InterfaceError)
+        if self._engine.dialect.name != "sqlite" and dropped:
+            return StoreUnavailable(text)
+        return StoreError(text)
 
     def _init_schema(self) -> None:
         # One write transaction, so processes opening a new store together create it once.
@@ -509,6 +593,59 @@ class Store:
                 f"store {self.url} has schema version {got}, this robonas needs "
                 f"{SCHEMA_VERSION}; use a new store URL (no automatic migration)"
             )
+
+    @contextmanager
+    def study_lock(self, study_id: int) -> Iterator[None]:
+        """Hold the study's lock, which every process working the study takes to ask or tell.
+
+        PostgreSQL: a session advisory lock on a connection of its own (the server drops it with
+        the connection, so a killed holder never leaves it behind). A SQLite file: an flock on a
+        file beside the database (the kernel drops it with the process). In-memory SQLite has
+        one process only: a thread lock."""
+        if self._engine.dialect.name == "postgresql":
+            with self._advisory_lock(study_id):
+                yield
+            return
+        db = make_url(self.url).database
+        if not db or db == ":memory:" or db.startswith("file:"):
+            with self._thread_lock:
+                yield
+            return
+        import fcntl
+
+        path = Path(db).resolve().parent / f"{Path(db).name}.study-{study_id}.lock"
+        with open(path, "a+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    @contextmanager
+    def _advisory_lock(self, study_id: int) -> Iterator[None]:
+        deadline = time.monotonic() + self.reconnect_s
+        while True:
+            conn = None
+            try:
+                conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+                conn.exec_driver_sql(f"SELECT pg_advisory_lock({_STUDY_LOCK_SPACE}, {int(study_id)})")
+                break
+            except DBAPIError as e:
+                if conn is not None:
+                    with contextlib.suppress(DBAPIError):
+                        conn.close()
+                if not isinstance(self._failure(e), StoreUnavailable) or time.monotonic() > deadline:
+                    raise self._failure(e) from e
+                time.sleep(1.0)
+        try:
+            yield
+        finally:
+            try:
+                conn.exec_driver_sql(f"SELECT pg_advisory_unlock({_STUDY_LOCK_SPACE}, {int(study_id)})")
+            except DBAPIError:
+                pass  # the connection is gone, and the lock with it
+            finally:
+                conn.close()
 
     def schema_version(self) -> int:
         with self._read() as s:
@@ -586,13 +723,33 @@ class Store:
         return t
 
     def add_trial(
-        self, study_id: int, seq: int, arch: PolicyArch, status: str = "pending", origin: str = "ask"
+        self,
+        study_id: int,
+        seq: int,
+        arch: PolicyArch,
+        status: str = "pending",
+        origin: str = "ask",
+        *,
+        ordered: bool = False,
+        worker: str | None = None,
+        lease_s: float | None = None,
+        error: str | None = None,
+        metrics: TrialMetrics | None = None,
     ) -> TrialRow:
+        """Add a trial numbered `seq` in the study's event order. With `ordered`, `seq` must be the
+        study's next event (EventOrderConflict otherwise). With `worker`, the trial is added
+        `running` and claimed by it for `lease_s` seconds; `error`/`metrics` go with a trial
+        added already finished (e.g. `rejected`)."""
         _check_choice("trial status", status, TRIAL_STATUSES)
         _check_choice("trial origin", origin, TRIAL_ORIGINS)
+        if worker is not None and (status != "running" or lease_s is None):
+            raise StoreError("a trial added with a worker is added running, with a lease")
         with self._write() as s:
             if s.get(_Study, study_id) is None:
                 raise StoreError(f"unknown study id {study_id}")
+            if ordered:
+                self._check_next_event(s, study_id, seq)
+            now = _now()
             t = _Trial(
                 study_id=study_id,
                 seq=seq,
@@ -601,12 +758,39 @@ class Store:
                 status=status,
                 origin=origin,
                 attempts=0,
-                started_at=_now() if status == "running" else None,
+                started_at=now if status == "running" else None,
+                finished_at=now if status in ("complete", "failed", "rejected", "pruned") else None,
+                worker=worker,
+                lease_until=None if lease_s is None else time.time() + lease_s,
+                error=error,
+                metrics_json=None if metrics is None else _dumps(metrics.to_dict()),
             )
             s.add(t)
             self._touch(s, study_id)
             s.flush()
             return _trial_row(t)
+
+    @staticmethod
+    def _next_event_in(s: Session, study_id: int) -> int:
+        seq = s.scalar(select(func.max(_Trial.seq)).where(_Trial.study_id == study_id))
+        tell = s.scalar(select(func.max(_Trial.tell_seq)).where(_Trial.study_id == study_id))
+        return max(-1 if seq is None else seq, -1 if tell is None else tell) + 1
+
+    def _check_next_event(self, s: Session, study_id: int, event: int) -> None:
+        # The study's row lock makes the check and the write one step on PostgreSQL (SQLite's
+        # write transactions are serialised already).
+        s.execute(select(_Study.id).where(_Study.id == study_id).with_for_update())
+        expected = self._next_event_in(s, study_id)
+        if event != expected:
+            raise EventOrderConflict(
+                f"study {study_id}: event {event} is not the next one ({expected}); "
+                "another process wrote first"
+            )
+
+    def next_event(self, study_id: int) -> int:
+        """The number of the study's next event (asks and tells share one counter; 0 when empty)."""
+        with self._read() as s:
+            return self._next_event_in(s, study_id)
 
     def next_seq(self, study_id: int) -> int:
         """The seq the next asked trial of this study should get (0 for an empty study)."""
@@ -635,9 +819,14 @@ class Store:
         wall_s: float,
         env_steps: int,
         status: str = "complete",
+        *,
+        worker: str | None = None,
+        tell_seq: int | None = None,
     ) -> None:
         """Mark a trial complete (or `pruned`: stopped early, with the curve it reached) with its
-        metrics and learning curve, in one transaction."""
+        metrics and learning curve, in one transaction. With `worker`, only while that worker
+        holds the trial's claim (ClaimLost otherwise); with `tell_seq`, the tell is recorded in
+        the same transaction, as the study's next event."""
         _check_choice("finished trial status", status, ("complete", "pruned"))
         points = []
         for p in curve:
@@ -645,7 +834,10 @@ class Store:
                 raise StoreError(f"curve point {p!r} is not (step, mean_return, std_return)")
             points.append((int(p[0]), float(p[1]), float(p[2])))
         with self._write() as s:
-            t = self._trial(s, trial_id)
+            t = self._held_trial(s, trial_id, worker)
+            if tell_seq is not None:
+                self._check_next_event(s, t.study_id, tell_seq)
+                t.tell_seq = tell_seq
             # A re-run trial replaces whatever curve an interrupted attempt left behind.
             s.execute(delete(_CurvePoint).where(_CurvePoint.trial_id == trial_id))
             s.add_all(
@@ -657,15 +849,40 @@ class Store:
             t.wall_s = float(wall_s)
             t.env_steps = int(env_steps)
             t.finished_at = _now()
+            t.lease_until = None
             self._touch(s, t.study_id)
 
-    def fail_trial(self, trial_id: int, error: str, wall_s: float | None = None) -> None:
+    def fail_trial(
+        self,
+        trial_id: int,
+        error: str,
+        wall_s: float | None = None,
+        *,
+        worker: str | None = None,
+        tell_seq: int | None = None,
+    ) -> None:
+        """Mark a trial failed; `worker` and `tell_seq` as for `complete_trial`."""
         with self._write() as s:
-            t = self._trial(s, trial_id)
-            t.status, t.error, t.finished_at = "failed", error, _now()
+            t = self._held_trial(s, trial_id, worker)
+            if tell_seq is not None:
+                self._check_next_event(s, t.study_id, tell_seq)
+                t.tell_seq = tell_seq
+            t.status, t.error, t.finished_at, t.lease_until = "failed", error, _now(), None
             if wall_s is not None:
                 t.wall_s = float(wall_s)
             self._touch(s, t.study_id)
+
+    def _held_trial(self, s: Session, trial_id: int, worker: str | None) -> _Trial:
+        """The trial, locked for this write; with `worker`, only while that worker holds it."""
+        t = s.scalar(select(_Trial).where(_Trial.id == trial_id).with_for_update())
+        if t is None:
+            raise StoreError(f"unknown trial id {trial_id}")
+        if worker is not None and (t.worker != worker or t.status != "running"):
+            raise ClaimLost(
+                f"trial {trial_id} is no longer held by {worker} (now {t.status}"
+                f"{', held by ' + t.worker if t.worker and t.status == 'running' else ''}); result dropped"
+            )
+        return t
 
     def reject_trial(self, trial_id: int, reason: str, metrics: TrialMetrics | None = None) -> None:
         """A candidate refused before training (e.g. predicted latency over budget)."""
@@ -683,9 +900,15 @@ class Store:
             t.metrics_json = _dumps(metrics.to_dict())
             self._touch(s, t.study_id)
 
-    def record_tell(self, trial_id: int, tell_seq: int) -> None:
+    def record_tell(self, trial_id: int, tell_seq: int, *, ordered: bool = False) -> None:
+        """Record that the strategy was told the trial's result, as event `tell_seq` (with
+        `ordered`: only as the study's next event)."""
         with self._write() as s:
             t = self._trial(s, trial_id)
+            if ordered:
+                if t.tell_seq is not None:
+                    raise EventOrderConflict(f"trial {trial_id} was told already (event {t.tell_seq})")
+                self._check_next_event(s, t.study_id, tell_seq)
             t.tell_seq = tell_seq
 
     def trials(self, study_id: int, status: str | None = None) -> list[TrialRow]:
@@ -748,6 +971,84 @@ class Store:
             if n:
                 self._touch(s, study_id)
             return n
+
+    # --------------------------------------------------------------- claims
+
+    def claim_trial(
+        self,
+        study_id: int,
+        worker: str,
+        lease_s: float,
+        lost: Callable[[str], bool] | None = None,
+    ) -> TrialRow | None:
+        """Claim the study's first trial (in ask order) that nobody holds: `pending`, or `running`
+        under a claim whose lease ran out (or whose holder `lost(holder)` says is gone). Taking a
+        lapsed claim over counts an attempt and drops the curve the old attempt wrote. Returns
+        the claimed trial, running and held by `worker` for `lease_s` s, or None."""
+        now = time.time()
+        with self._write() as s:
+            q = (
+                select(_Trial)
+                .where(_Trial.study_id == study_id, _Trial.status.in_(("pending", "running")))
+                .order_by(_Trial.seq)
+                # PostgreSQL: skip rows another claimer is taking right now instead of queueing
+                .with_for_update(skip_locked=True)
+            )
+            for t in s.scalars(q):
+                lapsed = (
+                    t.lease_until is None
+                    or t.lease_until < now
+                    or (t.worker is not None and lost and lost(t.worker))
+                )
+                if t.status == "running" and not lapsed:
+                    continue
+                if t.status == "running":
+                    s.execute(delete(_CurvePoint).where(_CurvePoint.trial_id == t.id))
+                    t.attempts += 1
+                    log.warning("trial %d: the claim of %s lapsed; running it again", t.id, t.worker)
+                t.status, t.worker, t.lease_until = "running", worker, now + lease_s
+                t.started_at, t.finished_at, t.error = _now(), None, None
+                self._touch(s, study_id)
+                s.flush()
+                return _trial_row(t)
+            return None
+
+    def renew_leases(self, worker: str, trial_ids: Sequence[int], lease_s: float) -> set[int]:
+        """Extend `worker`'s claims on `trial_ids`; returns the ids it still holds."""
+        if not trial_ids:
+            return set()
+        with self._write() as s:
+            held = _Trial.id.in_(list(trial_ids)), _Trial.worker == worker, _Trial.status == "running"
+            s.execute(update(_Trial).where(*held).values(lease_until=time.time() + lease_s))
+            return {int(i) for i in s.scalars(select(_Trial.id).where(*held))}
+
+    def release_claims(self, study_id: int, worker: str) -> int:
+        """Put the trials `worker` holds back to `pending` (a search stopped with Ctrl-C); the
+        curve points their attempts wrote go too. Returns how many."""
+        with self._write() as s:
+            held = _Trial.study_id == study_id, _Trial.worker == worker, _Trial.status == "running"
+            s.execute(delete(_CurvePoint).where(_CurvePoint.trial_id.in_(select(_Trial.id).where(*held))))
+            n = _rowcount(
+                s,
+                update(_Trial)
+                .where(*held)
+                .values(status="pending", attempts=_Trial.attempts + 1, started_at=None, lease_until=None),
+            )
+            if n:
+                self._touch(s, study_id)
+            return n
+
+    def restart_attempt(self, trial_id: int, worker: str, lease_s: float) -> TrialRow:
+        """A held trial whose process was lost starts again under the same claim: one more
+        attempt, the old attempt's curve points dropped (ClaimLost if `worker` lost the claim)."""
+        with self._write() as s:
+            t = self._held_trial(s, trial_id, worker)
+            s.execute(delete(_CurvePoint).where(_CurvePoint.trial_id == trial_id))
+            t.attempts += 1
+            t.lease_until = time.time() + lease_s
+            t.started_at = _now()
+            s.flush()
+            return _trial_row(t)
 
     # --------------------------------------------------------------- artifacts
 

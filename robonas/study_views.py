@@ -7,7 +7,9 @@ Rows are dataclasses (`RankedTrial`, `RankedTable`); `to_dict()` gives the JSON 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -45,6 +47,10 @@ class StudyStatus:
     env_steps: int
     wall_s: float
     updated_at: datetime
+    # running trials by the search process holding them ("host:pid:tag"), and how many of those
+    # claims have lapsed (their process stopped renewing: another will run them again)
+    running_by: dict[str, int] = field(default_factory=dict)
+    lapsed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,6 +59,7 @@ class StudyStatus:
 def study_status(store: Store, name: str) -> StudyStatus:
     study = store.get_study(name)
     trials = store.trials(study.id)
+    running, now = [t for t in trials if t.status == "running"], time.time()
     candidates = list(candidate_seeds(trials, study_ranking(study)).values())
     best = candidates[0].mean if candidates else None
     search = study.config.get("search") or {}
@@ -68,6 +75,8 @@ def study_status(store: Store, name: str) -> StudyStatus:
         env_steps=sum(t.env_steps or 0 for t in trials),
         wall_s=sum(t.wall_s or 0.0 for t in trials),
         updated_at=study.updated_at,
+        running_by=dict(Counter(t.worker or "unknown" for t in running)),
+        lapsed=sum(t.lease_until is None or t.lease_until < now for t in running),
     )
 
 

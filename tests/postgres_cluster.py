@@ -46,29 +46,56 @@ def unavailable() -> str | None:
     return None
 
 
+class Cluster:
+    """One throwaway server: `start()`, `stop()` (and start again: the fault tests drop it for a
+    while), `url`; `close()` stops it for good and deletes its files."""
+
+    def __init__(self) -> None:
+        bin_dir = _bin_dir()
+        assert bin_dir is not None, unavailable()
+        self._bin = bin_dir
+        self._as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        user = "postgres" if os.geteuid() == 0 else os.environ.get("USER", "postgres")
+        self.root = Path(tempfile.mkdtemp(prefix="robonas-pg-"))
+        self._data = self.root / "data"
+        if self._as_postgres:
+            shutil.chown(self.root, "postgres")
+        self.port = _free_port()
+        self.url = f"postgresql+psycopg://{user}@127.0.0.1:{self.port}/postgres"
+        self._run("initdb", "-D", str(self._data), "-U", user, "-A", "trust", "--no-sync")
+
+    def _run(self, tool: str, *args: str) -> None:
+        cmd = [*self._as_postgres, str(self._bin / tool), *args]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        opts = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        log = str(self.root / "log")
+        self._run("pg_ctl", "-D", str(self._data), "-o", opts, "-l", log, "-w", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server; `fast` ends every client's connection, as a restart does."""
+        self._run("pg_ctl", "-D", str(self._data), "-m", mode, "-w", "stop")
+
+    def close(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def cluster() -> Iterator[Cluster]:
+    """A started cluster the caller may stop and start; deleted afterwards."""
+    c = Cluster()
+    try:
+        c.start()
+        yield c
+    finally:
+        c.close()
+
+
 @contextlib.contextmanager
 def start_cluster() -> Iterator[str]:
     """Yield the SQLAlchemy URL of a fresh database on a fresh server."""
-    bin_dir = _bin_dir()
-    assert bin_dir is not None, unavailable()
-    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    user = "postgres" if os.geteuid() == 0 else os.environ.get("USER", "postgres")
-    root = Path(tempfile.mkdtemp(prefix="robonas-pg-"))
-    data = root / "data"
-    if as_postgres:
-        shutil.chown(root, "postgres")
-    port = _free_port()
-
-    def run(*args: str) -> None:
-        subprocess.run([*as_postgres, *args], check=True, capture_output=True, timeout=120)
-
-    try:
-        run(str(bin_dir / "initdb"), "-D", str(data), "-U", user, "-A", "trust", "--no-sync")
-        opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
-        run(str(bin_dir / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(root / "log"), "-w", "start")
-        try:
-            yield f"postgresql+psycopg://{user}@127.0.0.1:{port}/postgres"
-        finally:
-            run(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    with cluster() as c:
+        yield c.url

@@ -100,19 +100,30 @@ def bench_agent_step_cmd(
 def bench_search_cmd(
     config: str = typer.Argument("launch/cartpole.toml", help="Search config."),
     workers: str = typer.Option(
-        "1,2", "--workers", help="Comma-separated worker counts; the first is the baseline."
+        "1,2", "--workers", help="Comma-separated worker counts (trials at once), measured in this order."
+    ),
+    executors: str = typer.Option(
+        "local",
+        "--executors",
+        help="Comma-separated trial executors, local and/or ray, each at every worker count; the "
+        "first executor at the first worker count is the baseline of every ratio.",
     ),
     trials: int | None = typer.Option(None, "--trials", help="Override trained trials."),
     steps: int | None = typer.Option(None, "--steps", help="Override env steps per trial."),
     same_archs: bool = typer.Option(
         True,
         "--same-archs/--config-strategy",
-        help="Random search under the config's seed, so every worker count trains the same archs "
+        help="Random search under the config's seed, so every row trains the same archs "
         "(default), or the config's own strategy.",
     ),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """Wall time and aggregate env steps/s of a whole search at several worker counts."""
+    """Wall time, trials per hour and aggregate env steps/s of a whole search at several worker
+    counts on each executor, every run in a fresh temporary store, with ratios against the first
+    run. A Ray run's wall time includes starting and stopping its local Ray; "1st trial s" is the
+    time to the first finished trial. Failed trials go to stderr and count in no rate."""
+    from rich.console import Console
+
     from robonas.bench.search_workers import bench_search
     from robonas.errors import ConfigError
 
@@ -122,35 +133,55 @@ def bench_search_cmd(
         raise ConfigError(f"--workers: {workers!r} is not a comma-separated list of integers") from e
     if not counts or min(counts) < 1:
         raise ConfigError(f"--workers: {workers!r} needs positive integers")
-    results = bench_search(config, counts, trials, steps, same_archs)
+    kinds = [k.strip() for k in executors.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in ("local", "ray")]
+    if not kinds or bad:
+        raise ConfigError(f"--executors: {executors!r} is not a comma-separated list of local, ray")
+    err = Console(stderr=True)
+    results = bench_search(
+        config, counts, trials, steps, same_archs, kinds, log=lambda line: err.print(line, highlight=False)
+    )
     if as_json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
         return
     from rich.table import Table
 
-    t = Table(title=f"search {config}")
+    base = results[0]
+    t = Table(
+        title=f"search {config}; ratios against {base.executor} with {base.workers} worker(s); "
+        "trials = trained (complete + pruned + seed check)"
+    )
     for col in (
+        "executor",
         "workers",
         "trials",
         "failed",
         "wall s",
+        "1st trial s",
         "env steps",
         "steps/s",
+        "trials/h",
         "best objective",
-        "speed-up",
+        "speed-up (wall)",
+        "trials/h ratio",
+        "steps/s ratio",
     ):
-        t.add_column(col, justify="right")
+        t.add_column(col, justify="left" if col == "executor" else "right")
     for r in results:
-        best = "-" if r.best_objective is None else f"{r.best_objective:.3f}"
         t.add_row(
+            r.executor,
             str(r.workers),
-            str(r.trials),
+            str(r.trained),
             str(r.failed),
             f"{r.wall_s:.1f}",
+            _figure(r.first_trial_s, ".1f"),
             f"{r.env_steps:,}",
             f"{r.steps_per_s:,.0f}",
-            best,
+            f"{r.trials_per_h:,.0f}",
+            _figure(r.best_objective, ".3f"),
             f"{r.speedup:.2f}x",
+            f"{r.trials_per_h_ratio:.2f}x",
+            f"{r.steps_per_s_ratio:.2f}x",
         )
     console().print(t)
 

@@ -69,11 +69,22 @@ def search(
         "'robonas\\[ray]'). Default: the config's executor.kind.",
     ),
     store: str | None = typer.Option(None, "--store", help=STORE_HELP),
+    artifacts: str | None = typer.Option(
+        None,
+        "--artifacts",
+        help="Directory for trial weights and exports, readable by every worker (default: "
+        "ROBONAS_ARTIFACTS, the config's artifacts.dir, the study's own, else beside a SQLite store; "
+        "required with a shared PostgreSQL store).",
+    ),
     trials: int | None = typer.Option(None, "--trials", help="Override the number of trained trials."),
     steps: int | None = typer.Option(None, "--steps", help="Override env steps per trial."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Run (or resume) an architecture search. Ctrl-C stops cleanly; the same command resumes."""
+    """Run (or resume) an architecture search. Ctrl-C stops cleanly; the same command resumes.
+
+    Several processes (here or on other machines sharing the store) may run the same study at
+    once: each claims trials, asks are made one at a time, and a killed process's trials are
+    run again by the others."""
     from robonas.config import load_config
     from robonas.search.loop import Search, SearchPlan, default_workers, study_name_for
 
@@ -84,7 +95,7 @@ def search(
     db = open_store(store)
     progress, hooks = search_progress(as_json)
     with progress:
-        summary = Search(plan, db, n_workers, hooks).run()
+        summary = Search(plan, db, n_workers, hooks, artifact_dir=artifacts).run()
     if as_json:
         print(json.dumps(summary.to_dict(), indent=2))
     else:
@@ -123,6 +134,10 @@ def status(
         f"  best objective {info.best_objective} over {info.best_seeds} seed(s), "
         f"env steps {info.env_steps:,}, updated {info.updated_at}"
     )
+    for holder, n in info.running_by.items():
+        c.print(f"  running {n} trial(s) held by {holder}", markup=False)
+    if info.lapsed:
+        c.print(f"  {info.lapsed} claim(s) lapsed: their process stopped; a search run takes them over")
     for trial_id, reason in info.failures.items():
         c.print(f"  trial {trial_id} failed: {reason}", markup=False)
 

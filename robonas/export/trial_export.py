@@ -388,10 +388,10 @@ def export_trial(
     Raises ExportRefused when the TFLite model's mean return falls more than
     `export.max_return_drop` x (return_hi - return_lo) below the torch policy's.
     """
+    from robonas.artifact_location import study_artifact_root
     from robonas.config import parse_config
     from robonas.export.artifact import build_manifest, load_artifact, write_artifact
     from robonas.export.tflite_convert import to_tflite_fp32, to_tflite_int8
-    from robonas.search.loop import run_dir_for
 
     study = store.get_study(study_name)
     trial = _pick_trial(store, study, trial_id)
@@ -453,7 +453,13 @@ def export_trial(
     dest = (
         Path(out_dir)
         if out_dir is not None
-        else (run_dir_for(store.url) / "studies" / study.name / "artifacts" / f"trial-{trial.id}-{precision}")
+        else (
+            study_artifact_root(store, study)
+            / "studies"
+            / study.name
+            / "artifacts"
+            / f"trial-{trial.id}-{precision}"
+        )
     )
     if key_path is not None:
         from device_agents.signing import SigningError, load_private_key

@@ -55,6 +55,8 @@ class TaskResult:
     error: str | None
     exit_code: int | None
     wall_s: float
+    # the task's process died without a result (killed, crashed): worth running again
+    lost: bool = False
 
 
 class Executor(abc.ABC):
@@ -304,7 +306,7 @@ class LocalProcessExecutor(Executor):
                     self._finish(task, ok, task.message[1] if ok else None, None if ok else task.message[1])
                 )
             elif exited:
-                done.append(self._finish(task, False, None, _death_message(task.proc.exitcode)))
+                done.append(self._finish(task, False, None, _death_message(task.proc.exitcode), lost=True))
             elif late:
                 _stop(task.proc)
                 done.append(self._finish(task, False, None, f"timed out after {task.timeout_s:g} s"))
@@ -323,12 +325,14 @@ class LocalProcessExecutor(Executor):
         exit_by = now + EXIT_GRACE_S
         task.deadline = exit_by if task.deadline is None else min(task.deadline, exit_by)
 
-    def _finish(self, task: _Running, ok: bool, value: Any, error: str | None) -> TaskResult:
+    def _finish(
+        self, task: _Running, ok: bool, value: Any, error: str | None, lost: bool = False
+    ) -> TaskResult:
         del self._active[task.task_id]
         task.conn.close()
         exit_code = task.proc.exitcode
         task.proc.close()
-        return TaskResult(task.task_id, ok, value, error, exit_code, time.monotonic() - task.started)
+        return TaskResult(task.task_id, ok, value, error, exit_code, time.monotonic() - task.started, lost)
 
     def shutdown(self, kill: bool = True) -> None:
         """Stop: drop queued tasks; kill running children, or with kill=False wait for them."""

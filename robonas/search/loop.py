@@ -1,27 +1,37 @@
 """The search loop: ask a strategy, check latency, train in workers, score, store, tell.
 
-Resumable by construction. Every ask and every tell gets a number from one per-study event
-counter, stored with the trial (`seq` for the ask, `tell_seq` for the tell). On restart the
-strategy is rebuilt from its seed and the recorded asks and tells are replayed in that order;
-since strategies are deterministic under a seed and a call sequence, the strategy ends up in the
-state it had when the search was killed. Trials left `running` by a killed search go back to
-`pending` and run again under the same row, so no planned trial is lost or duplicated.
+Resumable by construction, and shareable: any number of search processes, on one machine or
+many, may work one study in one store. Every ask and every tell gets a number from one per-study
+event counter, stored with the trial (`seq` for the ask, `tell_seq` for the tell), and is made
+under the study's lock (`Store.study_lock`) after catching up: the strategy is built from its
+seed once and fed, in event order, every ask and tell the store holds that it has not seen.
+Strategies are deterministic under a seed and a call sequence, so every process's strategy is in
+the state the study's history gives, and the ask it makes is the study's next one. The store
+refuses an event that is not the next (a process that lost its lock), and the process then
+rebuilds its strategy from the store.
+
+Trials are claimed with leases (`Store.claim_trial`, renewed by `claims.LeaseKeeper`): a killed
+process's trials run again, once, when its lease lapses (at once, on its own machine), and a live
+process's trials are never taken. A trial's result is written only by the process that holds it,
+in one transaction with its tell.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from robonas.config import SearchConfig
-from robonas.errors import ConfigError
+from robonas.errors import ClaimLost, ConfigError, EventOrderConflict, StoreError
 from robonas.metrics import TrialMetrics
 from robonas.scoring import (
     CandidateSeeds,
@@ -36,6 +46,7 @@ from robonas.space import PolicyArch, SearchSpace
 from robonas.store import Store, StudyRow, TrialRow
 
 if TYPE_CHECKING:
+    from robonas.search.claims import LeaseKeeper
     from robonas.search.executor import Executor, TaskResult
     from robonas.search.pruning import ReportSpec
     from robonas.search.training import TrainSpec
@@ -43,6 +54,11 @@ if TYPE_CHECKING:
 
 TRIAL_FN = "robonas.search.trial_worker:run_trial"
 log = logging.getLogger(__name__)
+# Seconds an idle process waits between looks at a study other processes are still working.
+IDLE_POLL_S = 2.0
+# Times an ask or tell is tried again after another process wrote the same event number first.
+ORDER_RETRIES = 5
+FINISHED = ("complete", "failed", "rejected", "pruned")
 
 
 @dataclass(frozen=True)
@@ -158,36 +174,56 @@ class SearchProgress:
 
 
 def run_dir_for(store_url: str) -> Path:
-    """Artifacts live beside a SQLite store, else under ./runs."""
-    prefix = "sqlite:///"
-    if store_url.startswith(prefix) and store_url[len(prefix) :] not in ("", ":memory:"):
-        return Path(store_url[len(prefix) :]).resolve().parent
-    return Path("runs").resolve()
+    """Artifacts live beside a SQLite store, else under ./runs (studies record their own
+    directory now: see robonas.artifact_location)."""
+    from robonas.artifact_location import local_store_dir
+
+    return local_store_dir(store_url) or Path("runs").resolve()
 
 
 class Search:
-    """One run of the loop over one study; construct, then `run()`."""
+    """One process's share of the loop over one study; construct, then `run()`.
 
-    def __init__(self, plan: SearchPlan, store: Store, workers: int, progress: SearchProgress | None = None):
+    `artifact_dir` is where trial files go (the --artifacts flag); None: ROBONAS_ARTIFACTS, the
+    config's [artifacts] dir, the study's recorded one, or beside a SQLite store.
+    """
+
+    def __init__(
+        self,
+        plan: SearchPlan,
+        store: Store,
+        workers: int,
+        progress: SearchProgress | None = None,
+        artifact_dir: str | None = None,
+    ):
+        from robonas.search.claims import worker_id
+
         self.plan = plan
         self.cfg = plan.config
         self.store = store
         self.workers = workers
         self.progress = progress or SearchProgress()
-        self.run_dir = run_dir_for(store.url) / "studies" / plan.study_name
+        self.artifact_dir = artifact_dir
+        self.run_dir = run_dir_for(store.url) / "studies" / plan.study_name  # set by run()
+        self.worker = worker_id()
+        self.lease_s = self.cfg.executor.lease_s
         self.strategy = plan.new_strategy()
         self._asked: dict[int, PolicyArch] = {}  # trial id -> arch as the strategy asked it
-        self._event = 0
+        self._event = 0  # the next event the strategy has not seen
+        # The strategy may hold a call the store refused (a lost lock or claim): rebuild it from
+        # the store at the next catch-up.
+        self._stale = False
         self._t0 = time.perf_counter()
         self._env_steps_this_run = 0
         # Known once run() has opened the study: its return range, the context that scores new
-        # trials (the newest calibrated models) and how many asks were rejected so far.
+        # trials (the newest calibrated models).
         self.lo = self.hi = math.nan
         self.random_return: float | None = None
         self._scoring: ScoringContext | None = None
-        self._rejections = 0
         # the fleet's ranges when the config says randomization = "fleet" (resolved once per study)
         self._fleet_ranges: dict[str, Any] | None = None
+        self._executor_now: Executor | None = None
+        self._keeper: LeaseKeeper | None = None
 
     @property
     def ctx(self) -> ScoringContext:
@@ -195,18 +231,20 @@ class Search:
             raise RuntimeError("Search.ctx is set by run(); call run() first")
         return self._scoring
 
-    # --- study set-up and replay ----------------------------------------------------------
+    # --- study set-up ----------------------------------------------------------------------
     def _open_study(self) -> StudyRow:
-        from robonas.errors import StoreError
-
         fingerprint = self.cfg.fingerprint()
         try:
             study = self.store.get_study(self.plan.study_name)
         except StoreError:
-            return self.store.create_study(
-                self.plan.study_name,
-                {"search": self.cfg.to_dict(), "fingerprint": fingerprint, "resolved": {}},
-            )
+            try:
+                return self.store.create_study(
+                    self.plan.study_name,
+                    {"search": self.cfg.to_dict(), "fingerprint": fingerprint, "resolved": {}},
+                )
+            except StoreError:
+                # another process created it between our look and our write
+                study = self.store.get_study(self.plan.study_name)
         if study.config.get("fingerprint") != fingerprint:
             raise ConfigError(
                 f"study {self.plan.study_name!r} exists with a different config (env, space, strategy, "
@@ -214,14 +252,96 @@ class Search:
             )
         return study
 
-    def _replay(self, study: StudyRow) -> list[TrialRow]:
-        """Bring the strategy to its recorded state; return trials still to run."""
-        self.store.requeue_interrupted(study.id)
+    def _resolve(self, study: StudyRow, key: str, value: Callable[[], Any]) -> Any:
+        """A value fixed at the study's first run and recorded in its config (call under the
+        study lock, so processes starting together agree on it)."""
+        study = self.store.get_study_by_id(study.id)
+        resolved = dict(study.config.get("resolved") or {})
+        if key not in resolved:
+            resolved[key] = value()
+            self.store.update_study_config(study.id, {**study.config, "resolved": resolved})
+        return resolved[key]
+
+    def _random_return(self) -> float:
+        """The random policy's mean return on the evaluation seeds (measured once per study)."""
+        from robonas.search.training import random_returns
+
+        arch = PolicyArch.from_dict(
+            {"obs_dim": self.plan.env.obs_dim, "act_dim": self.plan.env.act_dim, "layers": [[8, "relu"]]}
+        )
+        return float(random_returns(self._spec(arch, Path("/nonexistent"), 0.0, 1.0)).mean())
+
+    def _resolve_return_range(self, study: StudyRow) -> tuple[float, float]:
+        self.random_return = float(self._resolve(study, "random_return", self._random_return))
+        lo = self.cfg.env.return_floor
+        if lo is None:
+            lo = self.random_return
+        if not self.cfg.env.return_target > lo:
+            raise ConfigError(
+                f"env.return_target: {self.cfg.env.return_target} is not above the floor {lo:.3g} "
+                "(random policy's return unless env.return_floor is set)"
+            )
+        lo = float(self._resolve(study, "return_lo", lambda: lo))
+        hi = float(self._resolve(study, "return_hi", lambda: self.cfg.env.return_target))
+        # what re-scoring needs later without building the env again
+        env = self.plan.env
+        known = {"control_hz": env.control_hz, "obs_dim": env.obs_dim, "act_dim": env.act_dim}
+        for key, value in {**known, "discrete": env.discrete}.items():
+            self._resolve(study, key, functools.partial(_same, value))
+        return lo, hi
+
+    def _resolve_fleet_ranges(self, study: StudyRow) -> dict[str, Any] | None:
+        """The identified fleet's randomisation ranges, fixed at the study's first run, so a
+        resumed study trains and scores under the ranges its first trials had."""
+        if not self.cfg.uses_fleet:
+            return None
+        from robonas.models.twins import fleet_randomization
+
+        return dict(
+            self._resolve(
+                study, "fleet_randomization", lambda: fleet_randomization(self.store, self.cfg.env.id)
+            )
+        )
+
+    def _artifact_root(self) -> Path:
+        """Where this process writes trial files; checked before the study is touched, so a
+        shared store without a shared directory is refused with nothing written."""
+        from robonas.artifact_location import artifact_root
+
+        try:
+            study = self.store.get_study(self.plan.study_name)
+            recorded = (study.config.get("resolved") or {}).get("artifact_dir")
+        except StoreError:
+            recorded = None
+        return artifact_root(self.store.url, self.artifact_dir, self.cfg.artifacts.dir, recorded)
+
+    def _ranges(self, table: dict[str, Any] | str | None) -> dict[str, Any] | None:
+        if table == "fleet":
+            return self._fleet_ranges
+        return dict(table) if isinstance(table, dict) and table else None
+
+    # --- the strategy, shared through the store ------------------------------------------
+    @contextmanager
+    def _section(self, study: StudyRow) -> Iterator[list[TrialRow]]:
+        """Hold the study lock with the strategy caught up; yields the study's trials."""
+        with self.store.study_lock(study.id):
+            try:
+                yield self._catch_up(study)
+            except BaseException:
+                self._stale = True
+                raise
+
+    def _catch_up(self, study: StudyRow) -> list[TrialRow]:
+        """Feed the strategy every ask and tell in the store it has not seen, in event order."""
+        if self._stale:
+            self.strategy = self.plan.new_strategy()
+            self._asked, self._event, self._stale = {}, 0, False
         trials = self.store.trials(study.id)
         events: list[tuple[int, int, TrialRow]] = []
         for t in trials:
-            events.append((t.seq, 0, t))
-            if t.tell_seq is not None:
+            if t.seq >= self._event:
+                events.append((t.seq, 0, t))
+            if t.tell_seq is not None and t.tell_seq >= self._event:
                 events.append((t.tell_seq, 1, t))
         events.sort(key=lambda e: (e[0], e[1]))
         for index, kind, t in events:
@@ -238,67 +358,40 @@ class Search:
                     )
             else:
                 self.strategy.tell(self._asked[t.id], told_view(t.metrics, self.cfg.objective.ranking))
-            self._event = max(self._event, index + 1)
-        # Finished but never told (killed between the two writes): tell now.
-        for t in trials:
-            finished = t.status in ("complete", "failed", "rejected", "pruned")
-            if t.origin == "ask" and t.tell_seq is None and finished:
-                self._tell(t.id, t.metrics if t.status in ("complete", "pruned") else None)
-        return [t for t in trials if t.status == "pending"]
+            self._event = index + 1
+        # Finished but never told (a store written by an older robonas, killed between the two
+        # writes; results are told in their own transaction now): tell now.
+        untold = [t for t in trials if t.origin == "ask" and t.tell_seq is None and t.status in FINISHED]
+        for t in untold:
+            self._tell(t.id, t.metrics if t.status in ("complete", "pruned") else None)
+        return self.store.trials(study.id) if untold else trials
 
-    def _random_return(self) -> float:
-        """The random policy's mean return on the evaluation seeds (measured once per study)."""
-        from robonas.search.training import random_returns
+    def _tell(self, trial_id: int, metrics: TrialMetrics | None) -> None:
+        self.strategy.tell(self._asked[trial_id], strategy_view(metrics, self.cfg.objective.ranking))
+        self.store.record_tell(trial_id, self._next_event(), ordered=True)
 
-        arch = PolicyArch.from_dict(
-            {"obs_dim": self.plan.env.obs_dim, "act_dim": self.plan.env.act_dim, "layers": [[8, "relu"]]}
-        )
-        return float(random_returns(self._spec(arch, Path("/nonexistent"), 0.0, 1.0)).mean())
+    def _next_event(self) -> int:
+        e = self._event
+        self._event += 1
+        return e
 
-    def _resolve_return_range(self, study: StudyRow) -> tuple[float, float]:
-        resolved = dict(study.config.get("resolved") or {})
-        if "random_return" not in resolved:
-            resolved["random_return"] = self._random_return()
-            self.store.update_study_config(study.id, {**study.config, "resolved": resolved})
-            study = self.store.get_study_by_id(study.id)
-        self.random_return = float(resolved["random_return"])
-        if "return_lo" not in resolved:
-            lo = self.cfg.env.return_floor
-            if lo is None:
-                lo = self.random_return
-            resolved["return_lo"] = lo
-            resolved["return_hi"] = self.cfg.env.return_target
-            # what re-scoring needs later without building the env again
-            resolved["control_hz"] = self.plan.env.control_hz
-            resolved["obs_dim"] = self.plan.env.obs_dim
-            resolved["act_dim"] = self.plan.env.act_dim
-            resolved["discrete"] = self.plan.env.discrete
-            if not resolved["return_hi"] > lo:
-                raise ConfigError(
-                    f"env.return_target: {self.cfg.env.return_target} is not above the floor {lo:.3g} "
-                    "(random policy's return unless env.return_floor is set)"
-                )
-            self.store.update_study_config(study.id, {**study.config, "resolved": resolved})
-        return float(resolved["return_lo"]), float(resolved["return_hi"])
+    def _asks_left(self, trials: list[TrialRow]) -> int:
+        rejected = sum(t.status == "rejected" for t in trials)
+        if rejected >= self.cfg.budget.max_rejections:
+            return 0
+        planned = sum(t.origin == "ask" and t.status != "rejected" for t in trials)
+        return max(0, self.cfg.budget.trials - planned)
 
-    def _resolve_fleet_ranges(self, study: StudyRow) -> dict[str, Any] | None:
-        """The identified fleet's randomisation ranges, fixed at the study's first run, so a
-        resumed study trains and scores under the ranges its first trials had."""
-        if not self.cfg.uses_fleet:
-            return None
-        study = self.store.get_study_by_id(study.id)
-        resolved = dict(study.config.get("resolved") or {})
-        if "fleet_randomization" not in resolved:
-            from robonas.models.twins import fleet_randomization
-
-            resolved["fleet_randomization"] = fleet_randomization(self.store, self.cfg.env.id)
-            self.store.update_study_config(study.id, {**study.config, "resolved": resolved})
-        return dict(resolved["fleet_randomization"])
-
-    def _ranges(self, table: dict[str, Any] | str | None) -> dict[str, Any] | None:
-        if table == "fleet":
-            return self._fleet_ranges
-        return dict(table) if isinstance(table, dict) and table else None
+    def _in_order(self, step: Callable[[], Any]) -> Any:
+        """Run a step that writes numbered events, again after another process wrote first."""
+        for attempt in range(ORDER_RETRIES):
+            try:
+                return step()
+            except EventOrderConflict as e:
+                if attempt == ORDER_RETRIES - 1:
+                    raise
+                log.warning("%s; catching up and trying again", e)
+        raise AssertionError("unreachable")
 
     # --- trials ---------------------------------------------------------------------------
     def _spec(
@@ -348,15 +441,6 @@ class Search:
             rungs = rungs_for(self.cfg.budget.checkpoints, p.eta, p.min_rung)
         return ReportSpec(self.store.url, trial.study_id, trial.id, rungs, p.eta, p.grace)
 
-    def _next_event(self) -> int:
-        e = self._event
-        self._event += 1
-        return e
-
-    def _tell(self, trial_id: int, metrics: TrialMetrics | None) -> None:
-        self.strategy.tell(self._asked[trial_id], strategy_view(metrics, self.cfg.objective.ranking))
-        self.store.record_tell(trial_id, self._next_event())
-
     def _trial_seed(self, trial: TrialRow) -> int:
         # From the ask's ordinal, not its event number: how asks and tells interleave depends
         # on the worker count, and the n-th candidate must train the same way regardless.
@@ -365,53 +449,74 @@ class Search:
         return int.from_bytes(digest[:4], "little")
 
     def _submit(self, executor: Executor, trial: TrialRow) -> None:
+        """Run a trial this process holds."""
         arch = trial.arch
         out_dir = self.run_dir / f"trial-{trial.seq:04d}-{arch.arch_id}"
         spec = self._spec(
             arch, out_dir, self.lo, self.hi, seed=self._trial_seed(trial), report=self._report_spec(trial)
         )
-        self.store.set_trial_status(trial.id, "running")
+        if self._keeper is not None:
+            self._keeper.hold(trial.id)
         executor.submit(trial.id, TRIAL_FN, {"spec": spec}, self.cfg.budget.trial_timeout_s)
 
+    def _next_trial(self, study: StudyRow) -> TrialRow | None:
+        """A trial for a free worker: one nobody holds (a seed-check trial, or one whose holder is
+        gone), else a new ask; None when the study has neither."""
+        from robonas.search.claims import holder_is_gone
+
+        claimed = self.store.claim_trial(study.id, self.worker, self.lease_s, lost=holder_is_gone)
+        if claimed is not None:
+            return claimed
+
+        def ask() -> TrialRow | None:
+            with self._section(study) as trials:
+                return self._ask_new(study) if self._asks_left(trials) > 0 else None
+
+        result: TrialRow | None = self._in_order(ask)
+        return result
+
     def _ask_new(self, study: StudyRow) -> TrialRow | None:
-        """Ask until a candidate fits the latency budget; rejected ones are recorded and told."""
+        """Ask until a candidate fits the latency budget (under the study lock); rejected ones
+        are recorded and told. The accepted one is added held by this process."""
         from robonas.scoring import latency_metrics
 
-        while True:
-            if self._rejections >= self.cfg.budget.max_rejections:
-                return None
+        rejected = sum(t.status == "rejected" for t in self.store.trials(study.id))
+        while rejected < self.cfg.budget.max_rejections:
             arch = self.strategy.ask()
             seq = self._next_event()
             lat = latency_metrics(arch, self.ctx)
             p99 = float(lat.p99_ms or 0.0)
             if not within_budget(p99, self.cfg.device.latency_budget_ms):
-                t = self.store.add_trial(study.id, seq, arch, status="pending")
-                self._asked[t.id] = arch
-                self.store.reject_trial(
-                    t.id,
+                reason = (
                     f"predicted p99 {p99:.3f} ms over the budget "
                     f"{self.cfg.device.latency_budget_ms} ms on {lat.device} "
-                    f"({self.ctx.model_versions()['latency_model']})",
-                    metrics=lat,
+                    f"({self.ctx.model_versions()['latency_model']})"
                 )
+                t = self.store.add_trial(
+                    study.id, seq, arch, status="rejected", ordered=True, error=reason, metrics=lat
+                )
+                self._asked[t.id] = arch
                 self._tell(t.id, None)
-                self._rejections += 1
+                rejected += 1
                 continue
-            t = self.store.add_trial(study.id, seq, arch, status="pending")
+            t = self.store.add_trial(
+                study.id, seq, arch, status="running", ordered=True, worker=self.worker, lease_s=self.lease_s
+            )
             self._asked[t.id] = arch
             return t
+        return None
 
-    def _seed_round(self, study: StudyRow) -> list[TrialRow]:
+    def _seed_round(self, study: StudyRow, trials: list[TrialRow]) -> list[TrialRow]:
         """Trials that train the `seed_check.top` best candidates again on other seeds, until each
         has `seed_check.seeds` (running and failed ones count, so a failing candidate is not
         retried forever). Asked only once every other trial is finished, and a whole round at a
         time, so which candidates are checked does not depend on the worker count: the round's
         results may re-rank the study and bring another candidate into the top, checked next round.
+        Added `pending`, for whichever process claims them first.
         """
         check = self.cfg.seed_check
         if check.top == 0 or check.seeds <= 1:
             return []
-        trials = self.store.trials(study.id)
         new: list[TrialRow] = []
         for best in rank(trials, self.cfg.objective.ranking)[: check.top]:
             tried = sum(
@@ -419,48 +524,116 @@ class Search:
                 for t in trials
             )
             for _ in range(check.seeds - tried):
-                new.append(self.store.add_trial(study.id, self._next_event(), best.arch, origin="seed"))
+                new.append(
+                    self.store.add_trial(study.id, self._next_event(), best.arch, origin="seed", ordered=True)
+                )
         return new
 
-    def _finish(self, result: TaskResult) -> None:
+    def _idle(self, study: StudyRow) -> str:
+        """With no trial running here: "more" (trials to claim or ask), "wait" (other processes
+        still run trials, which may finish, or lapse and come back), or "done"."""
+
+        def look() -> str:
+            with self._section(study) as trials:
+                if any(t.status == "pending" for t in trials) or self._asks_left(trials) > 0:
+                    return "more"
+                if any(t.status == "running" for t in trials):
+                    return "wait"
+                # every asked trial is finished: the seed check's next round, if any
+                return "more" if self._seed_round(study, trials) else "done"
+
+        state: str = self._in_order(look)
+        return state
+
+    def _finish(self, study: StudyRow, result: TaskResult) -> None:
         from robonas.scoring import score
 
         assert isinstance(result.task_id, int)  # the loop submits trial ids
         trial = self.store.get_trial(result.task_id)
-        told = trial.origin == "ask"  # the seed check's trials were never asked
-        if not result.ok:
-            self.store.fail_trial(trial.id, result.error or "unknown error", wall_s=result.wall_s)
-            if told:
-                self._tell(trial.id, None)
+        if not result.ok and result.lost and trial.attempts < self.cfg.executor.max_retries:
+            self._run_again(trial, result)
             return
-        outcome: dict[str, Any] = result.value or {}
         try:
-            sim = TrialMetrics(
-                auc=outcome["auc"],
-                asymptotic_return=outcome["asymptotic_return"],
-                asymptotic_std=outcome["asymptotic_std"],
-                robustness_return=outcome["robustness_return"],
-                random_return=outcome["random_return"],
-                env_steps=outcome["env_steps"],
-                wall_s=outcome["wall_s"],
-                steps_per_s=outcome["steps_per_s"],
-            )
-            metrics = score(trial.arch, sim, self.ctx)
-        except Exception as e:  # noqa: BLE001  (a scoring bug must not kill the search: record it)
-            self.store.fail_trial(trial.id, f"scoring failed: {e!r}\n{traceback.format_exc(limit=3)}")
-            if told:
-                self._tell(trial.id, None)
+            if not result.ok:
+                self._record_failure(study, trial, result.error or "unknown error", result.wall_s)
+                return
+            outcome: dict[str, Any] = result.value or {}
+            try:
+                sim = TrialMetrics(
+                    auc=outcome["auc"],
+                    asymptotic_return=outcome["asymptotic_return"],
+                    asymptotic_std=outcome["asymptotic_std"],
+                    robustness_return=outcome["robustness_return"],
+                    random_return=outcome["random_return"],
+                    env_steps=outcome["env_steps"],
+                    wall_s=outcome["wall_s"],
+                    steps_per_s=outcome["steps_per_s"],
+                )
+                metrics = score(trial.arch, sim, self.ctx)
+            except Exception as e:  # noqa: BLE001  (a scoring bug must not kill the search: record it)
+                self._record_failure(study, trial, f"scoring failed: {e!r}\n{traceback.format_exc(limit=3)}")
+                return
+            self._record_weights(trial.id, outcome["artifacts"])
+            self._record_result(study, trial, metrics, outcome)
+            self._env_steps_this_run += int(outcome["env_steps"])
+        except ClaimLost as e:
+            log.warning("%s", e)  # another process took the trial over and runs it
+        finally:
+            if self._keeper is not None:
+                self._keeper.release(trial.id)
+
+    def _run_again(self, trial: TrialRow, result: TaskResult) -> None:
+        """The trial's process died without a result: run it again under the same claim."""
+        log.warning(
+            "trial %d: %s; running it again (attempt %d of %d)",
+            trial.id,
+            result.error,
+            trial.attempts + 2,
+            self.cfg.executor.max_retries + 1,
+        )
+        try:
+            again = self.store.restart_attempt(trial.id, self.worker, self.lease_s)
+        except ClaimLost as e:
+            log.warning("%s", e)
             return
+        assert self._executor_now is not None
+        self._submit(self._executor_now, again)
+
+    def _record_failure(
+        self, study: StudyRow, trial: TrialRow, error: str, wall_s: float | None = None
+    ) -> None:
+        if trial.origin != "ask":  # the seed check's trials were never asked: nothing to tell
+            self.store.fail_trial(trial.id, error, wall_s=wall_s, worker=self.worker)
+            return
+
+        def fail_and_tell() -> None:
+            with self._section(study):
+                self.strategy.tell(self._asked[trial.id], strategy_view(None, self.cfg.objective.ranking))
+                self.store.fail_trial(
+                    trial.id, error, wall_s=wall_s, worker=self.worker, tell_seq=self._event
+                )
+                self._event += 1
+
+        self._in_order(fail_and_tell)
+
+    def _record_result(
+        self, study: StudyRow, trial: TrialRow, metrics: TrialMetrics, outcome: dict[str, Any]
+    ) -> None:
         # A pruned trial keeps the figures of the curve it reached: the strategy learns it was
         # poor, the ranking leaves it out (it ranks complete trials only).
         status = "pruned" if outcome.get("pruned_at") is not None else "complete"
-        self.store.complete_trial(
-            trial.id, metrics, outcome["curve"], outcome["wall_s"], outcome["env_steps"], status=status
-        )
-        self._record_weights(trial.id, outcome["artifacts"])
-        self._env_steps_this_run += int(outcome["env_steps"])
-        if told:
-            self._tell(trial.id, metrics)
+        args = (trial.id, metrics, outcome["curve"], outcome["wall_s"], outcome["env_steps"], status)
+        if trial.origin != "ask":
+            self.store.complete_trial(*args, worker=self.worker)
+            return
+
+        def complete_and_tell() -> None:
+            with self._section(study):
+                self.strategy.tell(self._asked[trial.id], strategy_view(metrics, self.cfg.objective.ranking))
+                self.store.complete_trial(*args, worker=self.worker, tell_seq=self._event)
+                self._event += 1
+
+        self._in_order(complete_and_tell)
 
     def _record_weights(self, trial_id: int, artifacts: dict[str, str]) -> None:
         actor = Path(artifacts["actor"])
@@ -509,55 +682,54 @@ class Search:
 
     # --- the loop -------------------------------------------------------------------------
     def run(self) -> SearchSummary:
+        from robonas.search.claims import LeaseKeeper
 
+        root = self._artifact_root()
         study = self._open_study()
-        self.lo, self.hi = self._resolve_return_range(study)
-        self._fleet_ranges = self._resolve_fleet_ranges(study)
+        self.run_dir = root / "studies" / self.plan.study_name
+        with self.store.study_lock(study.id):
+            self._resolve(study, "artifact_dir", functools.partial(_same, str(root)))
+            self.lo, self.hi = self._resolve_return_range(study)
+            self._fleet_ranges = self._resolve_fleet_ranges(study)
         self._scoring = ScoringContext(
             return_lo=self.lo, return_hi=self.hi, **self._newest_models(study, self.plan.scoring_context_args)
         )
-        queue = self._replay(study)
         trials = self.store.trials(study.id)
-        self._rejections = sum(t.status == "rejected" for t in trials)
-        planned_so_far = sum(t.status != "rejected" and t.origin == "ask" for t in trials)
         done = sum(t.status in ("complete", "failed", "pruned") and t.origin == "ask" for t in trials)
         self.progress.on_start(self.cfg.budget.trials, done)
         self.store.set_study_status(study.id, "running")
-        executor = self._executor()
+        executor = self._executor_now = self._executor()
+        self._keeper = keeper = LeaseKeeper(self.store, self.worker, self.lease_s).start()
         try:
             while True:
                 while executor.running() < executor.capacity:
-                    if queue:
-                        self._submit(executor, queue.pop(0))
-                    elif planned_so_far < self.cfg.budget.trials:
-                        t = self._ask_new(study)
-                        if t is None:
-                            break
-                        planned_so_far += 1
-                        self._submit(executor, t)
-                    else:
+                    trial = self._next_trial(study)
+                    if trial is None:
                         break
+                    self._submit(executor, trial)
                 if executor.running() == 0:
-                    # every asked trial is finished: the seed check's next round, if any
-                    seed_round = self._seed_round(study)
-                    if not seed_round:
+                    state = self._idle(study)
+                    if state == "done":
                         break
-                    for seed_trial in seed_round:
-                        self._submit(executor, seed_trial)
+                    if state == "wait":
+                        time.sleep(IDLE_POLL_S)
                     continue
                 for result in executor.poll(timeout=1.0):
-                    self._finish(result)
+                    self._finish(study, result)
                     self.progress.on_trial(self.summary(study))
         except KeyboardInterrupt:
             executor.shutdown(kill=True)
-            self.store.requeue_interrupted(study.id)
+            keeper.stop()
+            self.store.release_claims(study.id, self.worker)
             self.store.set_study_status(study.id, "interrupted")
             return self.summary(study, interrupted=True)
         except BaseException:
             executor.shutdown(kill=True)
-            self.store.requeue_interrupted(study.id)
+            keeper.stop()
+            self.store.release_claims(study.id, self.worker)
             raise
         executor.shutdown(kill=False)
+        keeper.stop()
         self._rank_by_twins(study)
         self.store.set_study_status(study.id, "complete")
         return self.summary(study)
@@ -593,6 +765,10 @@ class Search:
             rescore_study(self.store, study.name)
         except RobonasError as e:
             log.warning("%s: not re-ranked by the robots' twins: %s", study.name, e)
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 def _mean_return(candidate: CandidateSeeds) -> float | None:

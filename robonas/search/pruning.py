@@ -86,7 +86,8 @@ class Reporter:
         from robonas.store import Store
 
         if self._store is None:
-            self._store = Store(self.spec.store_url)
+            # a shared store that is restarting mid-trial is waited for, not a failed trial
+            self._store = Store(self.spec.store_url, wait_to_open=True)
         store = self._store
         step, mean, std = means[-1]
         store.add_curve_point(self.spec.trial_id, step, mean, std)

@@ -24,30 +24,6 @@ def _arch(width: int = 8) -> PolicyArch:
 
 
 @pytest.fixture
-def sqlite_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'sub' / 'robonas.db'}"
-
-
-_DATABASES = iter(range(1, 1_000_000))
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, sqlite_url: str) -> str:
-    """The store's tests run on both: the embedded SQLite file and a real PostgreSQL server
-    (a fresh database each, on the session's throwaway server)."""
-    if request.param == "sqlite":
-        return sqlite_url
-    server = request.getfixturevalue("postgres_server")
-    import psycopg
-
-    name = f"robonas_test_{next(_DATABASES)}"
-    conninfo = server.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    return server.rsplit("/", 1)[0] + f"/{name}"
-
-
-@pytest.fixture
 def store(url: str):
     s = Store(url)
     yield s
@@ -288,23 +264,26 @@ def test_a_schema_1_store_is_migrated_in_place_and_keeps_its_trials(tmp_path):
         study = store.create_study("old", {})
         trial = store.add_trial(study.id, 0, PolicyArch(4, 1, (Layer(8, "tanh"),)))
         store.complete_trial(trial.id, TrialMetrics(objective=0.5), [(100, 1.0, 0.0)], 1.0, 100)
-    # make it what robonas wrote at schema 1: no table prefix, no trial origin
+    # make it what robonas wrote at schema 1: no table prefix, no trial origin, no claims
     with sqlite3.connect(path) as db:
         for name in _TABLES:
             db.execute(f"ALTER TABLE robonas_{name} RENAME TO {name}")
-        db.execute("ALTER TABLE trials DROP COLUMN origin")  # SQLite >= 3.35
+        for column in ("origin", "worker", "lease_until"):
+            db.execute(f"ALTER TABLE trials DROP COLUMN {column}")  # SQLite >= 3.35
         db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     with Store(url) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 3
+        assert store.schema_version() == SCHEMA_VERSION == 4
         (trial,) = store.trials(store.get_study("old").id)
         assert trial.origin == "ask" and trial.arch.layers[0].width == 8 and trial.status == "complete"
+        assert trial.worker is None and trial.lease_until is None
         assert store.curve(trial.id) == [(100, 1.0, 0.0)]
         seeded = store.add_trial(trial.study_id, 1, trial.arch, origin="seed")
         assert store.get_trial(seeded.id).origin == "seed"
     with sqlite3.connect(path) as db:
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert tables == {f"robonas_{name}" for name in _TABLES}
-        assert "origin" in {row[1] for row in db.execute("PRAGMA table_info(robonas_trials)")}
+        columns = {row[1] for row in db.execute("PRAGMA table_info(robonas_trials)")}
+        assert {"origin", "worker", "lease_until"} <= columns
         # foreign keys follow the renamed tables
         fks = {row[2] for row in db.execute("PRAGMA foreign_key_list(robonas_curve_points)")}
         assert fks == {"robonas_trials"}

@@ -91,9 +91,13 @@ def _search(
     workers: int = 1,
 ):
     monkeypatch.setattr("robonas.search.loop.TRIAL_FN", STUB)
-    monkeypatch.chdir(tmp_path)  # a remote store's trial folders go under ./runs
+    monkeypatch.chdir(tmp_path)
     store = Store(url or f"sqlite:///{tmp_path / name / 'robonas.db'}")
-    summary = Search(SearchPlan.build(parse_config(data), name), store, workers=workers).run()
+    # a shared store's trial folders go where the search is told, never an implicit ./runs
+    artifacts = None if url is None else str(tmp_path / "shared")
+    summary = Search(
+        SearchPlan.build(parse_config(data), name), store, workers=workers, artifact_dir=artifacts
+    ).run()
     study = store.get_study(name)
     return summary, store, store.trials(study.id)
 
@@ -146,6 +150,9 @@ def test_pruning_and_the_seed_check_on_postgresql_with_two_workers(tmp_path, mon
     for t in trials:
         points = store.curve(t.id)
         assert len(points) in ((1, 3) if t.status == "pruned" else (8,)), (t.status, points)
+    for t in trials:
+        (weights,) = store.artifacts(t.id, "weights")
+        assert Path(weights.path).is_relative_to(tmp_path / "shared" / "studies" / "pg"), weights.path
 
 
 def test_seed_check_reranks_a_lucky_candidate_and_reports_seeds(tmp_path, monkeypatch):
