@@ -106,9 +106,37 @@ def check_fn_path(fn_path: str) -> tuple[str, str]:
     return module, name
 
 
+def _exit_when_orphaned(conn: Connection) -> None:
+    """Exit this task's process as soon as the process that waits for its result is gone.
+
+    PR_SET_PDEATHSIG (`_die_with_parent`) names the *fork server* as the parent, and the fork
+    server lives on while any task it forked does (each task inherits a copy of the pipe the
+    fork server watches for its client's death). So a SIGKILLed search's trials would train on,
+    unwatched and past their timeouts, beside the re-runs that take them over. The result pipe
+    says it instead: its write end reports an error once the reading end's only holder, the
+    waiting process, has died. A daemon thread blocks on that without using any CPU.
+    """
+    import select
+    import threading
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLERR | select.POLLHUP)
+        while True:
+            try:
+                if poller.poll():
+                    os._exit(70)  # nobody is left to read the result (EX_SOFTWARE)
+            except InterruptedError:
+                continue
+
+    threading.Thread(target=watch, name="robonas-orphan-watch", daemon=True).start()
+
+
 def _die_with_parent() -> None:
     """Ask Linux to SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG): a trial
-    must not outlive a search killed with SIGKILL, nor a Ray worker that was cancelled."""
+    must not outlive a search killed with SIGKILL, nor a Ray worker that was cancelled (with the
+    fork server as the parent this covers the fork server's death; `_exit_when_orphaned` covers
+    the search's)."""
     if not sys.platform.startswith("linux"):
         return
     import contextlib
@@ -142,6 +170,7 @@ def _child_main(conn: Connection, fn_path: str, payload: dict[str, Any], sys_pat
     # The terminal's Ctrl-C goes to the whole process group; the parent decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
+    _exit_when_orphaned(conn)
     os.environ.update(_CHILD_ENV)
     # The fork server may have started before the caller extended sys.path.
     sys.path[:0] = [p for p in sys_path if p not in sys.path]

@@ -187,6 +187,47 @@ class TestRayExecutor(ExecutorContract):
         assert not _alive(pid), "the trial process outlived its cancelled Ray task"
 
 
+def test_a_task_dies_with_the_process_waiting_for_it(tmp_path):
+    """SIGKILL the process that owns a LocalProcessExecutor: its running task must not train on
+    (its parent is the fork server, which outlives the owner while it has tasks)."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pidfile = tmp_path / "pid"
+    here = str(Path(__file__).resolve().parent)
+    owner = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            f"sys.path.insert(0, {here!r})\n"
+            "from robonas.search.executor import LocalProcessExecutor\n"
+            "ex = LocalProcessExecutor(workers=1)\n"
+            f"payload = {{'s': 120, 'pidfile': {str(pidfile)!r}}}\n"
+            "ex.submit('t', 'executor_tasks:sleep_recording_pid', payload)\n"
+            "while True: ex.poll(1.0)\n",
+        ]
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not pidfile.exists() or not pidfile.read_text():
+            assert owner.poll() is None and time.monotonic() < deadline, "the task never started"
+            time.sleep(0.1)
+        pid = int(pidfile.read_text())
+        assert _alive(pid)
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+        end = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < end:
+            time.sleep(0.1)
+        assert not _alive(pid), "the task process outlived the process waiting for its result"
+    finally:
+        owner.kill()
+        owner.wait()
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
