@@ -70,7 +70,7 @@ from robonas.space import PolicyArch
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # Every table's name starts with this, so Optuna's storage (tables `studies`, `trials`, ...) or
 # another application can share the database.
 TABLE_PREFIX = "robonas_"
@@ -85,6 +85,8 @@ _TABLES = (
     "device_reports",
     "model_versions",
 )
+# Tables added after version 1, by the version that added them: a migration creates them.
+_NEW_TABLES = {5: ("rollouts", "rollout_robots")}
 DEFAULT_URL = "sqlite:///runs/robonas.db"
 TRIAL_STATUSES = ("pending", "running", "complete", "failed", "rejected", "pruned")
 # Why a trial exists: a strategy asked for it, or the seed check trains a candidate again.
@@ -97,12 +99,16 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         f"ALTER TABLE {TABLE_PREFIX}trials ADD COLUMN worker VARCHAR(200)",
         f"ALTER TABLE {TABLE_PREFIX}trials ADD COLUMN lease_until FLOAT",
     ),
+    4: (),  # new tables only (_NEW_TABLES)
 }
 # Foreign-key targets.
 _STUDY_ID, _TRIAL_ID, _ARTIFACT_ID = (TABLE_PREFIX + t + ".id" for t in ("studies", "trials", "artifacts"))
 # Before version 3 the version lived in `meta`, since in `robonas_meta`.
 _PREFIXED_SINCE = 3
 STUDY_STATUSES = ("created", "running", "interrupted", "complete", "failed")
+# A rollout (robonas.fleet.rollouts) and each of its robots.
+ROLLOUT_STATUSES = ("running", "paused", "aborted", "complete", "incomplete")
+ROLLOUT_ROBOT_STATES = ("pending", "sending", "updated", "failed", "offline", "rolled-back", "skipped")
 REPORT_KINDS = ("run", "bench", "canary")
 MODEL_KINDS = ("latency", "gap", "twin")
 # The PostgreSQL advisory lock that serialises schema creation and migration ("robonas" in ASCII).
@@ -268,6 +274,33 @@ class _ModelVersion(_Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+class _Rollout(_Base):
+    __tablename__ = TABLE_PREFIX + "rollouts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    artifact: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    fleet: Mapped[str] = mapped_column(Text)
+    plan_json: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    report_json: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class _RolloutRobot(_Base):
+    __tablename__ = TABLE_PREFIX + "rollout_robots"
+    rollout_id: Mapped[int] = mapped_column(
+        ForeignKey(TABLE_PREFIX + "rollouts.id", ondelete="CASCADE"), primary_key=True
+    )
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    phase: Mapped[int] = mapped_column(Integer)
+    position: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    detail_json: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 # ----------------------------------------------------------------------------- plain rows
 
 
@@ -351,6 +384,58 @@ class ModelVersionRow:
     params: dict[str, Any]
     metrics: dict[str, Any]
     created_at: datetime
+
+
+@dataclass(frozen=True)
+class RolloutRow:
+    id: int
+    artifact: str
+    sha256: str
+    fleet: str
+    plan: dict[str, Any]
+    status: str
+    report: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class RolloutRobotRow:
+    rollout_id: int
+    name: str
+    phase: int
+    position: int
+    state: str
+    attempts: int
+    detail: dict[str, Any]
+    updated_at: datetime
+
+
+def _rollout_row(r: _Rollout) -> RolloutRow:
+    return RolloutRow(
+        r.id,
+        r.artifact,
+        r.sha256,
+        r.fleet,
+        _loads(r.plan_json),
+        r.status,
+        _loads(r.report_json),
+        _utc(r.created_at),
+        _utc(r.updated_at),
+    )
+
+
+def _rollout_robot_row(r: _RolloutRobot) -> RolloutRobotRow:
+    return RolloutRobotRow(
+        r.rollout_id,
+        r.name,
+        r.phase,
+        r.position,
+        r.state,
+        r.attempts,
+        _loads(r.detail_json),
+        _utc(r.updated_at),
+    )
 
 
 def _study_row(s: _Study) -> StudyRow:
@@ -584,6 +669,8 @@ class Store:
             for statement in _MIGRATIONS[version]:
                 conn.exec_driver_sql(statement)
             version += 1
+            for name in _NEW_TABLES.get(version, ()):
+                _Base.metadata.tables[TABLE_PREFIX + name].create(conn, checkfirst=True)
         if version != start:
             table = _Meta.__tablename__ if version >= _PREFIXED_SINCE else "meta"
             conn.exec_driver_sql(f"UPDATE {table} SET value = '{version}' WHERE key = 'schema_version'")
@@ -1243,3 +1330,93 @@ class Store:
         with self._read() as s:
             m = s.scalar(q)
             return None if m is None else _model_row(m)
+
+    # --------------------------------------------------------------- rollouts
+
+    def create_rollout(
+        self, artifact: str, sha256: str, fleet: str, plan: dict[str, Any], robots: Sequence[tuple[str, int]]
+    ) -> RolloutRow:
+        """A rollout of `artifact` to `robots` ((name, phase) in the order they are updated)."""
+        now = _now()
+        with self._write() as s:
+            r = _Rollout(
+                artifact=artifact,
+                sha256=sha256,
+                fleet=fleet,
+                plan_json=_dumps(plan),
+                status="running",
+                report_json=_dumps({}),
+                created_at=now,
+                updated_at=now,
+            )
+            s.add(r)
+            s.flush()
+            s.add_all(
+                _RolloutRobot(
+                    rollout_id=r.id,
+                    name=name,
+                    phase=phase,
+                    position=i,
+                    state="pending",
+                    attempts=0,
+                    detail_json=_dumps({}),
+                    updated_at=now,
+                )
+                for i, (name, phase) in enumerate(robots)
+            )
+            return _rollout_row(r)
+
+    def get_rollout(self, rollout_id: int) -> RolloutRow:
+        with self._read() as s:
+            r = s.get(_Rollout, rollout_id)
+            if r is None:
+                known = s.scalars(select(_Rollout.id).order_by(_Rollout.id)).all()
+                raise StoreError(
+                    f"unknown rollout {rollout_id}; rollouts: {', '.join(map(str, known)) or '(none)'}"
+                )
+            return _rollout_row(r)
+
+    def rollouts(self) -> list[RolloutRow]:
+        with self._read() as s:
+            return [_rollout_row(r) for r in s.scalars(select(_Rollout).order_by(_Rollout.id))]
+
+    def set_rollout_status(self, rollout_id: int, status: str, report: dict[str, Any] | None = None) -> None:
+        _check_choice("rollout status", status, ROLLOUT_STATUSES)
+        values: dict[str, Any] = {"status": status, "updated_at": _now()}
+        if report is not None:
+            values["report_json"] = _dumps(report)
+        with self._write() as s:
+            if _rowcount(s, update(_Rollout).where(_Rollout.id == rollout_id).values(**values)) == 0:
+                raise StoreError(f"unknown rollout {rollout_id}")
+
+    def rollout_robots(self, rollout_id: int) -> list[RolloutRobotRow]:
+        q = (
+            select(_RolloutRobot)
+            .where(_RolloutRobot.rollout_id == rollout_id)
+            .order_by(_RolloutRobot.position)
+        )
+        with self._read() as s:
+            return [_rollout_robot_row(r) for r in s.scalars(q)]
+
+    def set_rollout_robot(
+        self,
+        rollout_id: int,
+        name: str,
+        state: str,
+        detail: dict[str, Any] | None = None,
+        attempt: bool = False,
+    ) -> None:
+        """A robot's new state in a rollout; `detail` is merged into what is recorded, `attempt`
+        counts one more transfer started."""
+        _check_choice("rollout robot state", state, ROLLOUT_ROBOT_STATES)
+        with self._write() as s:
+            r = s.get(_RolloutRobot, (rollout_id, name))
+            if r is None:
+                raise StoreError(f"rollout {rollout_id} has no robot {name!r}")
+            r.state = state
+            if detail:
+                r.detail_json = _dumps({**_loads(r.detail_json), **detail})
+            if attempt:
+                r.attempts += 1
+            r.updated_at = _now()
+            s.execute(update(_Rollout).where(_Rollout.id == rollout_id).values(updated_at=_now()))

@@ -28,11 +28,13 @@ def _mount() -> None:
     from robonas.cli.demo import demo
     from robonas.cli.fleet import deploy_command, fleet_app
     from robonas.cli.keys import keys_app
+    from robonas.cli.rollout import rollout_app
     from robonas.cli.study import export, report, search, status, top
     from robonas.cli.twins import identify, twins
 
     app.command("deploy")(deploy_command)
     app.add_typer(fleet_app, name="fleet")
+    app.add_typer(rollout_app, name="rollout")
     app.add_typer(calibrate_app, name="calibrate")
     app.command("rerank")(rerank_command)
     app.add_typer(bench_app, name="bench")

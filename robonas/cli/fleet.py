@@ -732,4 +732,103 @@ def _run(
     return rows
 
 
-__all__ = ["deploy_command", "fleet_app"]
+# ------------------------------------------------------------------------------------ simulate
+@fleet_app.command("simulate")
+def simulate_command(
+    agents: int = typer.Option(..., "--agents", min=1, help="How many agents: sim-000, sim-001, ..."),
+    directory: str = typer.Option(
+        ...,
+        "--dir",
+        help="Folder for their state, keys and fleet.toml; reused (slots, keys) when it exists.",
+    ),
+    slow: int = typer.Option(
+        0,
+        "--slow",
+        min=0,
+        help="Agents that keep real time (serve without --fast): their canaries take as long as "
+        "on a robot. Tagged 'slow'.",
+    ),
+    failing: int = typer.Option(
+        0,
+        "--failing",
+        min=0,
+        help="Agents on a cart-pole behind 100 ms of delay, where a policy trained on the nominal "
+        "cart-pole fails a canary with a return floor. Tagged 'failing'; the last agents.",
+    ),
+    profiles: str | None = typer.Option(
+        None,
+        "--profiles",
+        help="Reality profiles the other agents cycle through, comma-separated "
+        "(default: cartpole-lab-a,cartpole-worn-b,cartpole-laggy-c).",
+    ),
+    device: str = typer.Option("x86-host", "--device", help="Device profile the agents report."),
+    trust: str | None = typer.Option(
+        None,
+        "--trust",
+        help="Ed25519 public key the agents trust (default: DIR/signing/robonas.pub, made once; "
+        "sign with `robonas deploy --key DIR/signing/robonas.key`).",
+    ),
+    canary_min_return: float | None = typer.Option(
+        None,
+        "--canary-min-return",
+        help="Every agent's own canary floor (serve --canary-min-return), whatever the deployer asks.",
+    ),
+) -> None:
+    """Start a simulated fleet: N local agent processes on loopback TLS, sites lab-a/lab-b, and
+    DIR/fleet.toml naming them with site, kind and tags. Runs until Ctrl-C or SIGTERM, then stops
+    every agent."""
+    _guard(lambda: _simulate(agents, directory, slow, failing, profiles, device, trust, canary_min_return))
+
+
+def _simulate(
+    n: int,
+    directory: str,
+    slow: int,
+    failing: int,
+    profiles: str | None,
+    device: str,
+    trust: str | None,
+    canary_min_return: float | None,
+) -> None:
+    import signal
+    import threading
+    import time
+
+    from robonas.fleet.simulate import SimulatedFleet
+
+    names = None if profiles is None else [p.strip() for p in profiles.split(",") if p.strip()]
+    fleet = SimulatedFleet(
+        n, directory, slow, failing, names, device=device, trust=trust, canary_min_return=canary_min_return
+    )
+    done = threading.Event()
+    # SIGTERM (systemd, a test harness, `kill`) ends the wait below the way Ctrl-C does
+    previous = signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        print(f"starting {n} agents in {fleet.directory} ...", file=sys.stderr, flush=True)
+        t0 = time.monotonic()
+        fleet.start()
+        for line in fleet.describe():
+            print(line)
+        print(f"fleet file: {fleet.fleet_path}")
+        if fleet.signing_key is not None:
+            print(f"signing key: {fleet.signing_key} (the agents trust {fleet.trust})")
+        print(f"{n} agents up in {time.monotonic() - t0:.1f} s; Ctrl-C or SIGTERM stops them", flush=True)
+        exited: set[str] = set()
+        while not done.wait(1.0):
+            for a in fleet.agents:  # say once when an agent dies under us, and where its log is
+                if a.name not in exited and a.proc is not None and a.proc.poll() is not None:
+                    exited.add(a.name)
+                    print(
+                        f"agent {a.name} exited (code {a.proc.returncode}); see {a.state_dir / 'agent.log'}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        fleet.stop()
+    print(f"stopped {n} agents", file=sys.stderr, flush=True)
+
+
+__all__ = ["deploy_command", "fleet_app", "simulate_command"]

@@ -8,6 +8,13 @@ checked with `robonas.models.devices.load_device`; link URLs are checked against
 an agent that takes operator certificates. The URL check is by hand because it must run without
 opening anything: a serial port may not be plugged in yet.
 
+Robots are grouped by optional labels on their `[[agent]]` table: `site` (where it is), `kind`
+(what it is, named by the env id its policies are trained on, e.g. "sim/CartPole-v0"), `hw_rev`
+(which hardware revision) and `tags` (plain names such as "outdoor"). `Inventory.where` selects by
+a group spec such as "site=lab-a,tag=outdoor" (terms ANDed). A robot's kind is its `kind` field,
+else, for a sim-backed robot ("sim:PROFILE"), its reality profile's env id (`robot_kind`, which
+asks `sim.reality`; importing sim on the host is cheap and allowed, and only happens on demand).
+
 An optional top-level `[credentials]` table names the folder with the fleet CA certificate and the
 operator's certificate and key (`robonas keys ...`) and which operator to act as; it is parsed into
 a `CredentialsRef` whose folder is resolved against the fleet file's own folder, so a fleet file
@@ -29,7 +36,18 @@ from urllib.parse import parse_qsl, urlsplit
 from robonas.errors import ConfigError
 from robonas.toml_file import read_toml
 
-AGENT_FIELDS = ("name", "link", "device", "robot", "timeout_s", "server_name")
+AGENT_FIELDS = (
+    "name",
+    "link",
+    "device",
+    "robot",
+    "timeout_s",
+    "server_name",
+    "site",
+    "kind",
+    "hw_rev",
+    "tags",
+)
 REQUIRED_FIELDS = ("name", "link", "device", "robot")
 TOP_LEVEL_KEYS = ("agent", "credentials")
 CREDENTIALS_FIELDS = ("keys", "operator")
@@ -46,6 +64,12 @@ SERIAL_PARAMS = ("baudrate", "rtscts")
 DEFAULT_TIMEOUT_S = 5.0
 # Agent names end up in store rows, file names and CLI lists (comma-separated): keep them plain.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Group labels (site, hw_rev, tags) are typed in group specs (`site=lab-a,tag=x`), so they may not hold
+# ',' or '=': the same plain names as agents. A kind is an env id, which also carries '/' and ':'.
+_LABEL_RE = _NAME_RE
+_KIND_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}$")
+# The keys of a group spec, each with the plural its "no robot matches" message lists values under.
+GROUP_KEYS = {"site": "sites", "kind": "kinds", "hw_rev": "hw_revs", "tag": "tags"}
 # The name a TLS client checks in the agent's certificate: a DNS name or a plain agent name
 # (letters, digits, '.', '-', '_'); no wildcards, since it names exactly one robot.
 _SERVER_NAME_RE = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?$")
@@ -76,10 +100,17 @@ class AgentEntry:
     # For tls:// links: the name the agent's certificate must carry. "" means the agent's name,
     # so that `AgentEntry(name, ...)` built in code needs no second spelling of it.
     server_name: str = ""
+    # Group labels (see the module docstring); "" and () mean not given.
+    site: str = ""
+    kind: str = ""
+    hw_rev: str = ""
+    tags: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.server_name:
             object.__setattr__(self, "server_name", self.name)
+        # a list from code becomes a tuple, so that entries stay hashable and immutable
+        object.__setattr__(self, "tags", tuple(self.tags))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -89,6 +120,10 @@ class AgentEntry:
             "robot": self.robot,
             "timeout_s": self.timeout_s,
             "server_name": self.server_name,
+            "site": self.site,
+            "kind": self.kind,
+            "hw_rev": self.hw_rev,
+            "tags": list(self.tags),
         }
 
 
@@ -126,6 +161,91 @@ class Inventory:
         if dupes:
             raise ConfigError(f"agents {dupes} are named more than once in the selection")
         return [self.get(n) for n in wanted]
+
+    def where(self, spec: str | None = None) -> list[AgentEntry]:
+        """The agents in group `spec`, in file order (all for None or "").
+
+        `spec` is terms KEY=VALUE joined by commas, all of which a robot must match, with KEY one
+        of site, kind, hw_rev, tag (e.g. "site=lab-a,tag=outdoor"); `kind=` compares with
+        `robot_kind()`. An unknown key, a malformed term or a group no robot is in is a
+        ConfigError; the last lists the values the file does have for the spec's keys.
+        """
+        if spec is None or not spec.strip():
+            return list(self.agents)
+        terms = _group_terms(spec)
+        kinds: dict[str, str | None] = {}
+        if any(key == "kind" for key, _ in terms):
+            kinds = {a.name: robot_kind(a) for a in self.agents}
+        chosen = [a for a in self.agents if all(_matches(a, k, v, kinds) for k, v in terms)]
+        if chosen:
+            return chosen
+        known = []
+        for key in dict.fromkeys(k for k, _ in terms):
+            values = _values(self.agents, key, kinds)
+            known.append(f"{GROUP_KEYS[key]} in {self.origin}: {', '.join(values) if values else '(none)'}")
+        raise ConfigError(f"no robot matches group {spec.strip()!r}; {'; '.join(known)}")
+
+
+def _group_terms(spec: str) -> list[tuple[str, str]]:
+    terms = []
+    for part in spec.split(","):
+        key, eq, value = (s.strip() for s in part.partition("="))
+        if not eq or not key or not value:
+            raise ConfigError(
+                f"group {spec!r}: term {part.strip()!r} is not KEY=VALUE; write e.g. "
+                f"'site=lab-a,tag=outdoor' with KEY one of {', '.join(GROUP_KEYS)}"
+            )
+        if key not in GROUP_KEYS:
+            raise ConfigError(f"group {spec!r}: unknown key {key!r}; valid keys are {', '.join(GROUP_KEYS)}")
+        terms.append((key, value))
+    return terms
+
+
+def _matches(agent: AgentEntry, key: str, value: str, kinds: Mapping[str, str | None]) -> bool:
+    if key == "tag":
+        return value in agent.tags
+    if key == "kind":
+        return kinds.get(agent.name) == value
+    return bool(getattr(agent, key) == value)
+
+
+def _values(agents: Iterable[AgentEntry], key: str, kinds: Mapping[str, str | None]) -> list[str]:
+    """The distinct values `key` has among `agents`, in file order (for an error message)."""
+    found: dict[str, None] = {}
+    for a in agents:
+        if key == "tag":
+            found.update(dict.fromkeys(a.tags))
+        else:
+            value = kinds.get(a.name) if key == "kind" else getattr(a, key)
+            if value:
+                found[value] = None
+    return list(found)
+
+
+def _sim_profile_kind(profile: str) -> str | None:
+    """The env id of reality profile `profile`, or None where sim is not installed or does not
+    know the profile (e.g. one the agent loads from its own --reality-profiles file)."""
+    try:
+        from sim.errors import SimError
+        from sim.reality import get_profile
+    except ModuleNotFoundError:
+        return None
+    try:
+        return get_profile(profile).env_id
+    except SimError:
+        return None
+
+
+def robot_kind(entry: AgentEntry) -> str | None:
+    """What robot `entry` is, as the env id its policies are trained on: its `kind` field; else,
+    for a sim-backed robot ("sim:PROFILE"), that reality profile's env id; else None (unknown
+    here: a serial robot says its kind only in its HELLO)."""
+    if entry.kind:
+        return entry.kind
+    backend, sep, argument = entry.robot.partition(":")
+    if sep and backend == "sim" and argument:
+        return _sim_profile_kind(argument)
+    return None
 
 
 def check_link_url(url: Any, where: str) -> str:
@@ -213,8 +333,64 @@ def _agent(table: Any, index: int, origin: str) -> AgentEntry:
         raise ConfigError(f"{where}: field 'timeout_s' must be a positive number of seconds, got {timeout!r}")
     server_name = _server_name(table, link, name, where)
     return AgentEntry(
-        name=name, link=link, device=device, robot=robot, timeout_s=float(timeout), server_name=server_name
+        name=name,
+        link=link,
+        device=device,
+        robot=robot,
+        timeout_s=float(timeout),
+        server_name=server_name,
+        site=_label(table, "site", where, "a site name such as 'lab-a'"),
+        kind=_kind(table, where),
+        hw_rev=_label(table, "hw_rev", where, 'a hardware revision as a string, e.g. "2" or "rev-b"'),
+        tags=_tags(table, where),
     )
+
+
+_LABEL_FORM = "letters, digits, '.', '_' or '-', starting with a letter or digit (no ',' or '=')"
+
+
+def _label(table: Mapping[str, Any], field: str, where: str, example: str) -> str:
+    """An optional plain-name label (site, hw_rev); "" when the field is left out."""
+    if field not in table:
+        return ""
+    value = table[field]
+    if not isinstance(value, str):
+        raise ConfigError(
+            f"{where}: field {field!r} must be a string ({example}), got {type(value).__name__} {value!r}"
+        )
+    if not _LABEL_RE.match(value):
+        raise ConfigError(f"{where}: field {field!r} {value!r} must be {example}: {_LABEL_FORM}")
+    return value
+
+
+def _kind(table: Mapping[str, Any], where: str) -> str:
+    if "kind" not in table:
+        return ""
+    value = table["kind"]
+    if not isinstance(value, str) or not _KIND_RE.match(value):
+        raise ConfigError(
+            f"{where}: field 'kind' must be the env id the robot's policies are trained on, "
+            f"e.g. 'sim/CartPole-v0' (letters, digits, '.', '_', '-', '/', ':'), got {value!r}"
+        )
+    return value
+
+
+def _tags(table: Mapping[str, Any], where: str) -> tuple[str, ...]:
+    if "tags" not in table:
+        return ()
+    value = table["tags"]
+    if not isinstance(value, list):
+        raise ConfigError(
+            f'{where}: field \'tags\' must be a list of names, e.g. tags = ["outdoor", "slow"], '
+            f"got {type(value).__name__} {value!r}"
+        )
+    for tag in value:
+        if not isinstance(tag, str) or not _LABEL_RE.match(tag):
+            raise ConfigError(f"{where}: field 'tags': {tag!r} is not a tag name: {_LABEL_FORM}")
+    dupes = sorted({t for t in value if value.count(t) > 1})
+    if dupes:
+        raise ConfigError(f"{where}: field 'tags' lists {dupes} more than once")
+    return tuple(value)
 
 
 def _server_name(table: Mapping[str, Any], link: str, name: str, where: str) -> str:
@@ -321,10 +497,12 @@ def load_inventory(path: str | os.PathLike[str]) -> Inventory:
 
 
 __all__ = [
+    "GROUP_KEYS",
     "AgentEntry",
     "CredentialsRef",
     "Inventory",
     "check_link_url",
     "load_inventory",
     "parse_inventory",
+    "robot_kind",
 ]

@@ -4,7 +4,8 @@ Each agent is a real `python -m device_agents serve` process on a loopback TLS p
 state directory, driving a sim reality profile, secured as a real robot is: a fleet CA, one
 certificate per agent, and an operator (`OPERATOR`, every role) whose certificate the host uses;
 all made on first use in a keys folder (`local_credentials`). The port is chosen by the agent
-(port 0) and read from its "listening on tls://..." line, so many can run side by side.
+(port 0) and read from its "listening on tls://..." line, so many can run side by side; `port`
+asks for a given one instead (an agent restarted where the fleet file says it is).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class LocalAgent:
     proc: subprocess.Popen[str] | None = field(default=None, repr=False)
     keys: Path | None = None  # the local fleet's keys folder (default: beside the state folder)
     extra_args: list[str] = field(default_factory=list)  # more `serve` options
+    port: int = 0  # the loopback port to listen on; 0: one the agent picks
 
     @property
     def keys_dir(self) -> Path:
@@ -91,7 +93,7 @@ class LocalAgent:
             "--robot",
             self.robot,
             "--listen",
-            "tls://127.0.0.1:0",
+            f"tls://127.0.0.1:{self.port}",
             "--tls-cert",
             str(agent_keys / f"{self.name}.crt"),
             "--tls-key",
@@ -139,6 +141,8 @@ class LocalAgent:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc and self.proc.stdout and self.proc.poll() is not None:
+            self.proc.stdout.close()  # an agent restarted many times must not leak a pipe each time
 
 
 def write_fleet(path: Path, agents: list[LocalAgent]) -> Path:

@@ -270,9 +270,11 @@ def test_a_schema_1_store_is_migrated_in_place_and_keeps_its_trials(tmp_path):
             db.execute(f"ALTER TABLE robonas_{name} RENAME TO {name}")
         for column in ("origin", "worker", "lease_until"):
             db.execute(f"ALTER TABLE trials DROP COLUMN {column}")  # SQLite >= 3.35
+        for name in ("rollout_robots", "rollouts"):
+            db.execute(f"DROP TABLE robonas_{name}")
         db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     with Store(url) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 4
+        assert store.schema_version() == SCHEMA_VERSION == 5
         (trial,) = store.trials(store.get_study("old").id)
         assert trial.origin == "ask" and trial.arch.layers[0].width == 8 and trial.status == "complete"
         assert trial.worker is None and trial.lease_until is None
@@ -281,7 +283,7 @@ def test_a_schema_1_store_is_migrated_in_place_and_keeps_its_trials(tmp_path):
         assert store.get_trial(seeded.id).origin == "seed"
     with sqlite3.connect(path) as db:
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        assert tables == {f"robonas_{name}" for name in _TABLES}
+        assert tables == {f"robonas_{name}" for name in (*_TABLES, "rollouts", "rollout_robots")}
         columns = {row[1] for row in db.execute("PRAGMA table_info(robonas_trials)")}
         assert {"origin", "worker", "lease_until"} <= columns
         # foreign keys follow the renamed tables
