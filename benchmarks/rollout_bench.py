@@ -7,7 +7,8 @@ same run:
 1. a rollout of artifact v1 with `--concurrency 1` (one robot at a time, as `robonas deploy`),
 2. a rollout of artifact v2 with `--concurrency C` (default 16),
 and prints both wall times and their ratio, with the host's peak RSS and peak open sockets
-during the parallel one (sampled every 20 ms from /proc/self). Then, on a fleet of 10 with 3
+during the parallel one (sampled every 5 ms from /proc/self; the sockets include the store's).
+Then, on a fleet of 10 with 3
 failing robots, a rollout "1,rest" whose pass-rate gate fails in phase 2: the seconds from the
 gate's verdict to every updated robot of the phase back on its previous policy.
 
@@ -43,6 +44,8 @@ class Sampler:
     def __init__(self) -> None:
         self.rss_mib = 0.0
         self.sockets = 0
+        self.rss_before_mib = 0.0
+        self.sockets_before = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -57,11 +60,12 @@ class Sampler:
         self.sockets = max(self.sockets, n)
 
     def _run(self) -> None:
-        while not self._stop.wait(0.02):
+        while not self._stop.wait(0.005):
             self._sample()
 
     def __enter__(self) -> Sampler:
         self._sample()
+        self.rss_before_mib, self.sockets_before = self.rss_mib, self.sockets
         self._thread.start()
         return self
 
@@ -128,7 +132,6 @@ def measure_size(n: int, out: Path, concurrency: int) -> dict[str, Any]:
     store = Store(f"sqlite:///{out / f'fleet{n}.db'}")
     t0 = time.perf_counter()
     with SimulatedFleet(n, out / f"fleet{n}") as fleet:
-        fleet.start()
         started_s = time.perf_counter() - t0
         v1 = _artifact(fleet, out / f"v1-{n}", 1)
         v2 = _artifact(fleet, out / f"v2-{n}", 2)
@@ -145,7 +148,9 @@ def measure_size(n: int, out: Path, concurrency: int) -> dict[str, Any]:
         "speedup": round(seq_s / par_s, 2),
         "peak_in_flight": par.report.get("peak_concurrency"),
         "host_peak_rss_mib": round(sampled.rss_mib, 1),
+        "host_rss_before_mib": round(sampled.rss_before_mib, 1),
         "host_peak_sockets": sampled.sockets,
+        "host_sockets_before": sampled.sockets_before,
     }
 
 
@@ -155,10 +160,10 @@ def measure_rollback(out: Path) -> dict[str, Any]:
     from robonas.store import Store
 
     store = Store(f"sqlite:///{out / 'gate.db'}")
-    with SimulatedFleet(10, out / "gate-fleet", failing=3) as fleet:
-        for agent in fleet.agents[7:]:
-            agent.extra_args += ["--canary-min-return", "1e9"]
-        fleet.start()
+    fleet = SimulatedFleet(10, out / "gate-fleet", failing=3)
+    for agent in fleet.agents[7:]:
+        agent.extra_args += ["--canary-min-return", "1e9"]
+    with fleet:  # starts the agents (with the floor set above)
         healthy = ",".join(a.name for a in fleet.agents[:7])
         v1 = _artifact(fleet, out / "gate-v1", 1)
         first, _ = _rollout(store, fleet, v1, phases="100%", concurrency=7, agents=healthy)
@@ -206,10 +211,14 @@ def main() -> int:
     if args.json:
         print(json.dumps({"sizes": rows, "gate": gate}, indent=2))
         return 0
-    print("agents  start s  sequential s  parallel s  speed-up  in flight  host RSS MiB  sockets")
+    print(
+        "agents  start s  sequential s  parallel s  speed-up  in flight  "
+        "host RSS MiB (before)  sockets (before)"
+    )
     for r in rows:
         times = f"{r['agents_start_s']:>7.1f}  {r['sequential_s']:>12.2f}  {r['parallel_s']:>10.2f}"
-        host = f"{r['peak_in_flight']:>9}  {r['host_peak_rss_mib']:>12.1f}  {r['host_peak_sockets']:>7}"
+        rss = f"{r['host_peak_rss_mib']:>12.1f} ({r['host_rss_before_mib']:.1f})"
+        host = f"{r['peak_in_flight']:>9}  {rss}  {r['host_peak_sockets']:>7} ({r['host_sockets_before']})"
         print(f"{r['agents']:>6}  {times}  {r['speedup']:>7.2f}x  {host}")
     print(
         f"gate: {gate['status']} at {gate['failed_gate']} (robots {', '.join(gate['failed_robots'])}); "

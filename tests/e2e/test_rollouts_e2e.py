@@ -340,3 +340,32 @@ def test_offline_robots_stay_pending_and_resume_updates_them(tmp_path, store_url
         assert all(fleet.active_sha(a) == sha1 for a in fleet.agents)
     finally:
         fleet.close()
+
+
+@pytest.mark.slow
+def test_fifty_simulated_robots_in_three_phases(tmp_path, store_url):
+    """`robonas fleet simulate`'s fleet of 50: the canary first, at most 8 robots at once, all on
+    the new policy at the end."""
+    from robonas.fleet.simulate import SimulatedFleet
+
+    with SimulatedFleet(50, tmp_path / "fleet") as fleet:
+        model = test_models()["good"]
+        art = write_artifact(tmp_path / "v1", model, manifest_for(model), load_private_key(fleet.signing_key))
+        r = _robonas(
+            "rollout", "start", str(art), "--fleet", str(fleet.fleet_path), "--phases", "1,10%,rest",
+            "--concurrency", "8", "--episodes", "1", "--store", store_url, "--json",
+        )  # fmt: skip
+        out = json.loads(r.stdout[r.stdout.index("{") :])
+        assert out["status"] == "complete" and out["phases"] == [1, 5, 44]
+        robots = out["robots"]
+        assert all(x["state"] == "updated" and x["attempts"] == 1 for x in robots)
+        canary = next(x for x in robots if x["phase"] == 1)
+        assert canary["finished_at"] <= min(x["started_at"] for x in robots if x["phase"] > 1)
+        overlap = _max_overlap([(x["started_at"], x["finished_at"]) for x in robots])
+        assert 2 <= overlap <= 8 and out["report"]["peak_concurrency"] <= 8
+        sha = manifest_for(model)["sha256"]
+        for agent in fleet.agents:
+            with agent.client() as c:
+                c.hello()
+                st = c.status()
+            assert st["slots"][st["active"]]["sha256"] == sha
