@@ -49,22 +49,41 @@ def _run_and_show(db: Store, rollout_id: int, fleet: str, as_json: bool) -> None
         raise typer.Exit(1 if row.status in ("aborted", "incomplete") else 0)
 
 
+# Built-in defaults of `rollout start`, under the fleet file's [rollout] table and the options.
+DEFAULTS: dict[str, Any] = {
+    "phases": "1,10%,rest",
+    "concurrency": 4,
+    "min_pass_rate": 1.0,
+    "max_miss_rate": None,
+    "max_return_drop": None,
+    "soak_s": 0.0,
+    "rollback": True,
+    "episodes": 3,
+    "min_return": None,
+    "retries": 2,
+}
+
+
 @rollout_app.command("start")
 def start(
     artifact: str = typer.Argument(..., help="Artifact folder (policy.tflite + manifest.json)."),
     fleet: str = typer.Option(..., "--fleet", help=_FLEET_HELP),
-    phases: str = typer.Option(
-        "1,10%,rest", "--phases", help="Robots per phase: counts, percentages and a final 'rest'."
+    phases: str | None = typer.Option(
+        None,
+        "--phases",
+        help="Robots per phase: counts, percentages and a final 'rest' (default 1,10%,rest).",
     ),
-    concurrency: int = typer.Option(4, "--concurrency", help="Robots updated at once within a phase."),
+    concurrency: int | None = typer.Option(
+        None, "--concurrency", help="Robots updated at once in a phase (default 4)."
+    ),
     group: str | None = typer.Option(
         None,
         "--group",
         help="Only robots matching e.g. site=lab-a, kind=sim/CartPole-v0, tag=outdoor (ANDed by ',').",
     ),
     agents: str | None = typer.Option(None, "--agents", help="Comma-separated robot names (default: all)."),
-    min_pass_rate: float = typer.Option(
-        1.0, "--min-pass-rate", help="Gate: share of a phase's canaries that must pass."
+    min_pass_rate: float | None = typer.Option(
+        None, "--min-pass-rate", help="Gate: share of a phase's canaries that must pass (default 1)."
     ),
     max_miss_rate: float | None = typer.Option(
         None, "--max-miss-rate", help="Gate: mean deadline-miss rate allowed."
@@ -74,42 +93,62 @@ def start(
         "--max-return-drop",
         help="Gate: largest drop of the mean canary return against the current policy (share).",
     ),
-    soak: float = typer.Option(
-        0.0, "--soak", help="Gate: seconds after a phase that its robots must keep the policy."
+    soak: float | None = typer.Option(
+        None, "--soak", help="Gate: seconds after a phase that its robots must keep the policy."
     ),
-    no_rollback: bool = typer.Option(
-        False, "--no-rollback", help="Leave a failed phase's updated robots as they are."
+    rollback: bool | None = typer.Option(
+        None, "--rollback/--no-rollback", help="Switch a failed phase's updated robots back (default: yes)."
     ),
-    episodes: int = typer.Option(3, "--episodes", help="Canary episodes each robot runs before promoting."),
+    episodes: int | None = typer.Option(
+        None, "--episodes", help="Canary episodes each robot runs before promoting (default 3)."
+    ),
     min_return: float | None = typer.Option(
         None, "--min-return", help="Canary: lowest mean return a robot accepts."
     ),
-    retries: int = typer.Option(2, "--retries", help="Link retries per robot (with backoff)."),
+    retries: int | None = typer.Option(
+        None, "--retries", help="Link retries per robot, with backoff (default 2)."
+    ),
     key: str | None = typer.Option(None, "--key", help="Sign the manifest now with this private key."),
     store: str | None = typer.Option(None, "--store", help=STORE_HELP),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check and store the rollout; send nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print the rollout as JSON."),
 ) -> None:
     """Create a rollout and run it. Every check (robots, group, kind, phases) is made before
-    anything is sent; a lost host resumes with `robonas rollout resume ID`."""
+    anything is sent; a lost host resumes with `robonas rollout resume ID`. Options left out
+    come from the fleet file's \\[rollout] table, then the defaults shown."""
     from robonas.fleet.client import Canary
     from robonas.fleet.rollouts import Gates, start_rollout
 
+    inventory = _inventory(fleet)
+    given: dict[str, Any] = {
+        "phases": phases,
+        "concurrency": concurrency,
+        "min_pass_rate": min_pass_rate,
+        "max_miss_rate": max_miss_rate,
+        "max_return_drop": max_return_drop,
+        "soak_s": soak,
+        "rollback": rollback,
+        "episodes": episodes,
+        "min_return": min_return,
+        "retries": retries,
+    }
+    o: dict[str, Any] = {
+        k: v if v is not None else inventory.rollout.get(k, DEFAULTS[k]) for k, v in given.items()
+    }
     db = open_store(store)
-    gates = Gates(min_pass_rate, max_miss_rate, max_return_drop, soak)
     row = start_rollout(
         db,
         artifact,
-        _inventory(fleet),
+        inventory,
         fleet,
-        phases=phases,
-        concurrency=concurrency,
+        phases=o["phases"],
+        concurrency=o["concurrency"],
         group=group,
         agents=agents,
-        gates=gates,
-        rollback=not no_rollback,
-        canary=Canary(episodes=episodes, min_return=min_return),
-        retries=retries,
+        gates=Gates(o["min_pass_rate"], o["max_miss_rate"], o["max_return_drop"], o["soak_s"]),
+        rollback=o["rollback"],
+        canary=Canary(episodes=o["episodes"], min_return=o["min_return"]),
+        retries=o["retries"],
         key=key,
     )
     if not as_json:

@@ -28,7 +28,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -49,7 +49,20 @@ AGENT_FIELDS = (
     "tags",
 )
 REQUIRED_FIELDS = ("name", "link", "device", "robot")
-TOP_LEVEL_KEYS = ("agent", "credentials")
+TOP_LEVEL_KEYS = ("agent", "credentials", "rollout")
+# `[rollout]`: the fleet's defaults for `robonas rollout start` (its options win), by type.
+ROLLOUT_FIELDS: dict[str, tuple[type, ...]] = {
+    "phases": (str,),
+    "concurrency": (int,),
+    "min_pass_rate": (int, float),
+    "max_miss_rate": (int, float),
+    "max_return_drop": (int, float),
+    "soak_s": (int, float),
+    "rollback": (bool,),
+    "episodes": (int,),
+    "min_return": (int, float),
+    "retries": (int,),
+}
 CREDENTIALS_FIELDS = ("keys", "operator")
 NET_SCHEMES = ("socket", "tcp", "rfc2217", "tls")
 LINK_FORMS = (
@@ -134,6 +147,7 @@ class Inventory:
     agents: tuple[AgentEntry, ...]
     origin: str = "<inventory>"
     credentials: CredentialsRef | None = None
+    rollout: Mapping[str, Any] = field(default_factory=dict)  # [rollout] defaults, checked types
 
     @property
     def names(self) -> list[str]:
@@ -450,7 +464,7 @@ def parse_inventory(
     if unknown:
         raise ConfigError(
             f"{origin}: unknown top-level key(s) {unknown}; a fleet file holds [[agent]] tables "
-            f"and an optional [credentials] table"
+            f"and optional [credentials] and [rollout] tables"
         )
     tables = data.get("agent")
     if not isinstance(tables, Sequence) or isinstance(tables, (str, bytes)) or not tables:
@@ -470,7 +484,24 @@ def parse_inventory(
     if "credentials" in data:
         base = Path(base_dir) if base_dir is not None else Path.cwd()
         credentials = _credentials(data["credentials"], origin, base)
-    return Inventory(tuple(agents), origin, credentials)
+    return Inventory(tuple(agents), origin, credentials, _rollout_defaults(data.get("rollout", {}), origin))
+
+
+def _rollout_defaults(table: Any, origin: str) -> dict[str, Any]:
+    """The `[rollout]` table, each field of the type its option takes (values are checked where
+    they are used, by `robonas.fleet.rollouts`, with the same messages as the options')."""
+    where = f"{origin}: [rollout]"
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where} must be a table with fields {list(ROLLOUT_FIELDS)}")
+    unknown = sorted(set(table) - set(ROLLOUT_FIELDS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; valid fields are {list(ROLLOUT_FIELDS)}")
+    for key, value in table.items():
+        types = ROLLOUT_FIELDS[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            kinds = " or ".join(t.__name__ for t in types)
+            raise ConfigError(f"{where}: field {key!r} must be a {kinds}, got {value!r}")
+    return dict(table)
 
 
 def load_inventory(path: str | os.PathLike[str]) -> Inventory:

@@ -128,3 +128,34 @@ def test_a_dry_run_stores_the_plan_and_sends_nothing(tmp_path):
             ("cart-b1", 1, "pending"),
         ]
         assert row.plan["phases"] == [1, 2] and row.status == "running"
+
+
+def test_the_fleet_file_gives_the_rollout_defaults_and_options_win(tmp_path):
+    artifact = _artifact(tmp_path / "art")
+    fleet = _fleet(tmp_path / "fleet.toml")
+    fleet.write_text(
+        '[rollout]\nphases = "2,rest"\nconcurrency = 3\nmin_pass_rate = 0.5\nrollback = false\n\n'
+        + fleet.read_text()
+    )
+    group = ["--group", "kind=sim/CartPole-v0", "--dry-run", "--json"]
+    assert _rollout(tmp_path, str(artifact), "--fleet", str(fleet), *group).returncode == 0
+    assert (
+        _rollout(
+            tmp_path, str(artifact), "--fleet", str(fleet), *group, "--phases", "1,rest", "--rollback"
+        ).returncode
+        == 0
+    )
+    with Store(f"sqlite:///{tmp_path / 'r.db'}") as store:
+        from_file, from_options = store.rollouts()
+        assert from_file.plan["phases"] == [2, 1] and from_file.plan["concurrency"] == 3
+        assert from_file.plan["gates"]["min_pass_rate"] == 0.5 and from_file.plan["rollback"] is False
+        assert from_options.plan["phases"] == [1, 2] and from_options.plan["rollback"] is True
+        assert from_options.plan["concurrency"] == 3  # not given: still the file's
+
+
+def test_a_bad_rollout_table_is_one_line(tmp_path):
+    artifact = _artifact(tmp_path / "art")
+    fleet = _fleet(tmp_path / "fleet.toml")
+    fleet.write_text('[rollout]\nconcurrency = "many"\n\n' + fleet.read_text())
+    r = _rollout(tmp_path, str(artifact), "--fleet", str(fleet))
+    assert r.returncode == 2 and "[rollout]: field 'concurrency' must be a int" in r.stderr, r.stderr
