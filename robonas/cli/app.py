@@ -16,8 +16,25 @@ app = typer.Typer(
     "deploy them, and learn from what the robots report.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from robonas import __version__
+
+        print(f"robonas {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Search RL policy architectures in simulation, compile the winners for robots, deploy them,
+    and learn from what the robots report."""
 
 
 def _mount() -> None:

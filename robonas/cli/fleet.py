@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
 fleet_app = typer.Typer(help="Robots in a fleet file: status, rollback, fresh runs.", no_args_is_help=True)
 
-_FLEET_HELP = "Fleet inventory TOML (one [[agent]] per robot), e.g. launch/fleet.toml."
+# rich reads [..] as markup: escaped brackets print as written
+_FLEET_HELP = "Fleet inventory TOML (one \\[\\[agent]] per robot), e.g. launch/fleet.toml."
 _STORE_HELP = "Store URL (default: $ROBONAS_STORE or sqlite:///runs/robonas.db)."
 _AGENTS_HELP = "Comma-separated agent names (default: every agent in the fleet file)."
 _NO_REFIT_HELP = (

@@ -35,7 +35,7 @@ def export(
 
     The artifact is policy.tflite + manifest.json (+ manifest.sig when signed). The export is
     refused, with the figures, when the TFLite model loses more return in simulation than the
-    config's [export].max_return_drop allows.
+    config's \\[export].max_return_drop allows.
     """
     import os
 
@@ -55,10 +55,10 @@ def export(
 def search(
     config: str = typer.Argument(..., help="Search config, e.g. launch/cartpole.toml."),
     study: str | None = typer.Option(
-        None, "--study", help="Study name (default: [study].name or the file name)."
+        None, "--study", help="Study name (default: \\[study].name or the file name)."
     ),
     workers: int | None = typer.Option(
-        None, "--workers", help="Parallel trial processes (default: [executor].workers or the core count)."
+        None, "--workers", help="Parallel trial processes (default: \\[executor].workers or the core count)."
     ),
     executor: str | None = typer.Option(
         None,

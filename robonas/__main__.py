@@ -1,0 +1,5 @@
+"""`python -m robonas`: the same as the `robonas` command."""
+
+from robonas.cli.app import main
+
+main()
