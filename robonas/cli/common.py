@@ -15,11 +15,12 @@ if TYPE_CHECKING:
 STORE_HELP = "Store URL (default: $ROBONAS_STORE or sqlite:///runs/robonas.db)."
 
 
-def console() -> Console:
+def console(stderr: bool = False) -> Console:
     from rich.console import Console
 
     # Tables are wide; when piped (no terminal to measure) do not squeeze them into 80 columns.
-    return Console() if sys.stdout.isatty() else Console(width=160)
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr) if stream.isatty() else Console(width=160, stderr=stderr)
 
 
 def open_store(url: str | None) -> Store:
@@ -43,8 +44,11 @@ def search_progress(quiet: bool) -> tuple[AbstractContextManager[Any], SearchPro
 
     from robonas.search.loop import SearchProgress
 
-    if quiet:
-        return contextlib.nullcontext(), SearchProgress()
+    if quiet:  # stdout is for the JSON summary: the trial lines go to stderr
+        err = console(stderr=True)
+        return contextlib.nullcontext(), SearchProgress(
+            on_line=lambda line: err.print(line, markup=False, highlight=False)
+        )
     bar = Progress(
         TextColumn("[bold]trials"),
         BarColumn(),
@@ -78,4 +82,8 @@ def search_progress(quiet: bool) -> tuple[AbstractContextManager[Any], SearchPro
             sps=f"{summary.steps_per_s:,.0f}",
         )
 
-    return bar, SearchProgress(on_start=on_start, on_trial=on_trial)
+    def on_line(line: str) -> None:
+        # printed above the bar, and as plain lines when the output is a file or a pipe
+        bar.console.print(line, markup=False, highlight=False)
+
+    return bar, SearchProgress(on_start=on_start, on_trial=on_trial, on_line=on_line)

@@ -6,6 +6,7 @@ Registered on the root app by `robonas.cli.app`, in the order `robonas --help` l
 from __future__ import annotations
 
 import json
+import sys
 
 import typer
 
@@ -113,6 +114,17 @@ def search(
         )
     if summary.interrupted:
         raise typer.Exit(130)
+    if summary.complete + summary.pruned == 0:
+        from robonas.study_views import study_status
+
+        reasons = list(study_status(db, name).failures.values())
+        why = f"; the last failure: {reasons[-1]}" if reasons else ""
+        print(
+            f"robonas: error: no trial of study {name!r} completed ({summary.failed} failed, "
+            f"{summary.rejected} rejected){why}",
+            file=sys.stderr,
+        )
+        raise typer.Exit(1)
 
 
 def status(

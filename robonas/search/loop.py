@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from robonas.config import SearchConfig
 from robonas.errors import ClaimLost, ConfigError, EventOrderConflict, StoreError
@@ -171,6 +171,27 @@ class SearchProgress:
 
     on_start: Callable[[int, int], None] = lambda planned, done: None
     on_trial: Callable[[SearchSummary], None] = lambda summary: None
+    # one line per finished, failed, pruned or rejected trial (`trial_line`), as it happens
+    on_line: Callable[[str], None] = lambda line: None
+
+
+def trial_line(t: TrialRow) -> str:
+    """One line about a trial that ended: what it was, how it did, how long it took."""
+    m = t.metrics
+    what = f"trial {t.id} (#{t.seq:04d}{', seed check' if t.origin == 'seed' else ''}) {t.status}"
+    figures = []
+    if m is not None and t.status in ("complete", "pruned"):
+        figures.append(f"objective {m.objective:.3f}" if m.objective is not None else "objective -")
+        if m.asymptotic_return is not None:
+            figures.append(f"return {m.asymptotic_return:.1f}")
+    if m is not None and m.p99_ms is not None:
+        figures.append(f"p99 {m.p99_ms:.3f} ms")
+    if t.wall_s is not None:
+        figures.append(f"{t.wall_s:.1f} s")
+    why = ""
+    if t.status in ("failed", "rejected") and t.error:
+        why = ": " + t.error.strip().splitlines()[-1][:300]
+    return f"{what}  {'  '.join(figures)}  {t.arch.describe()}{why}"
 
 
 def run_dir_for(store_url: str) -> Path:
@@ -224,6 +245,8 @@ class Search:
         self._fleet_ranges: dict[str, Any] | None = None
         self._executor_now: Executor | None = None
         self._keeper: LeaseKeeper | None = None
+        self._log: TextIO | None = None  # the study's search.log, while run() runs
+        self._log_handler: logging.Handler | None = None
 
     @property
     def ctx(self) -> ScoringContext:
@@ -497,6 +520,7 @@ class Search:
                 )
                 self._asked[t.id] = arch
                 self._tell(t.id, None)
+                self._tell_user(t.id)
                 rejected += 1
                 continue
             t = self.store.add_trial(
@@ -556,6 +580,7 @@ class Search:
         try:
             if not result.ok:
                 self._record_failure(study, trial, result.error or "unknown error", result.wall_s)
+                self._tell_user(trial.id)
                 return
             outcome: dict[str, Any] = result.value or {}
             try:
@@ -572,10 +597,12 @@ class Search:
                 metrics = score(trial.arch, sim, self.ctx)
             except Exception as e:  # noqa: BLE001  (a scoring bug must not kill the search: record it)
                 self._record_failure(study, trial, f"scoring failed: {e!r}\n{traceback.format_exc(limit=3)}")
+                self._tell_user(trial.id)
                 return
             self._record_weights(trial.id, outcome["artifacts"])
             self._record_result(study, trial, metrics, outcome)
             self._env_steps_this_run += int(outcome["env_steps"])
+            self._tell_user(trial.id)
         except ClaimLost as e:
             log.warning("%s", e)  # another process took the trial over and runs it
         finally:
@@ -635,6 +662,41 @@ class Search:
 
         self._in_order(complete_and_tell)
 
+    def _tell_user(self, trial_id: int) -> None:
+        """The trial's line to the study's log file and to the progress display."""
+        line = trial_line(self.store.get_trial(trial_id))
+        self._log_line(line)
+        self.progress.on_line(line)
+
+    def _log_line(self, line: str) -> None:
+        if self._log is not None:
+            self._log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+
+    def _open_log(self) -> None:
+        """`search.log` in the study's folder, appended line by line as the search goes (several
+        processes on one study append to the same file: each line is one write). Warnings of
+        robonas's loggers (retries, lost claims) go there too."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / "search.log"
+        self._log = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115  (closed by _close_log)
+        self._log_handler = logging.StreamHandler(self._log)
+        self._log_handler.setLevel(logging.WARNING)
+        self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("robonas").addHandler(self._log_handler)
+        self._log_line(
+            f"search process {self.worker} joins study {self.plan.study_name} "
+            f"({self.cfg.budget.trials} trials planned, {self.workers} worker(s), {self.cfg.executor.kind})"
+        )
+
+    def _close_log(self, how: str) -> None:
+        if self._log is None:
+            return
+        self._log_line(f"search process {self.worker} {how}")
+        if self._log_handler is not None:
+            logging.getLogger("robonas").removeHandler(self._log_handler)
+        self._log.close()
+        self._log = None
+
     def _record_weights(self, trial_id: int, artifacts: dict[str, str]) -> None:
         actor = Path(artifacts["actor"])
         sha = hashlib.sha256(actor.read_bytes()).hexdigest()
@@ -682,8 +744,6 @@ class Search:
 
     # --- the loop -------------------------------------------------------------------------
     def run(self) -> SearchSummary:
-        from robonas.search.claims import LeaseKeeper
-
         root = self._artifact_root()
         study = self._open_study()
         self.run_dir = root / "studies" / self.plan.study_name
@@ -694,6 +754,16 @@ class Search:
         self._scoring = ScoringContext(
             return_lo=self.lo, return_hi=self.hi, **self._newest_models(study, self.plan.scoring_context_args)
         )
+        self._open_log()
+        try:
+            return self._run(study)
+        except BaseException as e:
+            self._close_log(f"stopped: {type(e).__name__}: {e}")
+            raise
+
+    def _run(self, study: StudyRow) -> SearchSummary:
+        from robonas.search.claims import LeaseKeeper
+
         trials = self.store.trials(study.id)
         done = sum(t.status in ("complete", "failed", "pruned") and t.origin == "ask" for t in trials)
         self.progress.on_start(self.cfg.budget.trials, done)
@@ -722,6 +792,7 @@ class Search:
             keeper.stop()
             self.store.release_claims(study.id, self.worker)
             self.store.set_study_status(study.id, "interrupted")
+            self._close_log("interrupted (Ctrl-C); the same command resumes")
             return self.summary(study, interrupted=True)
         except BaseException:
             executor.shutdown(kill=True)
@@ -732,7 +803,11 @@ class Search:
         keeper.stop()
         self._rank_by_twins(study)
         self.store.set_study_status(study.id, "complete")
-        return self.summary(study)
+        summary = self.summary(study)
+        self._close_log(
+            f"done: {summary.complete} complete, {summary.failed} failed, {summary.rejected} rejected"
+        )
+        return summary
 
     def _executor(self) -> Executor:
         """Where trials run: worker processes here, or Ray tasks (`[executor] kind`)."""
