@@ -178,7 +178,7 @@ class SearchProgress:
 def trial_line(t: TrialRow) -> str:
     """One line about a trial that ended: what it was, how it did, how long it took."""
     m = t.metrics
-    what = f"trial {t.id} (#{t.seq:04d}{', seed check' if t.origin == 'seed' else ''}) {t.status}"
+    what = f"trial {t.id}{' (seed check)' if t.origin == 'seed' else ''} {t.status}"
     figures = []
     if m is not None and t.status in ("complete", "pruned"):
         figures.append(f"objective {m.objective:.3f}" if m.objective is not None else "objective -")
@@ -474,7 +474,8 @@ class Search:
     def _submit(self, executor: Executor, trial: TrialRow) -> None:
         """Run a trial this process holds."""
         arch = trial.arch
-        out_dir = self.run_dir / f"trial-{trial.seq:04d}-{arch.arch_id}"
+        # the trial's id, the number every command takes (--trial N) and every line shows
+        out_dir = self.run_dir / f"trial-{trial.id:04d}-{arch.arch_id}"
         spec = self._spec(
             arch, out_dir, self.lo, self.hi, seed=self._trial_seed(trial), report=self._report_spec(trial)
         )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from test_shared_study import DRIVER, _write_config
 
-LINE = re.compile(r"^trial \d+ \(#\d{4}(, seed check)?\) (complete|failed|rejected|pruned)  ")
+LINE = re.compile(r"^trial \d+( \(seed check\))? (complete|failed|rejected|pruned)  ")
 
 
 def _search(
