@@ -23,6 +23,7 @@ hit a fault); none ends the process.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -406,6 +407,7 @@ class Agent:
                 "version": __version__,
                 "device": self.device,
                 "robot": self.robot_spec,
+                "robot_check": self._robot_check(),
                 "fast": self.fast,
                 "transfer": transfer,
                 "runtime": runtime,
@@ -419,6 +421,23 @@ class Agent:
                 "you": {"operator": session.who, "roles": session.roles()},
             },
         )
+
+    def _robot_check(self) -> dict:
+        """Whether the robot itself answers, not only this agent: {"ok": True/False/None,
+        "detail": ...}. A robot that fails is closed, so the next use opens it afresh (a serial
+        device plugged back in). Not checked while a run drives it (None)."""
+        if self._run_stop is not None:
+            return {"ok": None, "detail": "a run is driving the robot: not checked"}
+        try:
+            self.robot().check()
+        except Exception as e:  # noqa: BLE001  (whatever the robot raised is the answer)
+            with self._robot_lock:
+                robot, self._robot = self._robot, None
+            if robot is not None:
+                with contextlib.suppress(Exception):
+                    robot.close()
+            return {"ok": False, "detail": f"{type(e).__name__}: {e}"[:300]}
+        return {"ok": True, "detail": self.robot_spec}
 
     def _ping(self, msg: Message, session: Session) -> Message:
         return msg.reply(MsgType.PONG, msg.header)

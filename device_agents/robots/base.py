@@ -96,6 +96,10 @@ class Robot(abc.ABC):
         does nothing for a robot already closed. Raises DeviceError when the robot cannot confirm
         its safe state (it answered wrongly, or not at all)."""
 
+    def check(self) -> None:  # noqa: B027  (an optional hook, empty by design)
+        """Raise DeviceError unless the robot itself answers now (a real robot: its controller;
+        a simulated one always does). Called for STATUS, never while a run drives the robot."""
+
     def arm_watchdog(self, timeout_s: float) -> None:  # noqa: B027  (an optional hook, empty by design)
         """Ask the robot to fall to its safe state by itself if the agent goes silent for
         `timeout_s` (0 disarms). A robot with no such watchdog does nothing."""

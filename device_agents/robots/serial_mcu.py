@@ -322,6 +322,10 @@ class SerialRobot(Robot):
         if fields[:1] != [str(ms)]:
             raise SerialRobotError(f"{self.name}: the MCU answered 'K {' '.join(fields)}' to 'K {ms}'")
 
+    def check(self) -> None:
+        """The MCU answers its hello again (a device unplugged or a controller gone: an error)."""
+        self._request("H", "H")
+
     def describe(self) -> dict:
         return {**super().describe(), "safe_action": [float(v) for v in self.safe_action()]}
 

@@ -45,6 +45,7 @@ def _mount() -> None:
     from robonas.cli.demo import demo
     from robonas.cli.fleet import deploy_command, fleet_app
     from robonas.cli.keys import keys_app
+    from robonas.cli.replay import replay
     from robonas.cli.rollout import rollout_app
     from robonas.cli.study import export, report, search, status, top
     from robonas.cli.twins import identify, twins
@@ -56,7 +57,7 @@ def _mount() -> None:
     app.command("rerank")(rerank_command)
     app.add_typer(bench_app, name="bench")
     app.add_typer(keys_app, name="keys")
-    for command in (export, search, status, top, report, identify, twins, demo):
+    for command in (export, search, status, top, report, replay, identify, twins, demo):
         app.command()(command)
 
 

@@ -15,6 +15,7 @@ The lead mounts these on the main app:
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -46,7 +47,10 @@ T = TypeVar("T")
 def _console(stderr: bool = False) -> Console:
     from rich.console import Console
 
-    return Console(stderr=stderr) if sys.stdout.isatty() else Console(width=160, stderr=stderr)
+    # piped: wide tables unless the user says how wide (COLUMNS)
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return Console(stderr=stderr)
+    return Console(width=160, stderr=stderr)
 
 
 def _fail(message: str) -> NoReturn:
@@ -412,9 +416,13 @@ def status_command(
     fleet: str = typer.Option(..., "--fleet", help=_FLEET_HELP),
     agents: str | None = typer.Option(None, "--agents", help=_AGENTS_HELP),
     store: str | None = typer.Option(None, "--store", help=_STORE_HELP),
+    wide: bool = typer.Option(
+        False, "--wide", help="Every column (link, version, uptime, p99), for wide terminals."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """Each robot's active slot, policy sha256/version and its last stored report."""
+    """Each robot: does its agent answer, does the robot itself answer, its active slot and
+    policy, and the last stored report of that policy. Errors are printed in full below the table."""
     rows = _guard(lambda: _status(fleet, agents, store))
     if as_json:
         print(json.dumps(rows, indent=2, default=str))
@@ -422,45 +430,59 @@ def status_command(
         from rich.table import Table
 
         t = Table(title=f"fleet {fleet}")
-        for col in (
-            "robot",
-            "link",
-            "reachable",
-            "active",
-            "state",
-            "sha256",
-            "version",
-            "uptime s",
-            "last report",
-            "p99 ms",
-            "mean return",
-        ):
-            t.add_column(col)
+        columns = ["robot", "agent", "robot ok", "active", "sha256", "state", "last report", "return"]
+        if wide:
+            columns[1:1] = ["link"]
+            columns += ["version", "uptime s", "p99 ms"]
+        for col in columns:
+            t.add_column(col, overflow="fold")
         for r in rows:
             last = r.get("last_report") or {}
-            t.add_row(
-                r["name"],
-                r["link"],
-                "yes" if r["reachable"] else f"no: {r['error'][:60]}",
-                _fmt(r.get("active")),
-                _fmt(r.get("state")),
-                _fmt((r.get("sha256") or "")[:12] or None),
-                _fmt(r.get("version")),
-                _fmt(r.get("uptime_s"), ".0f"),
-                f"{last.get('kind')} {last.get('time')}" if last else "-",
-                _fmt(last.get("p99_ms")),
-                _fmt(last.get("mean_return"), ".1f"),
-            )
-        _console().print(t)
+            check = r.get("robot_check") or {}
+            cells = {
+                "robot": r["name"],
+                "link": r["link"],
+                "agent": "yes" if r["reachable"] else "no",
+                "robot ok": {True: "yes", False: "no", None: "-"}.get(check.get("ok"), "-"),
+                "active": _fmt(r.get("active")),
+                "sha256": _fmt((r.get("sha256") or "")[:12] or None),
+                "state": _fmt(r.get("state")),
+                "last report": f"{last.get('kind')} {_short_time(last.get('time'))}" if last else "-",
+                "return": _fmt(last.get("mean_return"), ".1f"),
+                "version": _fmt(r.get("version")),
+                "uptime s": _fmt(r.get("uptime_s"), ".0f"),
+                "p99 ms": _fmt(last.get("p99_ms")),
+            }
+            t.add_row(*(cells[c] for c in columns))
+        c = _console()
+        c.print(t)
+        for r in rows:  # the causes, whole: a table cell would cut them
+            if not r["reachable"]:
+                c.print(f"{r['name']}: agent does not answer: {r['error']}", markup=False)
+            elif (r.get("robot_check") or {}).get("ok") is False:
+                c.print(
+                    f"{r['name']}: the agent answers, the robot does not: {r['robot_check']['detail']}",
+                    markup=False,
+                )
+            if r["reachable"] and not r.get("last_report") and r.get("sha256"):
+                c.print(f"{r['name']}: no stored report of its active policy yet", markup=False)
     down = [r["name"] for r in rows if not r["reachable"]]
-    if down:
-        _fail(f"unreachable robot(s): {', '.join(down)}")
+    broken = [r["name"] for r in rows if r["reachable"] and (r.get("robot_check") or {}).get("ok") is False]
+    if down or broken:
+        parts = [f"unreachable robot(s): {', '.join(down)}"] if down else []
+        parts += [f"robot(s) not answering their agent: {', '.join(broken)}"] if broken else []
+        _fail("; ".join(parts))
+
+
+def _short_time(iso: str | None) -> str:
+    """'2026-12-01T22:41:05+00:00' -> '12-01 22:41' (UTC): the table's width is for the robots."""
+    return "-" if not iso else f"{iso[5:10]} {iso[11:16]}"
 
 
 def _status(fleet: str, agents: str | None, store_url: str | None) -> list[dict[str, Any]]:
     from robonas.fleet.client import AgentClient, FleetError, fleet_credentials
     from robonas.fleet.inventory import load_inventory
-    from robonas.fleet.reports import last_reports, register_device, summarise_report
+    from robonas.fleet.reports import register_device, summarise_report
 
     inventory = load_inventory(fleet)
     entries = inventory.select(agents)
@@ -480,14 +502,20 @@ def _status(fleet: str, agents: str | None, store_url: str | None) -> list[dict[
             try:
                 with AgentClient.for_entry(e, credentials) as c:
                     row["hello"] = c.hello()
-                    row.update(_slot_summary(c.status()))
+                    status = c.status()
+                    row.update(_slot_summary(status))
+                    row["robot_check"] = status.get("robot_check")
                 row["reachable"] = True
                 register_device(store, e.name, e.device)
             except FleetError as err:
                 row["error"] = str(err)
-            reports = last_reports(store, e.name)
+            # the newest report of the policy the robot runs now (after a rollback, not the
+            # rolled-back one's); unreachable: the newest of any
+            reports = store.device_reports(device=e.name)
+            if row.get("sha256"):
+                reports = [r for r in reports if r.payload.get("sha256") == row["sha256"]]
             if reports:
-                newest = max(reports.values(), key=lambda r: r.id)
+                newest = reports[-1]
                 row["last_report"] = {
                     "kind": newest.kind,
                     "id": newest.id,
