@@ -331,12 +331,31 @@ def _run_run(args: argparse.Namespace) -> int:
     return 0 if reply.type == MsgType.REPORT else 2
 
 
+# --- install-service -----------------------------------------------------------------------------
+def _install_service_arguments(p: argparse.ArgumentParser) -> None:
+    from device_agents import service  # standard library only at import time
+
+    _serve_arguments(p)  # the unit runs `serve` with these, so they are declared exactly as there
+    service.add_arguments(p)
+
+
+def _install_service_run(args: argparse.Namespace) -> int:
+    from device_agents.service import install
+
+    return install(args)
+
+
 COMMANDS: dict[str, Command] = {
     "bench": Command("time a .tflite policy on this machine", _bench_arguments, _bench_run),
     "serve": Command(
         "serve the robonas protocol: deploys, canaries, runs, reports", _serve_arguments, _serve_run
     ),
     "run": Command("run episodes of the active policy here and print the report", _run_arguments, _run_run),
+    "install-service": Command(
+        "check a serve command and write it as a systemd unit (prints the systemctl steps, runs none)",
+        _install_service_arguments,
+        _install_service_run,
+    ),
 }
 
 

@@ -69,6 +69,8 @@ class TrainingSection(_Section):
         default=None,
         description='ranges to train under, or "fleet": the identified twins\' ranges (nominal if unset)',
     )
+    # TensorBoard logs per trial, in the trial's folder (pip install 'robonas[tensorboard]')
+    tensorboard: bool = False
 
 
 class PruningSection(_Section):
@@ -170,6 +172,8 @@ class SearchConfig(_Section):
         """
         d = self.to_dict()
         keep = {k: d[k] for k in ("env", "space", "strategy", "training", "robustness", "device")}
+        # where the logs go changes no trial
+        keep["training"] = {k: v for k, v in keep["training"].items() if k != "tensorboard"}
         keep["budget"] = {k: v for k, v in d["budget"].items() if k not in ("trials", "max_rejections")}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 

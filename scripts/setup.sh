@@ -10,5 +10,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet torch==2.13.0
-.venv/bin/python -m pip install --quiet -e '.[host,test,postgres,ray]'
+.venv/bin/python -m pip install --quiet -e '.[host,test,postgres,ray,tensorboard]'
 echo "robonas installed in .venv"

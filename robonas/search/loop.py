@@ -112,6 +112,13 @@ class SearchPlan:
         from robonas.strategies import make_strategy
 
         config.validate_references()
+        if config.training.tensorboard:
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is None:
+                raise ConfigError(
+                    "training.tensorboard needs TensorBoard: pip install 'robonas[tensorboard]'"
+                )
         env = EnvInfo.probe(config.env.id, config.env.kwargs)
         space = SearchSpace.from_config(config.space, env.obs_dim, env.act_dim, start=tuned_start(config))
         make_strategy(config.strategy.name, space, config.strategy.seed, **config.strategy.options)
@@ -451,6 +458,7 @@ class Search:
             seed=seed,
             report=report,
             random_return=self.random_return,
+            tensorboard=c.training.tensorboard,
         )
 
     def _report_spec(self, trial: TrialRow) -> ReportSpec:

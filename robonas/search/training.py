@@ -98,6 +98,7 @@ class TrainSpec:
     # the random policy's mean return on the evaluation seeds, when already known (it depends on
     # the env and the seeds only, so a search measures it once per study)
     random_return: float | None = None
+    tensorboard: bool = False  # SB3's TensorBoard logs in out_dir/tensorboard
 
     def __post_init__(self) -> None:
         if self.algo not in ALGOS:
@@ -584,7 +585,14 @@ def train_trial(spec: TrainSpec, progress: Callable[[int], None] | None = None) 
         policy = ArchActorCriticPolicy if spec.algo == "ppo" else ArchSACPolicy
         try:
             model = _algo_class(spec.algo)(
-                policy, train_env, policy_kwargs=policy_kwargs, seed=spec.seed, device="cpu", verbose=0, **hp
+                policy,
+                train_env,
+                policy_kwargs=policy_kwargs,
+                seed=spec.seed,
+                device="cpu",
+                verbose=0,
+                tensorboard_log=str(Path(spec.out_dir) / "tensorboard") if spec.tensorboard else None,
+                **hp,
             )
         except (TypeError, ValueError, AssertionError) as e:
             raise ConfigError(f"hyperparams for {spec.algo} on {spec.env_id}: {e}") from e
