@@ -1,13 +1,10 @@
-"""robonas: host side of the policy-architecture search (search, training, scoring, export, fleet)."""
+"""robonas: host side of the policy-architecture search (search, training, scoring, export, fleet).
+
+The host side needs Python 3.11 or newer; a robot needs only device_agents (`robonas-agent`) and
+may run 3.9. The `robonas` command says so in one line (robonas.cli.main): importing this package
+does not raise, so that check can run on a robot's older Python.
+"""
 
 from __future__ import annotations
 
-import sys
-
 __version__ = "0.1.0"
-
-if sys.version_info < (3, 11):  # noqa: UP036  (the robot side installs on 3.9; say why the host does not)
-    raise ImportError(
-        f"robonas (the host side) needs Python 3.11 or newer, this is {sys.version.split()[0]}; "
-        "a robot needs only device_agents (`robonas-agent`)"
-    )

@@ -1,5 +1,5 @@
 """`python -m robonas`: the same as the `robonas` command."""
 
-from robonas.cli.app import main
+from robonas.cli import main
 
 main()

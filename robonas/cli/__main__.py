@@ -1,5 +1,5 @@
 """`python -m robonas.cli`: the same as the `robonas` script."""
 
-from robonas.cli.app import main
+from robonas.cli import main
 
 main()
