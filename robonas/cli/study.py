@@ -229,7 +229,13 @@ def top(
             "*" if row.pareto else "",
             row.status if row.within_budget is not False else "over budget",
         )
-    console().print(t)
+    c = console()
+    c.print(t)
+    from robonas.study_views import study_status
+
+    failures = study_status(open_store(store), study).failures
+    for trial_id, reason in failures.items():  # why the missing ones are missing
+        c.print(f"trial {trial_id} failed: {reason}", markup=False, highlight=False)
 
 
 def report(

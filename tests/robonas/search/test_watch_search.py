@@ -76,3 +76,12 @@ def test_a_search_where_every_trial_failed_exits_non_zero_with_the_reason(tmp_pa
     import json
 
     assert json.loads(r.stdout)["failed"] == 4
+    # `top` says why the table has no rows
+    url = f"sqlite:///{tmp_path / 'db' / 'robonas.db'}"
+    top = subprocess.run(
+        [sys.executable, "-m", "robonas", "top", "shared", "--store", url],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert top.returncode == 0, top.stderr
+    failed = [x for x in top.stdout.splitlines() if re.match(r"^trial \d+ failed: .*told to fail", x)]
+    assert len(failed) == 4, top.stdout
