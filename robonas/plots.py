@@ -55,9 +55,24 @@ def _new(title: str, xlabel: str, ylabel: str) -> tuple[Figure, Axes]:
     return fig, ax
 
 
-def learning_curves_png(curves: Mapping[str, Sequence[tuple[int, float, float]]]) -> bytes:
-    """Mean evaluation return against env steps per trial, with a +-1 std band."""
+def learning_curves_png(
+    curves: Mapping[str, Sequence[tuple[int, float, float]]],
+    return_lo: float | None = None,
+    return_hi: float | None = None,
+) -> bytes:
+    """Mean evaluation return against env steps per trial, with a +-1 std band.
+
+    `return_hi`/`return_lo` (the study's resolved return range, the ends the objective normalises
+    by) are drawn as labelled horizontal lines: the target a policy should reach and the floor a
+    random policy sits at.
+    """
     fig, ax = _new("Learning curves (top trials)", "env steps", "mean eval return")
+    for value, label, style in (
+        (return_hi, "target (return_hi)", "--"),
+        (return_lo, "floor (return_lo)", ":"),
+    ):
+        if value is not None:
+            ax.axhline(value, color="black", linestyle=style, linewidth=1.2, label=f"{label} = {value:,.1f}")
     for label, points in curves.items():
         if not points:
             continue
@@ -74,6 +89,65 @@ def learning_curves_png(curves: Mapping[str, Sequence[tuple[int, float, float]]]
         )
     if ax.lines:
         ax.legend(fontsize="small", loc="best")
+    return _png(fig)
+
+
+@dataclass(frozen=True)
+class HistoryPoint:
+    """One finished trial of the search: when it finished, env steps so far, its objective."""
+
+    wall_s: float  # seconds since the first trial finished
+    env_steps: int  # cumulative env steps of the study up to and including this trial
+    objective: float
+
+
+def search_history_png(points: Sequence[HistoryPoint]) -> bytes:
+    """Best objective so far against wall time and against cumulative env steps (two panels).
+
+    Each trial is a dot at its own objective; the step line is the running best, so a flat line
+    means the search has stopped finding better architectures.
+    """
+    fig = Figure(figsize=(FIGSIZE[0], FIGSIZE[1] * 0.9))
+    axes = fig.subplots(1, 2, sharey=True)
+    ordered = sorted(points, key=lambda p: p.wall_s)
+    best: list[float] = []
+    for p in ordered:
+        best.append(p.objective if not best else max(best[-1], p.objective))
+    # the wall-time unit follows the span, so a minute-long test study and a day-long search
+    # both get readable tick labels
+    span = ordered[-1].wall_s if ordered else 0.0
+    scale, unit = (1.0, "s") if span < 120 else (60.0, "min") if span < 7200 else (3600.0, "h")
+    for ax, xs, xlabel in (
+        (axes[0], [p.wall_s / scale for p in ordered], f"wall time since first trial ({unit})"),
+        (axes[1], [float(p.env_steps) for p in ordered], "cumulative env steps"),
+    ):
+        ax.scatter(xs, [p.objective for p in ordered], color="tab:gray", alpha=0.7, s=18, label="trial")
+        ax.plot(xs, best, color="tab:blue", drawstyle="steps-post", label="best so far")
+        ax.set_xlabel(xlabel)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("objective")
+    axes[0].set_title("Best objective vs wall time")
+    axes[1].set_title("Best objective vs env steps")
+    if ordered:
+        axes[0].legend(fontsize="small", loc="lower right")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def importance_png(importances: Mapping[str, float]) -> bytes:
+    """Horizontal bars: each architecture choice's importance for the objective, largest on top."""
+    items = sorted(importances.items(), key=lambda kv: kv[1])
+    fig = Figure(figsize=(FIGSIZE[0], max(2.0, 0.45 * len(items) + 1.2)))
+    ax = fig.add_subplot()
+    ax.barh([k for k, _ in items], [v for _, v in items], color="tab:blue")
+    for i, (_, v) in enumerate(items):
+        ax.annotate(
+            f"{v:.2f}", (v, i), xytext=(3, 0), textcoords="offset points", va="center", fontsize="small"
+        )
+    ax.set_xlim(0, max([v for _, v in items] + [0.0]) * 1.15 or 1.0)
+    ax.set_title("Which architecture choices mattered")
+    ax.set_xlabel("importance (shares sum to 1)")
+    ax.grid(True, axis="x", alpha=0.3)
     return _png(fig)
 
 

@@ -30,20 +30,32 @@ from robonas import plots
 from robonas.errors import RobonasError
 from robonas.metrics import TrialMetrics
 from robonas.scoring import pareto_front
+from robonas.space import PolicyArch
 from robonas.store import DeploymentRow, DeviceReportRow, ModelVersionRow, Store, TrialRow
 from robonas.study_views import ranked_trials, study_status
 
-SECTIONS = ("summary", "learning-curves", "pareto", "latency-model", "gap-model", "deployments")
+SECTIONS = (
+    "summary",
+    "learning-curves",
+    "search-history",
+    "importance",
+    "pareto",
+    "latency-model",
+    "gap-model",
+    "deployments",
+)
 TOP_TRIALS = 10  # rows of the best-trials table
+MIN_IMPORTANCE_TRIALS = 4  # fewer complete trials than this say nothing about which choices matter
 TOP_CURVES = 5  # trials drawn in the learning-curve figure
 LAST_REPORTS = 5  # device reports listed per robot
 
 _CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1240px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 0.3em; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; }
 th { background: #f2f2f2; } td.t { text-align: left; }
 img { max-width: 100%; } .empty { color: #777; font-style: italic; }
+p.caption { color: #444; font-size: 0.9em; margin: 0.2em 0 1.2em; max-width: 60em; }
 section { margin-bottom: 2.5em; }
 """
 
@@ -70,6 +82,28 @@ def _fmt(value: Any, digits: int = 3) -> str:
     if f == int(f) and abs(f) < 1e15:
         return f"{int(f):,}" if isinstance(value, int) else f"{f:.{digits}g}"
     return f"{f:.{digits}g}" if abs(f) >= 1000 or abs(f) < 0.01 else f"{f:.{digits}f}"
+
+
+# digits after the point per kind of figure; "count" is an integer with thousands separators
+_DIGITS = {"return": 1, "objective": 3, "ms": 3, "seconds": 1, "percent": 1}
+
+
+def format_number(value: Any, kind: str) -> str:
+    """One figure as the report shows it: returns 1 decimal, objectives and ms 3 decimals,
+    counts as integers with thousands separators (1,234,567). Missing or non-finite -> ""."""
+    f = _float(value)
+    if f is None:
+        return ""
+    if kind == "count":
+        return f"{round(f):,}"
+    if kind not in _DIGITS:
+        raise ValueError(f"unknown number kind {kind!r}; valid: count, {', '.join(_DIGITS)}")
+    return f"{f:,.{_DIGITS[kind]}f}"
+
+
+def _caption(text: str) -> str:
+    """What a table or figure shows and how to read it; `text` is trusted report HTML."""
+    return f'<p class="caption">{text}</p>'
 
 
 def _time(t: datetime | None) -> str:
@@ -178,6 +212,21 @@ class _StudyData:
         return value if isinstance(value, Mapping) else {}
 
     @property
+    def return_range(self) -> tuple[float | None, float | None]:
+        """The study's resolved (return_lo, return_hi): the floor and target of the objective."""
+        resolved = self.study.config.get("resolved")
+        if not isinstance(resolved, Mapping):
+            return None, None
+        return _float(resolved.get("return_lo")), _float(resolved.get("return_hi"))
+
+    @property
+    def weights(self) -> tuple[float, float]:
+        """(auc, real_return) objective weights from the config; scoring's defaults are 0.5/0.5."""
+        obj = self.section("objective")
+        w_auc, w_real = _float(obj.get("auc")), _float(obj.get("real_return"))
+        return (0.5 if w_auc is None else w_auc), (0.5 if w_real is None else w_real)
+
+    @property
     def budget_ms(self) -> float | None:
         return _float(self.section("device").get("latency_budget_ms"))
 
@@ -187,27 +236,32 @@ class _StudyData:
 
 def _summary(d: _StudyData) -> str:
     s = d.status
-    resolved = d.study.config.get("resolved") or {}
+    lo, hi = d.return_range
     facts = [
         ("study", _e(d.study.name)),
         ("status", _e(s.status)),
         ("env", _e(s.env)),
         ("device profile", _e(s.device)),
-        ("latency budget (p99)", f"{_fmt(d.budget_ms)} ms" if d.budget_ms is not None else ""),
+        ("latency budget (p99)", f"{format_number(d.budget_ms, 'ms')} ms" if d.budget_ms is not None else ""),
         (
-            "return range",
-            f"{_fmt(resolved.get('return_lo'))} .. {_fmt(resolved.get('return_hi'))}"
-            if isinstance(resolved, Mapping)
+            "return range (floor .. target)",
+            f"{format_number(lo, 'return')} .. {format_number(hi, 'return')}"
+            if lo is not None and hi is not None
             else "",
         ),
-        ("trials", ", ".join(f"{_e(k)} {n}" for k, n in s.counts.items())),
-        ("env steps", _fmt(s.env_steps)),
-        ("wall time", f"{_fmt(s.wall_s)} s"),
+        ("objective", _objective_definition(d)),
+        ("trials", ", ".join(f"{_e(k)} {format_number(n, 'count')}" for k, n in s.counts.items())),
+        ("env steps", format_number(s.env_steps, "count")),
+        ("wall time", f"{format_number(s.wall_s, 'seconds')} s"),
         ("ranked by", _e(d.ranked.ranked_by)),
         ("models", _e(", ".join(f"{k} {v}" for k, v in d.ranked.models.items()))),
         ("updated", _e(_time(s.updated_at))),
     ]
     body = _table(("field", "value"), ((f"<b>{_e(k)}</b>", v) for k, v in facts), text_cols=2)
+    body += _caption(
+        "The study at a glance. The return range is the study's resolved floor (about what a random "
+        "policy scores) and target; returns are normalised to [0, 1] by it for the objective."
+    )
     rows = d.ranked.rows
     if not rows:
         return body + _empty("no complete trials yet")
@@ -223,7 +277,8 @@ def _summary(d: _StudyData) -> str:
         "auc",
         "asymptotic",
         "robustness",
-        "pred. real",
+        "predicted real return",
+        "90% interval",
         "p50 ms",
         "p99 ms",
         "params",
@@ -235,25 +290,56 @@ def _summary(d: _StudyData) -> str:
             _e(r.arch),
             "&#9733;" if r.pareto else "",
             _e(r.seeds),
-            _fmt(r.seed_mean) + (f" &plusmn; {_fmt(r.seed_std)}" if r.seeds > 1 else ""),
-            *(
-                _fmt(getattr(r, k))
-                for k in (
-                    "objective",
-                    "objective_lcb",
-                    "auc",
-                    "asymptotic_return",
-                    "robustness_return",
-                    "predicted_real_return",
-                    "p50_ms",
-                    "p99_ms",
-                    "params",
-                )
-            ),
+            format_number(r.seed_mean, "objective")
+            + (f" &plusmn; {format_number(r.seed_std, 'objective')}" if r.seeds > 1 else ""),
+            *(format_number(getattr(r, k), kind) for k, kind in _RANKED_COLUMNS[:6]),
+            _interval(r.predicted_real_lo90, r.predicted_real_hi90),
+            *(format_number(getattr(r, k), kind) for k, kind in _RANKED_COLUMNS[6:]),
         ]
         for r in rows
     )
-    return body + "<h3>Best trials</h3>" + _table(head, cells, text_cols=3)
+    caption = _caption(
+        "Best candidates first, ranked by <b>" + _e(d.ranked.ranked_by) + "</b>. "
+        "<b>Objective</b>: " + _objective_definition(d) + " "
+        "<b>Objective lcb</b> is the objective minus its uncertainty (from the gap model's spread), "
+        "a cautious score. <b>Predicted real return</b> is the simulated asymptotic return minus the "
+        "modelled sim-to-real gap (or the robot twins' prediction once robots have twins); its "
+        "<b>90% interval</b> is the range the real return should fall in 9 times out of 10. "
+        "<b>auc</b> is the normalised area under the learning curve (0..1, higher learned faster); "
+        "<b>robustness</b> is the return under perturbed physics; p50/p99 ms are the predicted "
+        "per-step latency on the study's device; &#9733; marks the return/latency Pareto front."
+    )
+    return body + "<h3>Best trials</h3>" + _table(head, cells, text_cols=3) + caption
+
+
+_RANKED_COLUMNS = (
+    ("objective", "objective"),
+    ("objective_lcb", "objective"),
+    ("auc", "objective"),
+    ("asymptotic_return", "return"),
+    ("robustness_return", "return"),
+    ("predicted_real_return", "return"),
+    ("p50_ms", "ms"),
+    ("p99_ms", "ms"),
+    ("params", "count"),
+)
+
+
+def _interval(lo: Any, hi: Any) -> str:
+    a, b = format_number(lo, "return"), format_number(hi, "return")
+    return f"{a} .. {b}" if a and b else ""
+
+
+def _objective_definition(d: _StudyData) -> str:
+    """The objective in words with this study's weights (scoring.objective's formula)."""
+    w_auc, w_real = d.weights
+    total = w_auc + w_real
+    mix = f"{w_auc:g} x normalised AUC + {w_real:g} x normalised predicted real return"
+    return _e(
+        (mix if total == 1 else f"({mix}) / {total:g}") + ", "
+        "where a return r is normalised as (r - floor) / (target - floor), clipped to [0, 1]; "
+        "higher is better."
+    )
 
 
 def _learning_curves(d: _StudyData) -> str:
@@ -261,7 +347,120 @@ def _learning_curves(d: _StudyData) -> str:
     curves = {labels[tid]: pts for tid, pts in d.curves.items() if pts}
     if not curves:
         return _empty("no learning curves yet")
-    return _img(plots.learning_curves_png(curves), "learning curves of the top trials")
+    lo, hi = d.return_range
+    return _img(plots.learning_curves_png(curves, lo, hi), "learning curves of the top trials") + _caption(
+        f"Mean evaluation return against env steps for the top {len(curves)} trials (band: &plusmn;1 std "
+        "over evaluation episodes). The dashed line is the target (return_hi) and the dotted line the "
+        "floor (return_lo) the objective normalises by; a curve that flattens below the target has "
+        "converged short of it."
+    )
+
+
+def _search_history(d: _StudyData) -> str:
+    done = sorted(
+        (
+            (t.finished_at, t, obj)
+            for t in d.trials
+            if t.status == "complete"
+            and t.finished_at is not None
+            and (obj := _float((t.metrics or TrialMetrics()).objective)) is not None
+        ),
+        key=lambda x: x[0],
+    )
+    if not done:
+        return _empty("no finished trials yet")
+    start = done[0][0]
+    points, steps = [], 0
+    for finished, t, obj in done:
+        steps += t.env_steps or 0
+        points.append(plots.HistoryPoint((finished - start).total_seconds(), steps, obj))
+    best = max(p.objective for p in points)
+    return _img(plots.search_history_png(points), "best objective so far over the search") + _caption(
+        f"Each dot is one complete trial's objective; the line is the best so far (now "
+        f"{format_number(best, 'objective')}), against wall time since the first trial finished (left) "
+        f"and against the env steps spent by all trials so far (right, {format_number(steps, 'count')} "
+        "in total). A line that has stayed flat for long says more trials are unlikely to help."
+    )
+
+
+def arch_features(arch: PolicyArch) -> dict[str, float | str]:
+    """The architecture choices whose importance the report estimates, as Optuna param values."""
+    return {
+        "depth": float(len(arch.layers)),
+        "first layer width": float(arch.layers[0].width) if arch.layers else 0.0,
+        "total width": float(sum(layer.width for layer in arch.layers)),
+        "first activation": arch.layers[0].activation if arch.layers else "none",
+        "layer norm": str(arch.layer_norm),
+        "residual": str(arch.residual),
+        "shared trunk": str(arch.shared_trunk),
+        "history": float(arch.history),
+    }
+
+
+def param_importances(rows: Sequence[tuple[PolicyArch, float]]) -> dict[str, float]:
+    """Optuna's PED-ANOVA importance of each varying architecture choice for the objective.
+
+    The store's complete trials become finished trials of an in-memory Optuna study
+    (`create_trial` + `add_trials`), so the estimate uses Optuna's evaluator as is; choices that
+    are the same in every trial carry no information and are left out. Empty when fewer than
+    MIN_IMPORTANCE_TRIALS trials or no choice varies. PED-ANOVA rather than the default fANOVA:
+    fANOVA needs scikit-learn, which is not a dependency, and PED-ANOVA is deterministic.
+    """
+    import optuna  # imported here: a second of import time only reports that need it pay
+    from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
+
+    if len(rows) < MIN_IMPORTANCE_TRIALS:
+        return {}
+    feats = [arch_features(a) for a, _ in rows]
+    dists: dict[str, BaseDistribution] = {}
+    for key in feats[0]:
+        values = sorted({f[key] for f in feats}, key=str)
+        if len(values) < 2:
+            continue
+        if isinstance(values[0], float):
+            nums = [float(v) for v in values]
+            dists[key] = FloatDistribution(min(nums), max(nums))
+        else:
+            dists[key] = CategoricalDistribution([str(v) for v in values])
+    if not dists:
+        return {}
+    # the study is a private calculation: its "new study created" INFO line is noise in a CLI run
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.create_study(direction="maximize", storage=optuna.storages.InMemoryStorage())
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    study.add_trials(
+        [
+            optuna.trial.create_trial(params={k: f[k] for k in dists}, distributions=dists, value=value)
+            for f, (_, value) in zip(feats, rows, strict=True)
+        ]
+    )
+    evaluator = optuna.importance.PedAnovaImportanceEvaluator()
+    return dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
+
+
+def _importance(d: _StudyData) -> str:
+    rows = [
+        (t.arch, obj)
+        for t in d.trials
+        if t.status == "complete" and (obj := _float((t.metrics or TrialMetrics()).objective)) is not None
+    ]
+    importances = param_importances(rows)
+    if not importances:
+        return _empty(
+            f"not enough yet: needs {MIN_IMPORTANCE_TRIALS} complete trials whose architectures differ"
+        )
+    best = max(importances.values())
+    top = " and ".join(k for k, v in importances.items() if v >= best - 1e-9)  # ties named together
+    return _img(plots.importance_png(importances), "importance of each architecture choice") + _caption(
+        f"How much of the spread in the objective over the {len(rows)} complete trials each architecture "
+        "choice accounts for: Optuna's PED-ANOVA estimate of how differently a choice is distributed among "
+        "the best trials than among all of them (shares sum to 1). Choices that were the same in "
+        f"every trial are left out. Here <b>{_e(top)}</b> mattered most; with few trials, or with "
+        "choices that always change together, read this as a hint, not a measurement."
+    )
 
 
 def _pareto(d: _StudyData) -> str:
@@ -282,12 +481,23 @@ def _pareto(d: _StudyData) -> str:
     front = set(pareto_front((t.id, ret, p99) for t, ret, p99 in pts))
     points = [plots.ParetoPoint(f"trial {t.id}", ret, p99, t.id in front) for t, ret, p99 in pts]
     body = _img(plots.pareto_png(points, d.budget_ms, rejected), "predicted real return against p99 latency")
+    body += _caption(
+        "Each complete trial's predicted real return (up is better) against its predicted p99 "
+        "control-step latency on the study's device (left is better). The red step line joins the "
+        "Pareto front: trials no other trial beats on both. The dashed vertical line is the latency "
+        "budget."
+    )
     on_front = sorted((p for p in points if p.on_front), key=lambda p: p.p99_ms)
     if on_front:
         body += _table(
-            ("front", "pred. real return", "p99 ms"),
-            ([_e(p.label), _fmt(p.predicted_real_return), _fmt(p.p99_ms)] for p in on_front),
+            ("front", "predicted real return", "p99 ms"),
+            (
+                [_e(p.label), format_number(p.predicted_real_return, "return"), format_number(p.p99_ms, "ms")]
+                for p in on_front
+            ),
             text_cols=1,
+        ) + _caption(
+            "The Pareto-front trials from fastest to slowest: each buys its extra return with latency."
         )
     if rejected:
         body += (
@@ -343,8 +553,15 @@ def _latency_model(d: _StudyData) -> str:
         if series
         else _empty("no measurements yet")
     )
+    if series:
+        body += _caption(
+            "Predicted against measured per-step latency in ms: the latest latency model's held-out "
+            "architectures and the robots' bench reports (p50). Points on the dotted y = x line are "
+            "predicted exactly; points above it ran slower than predicted."
+        )
     if d.models["latency"]:
         body += "<h3>Latency model versions</h3>" + _model_table(d.models["latency"])
+        body += _caption("One row per fit of the latency model, newest last, with its fit statistics.")
     return body
 
 
@@ -360,7 +577,7 @@ def _gap_points(d: _StudyData) -> tuple[list[plots.GapPoint], str]:
             if pred is not None and real is not None:
                 pts.append(plots.GapPoint(pred, real, _float(row.get("lo")), _float(row.get("hi"))))
         if pts:
-            return pts, f"points of gap model v{latest.version}"
+            return pts, f"points of gap model v{latest.version} (bars: mean +-2 std of the predicted gap)"
     pts = []
     for r in d.reports:
         trial, returns = d.report_trial(r), _returns(r.payload)
@@ -377,12 +594,19 @@ def _gap_points(d: _StudyData) -> tuple[list[plots.GapPoint], str]:
 def _gap_model(d: _StudyData) -> str:
     pts, source = _gap_points(d)
     body = (
-        _img(plots.gap_png(pts), "predicted against real return") + f"<p>{_e(source)}</p>"
+        _img(plots.gap_png(pts), "predicted against real return")
+        + _caption(
+            "Mean return measured on the robot against the predicted real return (simulated "
+            "asymptote minus the modelled sim-to-real gap). Horizontal bars are the prediction's "
+            "uncertainty; points on the dotted y = x line were predicted exactly, points below it "
+            "did worse on the robot than predicted. Source: " + _e(source) + "."
+        )
         if pts
         else _empty("no robot reports yet")
     )
     if d.models["gap"]:
         body += "<h3>Gap model versions</h3>" + _model_table(d.models["gap"])
+        body += _caption("One row per fit of the gap model, newest last, with its fit statistics.")
     return body
 
 
@@ -394,12 +618,40 @@ def _report_cells(d: _StudyData, r: DeviceReportRow) -> list[str]:
         _e(_time(r.created_at)),
         _e(r.kind),
         _e("" if trial is None else trial.id),
-        _fmt(float(np.mean(returns))) if returns else "",
-        _e(len(returns) or ""),
-        _fmt(timings.get("p50")),
-        _fmt(timings.get("p99")),
-        _fmt(r.payload.get("deadline_misses")),
+        format_number(float(np.mean(returns)), "return") if returns else "",
+        format_number(len(returns) or None, "count"),
+        format_number(timings.get("p50"), "ms"),
+        format_number(timings.get("p99"), "ms"),
+        format_number(r.payload.get("deadline_misses"), "count"),
         _e(sha[:12] if isinstance(sha, str) else ""),
+    ]
+
+
+def _miss_rate(payload: Mapping[str, Any]) -> float | None:
+    """Deadline misses per control step: the report's `miss_rate`, else misses / steps."""
+    rate = _float(payload.get("miss_rate"))
+    if rate is None:
+        misses, steps = _float(payload.get("deadline_misses")), _float(payload.get("steps"))
+        rate = misses / steps if misses is not None and steps else None
+    return rate
+
+
+def _deployment_row(d: _StudyData, x: DeploymentRow) -> list[str]:
+    """robot, artifact/trial, arch, status, when, note, canary return, miss rate."""
+    tid = d.artifact_trial[x.artifact_id]
+    mine = [r for r in d.reports if r.device == x.device and r.artifact_id == x.artifact_id]
+    canary = [ret for r in mine if r.kind == "canary" and (ret := _returns(r.payload))]
+    rates = [m for r in mine if (m := _miss_rate(r.payload)) is not None]
+    reason = x.detail.get("reason") or x.detail.get("error") or ""
+    return [
+        _e(x.device),
+        f"artifact {_e(x.artifact_id)} / trial {_e(tid)}",
+        _e(d.by_id[tid].arch.describe()),
+        f"<b>{_e(x.status)}</b>",
+        _e(_time(x.created_at)),
+        _e(reason),
+        format_number(float(np.mean(canary[-1])), "return") if canary else "",
+        f"{format_number(100 * rates[-1], 'percent')}%" if rates else "",
     ]
 
 
@@ -408,6 +660,32 @@ def _deployments(d: _StudyData) -> str:
     if not robots:
         return _empty("no deployments yet")
     parts = []
+    if d.deployments:
+        parts.append(
+            _table(
+                (
+                    "robot",
+                    "artifact / trial",
+                    "architecture",
+                    "status",
+                    "when",
+                    "note",
+                    "canary return",
+                    "miss rate",
+                ),
+                (_deployment_row(d, x) for x in reversed(d.deployments)),
+                text_cols=6,
+            )
+            + _caption(
+                "Every deployment of this study's artifacts, newest first. <b>Canary return</b> is the "
+                "mean return of the latest canary run on that robot before the artifact went live; "
+                "<b>miss rate</b> is the share of control steps that overran their deadline in the "
+                "latest report for it; the note is the reason recorded with the status (for example "
+                "why a deployment was rolled back)."
+            )
+        )
+    else:
+        parts.append(_empty("no deployments from this study yet"))
     for robot in robots:
         parts.append(f"<h3>{_e(robot)}</h3>")
         known = d.devices.get(robot)
@@ -415,27 +693,6 @@ def _deployments(d: _StudyData) -> str:
             parts.append(
                 f"<p>profile {_e(known.profile)}, last seen {_e(_time(known.last_seen) or 'never')}</p>"
             )
-        deps = [x for x in d.deployments if x.device == robot]
-        if deps:
-            rows = (
-                [
-                    _e(x.id),
-                    _e(_time(x.created_at)),
-                    _e(x.status),
-                    _e(x.artifact_id),
-                    _e(d.artifact_trial.get(x.artifact_id)),
-                    _e(d.by_id[d.artifact_trial[x.artifact_id]].arch_id),
-                    _e(", ".join(f"{k}={v}" for k, v in sorted(x.detail.items()))),
-                ]
-                for x in reversed(deps)
-            )
-            parts.append(
-                _table(
-                    ("deployment", "time", "status", "artifact", "trial", "arch", "detail"), rows, text_cols=3
-                )
-            )
-        else:
-            parts.append(_empty("no deployments from this study yet"))
         reports = [r for r in d.reports if r.device == robot][-LAST_REPORTS:]
         if reports:
             parts.append(
@@ -455,6 +712,10 @@ def _deployments(d: _StudyData) -> str:
                     (_report_cells(d, r) for r in reversed(reports)),
                     text_cols=3,
                 )
+                + _caption(
+                    f"The robot's last {len(reports)} report(s), newest first: run, canary and bench "
+                    "results with per-step latency percentiles and the model file's sha256 prefix."
+                )
             )
         else:
             parts.append(_empty("no robot reports yet"))
@@ -470,6 +731,8 @@ def render_report(store: Store, study_name: str) -> str:
     sections = [
         _section("summary", "Summary", _summary(d)),
         _section("learning-curves", "Learning curves", _learning_curves(d)),
+        _section("search-history", "Search history", _search_history(d)),
+        _section("importance", "Which architecture choices mattered", _importance(d)),
         _section("pareto", "Return vs latency (Pareto front)", _pareto(d)),
         _section("latency-model", "Latency model", _latency_model(d)),
         _section("gap-model", "Sim-to-real gap model", _gap_model(d)),

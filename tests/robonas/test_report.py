@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import re
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 from robonas import plots
 from robonas.errors import StoreError
 from robonas.metrics import TrialMetrics
-from robonas.report import SECTIONS, render_report, write_report
+from robonas.report import SECTIONS, format_number, param_importances, render_report, write_report
 from robonas.space import Layer, PolicyArch
 from robonas.store import Store
 
@@ -343,3 +344,180 @@ def test_renders_in_headless_chromium(full_study: Store, tmp_path: Path):
     assert shot.exists()
     data = shot.read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 50_000
+
+
+# ----------------------------------------------------------------------------- a report that explains itself
+
+
+def test_format_number_kinds():
+    assert format_number(1234.56, "return") == "1,234.6"
+    assert format_number(0.12345, "objective") == "0.123"
+    assert format_number(0.4499, "ms") == "0.450"
+    assert format_number(1234567, "count") == "1,234,567"
+    assert format_number(2000.0, "count") == "2,000"
+    assert format_number(None, "ms") == "" and format_number(float("nan"), "return") == ""
+    assert format_number("text", "count") == "" and format_number(True, "count") == ""
+    with pytest.raises(ValueError, match="unknown number kind"):
+        format_number(1.0, "furlongs")
+
+
+def test_every_figure_and_table_has_a_caption_defining_its_terms(full_study: Store):
+    doc = render_report(full_study, "full " + EVIL)
+    c = _parse(doc)
+    for sid in ("summary", "learning-curves", "search-history", "importance", "pareto", "latency-model"):
+        assert len(c.sections[sid]["img"]) == (0 if sid == "summary" else 1), sid
+    # every figure and every table is followed directly by its caption
+    figures_and_tables = re.findall(r"(?:<img [^>]*>|</table>)\s*(<p class=\"caption\">)?", doc)
+    assert len(figures_and_tables) >= 12 and all(figures_and_tables), figures_and_tables
+    summary = " ".join(c.sections["summary"]["text"])
+    # the objective's definition with the (default) weights, and the predicted real return's
+    assert "0.5 x normalised AUC + 0.5 x normalised predicted real return" in summary
+    assert "(r - floor) / (target - floor)" in summary
+    assert "asymptotic return minus the modelled sim-to-real gap" in summary
+    assert "90% interval" in summary
+    assert "pred. real" not in summary  # the old undefined abbreviation is gone
+    # numbers: returns with one decimal, objectives with three, counts with separators
+    assert "10.0 .. 500.0" in summary  # resolved floor .. target
+    assert "0.550" in summary  # best objective 0.1 + 0.15 * 3
+    assert "8,000" in summary  # env steps: 4 trials x 2000
+
+
+def test_objective_weights_come_from_the_config(store: Store):
+    config = _config("w")
+    config["search"]["objective"] = {"ranking": "mean", "auc": 0.3, "real_return": 0.7}
+    study = store.create_study("w", config)
+    arch = _arch(8)
+    t = store.add_trial(study.id, 0, arch)
+    store.complete_trial(t.id, TrialMetrics.from_dict(_metrics(0, arch)), [(0, 1.0, 0.0)], 1.0, 10)
+    summary = " ".join(_parse(render_report(store, "w")).sections["summary"]["text"])
+    assert "0.3 x normalised AUC + 0.7 x normalised predicted real return," in summary
+
+
+def test_learning_curves_get_the_target_and_floor(full_study: Store, monkeypatch):
+    seen = {}
+    real = plots.learning_curves_png
+
+    def spy(curves, return_lo=None, return_hi=None):
+        seen.update(lo=return_lo, hi=return_hi, n=len(curves))
+        return real(curves, return_lo, return_hi)
+
+    monkeypatch.setattr(plots, "learning_curves_png", spy)
+    text = " ".join(_parse(render_report(full_study, "full " + EVIL)).sections["learning-curves"]["text"])
+    assert seen == {"lo": 10.0, "hi": 500.0, "n": 4}
+    assert "target (return_hi)" in text and "floor (return_lo)" in text
+
+
+def test_search_history_is_best_so_far_over_time_and_steps(full_study: Store, monkeypatch):
+    seen: list = []
+    real = plots.search_history_png
+
+    def spy(points):
+        seen.extend(points)
+        return real(points)
+
+    monkeypatch.setattr(plots, "search_history_png", spy)
+    c = _parse(render_report(full_study, "full " + EVIL))
+    # the four complete trials, in finishing order, with cumulative env steps
+    assert [p.env_steps for p in seen] == [2000, 4000, 6000, 8000]
+    assert [round(p.objective, 3) for p in seen] == [0.1, 0.25, 0.4, 0.55]
+    assert seen[0].wall_s == 0.0 and all(b.wall_s >= a.wall_s for a, b in itertools.pairwise(seen))
+    text = " ".join(c.sections["search-history"]["text"])
+    assert "best so far (now 0.550)" in text and "8,000 in total" in text
+
+
+def test_search_history_placeholder_without_complete_trials(store: Store):
+    store.create_study("none", _config("none"))
+    c = _parse(render_report(store, "none"))
+    assert not c.sections["search-history"]["img"]
+    assert "no finished trials yet" in " ".join(c.sections["search-history"]["text"])
+
+
+class _Rows(HTMLParser):
+    """The cell texts of every table row in one section."""
+
+    def __init__(self, section: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.section, self.inside, self.rows, self._cell = section, False, [], None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "section":
+            self.inside = dict(attrs).get("id") == self.section
+        elif self.inside and tag == "tr":
+            self.rows.append([])
+        elif self.inside and tag in ("td", "th"):
+            self._cell = ""
+
+    def handle_endtag(self, tag):
+        if self.inside and tag in ("td", "th") and self._cell is not None:
+            self.rows[-1].append(self._cell.strip())
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+
+def test_deployments_are_a_readable_table(full_study: Store):
+    # a canary report with a miss rate for the live artifact on robot-2
+    robot2_art = next(
+        d.artifact_id for d in full_study.deployments() if d.device == "robot-2" and d.status == "active"
+    )
+    full_study.add_device_report(
+        "robot-2",
+        "canary",
+        {"returns": [140.0, 150.0], "steps": 400, "deadline_misses": 6},
+        artifact_id=robot2_art,
+    )
+    doc = render_report(full_study, "full " + EVIL)
+    p = _Rows("deployments")
+    p.feed(doc)
+    header = p.rows[0]
+    assert header == [
+        "robot",
+        "artifact / trial",
+        "architecture",
+        "status",
+        "when",
+        "note",
+        "canary return",
+        "miss rate",
+    ]
+    rows = {(r[0], r[3]): r for r in p.rows[1:4]}
+    live2 = rows[("robot-2", "active")]
+    assert live2[1].startswith(f"artifact {robot2_art} / trial ")
+    assert live2[6] == "145.0" and live2[7] == "1.5%"  # 6 misses in 400 steps
+    live = rows[("robot-" + EVIL, "active")]
+    assert live[6] == "155.0"  # mean of the canary's returns [150, 160]
+    rolled = rows[("robot-" + EVIL, "rolled_back")]
+    assert rolled[5] == "canary " + EVIL and rolled[6] == ""
+    assert "slot=B" not in doc and "reason=" not in doc  # no key=value dumps
+
+
+def test_param_importances_find_the_choice_that_drives_the_objective():
+    # width decides the objective; the activation alternates and does not; depth never varies
+    rows = []
+    for i, width in enumerate((8, 16, 32, 64, 128, 256, 8, 16, 32, 64, 128, 256)):
+        act = ("tanh", "relu")[i % 2]
+        arch = PolicyArch(obs_dim=4, act_dim=1, layers=(Layer(width, act), Layer(width, "relu")))
+        rows.append((arch, width / 256.0))
+    imp = param_importances(rows)
+    assert "depth" not in imp and "layer norm" not in imp  # the same in every trial
+    assert set(imp) >= {"first layer width", "first activation"}
+    assert sum(imp.values()) == pytest.approx(1.0)
+    assert imp["first layer width"] > imp["first activation"]
+    assert param_importances(rows[:3]) == {}  # too few trials to say anything
+    same = [(_arch(8), 0.1 * i) for i in range(5)]
+    assert param_importances(same) == {}  # nothing varies
+
+
+def test_importance_section_has_a_figure_or_says_why_not(full_study: Store, store: Store):
+    c = _parse(render_report(full_study, "full " + EVIL))
+    assert len(c.sections["importance"]["img"]) == 1
+    assert "mattered most" in " ".join(c.sections["importance"]["text"])
+    study = store.create_study("few", _config("few"))
+    arch = _arch(8)
+    t = store.add_trial(study.id, 0, arch)
+    store.complete_trial(t.id, TrialMetrics.from_dict(_metrics(0, arch)), [(0, 1.0, 0.0)], 1.0, 10)
+    c = _parse(render_report(store, "few"))
+    assert not c.sections["importance"]["img"]
+    assert "needs 4 complete trials" in " ".join(c.sections["importance"]["text"])

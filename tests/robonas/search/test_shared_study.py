@@ -195,7 +195,11 @@ def test_a_killed_search_process_trials_are_taken_over(url, tmp_path):
             except Exception:  # noqa: BLE001  (not created yet)
                 time.sleep(0.2)
                 continue
-            held = [t.id for t in store.trials(study.id, "running") if t.worker and f":{a.pid}:" in t.worker]
+            # a trial a holds whose training has started (claimed is not enough: under load the
+            # trial process may start seconds after the claim)
+            started = _runs(log)[0]
+            running = store.trials(study.id, "running")
+            held = [t.id for t in running if t.worker and f":{a.pid}:" in t.worker and started[t.id]]
             time.sleep(0.1)
     os.kill(a.pid, signal.SIGKILL)
     a.wait()
