@@ -214,7 +214,9 @@ def test_trials_that_raise_or_time_out_are_recorded_failed(tmp_path):
         "raises",
         "--json",
     )
-    assert proc.returncode == 0, proc.stderr
+    # no trial completed: exit 1, with the reason (issue 17), the summary still printed
+    assert proc.returncode == 1, proc.stderr
+    assert "no trial of study 'raises' completed (2 failed" in proc.stderr and "n_steps" in proc.stderr
     assert json.loads(proc.stdout)["failed"] == 2
     store = Store(url)
     failed = store.trials(store.get_study("raises").id, status="failed")
@@ -235,7 +237,7 @@ def test_trials_that_raise_or_time_out_are_recorded_failed(tmp_path):
         "slow",
         "--json",
     )
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1 and "timed out" in proc.stderr, proc.stderr
     failed = store.trials(store.get_study("slow").id, status="failed")
     assert len(failed) == 2 and all("timed out" in t.error for t in failed)
 
