@@ -214,6 +214,9 @@ class _Run:
     peak: int = 0
     stopped: str | None = None  # "paused" / "aborted" once seen
     last_look: float = 0.0
+    # the artifact's store row and the sequence every robot is sent, found once per run
+    ref: Any = None
+    sequence: int | None = None
 
     def should_stop(self) -> bool:
         """A pause or an abort written by another command (looked up at most every
@@ -280,26 +283,20 @@ def _update_robot(run: _Run, row: RolloutRobotRow) -> None:
             {"previous_sha256": previous, "started_at": time.time()},
             attempt=True,
         )
-        from robonas.fleet.reports import ArtifactRef, find_artifact
-
-        artifact_dir = Path(run.rollout.artifact)
-        manifest, _model, _sig = read_artifact(artifact_dir)
-        ref = find_artifact(store, artifact_dir, manifest) if manifest else ArtifactRef(None, None)
-        sequence = (run.plan.manifest or manifest).get("sequence")
         res = _deploy_one(
             entry,
             "canary" if row.phase == 0 else "fleet",
-            artifact_dir,
+            Path(run.rollout.artifact),
             Canary(**run.plan.canary),
             run.plan.signature,
             run.plan.manifest,
             run.plan.retries,
             store,
-            ref,
+            run.ref,
             run.make_client,
             run.emit,
             sha,
-            sequence if isinstance(sequence, int) else None,
+            run.sequence,
         )
         canary = (res.deploy or {}).get("canary") or {}
         detail = {
@@ -439,7 +436,7 @@ def run_rollout(
     if rollout.status in ("complete", "aborted"):
         return rollout
     plan = RolloutPlan.from_dict(rollout.plan)
-    _manifest, model, _sig = read_artifact(rollout.artifact)
+    manifest, model, _sig = read_artifact(rollout.artifact)
     if hashlib.sha256(model).hexdigest() != rollout.sha256:
         raise ConfigError(
             f"artifact {rollout.artifact} changed since rollout {rollout_id} started; start a new rollout"
@@ -467,6 +464,11 @@ def run_rollout(
         client_factory,
         progress or (lambda _e: None),
     )
+    from robonas.fleet.reports import find_artifact
+
+    run.ref = find_artifact(store, rollout.artifact, manifest)
+    sequence = (plan.manifest or manifest).get("sequence")
+    run.sequence = sequence if isinstance(sequence, int) else None
     report: dict[str, Any] = dict(rollout.report)
     gates: dict[str, Any] = dict(report.get("gates", {}))
     for phase in range(len(plan.phases)):
